@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what weft needs on a Debian 12 machine (as root) into ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+apt_packages=(nix-bin busybox-static python3 python3-venv gcc util-linux)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,0 +1,1 @@
+"""The spawner helper: forked before trio starts, it clones sandboxed builders."""

@@ -1,0 +1,163 @@
+"""The store database: schema, migrations, and short transactions over a connection pool.
+
+SQLite in WAL mode: readers never block the writer and the writer never blocks readers.
+Write transactions start with `BEGIN IMMEDIATE`, because in WAL mode a read transaction
+that later tries to write gets SQLITE_BUSY at once, ignoring the busy timeout (Guix
+`guix/store/database.scm`).  Busy errors past the timeout are retried with a random
+back-off, as Nix does.
+
+Connections are pooled rather than per thread: a trio daemon runs blocking calls on a
+changing set of worker threads, and the pool keeps at most `max_idle` open.
+"""
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import apsw
+
+SCHEMA_VERSION = 1
+
+_V1 = """
+CREATE TABLE ValidPaths (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    path              TEXT UNIQUE NOT NULL,
+    hash              TEXT NOT NULL,
+    nar_size          INTEGER NOT NULL,
+    registration_time INTEGER NOT NULL,
+    deriver           TEXT,
+    ca                TEXT,
+    sigs              TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE Refs (
+    referrer  INTEGER NOT NULL REFERENCES ValidPaths(id) ON DELETE CASCADE,
+    reference INTEGER NOT NULL REFERENCES ValidPaths(id) ON DELETE RESTRICT,
+    PRIMARY KEY (referrer, reference)
+) WITHOUT ROWID;
+CREATE INDEX IndexReference ON Refs(reference);
+-- Without this a self-referencing path could never be deleted: the RESTRICT rule would
+-- see its own reference.
+CREATE TRIGGER DeleteSelfRefs BEFORE DELETE ON ValidPaths BEGIN
+    DELETE FROM Refs WHERE referrer = old.id AND reference = old.id;
+END;
+CREATE TABLE DerivationOutputs (
+    drv  INTEGER NOT NULL REFERENCES ValidPaths(id) ON DELETE CASCADE,
+    id   TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (drv, id)
+) WITHOUT ROWID;
+CREATE INDEX IndexDerivationOutputs ON DerivationOutputs(path);
+"""
+
+# MIGRATIONS[n] takes a database at version n to n + 1.
+MIGRATIONS: list[str] = [_V1]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+BUSY_TIMEOUT_MS = 60_000
+_BUSY_RETRIES = 100
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer weft."""
+
+
+class Database:
+    def __init__(self, path: Path, max_idle: int = 8) -> None:
+        self.path = path
+        self._max_idle = max_idle
+        self._idle: list[apsw.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        with self.connection() as conn:
+            _migrate(conn, str(path))
+
+    def _open(self) -> apsw.Connection:
+        conn = apsw.Connection(str(self.path))
+        conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA wal_autocheckpoint = 40000")
+        return conn
+
+    @contextmanager
+    def connection(self) -> Iterator[apsw.Connection]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("database is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                keep = not self._closed and len(self._idle) < self._max_idle
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    @contextmanager
+    def read(self) -> Iterator[apsw.Connection]:
+        """A consistent snapshot for several queries."""
+        with self.connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def write(self, body: Callable[[apsw.Connection], object]) -> object:
+        """Run `body` in a `BEGIN IMMEDIATE` transaction, retrying it when the db is busy.
+
+        `body` may run more than once, so it must not have effects outside the
+        transaction before its last statement that can be busy.
+        """
+        with self.connection() as conn:
+            for attempt in range(_BUSY_RETRIES):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except apsw.BusyError:
+                    time.sleep(random.uniform(0, 0.1 * min(attempt + 1, 10)))
+                    continue
+                try:
+                    result = body(conn)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if not conn.getautocommit():
+                        conn.execute("ROLLBACK")
+                    raise
+            raise apsw.BusyError(f"{self.path}: database stayed busy")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _migrate(conn: apsw.Connection, where: str) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"{where}: database schema version {version} is newer than this weft supports "
+            f"({SCHEMA_VERSION}); use a newer weft"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for step in range(version, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[step])
+            conn.execute(f"PRAGMA user_version = {step + 1}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

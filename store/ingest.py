@@ -1,0 +1,169 @@
+"""Copy a file or tree from disk into the store's temporary area, canonical and hashed.
+
+One pass over the source: every file is read once, written once, and its archive
+serialisation (framing from `store.nar`, contents from the file) is fed to the hasher as
+it goes, so the content hash is that of the bytes actually written.  The copy is
+canonical as it is made (mtime 1, modes 0444/0555, nothing else), and the source is
+walked through directory fds with O_NOFOLLOW, so a source that changes under us can make
+the add fail but never makes it read outside the tree it was given.
+"""
+
+import os
+import stat
+from dataclasses import dataclass
+
+import blake3
+
+from store import nar
+from store.hashing import format_hash
+from store.nar import UnsupportedFileType
+
+# Files up to this size are read in one call and hashed with their framing in one update.
+_SMALL = 256 << 10
+_CHUNK = 4 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SourceChanged(OSError):
+    """The source changed while it was being copied; the add can be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    nar_hash: str
+    nar_size: int
+    is_directory: bool
+
+
+class _Copier:
+    def __init__(self) -> None:
+        self.hasher = blake3.blake3()
+        self.size = 0
+        self._buf: bytearray | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def node(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes, mode: int) -> None:
+        if stat.S_ISREG(mode):
+            self.file(src_dir, name, dst_dir, dst_name)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(name, dir_fd=src_dir)
+            self.feed(nar.symlink_node(target))
+            os.symlink(target, dst_name, dir_fd=dst_dir)
+            os.utime(dst_name, (1, 1), dir_fd=dst_dir, follow_symlinks=False)
+        elif stat.S_ISDIR(mode):
+            self.directory(src_dir, name, dst_dir, dst_name)
+        else:
+            raise UnsupportedFileType(
+                f"{os.fsdecode(name)}: not a regular file, symlink or directory "
+                f"(type {stat.filemode(mode)[0]!r})"
+            )
+
+    def directory(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes) -> None:
+        sfd = os.open(name, _DIR_FLAGS, dir_fd=src_dir)
+        try:
+            os.mkdir(dst_name, 0o700, dir_fd=dst_dir)
+            dfd = os.open(dst_name, _DIR_FLAGS, dir_fd=dst_dir)
+            try:
+                self.feed(nar.DIRECTORY)
+                for child in nar.sorted_names(sfd):
+                    child_mode = os.stat(child, dir_fd=sfd, follow_symlinks=False).st_mode
+                    self.feed(nar.entry_start(child))
+                    self.node(sfd, child, dfd, child, child_mode)
+                    self.feed(nar.ENTRY_END)
+                self.feed(nar.DIRECTORY_END)
+                os.fchmod(dfd, 0o555)
+                os.utime(dfd, (1, 1))
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+
+    def file(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes) -> None:
+        # O_NONBLOCK: if the entry was swapped for a fifo since we looked, open must not hang.
+        sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                      dir_fd=src_dir)
+        try:
+            st = os.fstat(sfd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceChanged(f"{os.fsdecode(name)}: changed type while being added")
+            executable = nar.is_executable(st.st_mode)
+            size = st.st_size
+            dfd = os.open(dst_name, _NEW_FILE, 0o600, dir_fd=dst_dir)
+            try:
+                if size <= _SMALL:
+                    data = _read_exactly(sfd, size, name)
+                    self.feed(nar.file_header(executable, size) + data + nar.file_trailer(size))
+                    _write_all(dfd, data)
+                else:
+                    self.feed(nar.file_header(executable, size))
+                    self._copy_large(sfd, dfd, size, name)
+                    self.feed(nar.file_trailer(size))
+                os.fchmod(dfd, 0o555 if executable else 0o444)
+                os.utime(dfd, (1, 1))
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+
+    def _copy_large(self, sfd: int, dfd: int, size: int, name: bytes) -> None:
+        if self._buf is None:
+            self._buf = bytearray(_CHUNK)
+        view = memoryview(self._buf)
+        left = size
+        while left:
+            n = os.readv(sfd, [view[:min(left, _CHUNK)]])
+            if not n:
+                raise SourceChanged(f"{os.fsdecode(name)}: shrank while being added")
+            self.feed(view[:n])
+            _write_all(dfd, view[:n])
+            left -= n
+        if os.read(sfd, 1):
+            raise SourceChanged(f"{os.fsdecode(name)}: grew while being added")
+
+
+def _read_exactly(fd: int, size: int, name: bytes) -> bytes:
+    data = os.read(fd, size + 1)
+    while len(data) < size:
+        more = os.read(fd, size + 1 - len(data))
+        if not more:
+            raise SourceChanged(f"{os.fsdecode(name)}: shrank while being added")
+        data += more
+    if len(data) > size:
+        raise SourceChanged(f"{os.fsdecode(name)}: grew while being added")
+    return data
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def copy_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Ingested:
+    """Copy `src` (file, symlink or directory; not followed) to `dest`, which must not exist.
+
+    Returns the BLAKE3 hash and size of the archive of what was written.
+    """
+    src_b = os.path.abspath(os.fsencode(src))
+    dest_b = os.path.abspath(os.fsencode(dest))
+    src_parent, src_name = os.path.split(src_b)
+    dest_parent, dest_name = os.path.split(dest_b)
+    if not src_name:
+        src_parent, src_name = b"/", b"."
+    copier = _Copier()
+    copier.feed(nar.HEADER)
+    spfd = os.open(src_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dpfd = os.open(dest_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mode = os.stat(src_name, dir_fd=spfd, follow_symlinks=False).st_mode
+            copier.node(spfd, src_name, dpfd, dest_name, mode)
+        finally:
+            os.close(dpfd)
+    finally:
+        os.close(spfd)
+    return Ingested(format_hash(copier.hasher.digest()), copier.size, stat.S_ISDIR(mode))

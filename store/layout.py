@@ -1,0 +1,131 @@
+"""Where a weft state dir keeps things, and the settings file inside it.
+
+    <state dir>/
+      weft.toml          settings
+      store/             the store dir: <hash>-<name> paths, nothing else visible
+        .links/          one hard link per distinct file, for dedup
+        .tmp/            adds in progress and deletions, named after their owner process
+      var/db/db.sqlite   the database (WAL)
+      var/gcroots/       GC roots (auto/ holds indirect ones)
+      var/log/           build logs
+"""
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_STATE_DIR = "WEFT_STATE_DIR"
+SETTINGS_FILE = "weft.toml"
+
+
+class ConfigError(ValueError):
+    """A settings file or state dir that cannot be used."""
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get(ENV_STATE_DIR)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/weft")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "weft"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """`weft.toml`; keys are spelled with dashes in the file, as in nix.conf."""
+
+    fsync_store_paths: bool = False
+    allowed_users: list[str] = field(default_factory=lambda: ["*"])
+    trusted_users: list[str] = field(default_factory=lambda: ["root"])
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        defaults = cls()
+        known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            attr = known.get(key)
+            if attr is None:
+                raise ConfigError(f"{source}: unknown setting {key!r}")
+            want = type(getattr(defaults, attr))
+            if not isinstance(value, want):
+                raise ConfigError(
+                    f"{source}: {key} must be a {want.__name__}, not {type(value).__name__}"
+                )
+            values[attr] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class StateDir:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] | None = None) -> "StateDir":
+        path = Path(root) if root is not None else default_state_dir()
+        path = Path(os.path.abspath(path))
+        if any(c in str(path) for c in ":,\0"):
+            # The store dir is part of every path's fingerprint, joined with ':' and ','.
+            raise ConfigError(f"state dir {str(path)!r} may not contain ':', ',' or NUL")
+        return cls(path)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def links_dir(self) -> Path:
+        return self.store_dir / ".links"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.store_dir / ".tmp"
+
+    @property
+    def db_dir(self) -> Path:
+        return self.root / "var" / "db"
+
+    @property
+    def db_path(self) -> Path:
+        return self.db_dir / "db.sqlite"
+
+    @property
+    def gcroots_dir(self) -> Path:
+        return self.root / "var" / "gcroots"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "var" / "log"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    def create(self) -> None:
+        for d, mode in (
+            (self.root, 0o755),
+            (self.store_dir, 0o755),
+            (self.links_dir, 0o755),
+            (self.tmp_dir, 0o700),
+            (self.db_dir, 0o755),
+            (self.gcroots_dir, 0o755),
+            (self.gcroots_dir / "auto", 0o755),
+            (self.log_dir, 0o755),
+        ):
+            d.mkdir(mode=mode, parents=True, exist_ok=True)
+
+    def settings(self) -> Settings:
+        try:
+            text = self.settings_path.read_text()
+        except FileNotFoundError:
+            return Settings()
+        return Settings.from_toml(text, str(self.settings_path))

@@ -1,0 +1,108 @@
+"""Store path names: validation and the fingerprint that gives a path its hash part.
+
+See docs/store-paths.md for the fingerprint and why each field is in it.
+"""
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+import blake3
+
+from store import base32
+
+HASH_PART_LEN = 32
+HASH_PART_BYTES = 20
+MAX_NAME_LEN = 211
+_NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
+FINGERPRINT_VERSION = "weft-path-1"
+
+
+class InvalidPath(ValueError):
+    """A string that is not a well-formed store path or store path name."""
+
+
+class PathKind(Enum):
+    SOURCE = "source"
+    TEXT = "text"
+    OUTPUT = "output"
+
+
+def validate_name(name: str) -> str:
+    if not name:
+        raise InvalidPath("store path name is empty")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidPath(f"store path name {name[:40]!r}... is longer than {MAX_NAME_LEN}")
+    if name.startswith("."):
+        raise InvalidPath(f"store path name {name!r} starts with a period")
+    if not _NAME_RE.fullmatch(name):
+        bad = next(c for c in name if not _NAME_RE.fullmatch(c))
+        raise InvalidPath(f"store path name {name!r} contains the forbidden character {bad!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class StorePath:
+    """A parsed `<store dir>/<hash part>-<name>`."""
+
+    store_dir: str
+    hash_part: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.store_dir}/{self.hash_part}-{self.name}"
+
+    @property
+    def base_name(self) -> str:
+        return f"{self.hash_part}-{self.name}"
+
+    @classmethod
+    def parse(cls, path: str, store_dir: str) -> "StorePath":
+        prefix = store_dir.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            raise InvalidPath(f"path {path!r} is not in the store {store_dir!r}")
+        return cls.from_base_name(path[len(prefix):], store_dir)
+
+    @classmethod
+    def from_base_name(cls, base: str, store_dir: str) -> "StorePath":
+        hash_part, dash, name = base.partition("-")
+        if (
+            not dash
+            or len(hash_part) != HASH_PART_LEN
+            or not base32.is_valid(hash_part)
+        ):
+            raise InvalidPath(f"{base!r} is not a store path base name (<hash>-<name>)")
+        validate_name(name)
+        return cls(store_dir.rstrip("/"), hash_part, name)
+
+
+def fingerprint(
+    kind: PathKind,
+    content_hash: str,
+    store_dir: str,
+    name: str,
+    references: Iterable[str] = (),
+    self_reference: bool = False,
+) -> str:
+    refs = sorted(set(references))
+    if self_reference:
+        refs.append("self")
+    return ":".join(
+        [FINGERPRINT_VERSION, kind.value, content_hash, store_dir, name, ",".join(refs)]
+    )
+
+
+def make_store_path(
+    kind: PathKind,
+    content_hash: str,
+    store_dir: str,
+    name: str,
+    references: Iterable[str] = (),
+    self_reference: bool = False,
+) -> StorePath:
+    store_dir = store_dir.rstrip("/")
+    validate_name(name)
+    fp = fingerprint(kind, content_hash, store_dir, name, references, self_reference)
+    digest = blake3.blake3(fp.encode()).digest(length=HASH_PART_BYTES)
+    return StorePath(store_dir, base32.encode(digest), name)

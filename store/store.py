@@ -1,0 +1,410 @@
+"""The store: atomic adds, queries and verification over a state dir.
+
+An add is built in the temporary area, hashed as it is written, and then, inside one
+`BEGIN IMMEDIATE` transaction, renamed into place and registered.  Holding the write lock
+across the rename means that, whenever the lock is free, every store path on disk is either
+registered or debris of a dead process: an unregistered path found under the lock is
+removed, never adopted.  Paths arrive complete (rename) and leave whole (rename away, then
+delete), so no reader ever sees half a path.
+
+Every method blocks; the daemon calls them from worker threads.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import apsw
+import blake3
+
+from store import nar
+from store.db import Database
+from store.hashing import format_hash, hash_path
+from store.ingest import copy_tree
+from store.layout import StateDir
+from store.paths import InvalidPath, PathKind, StorePath, make_store_path, validate_name
+from store.tmparea import TmpArea, remove_tree
+
+
+class StoreError(Exception):
+    """An operation the store refuses, with a message meant for the user."""
+
+
+class InvalidReference(StoreError):
+    """A path was added with a reference that is not valid in the store."""
+
+
+class HashMismatch(StoreError):
+    """Content did not have the hash it was declared to have."""
+
+
+class NotValid(StoreError):
+    """A query named a path that is not valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathInfo:
+    path: str
+    nar_hash: str
+    nar_size: int
+    references: tuple[str, ...]
+    registration_time: int
+    deriver: str | None = None
+    ca: str | None = None
+    sigs: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    # (path, hash registered, hash found)
+    mismatched: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.mismatched
+
+
+_INFO_SQL = (
+    "SELECT id, hash, nar_size, registration_time, deriver, ca, sigs "
+    "FROM ValidPaths WHERE path = ?"
+)
+_REFS_SQL = (
+    "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference "
+    "WHERE r.referrer = ? ORDER BY v.path"
+)
+_REFERRERS_SQL = (
+    "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer "
+    "WHERE r.reference = (SELECT id FROM ValidPaths WHERE path = ?) ORDER BY v.path"
+)
+_CLOSURE_SQL = """
+WITH RECURSIVE c(id) AS (
+    SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
+    UNION
+    SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id
+)
+SELECT c.id, v.path, r.reference
+FROM c JOIN ValidPaths v ON v.id = c.id LEFT JOIN Refs r ON r.referrer = c.id
+"""
+
+
+class Store:
+    def __init__(self, state: StateDir) -> None:
+        state.create()
+        self.state = state
+        self.store_dir = str(state.store_dir)
+        self.db = Database(state.db_path)
+        self.tmp = TmpArea(state.tmp_dir)
+        self.recover()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str] | None = None) -> "Store":
+        return cls(StateDir.at(root))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths ------------------------------------------------------------------------
+
+    def parse(self, path: str) -> StorePath:
+        return StorePath.parse(path, self.store_dir)
+
+    def _real(self, path: str) -> Path:
+        return Path(self.store_dir) / self.parse(path).base_name
+
+    # -- crash recovery ---------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Remove what dead processes left behind: unregistered paths, then scratch."""
+        for marker, base in self.tmp.dead_markers():
+            try:
+                StorePath.from_base_name(base, self.store_dir)
+            except InvalidPath:
+                pass
+            else:
+                self._discard_unregistered(str(Path(self.store_dir) / base))
+            os.unlink(marker)
+        self.tmp.remove_dead_entries()
+
+    def _discard_unregistered(self, path: str) -> None:
+        def body(conn: apsw.Connection) -> None:
+            if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
+                return
+            self.tmp.discard(Path(path))
+
+        self.db.write(body)
+
+    # -- adding -----------------------------------------------------------------------
+
+    def add_path(
+        self, src: str | os.PathLike[str], name: str | None = None, references: Iterable[str] = ()
+    ) -> PathInfo:
+        """Add a file, symlink or tree from disk as a source path."""
+        if name is None:
+            name = os.path.basename(os.path.abspath(src))
+
+        def fill(dest: Path) -> tuple[str, int]:
+            got = copy_tree(src, dest)
+            return got.nar_hash, got.nar_size
+
+        return self._add(PathKind.SOURCE, name, references, fill)
+
+    def add_nar(
+        self,
+        read: Callable[[int], bytes],
+        name: str,
+        references: Iterable[str] = (),
+        expected_hash: str | None = None,
+    ) -> PathInfo:
+        """Add a source path from an archive stream; a bad archive adds nothing."""
+
+        def fill(dest: Path) -> tuple[str, int]:
+            hasher = blake3.blake3()
+            stats = nar.restore(read, dest, observe=hasher.update)
+            got = format_hash(hasher.digest())
+            if expected_hash is not None and got != expected_hash:
+                raise HashMismatch(f"archive for {name!r} has hash {got}, expected {expected_hash}")
+            return got, stats.nar_size
+
+        return self._add(PathKind.SOURCE, name, references, fill)
+
+    def add_text(self, name: str, text: str | bytes, references: Iterable[str] = ()) -> PathInfo:
+        """Add one regular file whose contents are known, like a derivation."""
+        data = text.encode() if isinstance(text, str) else text
+        archive = nar.HEADER + nar.file_header(False, len(data)) + data + nar.file_trailer(len(data))
+        nar_hash = format_hash(blake3.blake3(archive).digest())
+        refs = sorted(set(references))
+        path = str(make_store_path(PathKind.TEXT, nar_hash, self.store_dir, name, refs))
+        existing = self.path_info(path)
+        if existing is not None:
+            return existing
+
+        def fill(dest: Path) -> tuple[str, int]:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, 0o444)
+                os.utime(fd, (1, 1))
+            finally:
+                os.close(fd)
+            return nar_hash, len(archive)
+
+        return self._add(PathKind.TEXT, name, refs, fill)
+
+    def _add(
+        self,
+        kind: PathKind,
+        name: str,
+        references: Iterable[str],
+        fill: Callable[[Path], tuple[str, int]],
+    ) -> PathInfo:
+        validate_name(name)
+        refs = sorted(set(references))
+        for ref in refs:
+            self.parse(ref)
+        entry = self.tmp.new_entry()
+        try:
+            nar_hash, nar_size = fill(entry)
+            path = str(make_store_path(kind, nar_hash, self.store_dir, name, refs))
+            if self.path_info(path) is None:
+                self._install(entry, path, nar_hash, nar_size, refs, f"{kind.value}:{nar_hash}")
+        finally:
+            remove_tree(entry)
+        info = self.path_info(path)
+        assert info is not None
+        return info
+
+    def _install(
+        self, entry: Path, path: str, nar_hash: str, nar_size: int, refs: Sequence[str], ca: str
+    ) -> None:
+        final = Path(path)
+        is_dir = entry.is_dir() and not entry.is_symlink()
+        marker = self.tmp.mark(entry, final.name)
+        try:
+
+            def body(conn: apsw.Connection) -> None:
+                if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
+                    return
+                ref_ids = _ids(conn, refs)
+                if os.path.lexists(final):
+                    # Under the write lock an unregistered path is a dead process's debris.
+                    self.tmp.discard(final)
+                if is_dir:
+                    # Moving a directory to a new parent rewrites its '..': it needs write
+                    # permission on the directory itself unless we are root.
+                    os.chmod(entry, 0o755)
+                os.rename(entry, final)
+                try:
+                    if is_dir:
+                        os.chmod(final, 0o555)
+                    _insert_path(conn, path, nar_hash, nar_size, ref_ids, None, ca)
+                except BaseException:
+                    os.rename(final, entry)
+                    raise
+
+            self.db.write(body)
+        finally:
+            os.unlink(marker)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def is_valid(self, path: str) -> bool:
+        self.parse(path)
+        with self.db.connection() as conn:
+            return conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone() is not None
+
+    def valid_paths(self, paths: Iterable[str]) -> set[str]:
+        """The subset of `paths` that is valid, in one query."""
+        wanted = list(paths)
+        for p in wanted:
+            self.parse(p)
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT path FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+                (json.dumps(wanted),),
+            )
+            return {r[0] for r in rows}
+
+    def path_info(self, path: str) -> PathInfo | None:
+        self.parse(path)
+        with self.db.read() as conn:
+            row = conn.execute(_INFO_SQL, (path,)).fetchone()
+            if row is None:
+                return None
+            pid, nar_hash, nar_size, reg_time, deriver, ca, sigs = row
+            refs = tuple(r[0] for r in conn.execute(_REFS_SQL, (pid,)))
+        return PathInfo(
+            path, nar_hash, nar_size, refs, reg_time, deriver, ca, tuple(sigs.split())
+        )
+
+    def _info_or_raise(self, path: str) -> PathInfo:
+        info = self.path_info(path)
+        if info is None:
+            raise NotValid(f"path {path!r} is not valid")
+        return info
+
+    def references(self, path: str) -> list[str]:
+        return list(self._info_or_raise(path).references)
+
+    def referrers(self, path: str) -> list[str]:
+        self._info_or_raise(path)
+        with self.db.connection() as conn:
+            return [r[0] for r in conn.execute(_REFERRERS_SQL, (path,))]
+
+    def closure(self, paths: Iterable[str]) -> list[str]:
+        """Every path reachable from `paths`, each after all of its references."""
+        roots = sorted(set(paths))
+        for p in roots:
+            self.parse(p)
+        with self.db.read() as conn:
+            rows = list(conn.execute(_CLOSURE_SQL, (json.dumps(roots),)))
+        names: dict[int, str] = {}
+        refs: dict[int, list[int]] = {}
+        for pid, p, ref in rows:
+            names[pid] = p
+            out = refs.setdefault(pid, [])
+            if ref is not None and ref != pid:
+                out.append(ref)
+        missing = set(roots) - set(names.values())
+        if missing:
+            raise NotValid(f"path {min(missing)!r} is not valid")
+        return [names[i] for i in _references_first(refs)]
+
+    # -- verification -----------------------------------------------------------------
+
+    def verify(self, paths: Iterable[str] | None = None) -> VerifyReport:
+        """Re-hash valid paths (all, or those given) against what was registered."""
+        with self.db.connection() as conn:
+            if paths is None:
+                rows = list(conn.execute("SELECT path, hash, nar_size FROM ValidPaths ORDER BY path"))
+            else:
+                wanted = list(paths)
+                rows = list(conn.execute(
+                    "SELECT path, hash, nar_size FROM ValidPaths "
+                    "WHERE path IN (SELECT value FROM json_each(?)) ORDER BY path",
+                    (json.dumps(wanted),),
+                ))
+                unknown = set(wanted) - {r[0] for r in rows}
+                if unknown:
+                    raise NotValid(f"path {min(unknown)!r} is not valid")
+        report = VerifyReport()
+        for path, want_hash, _size in rows:
+            report.checked += 1
+            if not os.path.lexists(path):
+                report.missing.append(path)
+                continue
+            try:
+                got, _ = hash_path(path)
+            except (OSError, ValueError) as e:
+                got = f"unreadable: {e}"
+            if got != want_hash:
+                report.mismatched.append((path, want_hash, got))
+        return report
+
+
+def _ids(conn: apsw.Connection, paths: Sequence[str]) -> list[int]:
+    if not paths:
+        return []
+    rows = dict(conn.execute(
+        "SELECT path, id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(paths)),),
+    ))
+    missing = [p for p in paths if p not in rows]
+    if missing:
+        raise InvalidReference(f"reference {missing[0]!r} is not a valid path")
+    return [rows[p] for p in paths]
+
+
+def _insert_path(
+    conn: apsw.Connection,
+    path: str,
+    nar_hash: str,
+    nar_size: int,
+    ref_ids: Sequence[int],
+    deriver: str | None,
+    ca: str | None,
+) -> int:
+    conn.execute(
+        "INSERT INTO ValidPaths (path, hash, nar_size, registration_time, deriver, ca) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (path, nar_hash, nar_size, int(time.time()), deriver, ca),
+    )
+    new_id = conn.last_insert_rowid()
+    conn.executemany(
+        "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)",
+        [(new_id, r) for r in ref_ids],
+    )
+    return new_id
+
+
+def _references_first(refs: dict[int, list[int]]) -> list[int]:
+    """Order nodes so each comes after everything it references (Kahn, iterative)."""
+    waiting = {n: len(set(out)) for n, out in refs.items()}
+    referrers: dict[int, list[int]] = {}
+    for n, out in refs.items():
+        for r in set(out):
+            referrers.setdefault(r, []).append(n)
+    ready = sorted((n for n, k in waiting.items() if k == 0), reverse=True)
+    order: list[int] = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for m in referrers.get(n, ()):
+            waiting[m] -= 1
+            if waiting[m] == 0:
+                ready.append(m)
+    if len(order) != len(refs):
+        raise StoreError("reference cycle in the store database")
+    return order

@@ -1,0 +1,114 @@
+"""The store's temporary area, `<store>/.tmp`: where adds are built and deletions finished.
+
+Every entry is named `<pid>.<start time>.<random>` after the process that owns it, so any
+process opening the store can tell debris of a dead process (remove it) from work in
+progress of a live one (leave it), without locks.  The start time guards against a
+recycled pid.  Before a finished add is renamed into the store, its owner leaves a
+marker, `<entry>.target`, a symlink naming the store path it is about to create: if the
+owner dies between the rename and the commit that registers the path, whoever next opens
+the store finds the marker and removes the unregistered path.
+"""
+
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+MARKER_SUFFIX = ".target"
+
+_token_lock = threading.Lock()
+_token: tuple[int, str] | None = None
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may hold spaces and parentheses: fields restart after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[19].decode()
+
+
+def owner_token() -> str:
+    """This process's `<pid>.<start time>`; recomputed after a fork."""
+    global _token
+    pid = os.getpid()
+    with _token_lock:
+        if _token is None or _token[0] != pid:
+            _token = (pid, f"{pid}.{_start_time(pid)}")
+        return _token[1]
+
+
+def owner_alive(token: str) -> bool:
+    pid_s, _, start = token.partition(".")
+    if not pid_s.isdigit() or not start:
+        return False
+    return _start_time(int(pid_s)) == start
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a file or tree, making read-only store directories writable on the way."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if st.st_mode & 0o700 != 0o700:
+            os.chmod(path, 0o700)
+        with os.scandir(path) as it:
+            children = [e.path for e in it]
+        for child in children:
+            remove_tree(child)
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+class TmpArea:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def new_entry(self) -> Path:
+        return self.path / f"{owner_token()}.{secrets.token_hex(8)}"
+
+    def mark(self, entry: Path, target_base_name: str) -> Path:
+        marker = entry.with_name(entry.name + MARKER_SUFFIX)
+        os.symlink(target_base_name, marker)
+        return marker
+
+    def discard(self, path: Path) -> None:
+        """Move `path` out of sight at once, then delete it; a crash leaves only debris."""
+        entry = self.new_entry()
+        try:
+            os.rename(path, entry)
+        except FileNotFoundError:
+            return
+        remove_tree(entry)
+
+    def dead_markers(self) -> Iterator[tuple[Path, str]]:
+        """(marker, store base name) for every marker whose owner is gone."""
+        for name in os.listdir(self.path):
+            if name.endswith(MARKER_SUFFIX) and not owner_alive(_owner_of(name)):
+                marker = self.path / name
+                try:
+                    yield marker, os.readlink(marker)
+                except FileNotFoundError:
+                    continue
+
+    def remove_dead_entries(self) -> int:
+        removed = 0
+        for name in os.listdir(self.path):
+            if not owner_alive(_owner_of(name)):
+                remove_tree(self.path / name)
+                removed += 1
+        return removed
+
+
+def _owner_of(entry_name: str) -> str:
+    pid, _, rest = entry_name.partition(".")
+    start, _, _ = rest.partition(".")
+    return f"{pid}.{start}"
