@@ -84,8 +84,9 @@ class _Copier:
 
     def file(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes) -> None:
         # O_NONBLOCK: if the entry was swapped for a fifo since we looked, open must not hang.
-        sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                      dir_fd=src_dir)
+        sfd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir
+        )
         try:
             st = os.fstat(sfd)
             if not stat.S_ISREG(st.st_mode):
@@ -115,7 +116,7 @@ class _Copier:
         view = memoryview(self._buf)
         left = size
         while left:
-            n = os.readv(sfd, [view[:min(left, _CHUNK)]])
+            n = os.readv(sfd, [view[: min(left, _CHUNK)]])
             if not n:
                 raise SourceChanged(f"{os.fsdecode(name)}: shrank while being added")
             self.feed(view[:n])
@@ -140,7 +141,7 @@ def _read_exactly(fd: int, size: int, name: bytes) -> bytes:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def copy_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Ingested:

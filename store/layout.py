@@ -1,13 +1,13 @@
 """Where a weft state dir keeps things, and the settings file inside it.
 
-    <state dir>/
-      weft.toml          settings
-      store/             the store dir: <hash>-<name> paths, nothing else visible
-        .links/          one hard link per distinct file, for dedup
-        .tmp/            adds in progress and deletions, named after their owner process
-      var/db/db.sqlite   the database (WAL)
-      var/gcroots/       GC roots (auto/ holds indirect ones)
-      var/log/           build logs
+<state dir>/
+  weft.toml          settings
+  store/             the store dir: <hash>-<name> paths, nothing else visible
+    .links/          one hard link per distinct file, for dedup
+    .tmp/            adds in progress and deletions, named after their owner process
+  var/db/db.sqlite   the database (WAL)
+  var/gcroots/       GC roots (auto/ holds indirect ones)
+  var/log/           build logs
 """
 
 import os
@@ -39,7 +39,6 @@ def default_state_dir() -> Path:
 class Settings:
     """`weft.toml`; keys are spelled with dashes in the file, as in nix.conf."""
 
-    fsync_store_paths: bool = False
     allowed_users: list[str] = field(default_factory=lambda: ["*"])
     trusted_users: list[str] = field(default_factory=lambda: ["root"])
 

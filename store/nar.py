@@ -170,11 +170,11 @@ class _Reader:
     def exact(self, n: int) -> bytes:
         avail = len(self._buf) - self._pos
         if n <= avail:
-            out = self._buf[self._pos:self._pos + n]
+            out = self._buf[self._pos : self._pos + n]
             self._pos += n
             self.offset += n
             return out
-        parts = [self._buf[self._pos:]]
+        parts = [self._buf[self._pos :]]
         need = n - avail
         self._buf, self._pos = b"", 0
         while need:
@@ -201,11 +201,13 @@ class _Reader:
             if not avail:
                 data = self._fill(min(n, CHUNK))
                 if not data:
-                    raise NarError(f"archive truncated at byte {self.offset}: {n} more bytes expected")
+                    raise NarError(
+                        f"archive truncated at byte {self.offset}: {n} more bytes expected"
+                    )
                 self._buf, self._pos = data, 0
                 avail = len(data)
             take = min(avail, n)
-            piece = self._buf[self._pos:self._pos + take]
+            piece = self._buf[self._pos : self._pos + take]
             self._pos += take
             self.offset += take
             n -= take
@@ -282,13 +284,17 @@ class _Parser:
         size = int.from_bytes(self.r.exact(8), "little")
         if size >= ABSURD_LENGTH:
             raise self.fail(where, f"absurd file length {size}")
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=dir_fd)
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dir_fd,
+        )
         try:
             for piece in self.r.chunks(size):
                 view = memoryview(piece)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             os.fchmod(fd, 0o555 if executable else 0o444)
             os.utime(fd, (1, 1))
         finally:
@@ -300,8 +306,9 @@ class _Parser:
 
     def directory(self, parent_fd: int, name: bytes, where: bytes, depth: int) -> None:
         os.mkdir(name, 0o700, dir_fd=parent_fd)
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=parent_fd)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
+        )
         try:
             previous: bytes | None = None
             while True:

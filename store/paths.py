@@ -62,16 +62,12 @@ class StorePath:
         prefix = store_dir.rstrip("/") + "/"
         if not path.startswith(prefix):
             raise InvalidPath(f"path {path!r} is not in the store {store_dir!r}")
-        return cls.from_base_name(path[len(prefix):], store_dir)
+        return cls.from_base_name(path[len(prefix) :], store_dir)
 
     @classmethod
     def from_base_name(cls, base: str, store_dir: str) -> "StorePath":
         hash_part, dash, name = base.partition("-")
-        if (
-            not dash
-            or len(hash_part) != HASH_PART_LEN
-            or not base32.is_valid(hash_part)
-        ):
+        if not dash or len(hash_part) != HASH_PART_LEN or not base32.is_valid(hash_part):
             raise InvalidPath(f"{base!r} is not a store path base name (<hash>-<name>)")
         validate_name(name)
         return cls(store_dir.rstrip("/"), hash_part, name)

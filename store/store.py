@@ -70,8 +70,7 @@ class VerifyReport:
 
 
 _INFO_SQL = (
-    "SELECT id, hash, nar_size, registration_time, deriver, ca, sigs "
-    "FROM ValidPaths WHERE path = ?"
+    "SELECT id, hash, nar_size, registration_time, deriver, ca, sigs FROM ValidPaths WHERE path = ?"
 )
 _REFS_SQL = (
     "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference "
@@ -181,7 +180,9 @@ class Store:
     def add_text(self, name: str, text: str | bytes, references: Iterable[str] = ()) -> PathInfo:
         """Add one regular file whose contents are known, like a derivation."""
         data = text.encode() if isinstance(text, str) else text
-        archive = nar.HEADER + nar.file_header(False, len(data)) + data + nar.file_trailer(len(data))
+        archive = (
+            nar.HEADER + nar.file_header(False, len(data)) + data + nar.file_trailer(len(data))
+        )
         nar_hash = format_hash(blake3.blake3(archive).digest())
         refs = sorted(set(references))
         path = str(make_store_path(PathKind.TEXT, nar_hash, self.store_dir, name, refs))
@@ -194,7 +195,7 @@ class Store:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fchmod(fd, 0o444)
                 os.utime(fd, (1, 1))
             finally:
@@ -263,7 +264,10 @@ class Store:
     def is_valid(self, path: str) -> bool:
         self.parse(path)
         with self.db.connection() as conn:
-            return conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone()
+                is not None
+            )
 
     def valid_paths(self, paths: Iterable[str]) -> set[str]:
         """The subset of `paths` that is valid, in one query."""
@@ -285,9 +289,7 @@ class Store:
                 return None
             pid, nar_hash, nar_size, reg_time, deriver, ca, sigs = row
             refs = tuple(r[0] for r in conn.execute(_REFS_SQL, (pid,)))
-        return PathInfo(
-            path, nar_hash, nar_size, refs, reg_time, deriver, ca, tuple(sigs.split())
-        )
+        return PathInfo(path, nar_hash, nar_size, refs, reg_time, deriver, ca, tuple(sigs.split()))
 
     def _info_or_raise(self, path: str) -> PathInfo:
         info = self.path_info(path)
@@ -328,14 +330,18 @@ class Store:
         """Re-hash valid paths (all, or those given) against what was registered."""
         with self.db.connection() as conn:
             if paths is None:
-                rows = list(conn.execute("SELECT path, hash, nar_size FROM ValidPaths ORDER BY path"))
+                rows = list(
+                    conn.execute("SELECT path, hash, nar_size FROM ValidPaths ORDER BY path")
+                )
             else:
                 wanted = list(paths)
-                rows = list(conn.execute(
-                    "SELECT path, hash, nar_size FROM ValidPaths "
-                    "WHERE path IN (SELECT value FROM json_each(?)) ORDER BY path",
-                    (json.dumps(wanted),),
-                ))
+                rows = list(
+                    conn.execute(
+                        "SELECT path, hash, nar_size FROM ValidPaths "
+                        "WHERE path IN (SELECT value FROM json_each(?)) ORDER BY path",
+                        (json.dumps(wanted),),
+                    )
+                )
                 unknown = set(wanted) - {r[0] for r in rows}
                 if unknown:
                     raise NotValid(f"path {min(unknown)!r} is not valid")
@@ -357,10 +363,12 @@ class Store:
 def _ids(conn: apsw.Connection, paths: Sequence[str]) -> list[int]:
     if not paths:
         return []
-    rows = dict(conn.execute(
-        "SELECT path, id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
-        (json.dumps(list(paths)),),
-    ))
+    rows = dict(
+        conn.execute(
+            "SELECT path, id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(paths)),),
+        )
+    )
     missing = [p for p in paths if p not in rows]
     if missing:
         raise InvalidReference(f"reference {missing[0]!r} is not a valid path")

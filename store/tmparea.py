@@ -29,7 +29,7 @@ def _start_time(pid: int) -> str | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name may hold spaces and parentheses: fields restart after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return fields[19].decode()
 
 

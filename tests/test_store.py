@@ -1,0 +1,211 @@
+import io
+import os
+import stat
+import threading
+from pathlib import Path
+
+import apsw
+import pytest
+
+from store import HashMismatch, InvalidReference, NotValid, Store, nar
+from store.db import SCHEMA_VERSION, SchemaTooNew
+from store.hashing import hash_path
+from store.nar import UnsupportedFileType
+from store.paths import InvalidPath
+from tests.conftest import tree_listing
+
+
+def test_add_path_is_canonical_and_registered(store: Store, varied_tree: Path) -> None:
+    (varied_tree / "text").chmod(0o666)
+    (varied_tree / "sub").chmod(0o777)
+    os.chmod(varied_tree / "seven", 0o6755)
+    info = store.add_path(varied_tree)
+    assert info.path.startswith(store.store_dir + "/")
+    assert info.path.endswith("-tree")
+    assert tree_listing(Path(info.path)) == tree_listing(varied_tree)
+    for dirpath, dirnames, filenames in os.walk(info.path):
+        for n in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, n))
+            assert st.st_mtime == 1
+            if not stat.S_ISLNK(st.st_mode):
+                assert stat.S_IMODE(st.st_mode) in (0o444, 0o555)
+    assert stat.S_IMODE(os.lstat(info.path).st_mode) == 0o555
+    assert stat.S_IMODE(os.lstat(Path(info.path) / "seven").st_mode) == 0o555
+    assert (info.nar_hash, info.nar_size) == hash_path(varied_tree)
+    assert info.ca == f"source:{info.nar_hash}"
+    assert os.listdir(store.tmp.path) == []
+
+
+def test_add_single_file_and_symlink(store: Store, tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("content")
+    link = tmp_path / "link"
+    link.symlink_to("file")
+    fi = store.add_path(f)
+    li = store.add_path(link)
+    assert Path(fi.path).read_text() == "content"
+    assert os.readlink(li.path) == "file"
+    assert store.add_path(f, name="renamed").path.endswith("-renamed")
+
+
+def test_same_content_same_path_and_re_add_is_a_noop(store: Store, varied_tree: Path) -> None:
+    first = store.add_path(varied_tree)
+    again = store.add_path(varied_tree)
+    assert again == first
+    from_nar = store.add_nar(io.BytesIO(b"".join(nar.dump(varied_tree))).read, "tree")
+    assert from_nar == first
+
+
+def test_add_nar_checks_expected_hash(store: Store, varied_tree: Path) -> None:
+    data = b"".join(nar.dump(varied_tree))
+    with pytest.raises(HashMismatch):
+        store.add_nar(io.BytesIO(data).read, "tree", expected_hash="blake3:" + "0" * 64)
+    assert os.listdir(store.tmp.path) == []
+    h, _ = hash_path(varied_tree)
+    assert store.add_nar(io.BytesIO(data).read, "tree", expected_hash=h).nar_hash == h
+
+
+def test_refuses_special_files(store: Store, tmp_path: Path) -> None:
+    d = tmp_path / "withfifo"
+    d.mkdir()
+    os.mkfifo(d / "fifo")
+    with pytest.raises(UnsupportedFileType, match="fifo"):
+        store.add_path(d)
+    with pytest.raises(UnsupportedFileType):
+        store.add_path("/dev/null")
+    assert os.listdir(store.tmp.path) == []
+    assert sorted(os.listdir(store.store_dir)) == [".links", ".tmp"]
+
+
+def test_invalid_names_and_references(store: Store, tmp_path: Path) -> None:
+    f = tmp_path / "bad name"
+    f.write_text("x")
+    with pytest.raises(InvalidPath):
+        store.add_path(f)
+    missing = store.store_dir + "/" + "0" * 32 + "-missing"
+    with pytest.raises(InvalidReference, match="missing"):
+        store.add_text("t", "x", [missing])
+    with pytest.raises(InvalidPath):
+        store.add_text("t", "x", ["/not/in/store"])
+    assert sorted(os.listdir(store.store_dir)) == [".links", ".tmp"]
+
+
+def test_queries(store: Store) -> None:
+    a = store.add_text("a", "a")
+    b = store.add_text("b", "b", [a.path])
+    c = store.add_text("c", "c", [a.path, b.path])
+    d = store.add_text("d", "d")
+    assert store.is_valid(c.path)
+    assert not store.is_valid(store.store_dir + "/" + "0" * 32 + "-x")
+    assert store.valid_paths([a.path, d.path, store.store_dir + "/" + "1" * 32 + "-x"]) == {
+        a.path, d.path
+    }
+    info = store.path_info(c.path)
+    assert info is not None
+    assert info.references == tuple(sorted([a.path, b.path]))
+    assert info.nar_size > 0 and info.registration_time > 0
+    assert store.references(b.path) == [a.path]
+    assert store.referrers(a.path) == sorted([b.path, c.path])
+    assert store.closure([c.path]) == [a.path, b.path, c.path]
+    assert store.closure([c.path, d.path])[-1] in (c.path, d.path)
+    assert set(store.closure([c.path, d.path])) == {a.path, b.path, c.path, d.path}
+    with pytest.raises(NotValid):
+        store.closure([store.store_dir + "/" + "0" * 32 + "-x"])
+    with pytest.raises(NotValid):
+        store.referrers(store.store_dir + "/" + "0" * 32 + "-x")
+
+
+def test_closure_of_a_long_chain_is_topological(store: Store) -> None:
+    prev: list[str] = []
+    paths = []
+    for i in range(300):
+        p = store.add_text(f"n{i}", str(i), prev).path
+        paths.append(p)
+        prev = [p]
+    assert store.closure([paths[-1]]) == paths
+
+
+def test_verify_reports_corruption_and_missing(store: Store, tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("good")
+    good = store.add_path(f)
+    bad = store.add_text("bad", "original")
+    gone = store.add_text("gone", "will vanish")
+    os.chmod(bad.path, 0o644)
+    Path(bad.path).write_text("tampered")
+    os.unlink(gone.path)
+    report = store.verify()
+    assert report.checked == 3
+    assert report.missing == [gone.path]
+    assert [m[0] for m in report.mismatched] == [bad.path]
+    assert store.verify([good.path]).ok
+
+
+def test_reference_integrity_in_the_database(store: Store) -> None:
+    a = store.add_text("a", "a")
+    b = store.add_text("b", "b", [a.path])
+    with store.db.connection() as conn:
+        with pytest.raises(apsw.ConstraintError):
+            conn.execute("DELETE FROM ValidPaths WHERE path = ?", (a.path,))
+        conn.execute(
+            "INSERT INTO Refs SELECT id, id FROM ValidPaths WHERE path = ?", (b.path,)
+        )
+        conn.execute("DELETE FROM ValidPaths WHERE path = ?", (b.path,))
+        assert conn.execute("SELECT count(*) FROM Refs").fetchone()[0] == 0
+        conn.execute("DELETE FROM ValidPaths WHERE path = ?", (a.path,))
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "st")
+    s.close()
+    conn = apsw.Connection(str(tmp_path / "st" / "var" / "db" / "db.sqlite"))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaTooNew, match="newer than this weft supports"):
+        Store.open(tmp_path / "st")
+
+
+def test_database_settings(store: Store) -> None:
+    with store.db.connection() as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_same_content_from_many_threads_is_one_path(store: Store, varied_tree: Path) -> None:
+    results: list[str] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            if i % 2:
+                results.append(store.add_path(varied_tree).path)
+            else:
+                data = b"".join(nar.dump(varied_tree))
+                results.append(store.add_nar(io.BytesIO(data).read, "tree").path)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(results)) == 1
+    assert sorted(os.listdir(store.store_dir)) == sorted([".links", ".tmp", Path(results[0]).name])
+    assert os.listdir(store.tmp.path) == []
+    with store.db.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM ValidPaths").fetchone()[0] == 1
+    assert store.verify().ok
+
+
+def test_readers_do_not_block_a_writer(store: Store) -> None:
+    a = store.add_text("a", "a")
+    with store.db.read() as conn:
+        assert conn.execute("SELECT count(*) FROM ValidPaths").fetchone()[0] == 1
+        b = store.add_text("b", "b")
+        # The open read transaction still sees its snapshot.
+        assert conn.execute("SELECT count(*) FROM ValidPaths").fetchone()[0] == 1
+    assert store.valid_paths([a.path, b.path]) == {a.path, b.path}
