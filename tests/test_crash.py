@@ -22,7 +22,9 @@ def assert_clean(state: Path) -> Store:
     store = Store.open(state)
     assert os.listdir(store.tmp.path) == [], "temporary debris left"
     on_disk = {
-        os.path.join(store.store_dir, n) for n in os.listdir(store.store_dir) if not n.startswith(".")
+        os.path.join(store.store_dir, n)
+        for n in os.listdir(store.store_dir)
+        if not n.startswith(".")
     }
     with store.db.connection() as conn:
         registered = {r[0] for r in conn.execute("SELECT path FROM ValidPaths")}

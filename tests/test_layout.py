@@ -17,7 +17,14 @@ def test_default_state_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_layout_is_created(tmp_path: Path) -> None:
     sd = StateDir.at(tmp_path / "s")
     sd.create()
-    for d in (sd.store_dir, sd.links_dir, sd.tmp_dir, sd.db_dir, sd.gcroots_dir / "auto", sd.log_dir):
+    for d in (
+        sd.store_dir,
+        sd.links_dir,
+        sd.tmp_dir,
+        sd.db_dir,
+        sd.gcroots_dir / "auto",
+        sd.log_dir,
+    ):
         assert d.is_dir()
     assert sd.store_dir == tmp_path / "s" / "store"
     assert sd.db_path == tmp_path / "s" / "var" / "db" / "db.sqlite"
@@ -36,5 +43,5 @@ def test_settings_parse_and_errors() -> None:
         Settings.from_toml("max-jbos = 3")
     with pytest.raises(ConfigError, match="must be a list"):
         Settings.from_toml('trusted-users = "root"')
-    with pytest.raises(ConfigError, match="weft.toml"):
+    with pytest.raises(ConfigError, match=r"weft\.toml"):
         Settings.from_toml("this is not toml")

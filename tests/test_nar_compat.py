@@ -78,7 +78,10 @@ grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 print(total, grown)
 """
     out = subprocess.run(
-        [os.sys.executable, "-c", script], check=True, capture_output=True, text=True,
+        [os.sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
         cwd=Path(__file__).parent.parent,
     ).stdout.split()
     total, grown_kib = int(out[0]), int(out[1])

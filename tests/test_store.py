@@ -98,7 +98,8 @@ def test_queries(store: Store) -> None:
     assert store.is_valid(c.path)
     assert not store.is_valid(store.store_dir + "/" + "0" * 32 + "-x")
     assert store.valid_paths([a.path, d.path, store.store_dir + "/" + "1" * 32 + "-x"]) == {
-        a.path, d.path
+        a.path,
+        d.path,
     }
     info = store.path_info(c.path)
     assert info is not None
@@ -147,9 +148,7 @@ def test_reference_integrity_in_the_database(store: Store) -> None:
     with store.db.connection() as conn:
         with pytest.raises(apsw.ConstraintError):
             conn.execute("DELETE FROM ValidPaths WHERE path = ?", (a.path,))
-        conn.execute(
-            "INSERT INTO Refs SELECT id, id FROM ValidPaths WHERE path = ?", (b.path,)
-        )
+        conn.execute("INSERT INTO Refs SELECT id, id FROM ValidPaths WHERE path = ?", (b.path,))
         conn.execute("DELETE FROM ValidPaths WHERE path = ?", (b.path,))
         assert conn.execute("SELECT count(*) FROM Refs").fetchone()[0] == 0
         conn.execute("DELETE FROM ValidPaths WHERE path = ?", (a.path,))
