@@ -1,0 +1,1 @@
+"""weft's benchmarks: `python -m bench [NAME...]` prints a table and records it in RESULTS.md."""

@@ -1,0 +1,42 @@
+"""`python -m bench [NAME...]`: run benchmarks, print their tables, append them to RESULTS.md."""
+
+import argparse
+import datetime
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import store_bench
+
+BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
+    "store": store_bench.run,
+}
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def _table(name: str, rows: list[tuple[str, str, str]]) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    head = (
+        f"## {name} — {now}\n\n"
+        f"{os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}\n\n"
+        "| measure | result | note |\n|---|---|---|\n"
+    )
+    return head + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("names", nargs="*", choices=[*BENCHES, []], help="default: all")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    for name in args.names or list(BENCHES):
+        table = _table(name, BENCHES[name]())
+        print(table)
+        if not args.no_record:
+            with RESULTS.open("a") as f:
+                f.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
