@@ -17,9 +17,10 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 
 def _table(name: str, rows: list[tuple[str, str, str]]) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{os.cpu_count()} cores, Linux {platform.release()}"
     head = (
         f"## {name} — {now}\n\n"
-        f"{os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}\n\n"
+        f"{machine}, Python {platform.python_version()}\n\n"
         "| measure | result | note |\n|---|---|---|\n"
     )
     return head + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)

@@ -41,7 +41,7 @@ class Alternating:
         # A first round is thrown away (cold caches), and each round starts with a different
         # contender, so none always pays for the previous round's cleanup.
         for round_ in range(rounds + 1):
-            order = names[round_ % len(names):] + names[:round_ % len(names)]
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
                 elapsed = timed(contenders[name])
                 if round_:

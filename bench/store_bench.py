@@ -96,12 +96,20 @@ def bench_large_add(tmp: Path) -> list[Row]:
     alt.run(ROUNDS, contenders, c.cleanup)
     src.unlink()
     rows = [
-        (f"add {LARGE_MIB} MiB file: {name}", f"{LARGE_MIB / alt.median(name):,.0f} MB/s",
-         f"{alt.ratio(name, 'weft add'):.2f}x weft's time")
+        (
+            f"add {LARGE_MIB} MiB file: {name}",
+            f"{LARGE_MIB / alt.median(name):,.0f} MB/s",
+            f"{alt.ratio(name, 'weft add'):.2f}x weft's time",
+        )
         for name in contenders
     ]
-    rows.append(("add large: weft / read+blake3+write", f"{alt.ratio('weft add', 'read+blake3+write'):.2f}",
-                 "target <= 1.5"))
+    rows.append(
+        (
+            "add large: weft / read+blake3+write",
+            f"{alt.ratio('weft add', 'read+blake3+write'):.2f}",
+            "target <= 1.5",
+        )
+    )
     return rows
 
 
@@ -122,11 +130,16 @@ def bench_small_add(tmp: Path) -> list[Row]:
     alt = Alternating()
     alt.run(ROUNDS + 2, contenders, c.cleanup)
     rows = [
-        (f"add {SMALL_FILES} files of 4 KiB: {name}", f"{SMALL_FILES / alt.median(name):,.0f} files/s",
-         f"{alt.ratio(name, 'weft add'):.2f}x weft's time")
+        (
+            f"add {SMALL_FILES} files of 4 KiB: {name}",
+            f"{SMALL_FILES / alt.median(name):,.0f} files/s",
+            f"{alt.ratio(name, 'weft add'):.2f}x weft's time",
+        )
         for name in contenders
     ]
-    rows.append(("add small: weft / cp -r", f"{alt.ratio('weft add', 'cp -r'):.2f}", "target <= 1.3"))
+    rows.append(
+        ("add small: weft / cp -r", f"{alt.ratio('weft add', 'cp -r'):.2f}", "target <= 1.3")
+    )
     return rows
 
 
@@ -150,8 +163,16 @@ def bench_queries(tmp: Path) -> list[Row]:
             store.path_info(closure[i % CHAIN])
         lookups = n / (time.perf_counter() - t)
     return [
-        (f"add_text x {CHAIN} (chain, one transaction pair each)", f"{CHAIN / build:,.0f} paths/s", ""),
-        (f"closure of a {CHAIN:,}-path chain", f"{statistics.median(times) * 1000:.0f} ms", "median of 5"),
+        (
+            f"add_text x {CHAIN} (chain, one transaction pair each)",
+            f"{CHAIN / build:,.0f} paths/s",
+            "",
+        ),
+        (
+            f"closure of a {CHAIN:,}-path chain",
+            f"{statistics.median(times) * 1000:.0f} ms",
+            "median of 5",
+        ),
         ("path-info lookups in-process", f"{lookups:,.0f} /s", "one thread"),
     ]
 

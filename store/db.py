@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import apsw
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 _V1 = """
 CREATE TABLE ValidPaths (
@@ -111,7 +113,7 @@ class Database:
             finally:
                 conn.execute("COMMIT")
 
-    def write(self, body: Callable[[apsw.Connection], object]) -> object:
+    def write(self, body: Callable[[apsw.Connection], T]) -> T:
         """Run `body` in a `BEGIN IMMEDIATE` transaction, retrying it when the db is busy.
 
         `body` may run more than once, so it must not have effects outside the

@@ -69,13 +69,13 @@ class VerifyReport:
         return not self.missing and not self.mismatched
 
 
-_INFO_SQL = (
-    "SELECT id, hash, nar_size, registration_time, deriver, ca, sigs FROM ValidPaths WHERE path = ?"
-)
-_REFS_SQL = (
-    "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference "
-    "WHERE r.referrer = ? ORDER BY v.path"
-)
+_INFO_SQL = """
+SELECT v.hash, v.nar_size, v.registration_time, v.deriver, v.ca, v.sigs, rv.path
+FROM ValidPaths v
+LEFT JOIN Refs r ON r.referrer = v.id
+LEFT JOIN ValidPaths rv ON rv.id = r.reference
+WHERE v.path = ?
+"""
 _REFERRERS_SQL = (
     "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer "
     "WHERE r.reference = (SELECT id FROM ValidPaths WHERE path = ?) ORDER BY v.path"
@@ -136,12 +136,14 @@ class Store:
         self.tmp.remove_dead_entries()
 
     def _discard_unregistered(self, path: str) -> None:
-        def body(conn: apsw.Connection) -> None:
+        def body(conn: apsw.Connection) -> Path | None:
             if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
-                return
-            self.tmp.discard(Path(path))
+                return None
+            return self.tmp.move_aside(Path(path))
 
-        self.db.write(body)
+        aside = self.db.write(body)
+        if aside is not None:
+            remove_tree(aside)
 
     # -- adding -----------------------------------------------------------------------
 
@@ -165,7 +167,18 @@ class Store:
         references: Iterable[str] = (),
         expected_hash: str | None = None,
     ) -> PathInfo:
-        """Add a source path from an archive stream; a bad archive adds nothing."""
+        """Add a source path from an archive stream; a bad archive adds nothing.
+
+        With `expected_hash`, a path that is already valid is returned without reading the
+        stream at all: the caller decides whether to drain or drop it.
+        """
+        if expected_hash is not None:
+            known = make_store_path(
+                PathKind.SOURCE, expected_hash, self.store_dir, name, references
+            )
+            existing = self.path_info(str(known))
+            if existing is not None:
+                return existing
 
         def fill(dest: Path) -> tuple[str, int]:
             hasher = blake3.blake3()
@@ -233,15 +246,16 @@ class Store:
         final = Path(path)
         is_dir = entry.is_dir() and not entry.is_symlink()
         marker = self.tmp.mark(entry, final.name)
+        aside: Path | None = None
         try:
 
             def body(conn: apsw.Connection) -> None:
+                nonlocal aside
                 if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
                     return
                 ref_ids = _ids(conn, refs)
-                if os.path.lexists(final):
-                    # Under the write lock an unregistered path is a dead process's debris.
-                    self.tmp.discard(final)
+                # Under the write lock an unregistered path is a dead process's debris.
+                aside = self.tmp.move_aside(final)
                 if is_dir:
                     # Moving a directory to a new parent rewrites its '..': it needs write
                     # permission on the directory itself unless we are root.
@@ -258,6 +272,8 @@ class Store:
             self.db.write(body)
         finally:
             os.unlink(marker)
+            if aside is not None:
+                remove_tree(aside)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -283,12 +299,12 @@ class Store:
 
     def path_info(self, path: str) -> PathInfo | None:
         self.parse(path)
-        with self.db.read() as conn:
-            row = conn.execute(_INFO_SQL, (path,)).fetchone()
-            if row is None:
-                return None
-            pid, nar_hash, nar_size, reg_time, deriver, ca, sigs = row
-            refs = tuple(r[0] for r in conn.execute(_REFS_SQL, (pid,)))
+        with self.db.connection() as conn:
+            rows = list(conn.execute(_INFO_SQL, (path,)))
+        if not rows:
+            return None
+        nar_hash, nar_size, reg_time, deriver, ca, sigs, _ = rows[0]
+        refs = tuple(sorted(r[6] for r in rows if r[6] is not None))
         return PathInfo(path, nar_hash, nar_size, refs, reg_time, deriver, ca, tuple(sigs.split()))
 
     def _info_or_raise(self, path: str) -> PathInfo:

@@ -80,14 +80,14 @@ class TmpArea:
         os.symlink(target_base_name, marker)
         return marker
 
-    def discard(self, path: Path) -> None:
-        """Move `path` out of sight at once, then delete it; a crash leaves only debris."""
+    def move_aside(self, path: Path) -> Path | None:
+        """Move `path` out of the store in one step, into an entry to delete at leisure."""
         entry = self.new_entry()
         try:
             os.rename(path, entry)
         except FileNotFoundError:
-            return
-        remove_tree(entry)
+            return None
+        return entry
 
     def dead_markers(self) -> Iterator[tuple[Path, str]]:
         """(marker, store base name) for every marker whose owner is gone."""
