@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add", help="add files or trees as source paths")
     add.add_argument("paths", nargs="+")
     add.add_argument("--name", help="store path name (default: the file's name)")
+    add_text = sub.add_parser("add-text", help="add stdin as a text file with references")
+    add_text.add_argument("name")
+    add_text.add_argument("--ref", action="append", default=[], help="a path it refers to")
     add_nar = sub.add_parser("add-nar", help="add an archive read from stdin")
     add_nar.add_argument("name")
     sub.add_parser("dump", help="write a path's archive to stdout").add_argument("path")
@@ -44,6 +47,8 @@ def _run(args: argparse.Namespace, store: Store) -> int:
     if args.command == "add":
         for path in args.paths:
             print(store.add_path(path, name=args.name).path, file=out)
+    elif args.command == "add-text":
+        print(store.add_text(args.name, sys.stdin.buffer.read(), args.ref).path, file=out)
     elif args.command == "add-nar":
         print(store.add_nar(sys.stdin.buffer.read, args.name).path, file=out)
     elif args.command == "dump":

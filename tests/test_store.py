@@ -208,3 +208,29 @@ def test_readers_do_not_block_a_writer(store: Store) -> None:
         # The open read transaction still sees its snapshot.
         assert conn.execute("SELECT count(*) FROM ValidPaths").fetchone()[0] == 1
     assert store.valid_paths([a.path, b.path]) == {a.path, b.path}
+
+
+def test_unregistered_debris_at_the_destination_is_replaced(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_text("real content")
+    path = store.add_path(src).path
+    # Make it debris: on disk, corrupted, unregistered.
+    with store.db.connection() as conn:
+        conn.execute("DELETE FROM ValidPaths WHERE path = ?", (path,))
+    os.chmod(path, 0o644)
+    Path(path).write_text("half-written junk")
+    again = store.add_path(src)
+    assert again.path == path
+    assert Path(path).read_text() == "real content"
+    assert store.verify().ok
+
+
+def test_add_nar_with_known_hash_of_a_valid_path_reads_nothing(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_text("x")
+    info = store.add_path(src)
+
+    def read(n: int) -> bytes:
+        raise AssertionError("the stream was read")
+
+    assert store.add_nar(read, "src", expected_hash=info.nar_hash) == info
