@@ -225,7 +225,9 @@ def test_unregistered_debris_at_the_destination_is_replaced(store: Store, tmp_pa
     assert store.verify().ok
 
 
-def test_add_nar_with_known_hash_of_a_valid_path_reads_nothing(store: Store, tmp_path: Path) -> None:
+def test_add_nar_with_known_hash_of_a_valid_path_reads_nothing(
+    store: Store, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.write_text("x")
     info = store.add_path(src)
