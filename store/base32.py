@@ -34,5 +34,8 @@ def decode(text: str, n_bytes: int) -> bytes:
     return value.to_bytes(n_bytes, "little")
 
 
+_CHARS = frozenset(ALPHABET)
+
+
 def is_valid(text: str) -> bool:
-    return all(c in _INDEX for c in text)
+    return _CHARS.issuperset(text)

@@ -52,6 +52,12 @@ CREATE TABLE DerivationOutputs (
     PRIMARY KEY (drv, id)
 ) WITHOUT ROWID;
 CREATE INDEX IndexDerivationOutputs ON DerivationOutputs(path);
+-- Adds between their journal entry and their commit: `entry` is the add's scratch name
+-- in <store>/.tmp, which names its owner process.
+CREATE TABLE PendingAdds (
+    entry TEXT PRIMARY KEY,
+    path  TEXT NOT NULL
+);
 """
 
 # MIGRATIONS[n] takes a database at version n to n + 1.

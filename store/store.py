@@ -12,6 +12,7 @@ Every method blocks; the daemon calls them from worker threads.
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from store.db import Database
 from store.hashing import format_hash, hash_path
 from store.ingest import copy_tree
 from store.layout import StateDir
-from store.paths import InvalidPath, PathKind, StorePath, make_store_path, validate_name
-from store.tmparea import TmpArea, remove_tree
+from store.paths import PathKind, StorePath, make_store_path, validate_name
+from store.tmparea import TmpArea, owner_alive, owner_of, remove_tree
 
 
 class StoreError(Exception):
@@ -125,25 +126,22 @@ class Store:
 
     def recover(self) -> None:
         """Remove what dead processes left behind: unregistered paths, then scratch."""
-        for marker, base in self.tmp.dead_markers():
-            try:
-                StorePath.from_base_name(base, self.store_dir)
-            except InvalidPath:
-                pass
-            else:
-                self._discard_unregistered(str(Path(self.store_dir) / base))
-            os.unlink(marker)
+        with self.db.connection() as conn:
+            pending = list(conn.execute("SELECT entry, path FROM PendingAdds"))
+        for entry, path in pending:
+            if owner_alive(owner_of(entry)):
+                continue
+
+            def body(conn: apsw.Connection, entry: str = entry, path: str = path) -> Path | None:
+                conn.execute("DELETE FROM PendingAdds WHERE entry = ?", (entry,))
+                if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
+                    return None
+                return self.tmp.move_aside(Path(path))
+
+            aside = self.db.write(body)
+            if aside is not None:
+                remove_tree(aside)
         self.tmp.remove_dead_entries()
-
-    def _discard_unregistered(self, path: str) -> None:
-        def body(conn: apsw.Connection) -> Path | None:
-            if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
-                return None
-            return self.tmp.move_aside(Path(path))
-
-        aside = self.db.write(body)
-        if aside is not None:
-            remove_tree(aside)
 
     # -- adding -----------------------------------------------------------------------
 
@@ -232,48 +230,64 @@ class Store:
         try:
             nar_hash, nar_size = fill(entry)
             path = str(make_store_path(kind, nar_hash, self.store_dir, name, refs))
-            if self.path_info(path) is None:
-                self._install(entry, path, nar_hash, nar_size, refs, f"{kind.value}:{nar_hash}")
+            info = self.path_info(path)
+            if info is None:
+                info = self._install(
+                    entry, path, nar_hash, nar_size, refs, f"{kind.value}:{nar_hash}"
+                )
         finally:
             remove_tree(entry)
-        info = self.path_info(path)
-        assert info is not None
         return info
 
     def _install(
         self, entry: Path, path: str, nar_hash: str, nar_size: int, refs: Sequence[str], ca: str
-    ) -> None:
+    ) -> PathInfo:
         final = Path(path)
-        is_dir = entry.is_dir() and not entry.is_symlink()
-        marker = self.tmp.mark(entry, final.name)
+        is_dir = stat.S_ISDIR(os.lstat(entry).st_mode)
+        # Journal the add before the rename: if this process dies between the rename and
+        # the commit, the next open finds the row and removes the unregistered path.
+        self.db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO PendingAdds (entry, path) VALUES (?, ?)", (entry.name, path)
+            )
+        )
         aside: Path | None = None
-        try:
 
-            def body(conn: apsw.Connection) -> None:
-                nonlocal aside
-                if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
-                    return
-                ref_ids = _ids(conn, refs)
-                # Under the write lock an unregistered path is a dead process's debris.
-                aside = self.tmp.move_aside(final)
+        def body(conn: apsw.Connection) -> PathInfo | None:
+            nonlocal aside
+            conn.execute("DELETE FROM PendingAdds WHERE entry = ?", (entry.name,))
+            if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
+                return None
+            ref_ids = _ids(conn, refs)
+            # Under the write lock an unregistered path is a dead process's debris.
+            aside = self.tmp.move_aside(final)
+            if is_dir:
+                # Moving a directory to a new parent rewrites its '..': it needs write
+                # permission on the directory itself unless we are root.
+                os.chmod(entry, 0o755)
+            os.rename(entry, final)
+            try:
                 if is_dir:
-                    # Moving a directory to a new parent rewrites its '..': it needs write
-                    # permission on the directory itself unless we are root.
-                    os.chmod(entry, 0o755)
-                os.rename(entry, final)
-                try:
-                    if is_dir:
-                        os.chmod(final, 0o555)
-                    _insert_path(conn, path, nar_hash, nar_size, ref_ids, None, ca)
-                except BaseException:
-                    os.rename(final, entry)
-                    raise
+                    os.chmod(final, 0o555)
+                reg_time = _insert_path(conn, path, nar_hash, nar_size, ref_ids, None, ca)
+            except BaseException:
+                os.rename(final, entry)
+                raise
+            return PathInfo(path, nar_hash, nar_size, tuple(refs), reg_time, None, ca)
 
-            self.db.write(body)
+        try:
+            info = self.db.write(body)
+        except BaseException:
+            self.db.write(
+                lambda conn: conn.execute("DELETE FROM PendingAdds WHERE entry = ?", (entry.name,))
+            )
+            raise
         finally:
-            os.unlink(marker)
             if aside is not None:
                 remove_tree(aside)
+        if info is None:
+            info = self._info_or_raise(path)
+        return info
 
     # -- queries ----------------------------------------------------------------------
 
@@ -400,17 +414,19 @@ def _insert_path(
     deriver: str | None,
     ca: str | None,
 ) -> int:
+    """Register a path; returns its registration time."""
+    reg_time = int(time.time())
     conn.execute(
         "INSERT INTO ValidPaths (path, hash, nar_size, registration_time, deriver, ca) "
         "VALUES (?, ?, ?, ?, ?, ?)",
-        (path, nar_hash, nar_size, int(time.time()), deriver, ca),
+        (path, nar_hash, nar_size, reg_time, deriver, ca),
     )
     new_id = conn.last_insert_rowid()
     conn.executemany(
         "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)",
         [(new_id, r) for r in ref_ids],
     )
-    return new_id
+    return reg_time
 
 
 def _references_first(refs: dict[int, list[int]]) -> list[int]:

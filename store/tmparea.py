@@ -3,20 +3,14 @@
 Every entry is named `<pid>.<start time>.<random>` after the process that owns it, so any
 process opening the store can tell debris of a dead process (remove it) from work in
 progress of a live one (leave it), without locks.  The start time guards against a
-recycled pid.  Before a finished add is renamed into the store, its owner leaves a
-marker, `<entry>.target`, a symlink naming the store path it is about to create: if the
-owner dies between the rename and the commit that registers the path, whoever next opens
-the store finds the marker and removes the unregistered path.
+recycled pid.
 """
 
 import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-
-MARKER_SUFFIX = ".target"
 
 _token_lock = threading.Lock()
 _token: tuple[int, str] | None = None
@@ -75,11 +69,6 @@ class TmpArea:
     def new_entry(self) -> Path:
         return self.path / f"{owner_token()}.{secrets.token_hex(8)}"
 
-    def mark(self, entry: Path, target_base_name: str) -> Path:
-        marker = entry.with_name(entry.name + MARKER_SUFFIX)
-        os.symlink(target_base_name, marker)
-        return marker
-
     def move_aside(self, path: Path) -> Path | None:
         """Move `path` out of the store in one step, into an entry to delete at leisure."""
         entry = self.new_entry()
@@ -89,26 +78,16 @@ class TmpArea:
             return None
         return entry
 
-    def dead_markers(self) -> Iterator[tuple[Path, str]]:
-        """(marker, store base name) for every marker whose owner is gone."""
-        for name in os.listdir(self.path):
-            if name.endswith(MARKER_SUFFIX) and not owner_alive(_owner_of(name)):
-                marker = self.path / name
-                try:
-                    yield marker, os.readlink(marker)
-                except FileNotFoundError:
-                    continue
-
     def remove_dead_entries(self) -> int:
         removed = 0
         for name in os.listdir(self.path):
-            if not owner_alive(_owner_of(name)):
+            if not owner_alive(owner_of(name)):
                 remove_tree(self.path / name)
                 removed += 1
         return removed
 
 
-def _owner_of(entry_name: str) -> str:
+def owner_of(entry_name: str) -> str:
     pid, _, rest = entry_name.partition(".")
     start, _, _ = rest.partition(".")
     return f"{pid}.{start}"

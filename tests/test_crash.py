@@ -71,47 +71,73 @@ def test_random_kills_during_adds(tmp_path: Path) -> None:
     store.close()
 
 
-# Each crash point patches a call the add makes and SIGKILLs the process just before or
-# after its first use; `left` is what must be on disk then for the point to be the one meant.
+# Each crash point patches a call the add makes and SIGKILLs the process right after its
+# n-th use; `left` is what must be on disk then, so the point is surely the one meant.
 CRASH_POINTS = {
-    "while writing": ("write", "after", {"store": 0, "tmp": 1, "registered": 0}),
-    "after the rename into the store": ("rename", "after", {"store": 1, "tmp": 1, "registered": 0}),
-    "after the commit": ("unlink", "before", {"store": 1, "tmp": 1, "registered": 1}),
+    "while writing": ("os", "write", 1, {"store": 0, "tmp": 1, "registered": 0, "pending": 0}),
+    "after the journal entry": (
+        "store.db:Database",
+        "write",
+        1,
+        {"store": 0, "tmp": 1, "registered": 0, "pending": 1},
+    ),
+    "after the rename into the store": (
+        "os",
+        "rename",
+        1,
+        {"store": 1, "tmp": 0, "registered": 0, "pending": 1},
+    ),
+    "after the commit": (
+        "store.db:Database",
+        "write",
+        2,
+        {"store": 1, "tmp": 0, "registered": 1, "pending": 0},
+    ),
 }
 KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import importlib, os, signal, sys
     from store import Store
-    state, src, fn, when = sys.argv[1:5]
+    state, src, owner, attr, nth = sys.argv[1:6]
     store = Store.open(state)
-    real = getattr(os, fn)
+    module, _, cls = owner.partition(":")
+    target = importlib.import_module(module)
+    if cls:
+        target = getattr(target, cls)
+    real = getattr(target, attr)
+    calls = 0
     def patched(*args, **kwargs):
-        if when == "after":
-            real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
-    setattr(os, fn, patched)
+        global calls
+        result = real(*args, **kwargs)
+        calls += 1
+        if calls == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(target, attr, patched)
     store.add_path(src)
 """)
 
 
 def what_is_left(state: Path) -> dict[str, int]:
     store_dir = state / "store"
-    db = state / "var" / "db" / "db.sqlite"
-    conn = apsw.Connection(str(db))
+    conn = apsw.Connection(str(state / "var" / "db" / "db.sqlite"))
     registered = conn.execute("SELECT count(*) FROM ValidPaths").fetchone()[0]
+    pending = conn.execute("SELECT count(*) FROM PendingAdds").fetchone()[0]
     conn.close()
     return {
         "store": len([n for n in os.listdir(store_dir) if not n.startswith(".")]),
         "tmp": len(os.listdir(store_dir / ".tmp")),
         "registered": registered,
+        "pending": pending,
     }
 
 
 @pytest.mark.parametrize("point", sorted(CRASH_POINTS))
 def test_kill_at_each_step(tmp_path: Path, varied_tree: Path, point: str) -> None:
     state = tmp_path / "state"
-    fn, when, left = CRASH_POINTS[point]
+    module, fn, nth, left = CRASH_POINTS[point]
     child = subprocess.run(
-        [sys.executable, "-c", KILLER, str(state), str(varied_tree), fn, when], cwd=ROOT
+        [sys.executable, "-c", KILLER, str(state), str(varied_tree), module, fn, str(nth)],
+        cwd=ROOT,
     )
     assert child.returncode == -signal.SIGKILL
     assert what_is_left(state) == left
