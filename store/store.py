@@ -27,6 +27,7 @@ from store.hashing import format_hash, hash_path
 from store.ingest import copy_tree
 from store.layout import StateDir
 from store.paths import PathKind, StorePath, make_store_path, validate_name
+from store.sourcecache import SourceCache, signature
 from store.tmparea import TmpArea, owner_alive, owner_of, remove_tree
 
 
@@ -99,6 +100,7 @@ class Store:
         self.store_dir = str(state.store_dir)
         self.db = Database(state.db_path)
         self.tmp = TmpArea(state.tmp_dir)
+        self._sources = SourceCache()
         self.recover()
 
     @classmethod
@@ -148,15 +150,29 @@ class Store:
     def add_path(
         self, src: str | os.PathLike[str], name: str | None = None, references: Iterable[str] = ()
     ) -> PathInfo:
-        """Add a file, symlink or tree from disk as a source path."""
+        """Add a file, symlink or tree from disk as a source path.
+
+        Re-adding a tree whose metadata has not changed since it was last added here is a
+        lookup: nothing is read or written (see `store.sourcecache`).
+        """
         if name is None:
             name = os.path.basename(os.path.abspath(src))
+        key = (os.fsencode(os.path.abspath(src)), name, tuple(sorted(set(references))))
+        sig = signature(src)
+        if sig is not None:
+            known = self._sources.get(key, sig)
+            info = self.path_info(known) if known is not None else None
+            if info is not None:
+                return info
 
         def fill(dest: Path) -> tuple[str, int]:
             got = copy_tree(src, dest)
             return got.nar_hash, got.nar_size
 
-        return self._add(PathKind.SOURCE, name, references, fill)
+        info = self._add(PathKind.SOURCE, name, references, fill)
+        if sig is not None and signature(src) == sig:
+            self._sources.put(key, sig, info.path)
+        return info
 
     def add_nar(
         self,

@@ -7,6 +7,7 @@ from pathlib import Path
 import apsw
 import pytest
 
+import store.store as store_module
 from store import HashMismatch, InvalidReference, NotValid, Store, nar
 from store.db import SCHEMA_VERSION, SchemaTooNew
 from store.hashing import hash_path
@@ -236,3 +237,38 @@ def test_add_nar_with_known_hash_of_a_valid_path_reads_nothing(
         raise AssertionError("the stream was read")
 
     assert store.add_nar(read, "src", expected_hash=info.nar_hash) == info
+
+
+def test_re_adding_an_unchanged_tree_reads_nothing(
+    store: Store, varied_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = 1_000_000_000
+    for dirpath, dirnames, filenames in os.walk(varied_tree):
+        for n in dirnames + filenames:
+            os.utime(os.path.join(dirpath, n), (old, old), follow_symlinks=False)
+    # ctime cannot be set back: let the cache's racy window pass over it instead.
+    monkeypatch.setattr("store.sourcecache.RACY_SECONDS", -5.0)
+    first = store.add_path(varied_tree)
+
+    def no_copy(*args: object) -> None:
+        raise AssertionError("the tree was copied again")
+
+    real_copy = store_module.copy_tree
+    monkeypatch.setattr(store_module, "copy_tree", no_copy)
+    assert store.add_path(varied_tree) == first
+    # Any change is seen, even one that keeps sizes and mtimes: ctime moves.
+    (varied_tree / "text").chmod(0o644)
+    Path(varied_tree / "text").write_text("HELLO\n")
+    os.utime(varied_tree / "text", (old, old))
+    monkeypatch.setattr(store_module, "copy_tree", real_copy)
+    changed = store.add_path(varied_tree)
+    assert changed.path != first.path
+    assert Path(changed.path, "text").read_text() == "HELLO\n"
+
+
+def test_fresh_trees_are_not_cached(store: Store, tmp_path: Path) -> None:
+    from store.sourcecache import signature
+
+    f = tmp_path / "fresh"
+    f.write_text("just written")
+    assert signature(f) is None
