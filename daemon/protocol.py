@@ -1,0 +1,344 @@
+"""The weft wire protocol, as a state machine that does no I/O (in the style of h11).
+
+Feed it the bytes that arrived with `receive_data`, take events out with `next_event`,
+and turn events to send into bytes with `send`.  The trio server, the trio client and
+the blocking client all drive this one core, so framing, the handshake, request ids and
+flow control are checked in one place.  See docs/protocol.md.
+
+A frame is a 4-byte big-endian length and a msgpack map.  The length is checked against
+the maximum before any of the body is buffered.
+"""
+
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+VERSIONS = (1,)
+MAX_FRAME = 4 << 20
+# Data frames carry at most this much, so a data frame always fits in a frame.
+MAX_CHUNK = 1 << 20
+# What a receiver grants a stream up front: with 1 MiB chunks, four in flight.
+DEFAULT_WINDOW = 4 << 20
+_LEN = struct.Struct(">I")
+
+
+class Code(str, Enum):
+    """Stable error codes: scripts and clients match on these, never on messages."""
+
+    PROTOCOL = "protocol-error"
+    BAD_REQUEST = "bad-request"
+    UNKNOWN_OP = "unknown-op"
+    PERMISSION = "permission-denied"
+    NOT_VALID = "not-valid"
+    INVALID_PATH = "invalid-path"
+    INVALID_ARCHIVE = "invalid-archive"
+    INVALID_REFERENCE = "invalid-reference"
+    HASH_MISMATCH = "hash-mismatch"
+    UNSUPPORTED_FILE = "unsupported-file-type"
+    IO = "io-error"
+    SHUTTING_DOWN = "shutting-down"
+    INTERNAL = "internal-error"
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection cannot go on."""
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    versions: tuple[int, ...] = VERSIONS
+    agent: str = "weft"
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    agent: str = "weft"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: int
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    id: int | None
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A line of progress or diagnostics for a request still running."""
+
+    id: int
+    message: str
+    done: int | None = None
+    total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The end of a request's data stream."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The receiver of a stream allows its sender `amount` more bytes of data."""
+
+    id: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A well-framed request that cannot be served; it still has an id to answer."""
+
+    id: int
+    message: str
+
+
+Event = Hello | Welcome | Request | Reply | Error | Log | Data | End | Credit | BadRequest
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+def _to_message(event: Event) -> dict[str, Any]:
+    if isinstance(event, Hello):
+        return {"t": "hello", "versions": list(event.versions), "agent": event.agent}
+    if isinstance(event, Welcome):
+        return {"t": "welcome", "version": event.version, "agent": event.agent}
+    if isinstance(event, Request):
+        return {"t": "req", "id": event.id, "op": event.op, "args": event.args}
+    if isinstance(event, Reply):
+        return {"t": "ok", "id": event.id, "result": event.result}
+    if isinstance(event, Error):
+        return {
+            "t": "err", "id": event.id, "code": event.code,
+            "message": event.message, "details": event.details,
+        }
+    if isinstance(event, Log):
+        msg: dict[str, Any] = {"t": "log", "id": event.id, "msg": event.message}
+        if event.done is not None:
+            msg["done"] = event.done
+        if event.total is not None:
+            msg["total"] = event.total
+        return msg
+    if isinstance(event, Data):
+        return {"t": "data", "id": event.id, "data": event.data}
+    if isinstance(event, End):
+        return {"t": "end", "id": event.id}
+    if isinstance(event, Credit):
+        return {"t": "credit", "id": event.id, "n": event.amount}
+    raise TypeError(f"cannot send {event!r}")
+
+
+def _int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    value = msg.get(key)
+    if type(value) is not int or not lo <= value <= hi:
+        raise ProtocolError(f"{msg.get('t')!r} frame: field {key!r} must be an integer")
+    return value
+
+
+def _str(msg: dict[str, Any], key: str) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{msg.get('t')!r} frame: field {key!r} must be a string")
+    return value
+
+
+def _from_message(msg: Any) -> Event:
+    if not isinstance(msg, dict):
+        raise ProtocolError("frame is not a map")
+    t = msg.get("t")
+    if t == "req":
+        rid = _int(msg, "id")
+        op, args = msg.get("op"), msg.get("args", {})
+        if not isinstance(op, str) or not op:
+            return BadRequest(rid, "request has no op")
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            return BadRequest(rid, "request args must be a map with string keys")
+        return Request(rid, op, args)
+    if t == "data":
+        data = msg.get("data")
+        if not isinstance(data, bytes):
+            raise ProtocolError("data frame without bytes")
+        return Data(_int(msg, "id"), data)
+    if t == "credit":
+        return Credit(_int(msg, "id"), _int(msg, "n", 1, 1 << 40))
+    if t == "end":
+        return End(_int(msg, "id"))
+    if t == "ok":
+        return Reply(_int(msg, "id"), msg.get("result"))
+    if t == "err":
+        rid = msg.get("id")
+        if rid is not None:
+            rid = _int(msg, "id")
+        details = msg.get("details") or {}
+        return Error(rid, _str(msg, "code"), _str(msg, "message"),
+                     details if isinstance(details, dict) else {})
+    if t == "log":
+        done, total = msg.get("done"), msg.get("total")
+        return Log(_int(msg, "id"), _str(msg, "msg"),
+                   done if type(done) is int else None, total if type(total) is int else None)
+    if t == "hello":
+        versions = msg.get("versions")
+        if not isinstance(versions, list) or not all(type(v) is int for v in versions):
+            raise ProtocolError("hello: versions must be a list of integers")
+        return Hello(tuple(versions), str(msg.get("agent", "")))
+    if t == "welcome":
+        return Welcome(_int(msg, "version"), str(msg.get("agent", "")))
+    raise ProtocolError(f"unknown frame type {t!r}")
+
+
+class Connection:
+    """One side of one connection: framing, handshake, and per-stream flow control."""
+
+    def __init__(self, role: Role, max_frame: int = MAX_FRAME) -> None:
+        self.role = role
+        self.max_frame = max_frame
+        self.version: int | None = None
+        self._buf = bytearray()
+        self._pos = 0
+        self._sent_hello = False
+        # Data we may still send on a stream, and data the peer may still send us.
+        self._send_credit: dict[int, int] = {}
+        self._recv_allowance: dict[int, int] = {}
+        self._closed_streams: set[int] = set()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Event | None:
+        """The next complete event, or None until more data arrives."""
+        while True:
+            pos = self._pos
+            if len(self._buf) - pos < 4:
+                return None
+            (length,) = _LEN.unpack_from(self._buf, pos)
+            if length > self.max_frame:
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the maximum of {self.max_frame}"
+                )
+            if len(self._buf) - pos < 4 + length:
+                return None
+            body = bytes(self._buf[pos + 4:pos + 4 + length])
+            self._pos = pos + 4 + length
+            event = self._decode(body)
+            if event is not None:
+                return event
+
+    def _decode(self, body: bytes) -> Event | None:
+        try:
+            msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise ProtocolError(f"malformed msgpack in frame: {e}") from None
+        return self._accept(_from_message(msg))
+
+    def _accept(self, event: Event) -> Event | None:
+        if self.version is None:
+            if self.role is Role.SERVER and isinstance(event, Hello):
+                return event
+            if self.role is Role.CLIENT and isinstance(event, Welcome | Error):
+                if isinstance(event, Welcome):
+                    if event.version not in VERSIONS:
+                        raise ProtocolError(f"server chose unknown version {event.version}")
+                    self.version = event.version
+                return event
+            raise ProtocolError(f"expected the handshake, got {type(event).__name__}")
+        if isinstance(event, Hello | Welcome):
+            raise ProtocolError("handshake repeated")
+        if isinstance(event, Credit):
+            if event.id in self._closed_streams:
+                return None
+            self._send_credit[event.id] = self._send_credit.get(event.id, 0) + event.amount
+        elif isinstance(event, Data):
+            if event.id in self._closed_streams:
+                return None
+            left = self._recv_allowance.get(event.id, 0) - len(event.data)
+            if left < 0:
+                raise ProtocolError(f"stream {event.id}: data sent beyond the granted credit")
+            self._recv_allowance[event.id] = left
+        elif isinstance(event, End) and event.id in self._closed_streams:
+            return None
+        elif isinstance(event, Reply | Error) and event.id is not None:
+            self._forget(event.id)
+        return event
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, Hello):
+            if self.role is not Role.CLIENT or self._sent_hello:
+                raise RuntimeError("only a client sends hello, once")
+            self._sent_hello = True
+        elif isinstance(event, Welcome):
+            if self.role is not Role.SERVER or self.version is not None:
+                raise RuntimeError("only a server welcomes, once")
+            self.version = event.version
+        elif isinstance(event, Data):
+            if len(event.data) > MAX_CHUNK:
+                raise ValueError(f"data chunk over {MAX_CHUNK} bytes")
+            credit = self._send_credit.get(event.id, 0)
+            if len(event.data) > credit:
+                raise RuntimeError(f"stream {event.id}: only {credit} bytes of credit")
+            self._send_credit[event.id] = credit - len(event.data)
+        elif isinstance(event, Credit):
+            self._recv_allowance[event.id] = self._recv_allowance.get(event.id, 0) + event.amount
+        elif isinstance(event, Reply | Error) and event.id is not None:
+            self._forget(event.id)
+        return encode_frame(_to_message(event))
+
+    def send_credit(self, stream: int) -> int:
+        """How many bytes of data may be sent on `stream` now."""
+        return self._send_credit.get(stream, 0)
+
+    def choose_version(self, hello: Hello) -> int | None:
+        common = set(hello.versions) & set(VERSIONS)
+        return max(common) if common else None
+
+    def _forget(self, stream: int) -> None:
+        """A finished request: late data or credit for it is dropped, not an error."""
+        self._send_credit.pop(stream, None)
+        self._recv_allowance.pop(stream, None)
+        self._closed_streams.add(stream)
+        if len(self._closed_streams) > 4096:
+            # Ids only grow; forgetting the oldest finished streams keeps this bounded.
+            for old in sorted(self._closed_streams)[:2048]:
+                self._closed_streams.discard(old)
