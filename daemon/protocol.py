@@ -11,7 +11,7 @@ the maximum before any of the body is buffered.
 
 import struct
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 import msgpack
@@ -25,7 +25,7 @@ DEFAULT_WINDOW = 4 << 20
 _LEN = struct.Struct(">I")
 
 
-class Code(str, Enum):
+class Code(StrEnum):
     """Stable error codes: scripts and clients match on these, never on messages."""
 
     PROTOCOL = "protocol-error"

@@ -1,29 +1,32 @@
-"""weft's content-addressed store: archives, store paths, the database, atomic adds."""
+"""weft's content-addressed store: archives, store paths, the database, atomic adds.
 
-from store.layout import Settings, StateDir
-from store.paths import InvalidPath, PathKind, StorePath, make_store_path
-from store.store import (
-    HashMismatch,
-    InvalidReference,
-    NotValid,
-    PathInfo,
-    Store,
-    StoreError,
-    VerifyReport,
-)
+Names are loaded on first use, so that `import store.defaults` (the command-line client
+does) costs no more than that module.
+"""
 
-__all__ = [
-    "HashMismatch",
-    "InvalidPath",
-    "InvalidReference",
-    "NotValid",
-    "PathInfo",
-    "PathKind",
-    "Settings",
-    "StateDir",
-    "Store",
-    "StoreError",
-    "StorePath",
-    "VerifyReport",
-    "make_store_path",
-]
+import importlib
+
+_EXPORTS = {
+    "Settings": "store.layout",
+    "StateDir": "store.layout",
+    "InvalidPath": "store.paths",
+    "PathKind": "store.paths",
+    "StorePath": "store.paths",
+    "make_store_path": "store.paths",
+    "HashMismatch": "store.store",
+    "InvalidReference": "store.store",
+    "NotValid": "store.store",
+    "PathInfo": "store.store",
+    "Store": "store.store",
+    "StoreError": "store.store",
+    "VerifyReport": "store.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'store' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

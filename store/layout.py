@@ -16,23 +16,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-ENV_STATE_DIR = "WEFT_STATE_DIR"
+from store.defaults import default_state_dir
+
 SETTINGS_FILE = "weft.toml"
 
 
 class ConfigError(ValueError):
     """A settings file or state dir that cannot be used."""
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get(ENV_STATE_DIR)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/weft")
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
-    return base / "weft"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +60,7 @@ class StateDir:
 
     @classmethod
     def at(cls, root: str | os.PathLike[str] | None = None) -> "StateDir":
-        path = Path(root) if root is not None else default_state_dir()
+        path = Path(root) if root is not None else Path(default_state_dir())
         path = Path(os.path.abspath(path))
         if any(c in str(path) for c in ":,\0"):
             # The store dir is part of every path's fingerprint, joined with ':' and ','.

@@ -24,7 +24,7 @@ import blake3
 from store import nar
 from store.db import Database
 from store.hashing import format_hash, hash_path
-from store.ingest import copy_tree
+from store.ingest import copy_tree, copy_tree_as
 from store.layout import StateDir
 from store.paths import PathKind, StorePath, make_store_path, validate_name
 from store.sourcecache import SourceCache, signature
@@ -57,6 +57,15 @@ class PathInfo:
     deriver: str | None = None
     ca: str | None = None
     sigs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """A user whose permissions apply to reading a source."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -148,17 +157,22 @@ class Store:
     # -- adding -----------------------------------------------------------------------
 
     def add_path(
-        self, src: str | os.PathLike[str], name: str | None = None, references: Iterable[str] = ()
+        self,
+        src: str | os.PathLike[str],
+        name: str | None = None,
+        references: Iterable[str] = (),
+        reader: Reader | None = None,
     ) -> PathInfo:
         """Add a file, symlink or tree from disk as a source path.
 
         Re-adding a tree whose metadata has not changed since it was last added here is a
-        lookup: nothing is read or written (see `store.sourcecache`).
+        lookup: nothing is read or written (see `store.sourcecache`).  With `reader`, the
+        source is read with that user's permissions (and never answered from the cache).
         """
         if name is None:
             name = os.path.basename(os.path.abspath(src))
         key = (os.fsencode(os.path.abspath(src)), name, tuple(sorted(set(references))))
-        sig = signature(src)
+        sig = signature(src) if reader is None else None
         if sig is not None:
             known = self._sources.get(key, sig)
             info = self.path_info(known) if known is not None else None
@@ -166,7 +180,10 @@ class Store:
                 return info
 
         def fill(dest: Path) -> tuple[str, int]:
-            got = copy_tree(src, dest)
+            if reader is None:
+                got = copy_tree(src, dest)
+            else:
+                got = copy_tree_as(src, dest, reader.uid, reader.gid, list(reader.groups))
             return got.nar_hash, got.nar_size
 
         info = self._add(PathKind.SOURCE, name, references, fill)

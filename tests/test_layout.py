@@ -3,15 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from store.layout import ConfigError, Settings, StateDir, default_state_dir
+from store.defaults import default_state_dir
+from store.layout import ConfigError, Settings, StateDir
 
 
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WEFT_STATE_DIR", raising=False)
     if os.geteuid() == 0:
-        assert default_state_dir() == Path("/var/lib/weft")
+        assert default_state_dir() == "/var/lib/weft"
     monkeypatch.setenv("WEFT_STATE_DIR", "/tmp/somewhere")
-    assert default_state_dir() == Path("/tmp/somewhere")
+    assert default_state_dir() == "/tmp/somewhere"
 
 
 def test_layout_is_created(tmp_path: Path) -> None:

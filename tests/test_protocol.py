@@ -94,7 +94,7 @@ def test_late_data_for_a_finished_request_is_dropped() -> None:
 
 
 def test_bad_requests_keep_their_id() -> None:
-    client, server = pair()
+    _client, server = pair()
     server.receive_data(encode_frame({"t": "req", "id": 5, "args": {}}))
     assert server.next_event() == BadRequest(5, "request has no op")
     server.receive_data(encode_frame({"t": "req", "id": 6, "op": "x", "args": [1]}))
@@ -115,7 +115,7 @@ def test_bad_requests_keep_their_id() -> None:
     ],
 )
 def test_malformed_frames(frame: bytes, match: str) -> None:
-    client, server = pair()
+    _client, server = pair()
     server.receive_data(frame)
     with pytest.raises(ProtocolError, match=match):
         server.next_event()

@@ -1,0 +1,186 @@
+"""The store operations the daemon serves, by name.  See docs/protocol.md for each."""
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+import blake3
+import trio
+
+from daemon.errors import OpError
+from daemon.protocol import Code
+from daemon.server import Operation, RequestContext
+from store import base32, nar
+from store.store import PathInfo, Reader
+
+
+def _str(ctx: RequestContext, key: str, default: str | None = None) -> str:
+    value = ctx.args.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise OpError(Code.BAD_REQUEST, f"{key!r} must be a non-empty string")
+    return value
+
+
+def _opt_str(ctx: RequestContext, key: str) -> str | None:
+    if ctx.args.get(key) is None:
+        return None
+    return _str(ctx, key)
+
+
+def _strs(ctx: RequestContext, key: str, default: list[str] | None = None) -> list[str]:
+    value = ctx.args.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise OpError(Code.BAD_REQUEST, f"{key!r} must be a list of strings")
+    return value
+
+
+def _info(info: PathInfo) -> dict[str, Any]:
+    return asdict(info)
+
+
+def _keep_alive(ctx: RequestContext, path: str) -> None:
+    """Paths a client just added stay alive until its connection closes, as in Nix."""
+    if path not in ctx.conn.temp_roots:
+        ctx.conn.temp_roots.add(path)
+        ctx.daemon.temp_roots.add(path)
+
+
+async def path_info(ctx: RequestContext) -> dict[str, Any]:
+    path = _str(ctx, "path")
+    store = ctx.daemon.store
+    info = await ctx.daemon.queries.run(lambda: store.path_info(path))
+    if info is None:
+        raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
+    return _info(info)
+
+
+async def is_valid(ctx: RequestContext) -> list[str]:
+    paths = _strs(ctx, "paths")
+    store = ctx.daemon.store
+    valid = await ctx.daemon.queries.run(lambda: store.valid_paths(paths))
+    return [p for p in paths if p in valid]
+
+
+async def references(ctx: RequestContext) -> list[str]:
+    path = _str(ctx, "path")
+    store = ctx.daemon.store
+    return await ctx.daemon.queries.run(lambda: store.references(path))
+
+
+async def referrers(ctx: RequestContext) -> list[str]:
+    path = _str(ctx, "path")
+    store = ctx.daemon.store
+    return await ctx.daemon.queries.run(lambda: store.referrers(path))
+
+
+async def closure(ctx: RequestContext) -> list[str]:
+    paths = _strs(ctx, "paths")
+    return await trio.to_thread.run_sync(ctx.daemon.store.closure, paths)
+
+
+async def add(ctx: RequestContext) -> dict[str, Any]:
+    name = _str(ctx, "name")
+    refs = _strs(ctx, "references", [])
+    expected = _opt_str(ctx, "hash")
+    read = ctx.upload().blocking_reader()
+    store = ctx.daemon.store
+    info = await trio.to_thread.run_sync(lambda: store.add_nar(read, name, refs, expected))
+    _keep_alive(ctx, info.path)
+    return _info(info)
+
+
+async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
+    src = _str(ctx, "path")
+    if not os.path.isabs(src):
+        raise OpError(Code.BAD_REQUEST, f"path {src!r} is not absolute")
+    name = _opt_str(ctx, "name")
+    refs = _strs(ctx, "references", [])
+    peer = ctx.peer
+    reader: Reader | None = None
+    if peer.uid != os.geteuid():
+        if os.geteuid() != 0:
+            raise OpError(Code.PERMISSION, "this daemon can read paths only for its own user")
+        try:
+            groups = os.getgrouplist(peer.user, peer.gid)
+        except (KeyError, OSError):
+            groups = [peer.gid]
+        reader = Reader(peer.uid, peer.gid, tuple(groups))
+    store = ctx.daemon.store
+    info = await trio.to_thread.run_sync(lambda: store.add_path(src, name, refs, reader))
+    _keep_alive(ctx, info.path)
+    return _info(info)
+
+
+async def dump(ctx: RequestContext) -> dict[str, int]:
+    path = _str(ctx, "path")
+    store = ctx.daemon.store
+    if not await ctx.daemon.queries.run(lambda: store.is_valid(path)):
+        raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
+    chunks = nar.dump(path)
+    total = 0
+    try:
+        while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
+            await ctx.send_data(chunk)
+            total += len(chunk)
+    finally:
+        chunks.close()
+    await ctx.end_data()
+    return {"nar_size": total}
+
+
+async def verify(ctx: RequestContext) -> dict[str, Any]:
+    paths = _strs(ctx, "paths", []) or None
+    await ctx.log("verifying " + ("all paths" if paths is None else f"{len(paths)} paths"))
+    report = await trio.to_thread.run_sync(ctx.daemon.store.verify, paths)
+    return {
+        "checked": report.checked,
+        "missing": report.missing,
+        "mismatched": [list(m) for m in report.mismatched],
+    }
+
+
+async def add_temp_root(ctx: RequestContext) -> None:
+    path = _str(ctx, "path")
+    ctx.daemon.store.parse(path)
+    _keep_alive(ctx, path)
+
+
+async def add_root(ctx: RequestContext) -> str:
+    """Register an indirect root: `gcroots/auto/<hash of link>` -> the client's link."""
+    link = _str(ctx, "link")
+    if not os.path.isabs(link):
+        raise OpError(Code.BAD_REQUEST, f"root link {link!r} is not absolute")
+    auto = ctx.daemon.state.gcroots_dir / "auto"
+    name = base32.encode(blake3.blake3(os.fsencode(link)).digest(length=20))
+    entry = auto / name
+    tmp = auto / f".{name}.tmp"
+
+    def make() -> None:
+        tmp.unlink(missing_ok=True)
+        os.symlink(link, tmp)
+        os.rename(tmp, entry)
+
+    await trio.to_thread.run_sync(make)
+    return str(entry)
+
+
+async def shutdown(ctx: RequestContext) -> None:
+    await ctx.log("shutting down")
+    assert ctx.daemon.shutdown_requested is not None
+    ctx.daemon.shutdown_requested.set()
+
+
+OPERATIONS: dict[str, Operation] = {
+    "path-info": Operation(path_info),
+    "is-valid": Operation(is_valid),
+    "references": Operation(references),
+    "referrers": Operation(referrers),
+    "closure": Operation(closure),
+    "add": Operation(add),
+    "add-from-path": Operation(add_from_path),
+    "dump": Operation(dump),
+    "verify": Operation(verify),
+    "add-temp-root": Operation(add_temp_root),
+    "add-root": Operation(add_root),
+    "shutdown": Operation(shutdown, trusted_only=True),
+}

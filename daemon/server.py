@@ -1,0 +1,401 @@
+"""The trio layer: accept clients, drive the protocol core, run requests concurrently.
+
+Each connection has a reader task (bytes in, events out, requests started as tasks so one
+connection can pipeline), a writer task (frames queued by any task, sent coalesced), and
+one task per request in flight.  Blocking store calls never run on the event loop: small
+queries go to `QueryBatcher`, everything else to its own worker thread.
+"""
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from daemon import protocol as p
+from daemon.auth import Peer, identify, peer_credentials
+from daemon.errors import OpError, error_for
+from store.layout import Settings, StateDir
+from store.store import Store
+
+log = logging.getLogger("weft.daemon")
+
+MAX_IN_FLIGHT = 1024
+# Queued output above this makes the tasks that produce it wait for the socket.
+HIGH_WATER = 4 << 20
+RECEIVE_SIZE = 256 << 10
+AGENT = "weft-daemon/0.1"
+
+
+@dataclass
+class TempRoots:
+    """Paths that live clients asked to keep alive, counted across connections."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, path: str) -> None:
+        self.counts[path] = self.counts.get(path, 0) + 1
+
+    def remove(self, path: str) -> None:
+        n = self.counts.get(path, 0) - 1
+        if n > 0:
+            self.counts[path] = n
+        else:
+            self.counts.pop(path, None)
+
+
+class QueryBatcher:
+    """Runs small store queries in batches, one worker-thread trip per batch.
+
+    A thread trip costs tens of microseconds; a path-info lookup costs a few.  Under
+    load, requests that arrive while a batch runs go together in the next one.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[Callable[[], Any], list[Any], trio.Event]] = deque()
+        self._running = False
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        slot: list[Any] = []
+        done = trio.Event()
+        self._queue.append((fn, slot, done))
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._drain)
+        await done.wait()
+        ok, value = slot
+        if ok:
+            return value
+        raise value
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = list(self._queue)
+                self._queue.clear()
+                await trio.to_thread.run_sync(_run_batch, batch)
+                for _, _, done in batch:
+                    done.set()
+        finally:
+            self._running = False
+
+
+def _run_batch(batch: list[tuple[Callable[[], Any], list[Any], trio.Event]]) -> None:
+    for fn, slot, _ in batch:
+        try:
+            slot.extend((True, fn()))
+        except Exception as e:
+            slot.extend((False, e))
+
+
+class Upload:
+    """Data a client streams for one request, pulled by the handler, paced by credit."""
+
+    def __init__(self, conn: "ClientConnection", stream_id: int) -> None:
+        self._conn = conn
+        self._id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._started = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._lot.unpark_all()
+
+    def end(self) -> None:
+        self._eof = True
+        self._lot.unpark_all()
+
+    async def receive(self) -> bytes:
+        """The next chunk, or b"" at the end of the stream."""
+        if not self._started:
+            self._started = True
+            await self._conn.send(p.Credit(self._id, p.DEFAULT_WINDOW))
+        while not self._chunks and not self._eof:
+            await self._lot.park()
+        if not self._chunks:
+            return b""
+        data = self._chunks.popleft()
+        await self._conn.send(p.Credit(self._id, len(data)))
+        return data
+
+    def blocking_reader(self) -> Callable[[int], bytes]:
+        """A `read(n)` for a worker thread, each call a trip back to the event loop."""
+        pending = b""
+
+        def read(n: int) -> bytes:
+            nonlocal pending
+            if not pending:
+                pending = trio.from_thread.run(self.receive)
+            out, pending = pending[:n], pending[n:]
+            return out
+
+        return read
+
+
+class RequestContext:
+    """What an operation handler may do with the connection it serves."""
+
+    def __init__(self, conn: "ClientConnection", req: p.Request) -> None:
+        self.conn = conn
+        self.daemon = conn.daemon
+        self.peer = conn.peer
+        self.id = req.id
+        self.args = req.args
+
+    async def log(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        await self.conn.send(p.Log(self.id, message, done, total))
+
+    def upload(self) -> Upload:
+        up = Upload(self.conn, self.id)
+        self.conn.uploads[self.id] = up
+        return up
+
+    async def send_data(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            credit = await self.conn.wait_credit(self.id)
+            piece = view[: min(credit, p.MAX_CHUNK)]
+            await self.conn.send(p.Data(self.id, bytes(piece)))
+            view = view[len(piece):]
+
+    async def end_data(self) -> None:
+        await self.conn.send(p.End(self.id))
+
+
+@dataclass(frozen=True)
+class Operation:
+    fn: Callable[[RequestContext], Awaitable[Any]]
+    trusted_only: bool = False
+
+
+class ClientConnection:
+    def __init__(self, daemon: "Daemon", stream: trio.SocketStream, peer: Peer) -> None:
+        self.daemon = daemon
+        self.stream = stream
+        self.peer = peer
+        self.proto = p.Connection(p.Role.SERVER)
+        self.uploads: dict[int, Upload] = {}
+        self.temp_roots: set[str] = set()
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._have_output = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
+        self._credit = trio.lowlevel.ParkingLot()
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._closed = False
+
+    async def send(self, event: p.Event) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("connection closed")
+        frame = self.proto.send(event)
+        self._out.append(frame)
+        self._out_size += len(frame)
+        self._have_output.unpark_all()
+        while self._out_size > HIGH_WATER and not self._closed:
+            await self._drained.park()
+
+    async def wait_credit(self, stream_id: int) -> int:
+        while (credit := self.proto.send_credit(stream_id)) == 0:
+            if self._closed:
+                raise trio.ClosedResourceError("connection closed")
+            await self._credit.park()
+        return credit
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                try:
+                    await self._reader(nursery)
+                finally:
+                    # The client is gone or broke the protocol: its requests are moot.
+                    await self._flush_quietly()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._closed = True
+            for path in self.temp_roots:
+                self.daemon.temp_roots.remove(path)
+            self.temp_roots.clear()
+            await self.stream.aclose()
+
+    async def _flush_quietly(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            while self._out:
+                await trio.sleep(0.001)
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                while not self._out:
+                    await self._have_output.park()
+                data = b"".join(self._out)
+                self._out.clear()
+                self._out_size = 0
+                self._drained.unpark_all()
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._closed = True
+            self._out.clear()
+            self._drained.unpark_all()
+            self._credit.unpark_all()
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self.proto.receive_data(data)
+            try:
+                while (event := self.proto.next_event()) is not None:
+                    await self._dispatch(event, nursery)
+            except p.ProtocolError as e:
+                log.info("client pid %d: protocol error: %s", self.peer.pid, e)
+                await self.send(p.Error(None, p.Code.PROTOCOL, str(e)))
+                return
+
+    async def _dispatch(self, event: p.Event, nursery: trio.Nursery) -> None:
+        if isinstance(event, p.Hello):
+            version = self.proto.choose_version(event)
+            if version is None:
+                raise p.ProtocolError(f"no common protocol version (client offers {event.versions})")
+            await self.send(p.Welcome(version, AGENT))
+        elif isinstance(event, p.Request):
+            await self._slots.acquire()
+            nursery.start_soon(self._handle, event)
+        elif isinstance(event, p.BadRequest):
+            await self.send(p.Error(event.id, p.Code.BAD_REQUEST, event.message))
+        elif isinstance(event, p.Data):
+            up = self.uploads.get(event.id)
+            if up is not None:
+                up.feed(event.data)
+        elif isinstance(event, p.End):
+            up = self.uploads.get(event.id)
+            if up is not None:
+                up.end()
+        elif isinstance(event, p.Credit):
+            self._credit.unpark_all()
+        else:
+            raise p.ProtocolError(f"a client may not send {type(event).__name__}")
+
+    async def _handle(self, req: p.Request) -> None:
+        try:
+            reply: p.Event
+            try:
+                if self.daemon.draining:
+                    raise OpError(p.Code.SHUTTING_DOWN, "the daemon is shutting down")
+                op = self.daemon.operations.get(req.op)
+                if op is None:
+                    raise OpError(p.Code.UNKNOWN_OP, f"unknown operation {req.op!r}")
+                if op.trusted_only and not self.peer.trusted:
+                    raise OpError(
+                        p.Code.PERMISSION,
+                        f"{req.op!r} is for trusted users; {self.peer.user} is not one",
+                    )
+                self.daemon.in_flight += 1
+                try:
+                    result = await op.fn(RequestContext(self, req))
+                finally:
+                    self.daemon.in_flight -= 1
+                reply = p.Reply(req.id, result)
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await self._try_send(p.Error(req.id, p.Code.SHUTTING_DOWN, "request cancelled"))
+                raise
+            except Exception as e:
+                code, message, details = error_for(e)
+                if code == p.Code.INTERNAL:
+                    log.exception("request %s %r failed", req.id, req.op)
+                reply = p.Error(req.id, code, message, details)
+            await self._try_send(reply)
+        finally:
+            self.uploads.pop(req.id, None)
+            self._slots.release()
+
+    async def _try_send(self, event: p.Event) -> None:
+        try:
+            await self.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class Daemon:
+    def __init__(
+        self,
+        state: StateDir,
+        store: Store,
+        settings: Settings,
+        operations: dict[str, Operation],
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.settings = settings
+        self.queries = QueryBatcher()
+        self.temp_roots = TempRoots()
+        self.draining = False
+        self.in_flight = 0
+        self.connections: set[ClientConnection] = set()
+        self.operations = operations
+        self.shutdown_requested: trio.Event | None = None
+
+    async def serve(
+        self,
+        listener: trio.SocketListener,
+        grace: float = 10.0,
+        on_draining: Callable[[], object] = lambda: None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown_requested` is set, then drain for up to `grace` seconds."""
+        self.shutdown_requested = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started()
+            await self.shutdown_requested.wait()
+            self.draining = True
+            await listener.aclose()
+            on_draining()
+            with trio.move_on_after(grace):
+                while self.in_flight:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return
+            except OSError as e:
+                # EMFILE and friends: back off rather than spin or die.
+                log.warning("accept failed: %s", e)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve_client, stream)
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        pid, uid, gid = peer_credentials(stream.socket)  # type: ignore[arg-type]
+        peer = identify(pid, uid, gid, self.settings)
+        if peer is None:
+            conn = p.Connection(p.Role.SERVER)
+            message = f"user {uid} is not in allowed-users"
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(conn.send(p.Error(None, p.Code.PERMISSION, message)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            await stream.aclose()
+            return
+        conn = ClientConnection(self, stream, peer)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
