@@ -166,7 +166,6 @@ async def add_root(ctx: RequestContext) -> str:
 
 async def shutdown(ctx: RequestContext) -> None:
     await ctx.log("shutting down")
-    assert ctx.daemon.shutdown_requested is not None
     ctx.daemon.shutdown_requested.set()
 
 

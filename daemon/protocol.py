@@ -10,9 +10,6 @@ the maximum before any of the body is buffered.
 """
 
 import struct
-from dataclasses import dataclass, field
-from enum import Enum, StrEnum
-from typing import Any
 
 import msgpack
 
@@ -25,7 +22,7 @@ DEFAULT_WINDOW = 4 << 20
 _LEN = struct.Struct(">I")
 
 
-class Code(StrEnum):
+class Code:
     """Stable error codes: scripts and clients match on these, never on messages."""
 
     PROTOCOL = "protocol-error"
@@ -47,94 +44,142 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the connection cannot go on."""
 
 
-class Role(Enum):
+class Role:
     CLIENT = "client"
     SERVER = "server"
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
-    versions: tuple[int, ...] = VERSIONS
-    agent: str = "weft"
+class _Event:
+    """A plain record: fields in `__slots__`, defaults in `_defaults`.
+
+    Hand-rolled rather than dataclasses because every store-* command imports this module,
+    and `dataclasses` (through `inspect`) would cost each of them ~10 ms of start-up.
+    """
+
+    __slots__: tuple[str, ...] = ()
+    _defaults: dict[str, object] = {}
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        names = self.__slots__
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} fields")
+        values = dict(zip(names, args, strict=False))
+        for key, value in kwargs.items():
+            if key not in names or key in values:
+                raise TypeError(f"{type(self).__name__}: bad field {key!r}")
+            values[key] = value
+        for name in names:
+            if name in values:
+                setattr(self, name, values[name])
+            elif name in self._defaults:
+                default = self._defaults[name]
+                setattr(self, name, dict(default) if isinstance(default, dict) else default)
+            else:
+                raise TypeError(f"{type(self).__name__}: missing field {name!r}")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self._values())))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
-@dataclass(frozen=True, slots=True)
-class Welcome:
+class Hello(_Event):
+    __slots__ = ("versions", "agent")
+    _defaults = {"versions": VERSIONS, "agent": "weft"}
+    versions: tuple[int, ...]
+    agent: str
+
+
+class Welcome(_Event):
+    __slots__ = ("version", "agent")
+    _defaults = {"agent": "weft"}
     version: int
-    agent: str = "weft"
+    agent: str
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(_Event):
+    __slots__ = ("id", "op", "args")
+    _defaults = {"args": {}}
     id: int
     op: str
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, object]
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(_Event):
+    __slots__ = ("id", "result")
+    _defaults = {"result": None}
     id: int
-    result: Any = None
+    result: object
 
 
-@dataclass(frozen=True, slots=True)
-class Error:
+class Error(_Event):
+    __slots__ = ("id", "code", "message", "details")
+    _defaults = {"details": {}}
     id: int | None
     code: str
     message: str
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, object]
 
 
-@dataclass(frozen=True, slots=True)
-class Log:
+class Log(_Event):
     """A line of progress or diagnostics for a request still running."""
 
+    __slots__ = ("id", "message", "done", "total")
+    _defaults = {"done": None, "total": None}
     id: int
     message: str
-    done: int | None = None
-    total: int | None = None
+    done: int | None
+    total: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
+class Data(_Event):
+    __slots__ = ("id", "data")
     id: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class End:
+class End(_Event):
     """The end of a request's data stream."""
 
+    __slots__ = ("id",)
     id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Credit:
+class Credit(_Event):
     """The receiver of a stream allows its sender `amount` more bytes of data."""
 
+    __slots__ = ("id", "amount")
     id: int
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
-class BadRequest:
+class BadRequest(_Event):
     """A well-framed request that cannot be served; it still has an id to answer."""
 
+    __slots__ = ("id", "message")
     id: int
     message: str
 
 
-Event = Hello | Welcome | Request | Reply | Error | Log | Data | End | Credit | BadRequest
+Event = _Event
 
 
-def encode_frame(message: dict[str, Any]) -> bytes:
+def encode_frame(message: dict[str, object]) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ValueError(f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}")
     return _LEN.pack(len(body)) + body
 
 
-def _to_message(event: Event) -> dict[str, Any]:
+def _to_message(event: Event) -> dict[str, object]:
     if isinstance(event, Hello):
         return {"t": "hello", "versions": list(event.versions), "agent": event.agent}
     if isinstance(event, Welcome):
@@ -145,11 +190,14 @@ def _to_message(event: Event) -> dict[str, Any]:
         return {"t": "ok", "id": event.id, "result": event.result}
     if isinstance(event, Error):
         return {
-            "t": "err", "id": event.id, "code": event.code,
-            "message": event.message, "details": event.details,
+            "t": "err",
+            "id": event.id,
+            "code": event.code,
+            "message": event.message,
+            "details": event.details,
         }
     if isinstance(event, Log):
-        msg: dict[str, Any] = {"t": "log", "id": event.id, "msg": event.message}
+        msg: dict[str, object] = {"t": "log", "id": event.id, "msg": event.message}
         if event.done is not None:
             msg["done"] = event.done
         if event.total is not None:
@@ -164,21 +212,21 @@ def _to_message(event: Event) -> dict[str, Any]:
     raise TypeError(f"cannot send {event!r}")
 
 
-def _int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+def _int(msg: dict[str, object], key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     value = msg.get(key)
     if type(value) is not int or not lo <= value <= hi:
         raise ProtocolError(f"{msg.get('t')!r} frame: field {key!r} must be an integer")
     return value
 
 
-def _str(msg: dict[str, Any], key: str) -> str:
+def _str(msg: dict[str, object], key: str) -> str:
     value = msg.get(key)
     if not isinstance(value, str):
         raise ProtocolError(f"{msg.get('t')!r} frame: field {key!r} must be a string")
     return value
 
 
-def _from_message(msg: Any) -> Event:
+def _from_message(msg: object) -> Event:
     if not isinstance(msg, dict):
         raise ProtocolError("frame is not a map")
     t = msg.get("t")
@@ -206,12 +254,20 @@ def _from_message(msg: Any) -> Event:
         if rid is not None:
             rid = _int(msg, "id")
         details = msg.get("details") or {}
-        return Error(rid, _str(msg, "code"), _str(msg, "message"),
-                     details if isinstance(details, dict) else {})
+        return Error(
+            rid,
+            _str(msg, "code"),
+            _str(msg, "message"),
+            details if isinstance(details, dict) else {},
+        )
     if t == "log":
         done, total = msg.get("done"), msg.get("total")
-        return Log(_int(msg, "id"), _str(msg, "msg"),
-                   done if type(done) is int else None, total if type(total) is int else None)
+        return Log(
+            _int(msg, "id"),
+            _str(msg, "msg"),
+            done if type(done) is int else None,
+            total if type(total) is int else None,
+        )
     if t == "hello":
         versions = msg.get("versions")
         if not isinstance(versions, list) or not all(type(v) is int for v in versions):
@@ -241,7 +297,7 @@ class Connection:
 
     def receive_data(self, data: bytes) -> None:
         if self._pos and self._pos * 2 >= len(self._buf):
-            del self._buf[:self._pos]
+            del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
 
@@ -258,7 +314,7 @@ class Connection:
                 )
             if len(self._buf) - pos < 4 + length:
                 return None
-            body = bytes(self._buf[pos + 4:pos + 4 + length])
+            body = bytes(self._buf[pos + 4 : pos + 4 + length])
             self._pos = pos + 4 + length
             event = self._decode(body)
             if event is not None:

@@ -6,6 +6,7 @@ one task per request in flight.  Blocking store calls never run on the event loo
 queries go to `QueryBatcher`, everything else to its own worker thread.
 """
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -160,7 +161,7 @@ class RequestContext:
             credit = await self.conn.wait_credit(self.id)
             piece = view[: min(credit, p.MAX_CHUNK)]
             await self.conn.send(p.Data(self.id, bytes(piece)))
-            view = view[len(piece):]
+            view = view[len(piece) :]
 
     async def end_data(self) -> None:
         await self.conn.send(p.End(self.id))
@@ -265,7 +266,9 @@ class ClientConnection:
         if isinstance(event, p.Hello):
             version = self.proto.choose_version(event)
             if version is None:
-                raise p.ProtocolError(f"no common protocol version (client offers {event.versions})")
+                raise p.ProtocolError(
+                    f"no common protocol version (client offers {event.versions})"
+                )
             await self.send(p.Welcome(version, AGENT))
         elif isinstance(event, p.Request):
             await self._slots.acquire()
@@ -320,10 +323,8 @@ class ClientConnection:
             self._slots.release()
 
     async def _try_send(self, event: p.Event) -> None:
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.send(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 class Daemon:
@@ -343,7 +344,7 @@ class Daemon:
         self.in_flight = 0
         self.connections: set[ClientConnection] = set()
         self.operations = operations
-        self.shutdown_requested: trio.Event | None = None
+        self.shutdown_requested = trio.Event()
 
     async def serve(
         self,
@@ -353,7 +354,6 @@ class Daemon:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until `shutdown_requested` is set, then drain for up to `grace` seconds."""
-        self.shutdown_requested = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
             task_status.started()
@@ -386,10 +386,8 @@ class Daemon:
             conn = p.Connection(p.Role.SERVER)
             message = f"user {uid} is not in allowed-users"
             with trio.move_on_after(1):
-                try:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(conn.send(p.Error(None, p.Code.PERMISSION, message)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
             await stream.aclose()
             return
         conn = ClientConnection(self, stream, peer)
@@ -398,4 +396,3 @@ class Daemon:
             await conn.serve()
         finally:
             self.connections.discard(conn)
-

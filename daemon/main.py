@@ -1,0 +1,187 @@
+"""`store-daemon`: serve a state dir's store on its Unix socket.
+
+Start-up order matters: fork into the background (if asked) while the process has one
+thread; take the one-daemon lock; open and migrate the database; bind the socket (a
+stale one is replaced: the lock, not the socket file, says whether a daemon is alive);
+start the helpers; then `trio.run`.  SIGTERM and SIGINT stop accepting, remove the socket,
+let requests in flight finish within the grace period, and cancel the rest.
+"""
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import trio
+
+from daemon import auth
+from daemon.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.ops import OPERATIONS
+from daemon.server import Daemon
+from store.defaults import socket_path
+from store.layout import ConfigError, StateDir
+from store.store import Store
+
+log = logging.getLogger("weft.daemon")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def take_daemon_lock(state: StateDir) -> int:
+    """Hold `var/daemon.lock` for the life of the process; it holds our pid."""
+    path = state.root / "var" / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"a daemon already serves {state.root} (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def bind_socket(path: str) -> socket.socket:
+    # Only reached while holding the daemon lock: a socket file here is a dead daemon's.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(1024)
+    return sock
+
+
+async def run(daemon: Daemon, sock: socket.socket, path: str, grace: float) -> None:
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    def stop_accepting() -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                daemon.shutdown_requested.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        await daemon.serve(listener, grace, stop_accepting)
+        nursery.cancel_scope.cancel()
+    stop_accepting()
+
+
+def _daemonize(log_path: str) -> int:
+    """Fork; the parent waits for the child's word on a pipe and exits with it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            word = f.read().decode(errors="replace")
+        if word.startswith("ready"):
+            print(f"weft: daemon started (pid {pid}; log {log_path})", file=sys.stderr)
+            os._exit(0)
+        print(word.strip() or "error: the daemon died while starting", file=sys.stderr)
+        os._exit(1)
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    os.dup2(null, 0)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.close(logfd)
+    return w
+
+
+def stop(state: StateDir, path: str, timeout: float) -> int:
+    try:
+        with BlockingClient(path, on_log=lambda e: None) as client:
+            client.call("shutdown")
+    except NoDaemon:
+        print(f"weft: no daemon serves {state.root}", file=sys.stderr)
+        return 0
+    except DaemonError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout
+    lock = state.root / "var" / "daemon.lock"
+    while time.monotonic() < deadline:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("weft: daemon stopped", file=sys.stderr)
+            return 0
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            os.close(fd)
+    print(f"error: the daemon did not stop within {timeout:.0f} s", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="store-daemon", description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", help="state dir (default: $WEFT_STATE_DIR or per user)")
+    parser.add_argument("--socket", help="socket path (default: <state dir>/var/daemon.sock)")
+    parser.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("--stop", action="store_true", help="stop the state dir's daemon")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds in-flight requests get at shutdown (default 10)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s weft-daemon: %(message)s")
+    try:
+        state = StateDir.at(args.state_dir)
+        state.create()
+        settings = state.settings()
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    path = args.socket or socket_path(str(state.root))
+    if args.stop:
+        return stop(state, path, args.grace + 5)
+
+    ready_fd = None if args.foreground else _daemonize(str(state.log_dir / "daemon.log"))
+    try:
+        lock_fd = take_daemon_lock(state)
+        store = Store(state)
+        sock = bind_socket(path)
+        if os.path.dirname(path) == str(state.root / "var"):
+            auth.socket_access(state.root / "var", settings)
+    except (AlreadyRunning, ConfigError, OSError, RuntimeError) as e:
+        message = f"error: {e}"
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode())
+        print(message, file=sys.stderr)
+        return 1
+    log.info("serving %s on %s", state.root, path)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready")
+        os.close(ready_fd)
+    try:
+        trio.run(run, Daemon(state, store, settings, OPERATIONS), sock, path, args.grace)
+    finally:
+        store.close()
+        os.close(lock_fd)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
