@@ -8,6 +8,7 @@ let requests in flight finish within the grace period, and cancel the rest.
 """
 
 import argparse
+import contextlib
 import fcntl
 import logging
 import os
@@ -42,9 +43,7 @@ def take_daemon_lock(state: StateDir) -> int:
     except OSError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise AlreadyRunning(
-            f"a daemon already serves {state.root} (pid {holder})"
-        ) from None
+        raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -52,10 +51,8 @@ def take_daemon_lock(state: StateDir) -> int:
 
 def bind_socket(path: str) -> socket.socket:
     # Only reached while holding the daemon lock: a socket file here is a dead daemon's.
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o666)
@@ -67,10 +64,8 @@ async def run(daemon: Daemon, sock: socket.socket, path: str, grace: float) -> N
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def stop_accepting() -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     async def on_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -142,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", help="socket path (default: <state dir>/var/daemon.sock)")
     parser.add_argument("--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("--stop", action="store_true", help="stop the state dir's daemon")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds in-flight requests get at shutdown (default 10)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get at shutdown (default 10)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s weft-daemon: %(message)s")
     try:

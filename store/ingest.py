@@ -151,22 +151,24 @@ def copy_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Inge
 
     Returns the BLAKE3 hash and size of the archive of what was written.
     """
-    src_b = os.path.abspath(os.fsencode(src))
-    dest_b = os.path.abspath(os.fsencode(dest))
-    src_parent, src_name = os.path.split(src_b)
-    dest_parent, dest_name = os.path.split(dest_b)
+    dest_parent, dest_name = os.path.split(os.path.abspath(os.fsencode(dest)))
+    dpfd = os.open(dest_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _copy_into(src, dpfd, dest_name)
+    finally:
+        os.close(dpfd)
+
+
+def _copy_into(src: str | os.PathLike[str], dest_dir: int, dest_name: bytes) -> Ingested:
+    src_parent, src_name = os.path.split(os.path.abspath(os.fsencode(src)))
     if not src_name:
         src_parent, src_name = b"/", b"."
     copier = _Copier()
     copier.feed(nar.HEADER)
     spfd = os.open(src_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        dpfd = os.open(dest_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            mode = os.stat(src_name, dir_fd=spfd, follow_symlinks=False).st_mode
-            copier.node(spfd, src_name, dpfd, dest_name, mode)
-        finally:
-            os.close(dpfd)
+        mode = os.stat(src_name, dir_fd=spfd, follow_symlinks=False).st_mode
+        copier.node(spfd, src_name, dest_dir, dest_name, mode)
     finally:
         os.close(spfd)
     return Ingested(format_hash(copier.hasher.digest()), copier.size, stat.S_ISDIR(mode))
@@ -178,16 +180,21 @@ def copy_tree_as(
     """`copy_tree`, with every access to `src` checked as uid:gid would be checked.
 
     The copy is made by this thread with the client's file-system ids into a private
-    directory the client owns (inside the store's 0700 temporary area, so the client
-    cannot reach it), then handed to root file by file.
+    directory the client owns (inside the store's 0700 temporary area, which the client
+    cannot search: the directory is reached through an fd opened as root), then handed to
+    root file by file.
     """
     dest_b = os.fsencode(dest)
     box = dest_b + b".in"
     os.mkdir(box, 0o700)
     try:
         os.chown(box, uid, gid)
-        with reading_as(uid, gid, groups):
-            got = copy_tree(src, box + b"/x")
+        box_fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with reading_as(uid, gid, groups):
+                got = _copy_into(src, box_fd, b"x")
+        finally:
+            os.close(box_fd)
         _chown_tree(box + b"/x", 0, 0)
         os.rename(box + b"/x", dest_b)
     finally:

@@ -5,6 +5,8 @@ import pytest
 
 from store import Store
 
+pytest_plugins = ["tests.daemon_fixtures"]
+
 
 @pytest.fixture
 def store(tmp_path: Path):

@@ -60,7 +60,7 @@ def test_bytes_split_anywhere() -> None:
     wire = b"".join(client.send(Request(i, "op", {"i": i})) for i in range(20))
     got = []
     for i in range(len(wire)):
-        server.receive_data(wire[i:i + 1])
+        server.receive_data(wire[i : i + 1])
         while (e := server.next_event()) is not None:
             got.append(e)
     assert got == [Request(i, "op", {"i": i}) for i in range(20)]
@@ -156,8 +156,13 @@ def test_random_bytes_never_crash_the_core(data: bytes) -> None:
 
 
 @settings(max_examples=200)
-@given(st.recursive(st.none() | st.integers(-(2**63), 2**64 - 1) | st.text() | st.binary(),
-                    lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=10))
+@given(
+    st.recursive(
+        st.none() | st.integers(-(2**63), 2**64 - 1) | st.text() | st.binary(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+        max_leaves=10,
+    )
+)
 def test_random_msgpack_values_never_crash_the_core(value: object) -> None:
     _, server = pair()
     server.receive_data(encode_frame(value if isinstance(value, dict) else {"t": value}))
