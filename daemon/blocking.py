@@ -6,7 +6,7 @@ because every store-* process pays for its imports before it can say anything.
 
 import _socket
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from daemon import protocol as p
 
@@ -27,6 +27,24 @@ class NoDaemon(ConnectionError):
     """Nothing is listening on the socket."""
 
 
+def chunk_reader(chunks: Iterable[bytes]) -> Callable[[int], bytes]:
+    """A `read(n)` over an iterable of byte strings, for `BlockingClient.upload`."""
+    it = iter(chunks)
+    pending = b""
+
+    def read(n: int) -> bytes:
+        nonlocal pending
+        while not pending:
+            pending = next(it, None)
+            if pending is None:
+                pending = b""
+                return b""
+        out, pending = pending[:n], pending[n:]
+        return out
+
+    return read
+
+
 def _default_log(event: p.Log) -> None:
     os.write(2, f"{event.message}\n".encode())
 
@@ -45,11 +63,9 @@ class BlockingClient:
             raise
         self._proto = p.Connection(p.Role.CLIENT)
         self._next_id = 0
-        self._send(p.Hello(agent="weft-client"))
-        event = self._next_event()
-        if isinstance(event, p.Error):
-            self.close()
-            raise DaemonError(event.code, event.message, event.details)
+        # The hello goes out with the first request, and its answer is read before that
+        # request's: a command makes one round trip, not two.
+        self._unsent = self._proto.send(p.Hello(agent="weft-client"))
 
     def close(self) -> None:
         self._sock.close()
@@ -61,7 +77,12 @@ class BlockingClient:
         self.close()
 
     def _send(self, event: p.Event) -> None:
-        self._sock.sendall(self._proto.send(event))
+        self._sendall(self._proto.send(event))
+
+    def _sendall(self, data: bytes) -> None:
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
+        self._sock.sendall(data)
 
     def _next_event(self) -> p.Event:
         while True:
@@ -101,7 +122,7 @@ class BlockingClient:
     def call_many(self, calls: list[tuple[str, dict[str, object]]]) -> list[object]:
         """Send every request before reading any reply; errors come back as DaemonError."""
         first = self._next_id + 1
-        self._sock.sendall(
+        self._sendall(
             b"".join(self._proto.send(p.Request(self._new_id(), op, a)) for op, a in calls)
         )
         results: dict[int, object] = {}

@@ -7,7 +7,7 @@ A reader task routes every event to the request it belongs to, so calls from man
 share the connection and complete in whatever order the daemon answers them.
 """
 
-import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,12 +20,38 @@ from daemon.blocking import DaemonError
 RECEIVE_SIZE = 256 << 10
 
 
+class _Pending:
+    """Events for one request, queued by the reader task for the task that made it."""
+
+    __slots__ = ("closed", "events", "lot")
+
+    def __init__(self) -> None:
+        self.events: deque[p.Event] = deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def put(self, event: p.Event) -> None:
+        self.events.append(event)
+        self.lot.unpark_all()
+
+    def close(self) -> None:
+        self.closed = True
+        self.lot.unpark_all()
+
+    async def get(self) -> p.Event | None:
+        while not self.events:
+            if self.closed:
+                return None
+            await self.lot.park()
+        return self.events.popleft()
+
+
 class AsyncClient:
     def __init__(self, stream: trio.SocketStream, on_log: Callable[[p.Log], object]) -> None:
         self._stream = stream
         self._proto = p.Connection(p.Role.CLIENT)
         self._send_lock = trio.Lock()
-        self._pending: dict[int, trio.MemorySendChannel[p.Event]] = {}
+        self._pending: dict[int, _Pending] = {}
         self._next_id = 0
         self._broken: BaseException | None = None
         self.on_log = on_log
@@ -55,9 +81,9 @@ class AsyncClient:
                 rid = getattr(event, "id", None)
                 if rid is None and isinstance(event, p.Error):
                     raise DaemonError(event.code, event.message, event.details)
-                channel = self._pending.get(rid)  # type: ignore[arg-type]
-                if channel is not None:
-                    channel.send_nowait(event)
+                pending = self._pending.get(rid)  # type: ignore[arg-type]
+                if pending is not None:
+                    pending.put(event)
         except (
             ConnectionError,
             trio.BrokenResourceError,
@@ -66,30 +92,27 @@ class AsyncClient:
             DaemonError,
         ) as e:
             self._broken = e
-            for channel in self._pending.values():
-                channel.close()
+            for pending in self._pending.values():
+                pending.close()
 
     async def _request(
         self, op: str, args: dict[str, Any], credit: int = 0
-    ) -> tuple[int, trio.MemoryReceiveChannel[p.Event]]:
+    ) -> tuple[int, _Pending]:
         if self._broken is not None:
             raise ConnectionError(f"connection to the daemon is broken: {self._broken}")
         self._next_id += 1
         rid = self._next_id
-        send, receive = trio.open_memory_channel[p.Event](math.inf)
-        self._pending[rid] = send
+        pending = self._pending[rid] = _Pending()
         # The request and the credit for the data it will get back go in one write.
         events: list[p.Event] = [p.Request(rid, op, args)]
         if credit:
             events.append(p.Credit(rid, credit))
         await self._send(*events)
-        return rid, receive
+        return rid, pending
 
-    async def _events(
-        self, rid: int, receive: trio.MemoryReceiveChannel[p.Event]
-    ) -> AsyncIterator[p.Event]:
+    async def _events(self, rid: int, pending: _Pending) -> AsyncIterator[p.Event]:
         try:
-            async for event in receive:
+            while (event := await pending.get()) is not None:
                 if isinstance(event, p.Log):
                     self.on_log(event)
                 elif isinstance(event, p.Error):
@@ -103,18 +126,25 @@ class AsyncClient:
             self._pending.pop(rid, None)
 
     async def call(self, op: str, **args: Any) -> Any:
-        rid, receive = await self._request(op, args)
-        async for event in self._events(rid, receive):
-            if isinstance(event, p.Reply):
-                return event.result
-        raise AssertionError("unreachable")
+        rid, pending = await self._request(op, args)
+        try:
+            while (event := await pending.get()) is not None:
+                if isinstance(event, p.Reply):
+                    return event.result
+                if isinstance(event, p.Error):
+                    raise DaemonError(event.code, event.message, event.details)
+                if isinstance(event, p.Log):
+                    self.on_log(event)
+            raise ConnectionError(f"connection to the daemon lost: {self._broken}")
+        finally:
+            del self._pending[rid]
 
     async def upload(self, op: str, chunks: AsyncIterator[bytes], **args: Any) -> Any:
         """Stream `chunks` as the request's data, paced by the daemon's credit."""
-        rid, receive = await self._request(op, args)
+        rid, waiting = await self._request(op, args)
         pending = b""
         done = False
-        async for event in self._events(rid, receive):
+        async for event in self._events(rid, waiting):
             if isinstance(event, p.Reply):
                 return event.result
             while not done and self._proto.send_credit(rid):
@@ -133,8 +163,8 @@ class AsyncClient:
         self, op: str, write: Callable[[bytes], Awaitable[object]], **args: Any
     ) -> Any:
         """Receive the request's data into `write`, granting credit as it is consumed."""
-        rid, receive = await self._request(op, args, credit=p.DEFAULT_WINDOW)
-        async for event in self._events(rid, receive):
+        rid, pending = await self._request(op, args, credit=p.DEFAULT_WINDOW)
+        async for event in self._events(rid, pending):
             if isinstance(event, p.Data):
                 await write(event.data)
                 await self._send(p.Credit(rid, len(event.data)))

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         return stop(state, path, args.grace + 5)
 
+    # One fd per client connection: take all the kernel allows.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ready_fd = None if args.foreground else _daemonize(str(state.log_dir / "daemon.log"))
     try:
         lock_fd = take_daemon_lock(state)

@@ -1,7 +1,6 @@
 """The store operations the daemon serves, by name.  See docs/protocol.md for each."""
 
 import os
-from dataclasses import asdict
 from typing import Any
 
 import blake3
@@ -11,14 +10,25 @@ from daemon.errors import OpError
 from daemon.protocol import Code
 from daemon.server import Operation, RequestContext
 from store import base32, nar
-from store.store import PathInfo, Reader
+from store.store import PathInfo, Reader, Store
 
 
-def _str(ctx: RequestContext, key: str, default: str | None = None) -> str:
-    value = ctx.args.get(key, default)
+def _arg_str(args: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
     if not isinstance(value, str) or not value:
         raise OpError(Code.BAD_REQUEST, f"{key!r} must be a non-empty string")
     return value
+
+
+def _arg_strs(args: dict[str, Any], key: str, default: list[str] | None = None) -> list[str]:
+    value = args.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise OpError(Code.BAD_REQUEST, f"{key!r} must be a list of strings")
+    return value
+
+
+def _str(ctx: RequestContext, key: str, default: str | None = None) -> str:
+    return _arg_str(ctx.args, key, default)
 
 
 def _opt_str(ctx: RequestContext, key: str) -> str | None:
@@ -28,14 +38,20 @@ def _opt_str(ctx: RequestContext, key: str) -> str | None:
 
 
 def _strs(ctx: RequestContext, key: str, default: list[str] | None = None) -> list[str]:
-    value = ctx.args.get(key, default)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise OpError(Code.BAD_REQUEST, f"{key!r} must be a list of strings")
-    return value
+    return _arg_strs(ctx.args, key, default)
 
 
 def _info(info: PathInfo) -> dict[str, Any]:
-    return asdict(info)
+    return {
+        "path": info.path,
+        "nar_hash": info.nar_hash,
+        "nar_size": info.nar_size,
+        "references": list(info.references),
+        "registration_time": info.registration_time,
+        "deriver": info.deriver,
+        "ca": info.ca,
+        "sigs": list(info.sigs),
+    }
 
 
 def _keep_alive(ctx: RequestContext, path: str) -> None:
@@ -45,32 +61,29 @@ def _keep_alive(ctx: RequestContext, path: str) -> None:
         ctx.daemon.temp_roots.add(path)
 
 
-async def path_info(ctx: RequestContext) -> dict[str, Any]:
-    path = _str(ctx, "path")
-    store = ctx.daemon.store
-    info = await ctx.daemon.queries.run(lambda: store.path_info(path))
+# Queries: quick blocking calls, run in a worker thread in batches (see server.py).
+
+
+def path_info(store: Store, args: dict[str, Any]) -> dict[str, Any]:
+    path = _arg_str(args, "path")
+    info = store.path_info(path)
     if info is None:
         raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
     return _info(info)
 
 
-async def is_valid(ctx: RequestContext) -> list[str]:
-    paths = _strs(ctx, "paths")
-    store = ctx.daemon.store
-    valid = await ctx.daemon.queries.run(lambda: store.valid_paths(paths))
+def is_valid(store: Store, args: dict[str, Any]) -> list[str]:
+    paths = _arg_strs(args, "paths")
+    valid = store.valid_paths(paths)
     return [p for p in paths if p in valid]
 
 
-async def references(ctx: RequestContext) -> list[str]:
-    path = _str(ctx, "path")
-    store = ctx.daemon.store
-    return await ctx.daemon.queries.run(lambda: store.references(path))
+def references(store: Store, args: dict[str, Any]) -> list[str]:
+    return store.references(_arg_str(args, "path"))
 
 
-async def referrers(ctx: RequestContext) -> list[str]:
-    path = _str(ctx, "path")
-    store = ctx.daemon.store
-    return await ctx.daemon.queries.run(lambda: store.referrers(path))
+def referrers(store: Store, args: dict[str, Any]) -> list[str]:
+    return store.referrers(_arg_str(args, "path"))
 
 
 async def closure(ctx: RequestContext) -> list[str]:
@@ -114,7 +127,7 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
 async def dump(ctx: RequestContext) -> dict[str, int]:
     path = _str(ctx, "path")
     store = ctx.daemon.store
-    if not await ctx.daemon.queries.run(lambda: store.is_valid(path)):
+    if not await trio.to_thread.run_sync(store.is_valid, path):
         raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
     chunks = nar.dump(path)
     total = 0
@@ -170,10 +183,10 @@ async def shutdown(ctx: RequestContext) -> None:
 
 
 OPERATIONS: dict[str, Operation] = {
-    "path-info": Operation(path_info),
-    "is-valid": Operation(is_valid),
-    "references": Operation(references),
-    "referrers": Operation(referrers),
+    "path-info": Operation(query=path_info),
+    "is-valid": Operation(query=is_valid),
+    "references": Operation(query=references),
+    "referrers": Operation(query=referrers),
     "closure": Operation(closure),
     "add": Operation(add),
     "add-from-path": Operation(add_from_path),

@@ -61,6 +61,10 @@ class _Event:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         names = self.__slots__
+        if not kwargs and len(args) == len(names):
+            for name, value in zip(names, args, strict=True):
+                setattr(self, name, value)
+            return
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__} takes at most {len(names)} fields")
         values = dict(zip(names, args, strict=False))

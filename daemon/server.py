@@ -3,7 +3,9 @@
 Each connection has a reader task (bytes in, events out, requests started as tasks so one
 connection can pipeline), a writer task (frames queued by any task, sent coalesced), and
 one task per request in flight.  Blocking store calls never run on the event loop: small
-queries go to `QueryBatcher`, everything else to its own worker thread.
+queries (path info and the like) are taken from each read in batches and go to
+`QueryBatcher`, which runs what all connections asked for in one worker-thread trip;
+everything else runs in its own worker thread.
 """
 
 import contextlib
@@ -11,7 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -28,6 +30,7 @@ MAX_IN_FLIGHT = 1024
 HIGH_WATER = 4 << 20
 RECEIVE_SIZE = 256 << 10
 AGENT = "weft-daemon/0.1"
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,45 +53,35 @@ class TempRoots:
 class QueryBatcher:
     """Runs small store queries in batches, one worker-thread trip per batch.
 
-    A thread trip costs tens of microseconds; a path-info lookup costs a few.  Under
-    load, requests that arrive while a batch runs go together in the next one.
+    A thread trip costs tens of microseconds; a path-info lookup costs a few.  Work that
+    arrives, from any connection, while a batch runs goes together in the next one, and
+    each piece's `done` callback gets its result back on the event loop.
     """
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[Callable[[], Any], list[Any], trio.Event]] = deque()
+        self._queue: deque[tuple[Callable[[], Any], Callable[[Any], None]]] = deque()
         self._running = False
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        slot: list[Any] = []
-        done = trio.Event()
-        self._queue.append((fn, slot, done))
+    def submit(self, work: Callable[[], T], done: Callable[[T], None]) -> None:
+        self._queue.append((work, done))
         if not self._running:
             self._running = True
             trio.lowlevel.spawn_system_task(self._drain)
-        await done.wait()
-        ok, value = slot
-        if ok:
-            return value
-        raise value
 
     async def _drain(self) -> None:
         try:
             while self._queue:
                 batch = list(self._queue)
                 self._queue.clear()
-                await trio.to_thread.run_sync(_run_batch, batch)
-                for _, _, done in batch:
-                    done.set()
+                results = await trio.to_thread.run_sync(_run_all, [work for work, _ in batch])
+                for (_, done), result in zip(batch, results, strict=True):
+                    done(result)
         finally:
             self._running = False
 
 
-def _run_batch(batch: list[tuple[Callable[[], Any], list[Any], trio.Event]]) -> None:
-    for fn, slot, _ in batch:
-        try:
-            slot.extend((True, fn()))
-        except Exception as e:
-            slot.extend((False, e))
+def _run_all(works: list[Callable[[], Any]]) -> list[Any]:
+    return [work() for work in works]
 
 
 class Upload:
@@ -169,7 +162,10 @@ class RequestContext:
 
 @dataclass(frozen=True)
 class Operation:
-    fn: Callable[[RequestContext], Awaitable[Any]]
+    """An async handler, or a `query`: a quick blocking store call, run in batches."""
+
+    fn: Callable[[RequestContext], Awaitable[Any]] | None = None
+    query: Callable[[Store, dict[str, Any]], Any] | None = None
     trusted_only: bool = False
 
 
@@ -186,16 +182,24 @@ class ClientConnection:
         self._have_output = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
         self._credit = trio.lowlevel.ParkingLot()
-        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._running = 0
+        self._finished = trio.lowlevel.ParkingLot()
         self._closed = False
 
-    async def send(self, event: p.Event) -> None:
+    def send_nowait(self, event: p.Event) -> None:
+        """Queue a frame for the writer task; on a closed connection it is dropped."""
         if self._closed:
-            raise trio.ClosedResourceError("connection closed")
+            return
         frame = self.proto.send(event)
         self._out.append(frame)
         self._out_size += len(frame)
         self._have_output.unpark_all()
+
+    async def send(self, event: p.Event) -> None:
+        """Queue a frame, then wait while too much output is queued: backpressure."""
+        if self._closed:
+            raise trio.ClosedResourceError("connection closed")
+        self.send_nowait(event)
         while self._out_size > HIGH_WATER and not self._closed:
             await self._drained.park()
 
@@ -254,13 +258,69 @@ class ClientConnection:
             if not data:
                 return
             self.proto.receive_data(data)
+            queries: list[tuple[p.Request, Operation]] = []
             try:
                 while (event := self.proto.next_event()) is not None:
-                    await self._dispatch(event, nursery)
+                    op = self._queryable(event)
+                    if op is not None:
+                        queries.append((event, op))  # type: ignore[arg-type]
+                    else:
+                        await self._dispatch(event, nursery)
             except p.ProtocolError as e:
                 log.info("client pid %d: protocol error: %s", self.peer.pid, e)
                 await self.send(p.Error(None, p.Code.PROTOCOL, str(e)))
                 return
+            finally:
+                if queries:
+                    await self._reserve(len(queries))
+                    self._run_queries(queries)
+
+    def _queryable(self, event: p.Event) -> Operation | None:
+        """The operation if `event` is a query this peer may run, to batch with others."""
+        if not isinstance(event, p.Request) or self.daemon.draining:
+            return None
+        op = self.daemon.operations.get(event.op)
+        if op is None or op.query is None or (op.trusted_only and not self.peer.trusted):
+            return None
+        return op
+
+    async def _reserve(self, n: int) -> None:
+        """Wait until `n` more requests may run: a client cannot queue unbounded work."""
+        while self._running and self._running + n > MAX_IN_FLIGHT:
+            await self._finished.park()
+        self._running += n
+
+    def _release(self, n: int) -> None:
+        self._running -= n
+        self._finished.unpark_all()
+
+    def _run_queries(self, batch: list[tuple[p.Request, Operation]]) -> None:
+        store = self.daemon.store
+
+        def work() -> list[p.Event]:
+            replies: list[p.Event] = []
+            for req, op in batch:
+                try:
+                    replies.append(p.Reply(req.id, op.query(store, req.args)))  # type: ignore[misc]
+                except Exception as e:
+                    replies.append(self._error_reply(req, e))
+            return replies
+
+        def done(replies: list[p.Event]) -> None:
+            # Replies to queries skip backpressure: at most MAX_IN_FLIGHT are ever queued.
+            for reply in replies:
+                self.send_nowait(reply)
+            self.daemon.in_flight -= len(batch)
+            self._release(len(batch))
+
+        self.daemon.in_flight += len(batch)
+        self.daemon.queries.submit(work, done)
+
+    def _error_reply(self, req: p.Request, e: Exception) -> p.Error:
+        code, message, details = error_for(e)
+        if code == p.Code.INTERNAL:
+            log.error("request %s %r failed", req.id, req.op, exc_info=e)
+        return p.Error(req.id, code, message, details)
 
     async def _dispatch(self, event: p.Event, nursery: trio.Nursery) -> None:
         if isinstance(event, p.Hello):
@@ -271,7 +331,7 @@ class ClientConnection:
                 )
             await self.send(p.Welcome(version, AGENT))
         elif isinstance(event, p.Request):
-            await self._slots.acquire()
+            await self._reserve(1)
             nursery.start_soon(self._handle, event)
         elif isinstance(event, p.BadRequest):
             await self.send(p.Error(event.id, p.Code.BAD_REQUEST, event.message))
@@ -304,7 +364,12 @@ class ClientConnection:
                     )
                 self.daemon.in_flight += 1
                 try:
-                    result = await op.fn(RequestContext(self, req))
+                    if op.fn is not None:
+                        result = await op.fn(RequestContext(self, req))
+                    else:
+                        assert op.query is not None
+                        store, query = self.daemon.store, op.query
+                        result = await trio.to_thread.run_sync(query, store, req.args)
                 finally:
                     self.daemon.in_flight -= 1
                 reply = p.Reply(req.id, result)
@@ -313,14 +378,11 @@ class ClientConnection:
                     await self._try_send(p.Error(req.id, p.Code.SHUTTING_DOWN, "request cancelled"))
                 raise
             except Exception as e:
-                code, message, details = error_for(e)
-                if code == p.Code.INTERNAL:
-                    log.exception("request %s %r failed", req.id, req.op)
-                reply = p.Error(req.id, code, message, details)
+                reply = self._error_reply(req, e)
             await self._try_send(reply)
         finally:
             self.uploads.pop(req.id, None)
-            self._slots.release()
+            self._release(1)
 
     async def _try_send(self, event: p.Event) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

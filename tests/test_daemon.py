@@ -161,7 +161,7 @@ def test_large_add_uses_bounded_memory_on_both_sides(daemon: DaemonProc) -> None
     size = 1 << 30
     client = textwrap.dedent(f"""
         import resource, sys
-        from daemon.blocking import BlockingClient
+        from daemon.blocking import BlockingClient, chunk_reader
         from store import nar
         size = {size}
         def archive():
@@ -170,16 +170,8 @@ def test_large_add_uses_bounded_memory_on_both_sides(daemon: DaemonProc) -> None
             for _ in range(size >> 20):
                 yield block
             yield nar.file_trailer(size)
-        it = archive()
-        pending = b""
-        def read(n):
-            global pending
-            if not pending:
-                pending = next(it, b"")
-            out, pending = pending[:n], pending[n:]
-            return out
         with BlockingClient({daemon.socket!r}) as c:
-            info = c.upload("add", read, name="big")
+            info = c.upload("add", chunk_reader(archive()), name="big")
         print(info["nar_size"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
     before = daemon.rss_kib()
