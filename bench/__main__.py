@@ -7,10 +7,11 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import store_bench
+from bench import daemon_bench, store_bench
 
 BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "store": store_bench.run,
+    "daemon": daemon_bench.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

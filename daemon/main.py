@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         sock = bind_socket(path)
         if os.path.dirname(path) == str(state.root / "var"):
             auth.socket_access(state.root / "var", settings)
-    except (AlreadyRunning, ConfigError, OSError, RuntimeError) as e:
+    except Exception as e:
+        # Whatever stops the start-up, the waiting parent gets one line saying so.
         message = f"error: {e}"
         if ready_fd is not None:
             os.write(ready_fd, message.encode())

@@ -28,7 +28,7 @@ log = logging.getLogger("weft.daemon")
 MAX_IN_FLIGHT = 1024
 # Queued output above this makes the tasks that produce it wait for the socket.
 HIGH_WATER = 4 << 20
-RECEIVE_SIZE = 256 << 10
+RECEIVE_SIZE = 1 << 20
 AGENT = "weft-daemon/0.1"
 T = TypeVar("T")
 

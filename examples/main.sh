@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# weft's main job, for now: put a tree in the store, register a text that refers to it,
-# then query and verify.  (Builds arrive with `store-build`.)
+# weft's main job, for now: put a tree in the store through the daemon (started in the
+# background if none is running), query it, round-trip its archive, verify the store.
+# (Builds arrive with `store-build`.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-weft() { .venv/bin/python -m store "$@"; }
+export PATH="$PWD/.venv/bin:$PATH"
 
-src=$(weft add examples/hello)
-echo "added:   $src"
-note=$(printf 'see %s\n' "$src" | weft add-text note --ref "$src")
-echo "added:   $note"
-echo "closure of $note:"
-weft closure "$note"
-weft info --json "$src"
+src=$(store-add examples/hello)
+echo "added: $src"
+store-query --info "$src"
+store-query --closure "$src"
 "$src/run.sh"
-weft verify
+out=$(mktemp -d)
+store-dump "$src" | nix-store --restore "$out/hello"
+diff -r examples/hello "$out/hello" && echo "archive round trip through nix-store: identical"
+rm -rf "$out"
+store-verify
