@@ -22,6 +22,7 @@ import trio
 
 from daemon import auth
 from daemon.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.ops import OPERATIONS
 from daemon.server import Daemon
 from store.defaults import socket_path
@@ -35,19 +36,30 @@ class AlreadyRunning(RuntimeError):
     pass
 
 
-def take_daemon_lock(state: StateDir) -> int:
-    """Hold `var/daemon.lock` for the life of the process; it holds our pid."""
-    path = state.root / "var" / "daemon.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def take_daemon_lock(state: StateDir) -> tuple[LockService, trio.Event]:
+    """Start the locker and have it hold `var/daemon.lock`: one daemon per state dir.
+
+    The daemon's pid goes to `var/daemon.pid`, not into the lock file: a lock file with
+    contents counts as deleted under Nix's stale rule.
+    """
+    lock_path = str(state.root / "var" / "daemon.lock")
+    pid_path = state.root / "var" / "daemon.pid"
+    proc, sock = start_locker_process()
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        granted = lock_file_blocking(sock, lock_path, DAEMON_OWNER)
+    except BaseException:
+        sock.close()
+        raise
+    if not granted:
+        sock.close()
+        try:
+            holder = pid_path.read_text().strip()
+        except OSError:
+            holder = "unknown"
+        raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})")
+    pid_path.write_text(f"{os.getpid()}\n")
+    lost = trio.Event()
+    return LockService(proc, sock, lock_path, lost.set), lost
 
 
 def bind_socket(path: str) -> socket.socket:
@@ -61,7 +73,14 @@ def bind_socket(path: str) -> socket.socket:
     return sock
 
 
-async def run(daemon: Daemon, sock: socket.socket, path: str, grace: float) -> None:
+async def run(
+    daemon: Daemon,
+    locks: LockService,
+    lock_lost: trio.Event,
+    sock: socket.socket,
+    path: str,
+    grace: float,
+) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def stop_accepting() -> None:
@@ -74,11 +93,18 @@ async def run(daemon: Daemon, sock: socket.socket, path: str, grace: float) -> N
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 daemon.shutdown_requested.set()
 
+    async def on_lock_lost() -> None:
+        await lock_lost.wait()
+        daemon.shutdown_requested.set()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
+        nursery.start_soon(locks.run)
+        nursery.start_soon(on_lock_lost)
         await daemon.serve(listener, grace, stop_accepting)
         nursery.cancel_scope.cancel()
     stop_accepting()
+    await locks.aclose()
 
 
 def _daemonize(log_path: str) -> int:
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ready_fd = None if args.foreground else _daemonize(str(state.log_dir / "daemon.log"))
     try:
-        lock_fd = take_daemon_lock(state)
+        locks, lock_lost = take_daemon_lock(state)
         store = Store(state)
         sock = bind_socket(path)
         if os.path.dirname(path) == str(state.root / "var"):
@@ -179,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
     try:
-        trio.run(run, Daemon(state, store, settings, OPERATIONS), sock, path, args.grace)
+        daemon = Daemon(state, store, settings, OPERATIONS, locks)
+        trio.run(run, daemon, locks, lock_lost, sock, path, args.grace)
     finally:
         store.close()
-        os.close(lock_fd)
     log.info("stopped")
     return 0
 

@@ -20,6 +20,7 @@ import trio
 from daemon import protocol as p
 from daemon.auth import Peer, identify, peer_credentials
 from daemon.errors import OpError, error_for
+from daemon.locks import LockService
 from store.layout import Settings, StateDir
 from store.store import Store
 
@@ -396,8 +397,10 @@ class Daemon:
         store: Store,
         settings: Settings,
         operations: dict[str, Operation],
+        locks: LockService | None = None,
     ) -> None:
         self.state = state
+        self.locks = locks
         self.store = store
         self.settings = settings
         self.queries = QueryBatcher()

@@ -1,0 +1,316 @@
+"""The daemon's side of the locker: file locks without the daemon holding any.
+
+To lock a path the daemon opens the lock file, sends the descriptor to the locker with
+the request, and closes its own copy at once, so the daemon's fd count does not grow
+with the locks it holds and no close in the daemon can drop a lock.
+
+    async with locks.exclusive([out1, out2], owner="build:...") as held:
+        ...   # cancelled, then LockLost, if the locker dies meanwhile
+
+Several paths are locked in sorted order, so two owners never deadlock.  After each
+grant the lock file is checked as Nix does: if it was deleted or replaced meanwhile
+(another inode at the path, or the deletion token written into it) the lock is stale
+and is taken again on the new file.
+
+If the locker dies, every request in flight fails with `LockerDied`, the body of every
+`exclusive`/`shared` block holding a lock is cancelled and raises `LockLost`, and a new
+locker is started: owners do not get their locks back (another process may have taken
+them in between), they fail cleanly instead.
+"""
+
+import array
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import msgpack
+import trio
+
+from daemon.processes import Process, spawn
+
+log = logging.getLogger("weft.locks")
+SHARED = "shared"
+EXCLUSIVE = "exclusive"
+_CHILD_FD = 3
+DAEMON_OWNER = "daemon"
+Key = tuple[int, int]
+
+
+class LockError(Exception):
+    """The locker could not lock a file."""
+
+
+class LockerDied(LockError):
+    """The locker exited while a request was in flight."""
+
+
+class LockLost(LockError):
+    """An owner's locks vanished with the locker; its work was cancelled."""
+
+
+class WouldBlock(LockError):
+    """`wait=False` and someone else holds the lock."""
+
+
+@dataclass
+class Held:
+    path: str
+    key: Key
+    mode: str
+
+
+@dataclass
+class _Owner:
+    keys: dict[Key, int] = field(default_factory=dict)  # inode -> times held
+    scopes: set[trio.CancelScope] = field(default_factory=set)
+    lost: bool = False
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def start_locker_process() -> tuple[Process, socket.socket]:
+    ours, theirs = _socketpair()
+    try:
+        proc = spawn([sys.executable, "-m", "locker", str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()})
+    finally:
+        theirs.close()
+    return proc, ours
+
+
+def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
+    """Before trio runs: one exclusive lock, without waiting (the one-daemon lock)."""
+    fd = _open_lock_file(path)
+    try:
+        sock.sendmsg(
+            [
+                msgpack.packb(
+                    {"id": 0, "op": "lock", "mode": EXCLUSIVE, "wait": False, "owner": owner}
+                )
+            ],
+            _rights(fd),
+        )
+    finally:
+        os.close(fd)
+    reply = msgpack.unpackb(sock.recv(65536))
+    if reply["status"] == "failed":
+        raise LockError(f"{path}: {reply.get('error')}")
+    return reply["status"] == "granted"
+
+
+def _open_lock_file(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+
+def _rights(fd: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+
+
+class LockService:
+    """Talks to the locker, restarts it when it dies, and tracks what each owner holds."""
+
+    def __init__(
+        self,
+        proc: Process,
+        sock: socket.socket,
+        daemon_lock: str | None = None,
+        on_daemon_lock_lost: Callable[[], object] = lambda: None,
+    ) -> None:
+        self._proc = proc
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[trio.Event, list[dict[str, object]]]] = {}
+        self._abandoned: dict[int, str] = {}  # request -> owner, for grants nobody awaits
+        self._owners: dict[str, _Owner] = {}
+        self._daemon_lock = daemon_lock
+        self._on_daemon_lock_lost = on_daemon_lock_lost
+        self.restarts = 0
+
+    @property
+    def locker_pid(self) -> int:
+        return self._proc.pid
+
+    async def aclose(self) -> None:
+        """Close our end; the locker sees EOF, drops every lock and exits; reap it."""
+        self._sock.close()
+        with trio.move_on_after(5):
+            await self._proc.wait()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve replies; when the locker dies, fail what depended on it and start another."""
+        task_status.started()
+        while True:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_replies)
+                if self.restarts and self._daemon_lock is not None:
+                    nursery.start_soon(self._reacquire_daemon_lock)
+                code = await self._proc.wait()
+                nursery.cancel_scope.cancel()
+            log.error("the locker (pid %d) exited with %d; starting another", self._proc.pid, code)
+            self._fail_everything()
+            self._sock.close()
+            self._proc, sock = start_locker_process()
+            self._sock = trio.socket.from_stdlib_socket(sock)
+            self.restarts += 1
+
+    async def _reacquire_daemon_lock(self) -> None:
+        """The one-daemon lock died with the locker; if another daemon took it, stop."""
+        assert self._daemon_lock is not None
+        try:
+            await self.lock(self._daemon_lock, EXCLUSIVE, DAEMON_OWNER, wait=False)
+        except LockError as e:
+            log.error("lost the one-daemon lock (%s); shutting down", e)
+            self._on_daemon_lock_lost()
+
+    async def _read_replies(self) -> None:
+        while True:
+            try:
+                data = await self._sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            reply = msgpack.unpackb(data)
+            rid = reply.get("id")
+            waiter = self._pending.pop(rid, None)
+            if waiter is not None:
+                waiter[1].append(reply)
+                waiter[0].set()
+            elif rid in self._abandoned:
+                owner = self._abandoned.pop(rid)
+                if reply.get("status") == "granted":
+                    await self._send({"op": "unlock", "owner": owner, "key": reply["key"]})
+
+    def _fail_everything(self) -> None:
+        for event, slot in self._pending.values():
+            slot.append({"status": "died"})
+            event.set()
+        self._pending.clear()
+        self._abandoned.clear()
+        for owner in self._owners.values():
+            owner.lost = True
+            for scope in owner.scopes:
+                scope.cancel()
+        self._owners = {k: v for k, v in self._owners.items() if v.scopes}
+
+    async def _send(
+        self, msg: dict[str, object], fd: int | None = None, rid: int | None = None
+    ) -> None:
+        data = msgpack.packb({"id": next(self._ids) if rid is None else rid, **msg})
+        await self._sock.sendmsg([data], _rights(fd) if fd is not None else [])
+
+    async def _call(self, msg: dict[str, object], fd: int | None = None) -> dict[str, object]:
+        event = trio.Event()
+        slot: list[dict[str, object]] = []
+        rid = next(self._ids)
+        # Registered before sending: the reply may come back before `_send` returns.
+        self._pending[rid] = (event, slot)
+        try:
+            await self._send(msg, fd, rid)
+            await event.wait()
+        except trio.Cancelled:
+            if self._pending.pop(rid, None) is not None and msg["op"] == "lock":
+                self._abandoned[rid] = str(msg["owner"])
+                with trio.CancelScope(shield=True):
+                    await self._send({"op": "cancel", "request": rid})
+            raise
+        reply = slot[0]
+        if reply["status"] == "died":
+            raise LockerDied("the locker died; the request was not served")
+        return reply
+
+    async def lock(self, path: str, mode: str, owner: str, wait: bool = True) -> Held:
+        """Lock one file; stale lock files (deleted or replaced meanwhile) are retried."""
+        while True:
+            fd = await trio.to_thread.run_sync(_open_lock_file, path)
+            try:
+                reply = await self._call(
+                    {"op": "lock", "mode": mode, "wait": wait, "owner": owner}, fd
+                )
+            finally:
+                os.close(fd)
+            status = reply["status"]
+            if status == "refused":
+                raise WouldBlock(f"{path} is locked")
+            if status != "granted":
+                raise LockError(f"{path}: {reply.get('error', status)}")
+            key: Key = tuple(reply["key"])  # type: ignore[assignment]
+            if await trio.to_thread.run_sync(_still_current, path, key):
+                state = self._owners.setdefault(owner, _Owner())
+                state.keys[key] = state.keys.get(key, 0) + 1
+                return Held(path, key, mode)
+            await self._send({"op": "unlock", "owner": owner, "key": list(key)})
+
+    async def unlock(self, held: Held, owner: str, delete: bool = False) -> None:
+        """Release one lock; with `delete`, the lock file is removed as Nix does."""
+        state = self._owners.get(owner)
+        if state is None or held.key not in state.keys:
+            return
+        state.keys[held.key] -= 1
+        if not state.keys[held.key]:
+            del state.keys[held.key]
+        if not state.keys and not state.scopes:
+            del self._owners[owner]
+        if delete:
+            await trio.to_thread.run_sync(_unlink_quietly, held.path)
+        await self._send({"op": "unlock", "owner": owner, "key": list(held.key), "delete": delete})
+
+    async def release_owner(self, owner: str) -> None:
+        self._owners.pop(owner, None)
+        await self._call({"op": "release-owner", "owner": owner})
+
+    @asynccontextmanager
+    async def hold(
+        self, paths: Sequence[str], mode: str, owner: str, wait: bool = True
+    ) -> AsyncIterator[list[Held]]:
+        state = self._owners.setdefault(owner, _Owner())
+        scope = trio.CancelScope()
+        state.scopes.add(scope)
+        held: list[Held] = []
+        try:
+            with scope:
+                for path in sorted(set(paths)):
+                    held.append(await self.lock(path, mode, owner, wait))
+                yield held
+        finally:
+            state.scopes.discard(scope)
+            lost = state.lost
+            if not lost:
+                with trio.CancelScope(shield=True):
+                    for h in reversed(held):
+                        await self.unlock(h, owner)
+            elif not state.scopes:
+                self._owners.pop(owner, None)
+        if lost:
+            raise LockLost(f"{owner}: the locker died; its locks were lost")
+
+    def exclusive(
+        self, paths: Sequence[str], owner: str, wait: bool = True
+    ) -> "AsyncIterator[list[Held]]":
+        return self.hold(paths, EXCLUSIVE, owner, wait)  # type: ignore[return-value]
+
+    def shared(
+        self, paths: Sequence[str], owner: str, wait: bool = True
+    ) -> "AsyncIterator[list[Held]]":
+        return self.hold(paths, SHARED, owner, wait)  # type: ignore[return-value]
+
+
+def _still_current(path: str, key: Key) -> bool:
+    """Nix's stale rule: the path still names this inode, and nobody marked it deleted."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == key and st.st_size == 0
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

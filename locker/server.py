@@ -1,0 +1,182 @@
+"""The locker process: one loop serving the daemon's lock requests on a SEQPACKET socket.
+
+Each packet is one msgpack map; a `lock` request carries the lock file's descriptor in
+SCM_RIGHTS.  The locker keeps one descriptor per locked inode and holds an OFD lock on
+it (see docs/locking.md for why OFD and not classic POSIX locks); descriptors for an
+inode it already holds are closed at once, which OFD locks survive.  When the daemon's
+end closes, the locker exits, and the kernel drops every lock with its descriptors.
+"""
+
+import array
+import ctypes
+import errno
+import fcntl
+import os
+import select
+import selectors
+import signal
+import socket
+import struct
+import sys
+
+import msgpack
+
+from locker.table import EXCLUSIVE, SHARED, Key, LockTable, Outcome
+
+MAX_PACKET = 64 << 10
+# How long the head of a queue waits before asking the kernel again, when another process
+# holds a conflicting lock; doubled up to the maximum while it stays held.
+RETRY_MIN, RETRY_MAX = 0.001, 0.05
+_FLOCK = struct.Struct("hhqqi4x")
+_PR_SET_PDEATHSIG = 1
+
+
+class OfdKernel:
+    """One open file description per inode, locked with F_OFD_SETLK."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Key, int] = {}
+
+    def adopt(self, key: Key, fd: int) -> None:
+        """Keep `fd` for `key`, or close it if one is already kept (the lock survives)."""
+        if key in self.fds:
+            os.close(fd)
+        else:
+            self.fds[key] = fd
+
+    def acquire(self, key: Key, exclusive: bool) -> bool:
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        try:
+            fcntl.fcntl(self.fds[key], fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def release(self, key: Key) -> None:
+        fd = self.fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def mark_deleted(self, key: Key) -> None:
+        """Nix's deletion token: waiters on this inode see a non-empty file and retry."""
+        fd = self.fds.get(key)
+        if fd is not None:
+            os.pwrite(fd, b"d", 0)
+
+
+class LockerServer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.kernel = OfdKernel()
+        self.table = LockTable(self.kernel)
+        self.keys: dict[int, Key] = {}  # request id -> inode, until answered
+        self._retry = RETRY_MIN
+
+    def serve(self) -> None:
+        self.sock.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ)
+        while True:
+            timeout = self._retry if self.table.waiting_on_kernel() else None
+            if sel.select(timeout):
+                if not self._drain():
+                    return
+                self._retry = RETRY_MIN
+            else:
+                self._retry = min(self._retry * 2, RETRY_MAX)
+            self._reply(self.table.retry())
+
+    def _drain(self) -> bool:
+        """Handle every packet waiting; False once the daemon has gone."""
+        while True:
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(
+                    MAX_PACKET, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                return True
+            except ConnectionResetError:
+                return False
+            if not data and not ancdata:
+                return False
+            fds = _fds(ancdata)
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                for fd in fds:
+                    os.close(fd)
+                self._send({"id": None, "status": "failed", "error": "truncated packet"})
+                continue
+            self._reply(self._handle(data, fds))
+
+    def _handle(self, data: bytes, fds: list[int]) -> list[Outcome]:
+        try:
+            msg = msgpack.unpackb(data)
+            rid, op, owner = msg["id"], msg["op"], msg.get("owner", "")
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            for fd in fds:
+                os.close(fd)
+            return [Outcome(-1, "failed", "malformed request")]
+        if op == "lock":
+            mode = msg.get("mode")
+            if len(fds) != 1 or mode not in (SHARED, EXCLUSIVE):
+                for fd in fds:
+                    os.close(fd)
+                return [Outcome(rid, "failed", "lock needs one descriptor and a mode")]
+            st = os.fstat(fds[0])
+            key = (st.st_dev, st.st_ino)
+            self.kernel.adopt(key, fds[0])
+            self.keys[rid] = key
+            return self.table.lock(key, rid, owner, mode, bool(msg.get("wait", True)))
+        for fd in fds:
+            os.close(fd)
+        if op == "unlock":
+            key = tuple(msg["key"])
+            if msg.get("delete"):
+                self.kernel.mark_deleted(key)  # type: ignore[arg-type]
+            return [Outcome(rid, "unlocked"), *self.table.unlock(key, owner)]  # type: ignore[arg-type]
+        if op == "release-owner":
+            return [Outcome(rid, "released"), *self.table.release_owner(owner)]
+        if op == "cancel":
+            return [Outcome(rid, "cancelling"), *self.table.cancel(msg["request"])]
+        return [Outcome(rid, "failed", f"unknown op {op!r}")]
+
+    def _reply(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            key = self.keys.pop(o.request, None)
+            reply: dict[str, object] = {"id": o.request, "status": o.status}
+            if key is not None:
+                reply["key"] = list(key)
+            if o.error:
+                reply["error"] = o.error
+            self._send(reply)
+
+    def _send(self, reply: dict[str, object]) -> None:
+        data = msgpack.packb(reply)
+        while True:
+            try:
+                self.sock.send(data)
+                return
+            except BlockingIOError:
+                # The daemon is slow to read: wait for room rather than drop a reply.
+                select.select([], [self.sock], [])
+            except (BrokenPipeError, ConnectionResetError):
+                sys.exit(0)
+
+
+def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def main(fd: int) -> None:
+    # If the daemon is killed, the socket's EOF tells us; the death signal is a backstop.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    LockerServer(sock).serve()

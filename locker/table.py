@@ -1,0 +1,203 @@
+"""The locker's lock table: who holds which inode, who waits, in what order.
+
+Owners (a client session, a build, the GC) lock inodes shared or exclusive.  Between its
+own owners the locker decides by itself, first come first served: a request waits if an
+incompatible holder exists or anyone is queued ahead of it, so a stream of shared
+requests can never starve an exclusive one.  Toward other processes it holds one kernel
+lock per inode (`Kernel`), in the strongest mode any owner holds; when the kernel says
+another process holds a conflicting lock, the head of the queue waits and is retried.
+
+No I/O here except through `Kernel`, so the rules can be tested on their own.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+SHARED = "shared"
+EXCLUSIVE = "exclusive"
+
+Key = tuple[int, int]
+
+
+class Kernel(Protocol):
+    """The kernel lock on an inode, held on one file descriptor the locker keeps."""
+
+    def acquire(self, key: Key, exclusive: bool) -> bool:
+        """Set the lock to this mode without waiting; False if another process conflicts."""
+
+    def release(self, key: Key) -> None:
+        """Drop the kernel lock and the descriptor."""
+
+
+@dataclass
+class Waiter:
+    request: int
+    owner: str
+    mode: str
+
+
+@dataclass
+class Inode:
+    holders: dict[str, list[str]] = field(default_factory=dict)  # owner -> modes held
+    queue: deque[Waiter] = field(default_factory=deque)
+    kernel_mode: str | None = None
+
+    def exclusive_held(self) -> bool:
+        return any(EXCLUSIVE in modes for modes in self.holders.values())
+
+    def compatible(self, owner: str, mode: str) -> bool:
+        others = {o: m for o, m in self.holders.items() if o != owner}
+        if mode == EXCLUSIVE:
+            return not others
+        return not any(EXCLUSIVE in m for m in others.values())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a request: granted, refused (would wait), cancelled, or failed."""
+
+    request: int
+    status: str
+    error: str = ""
+
+
+class LockTable:
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.inodes: dict[Key, Inode] = {}
+        self.by_owner: dict[str, set[Key]] = {}
+
+    def has(self, key: Key) -> bool:
+        return key in self.inodes
+
+    def lock(self, key: Key, request: int, owner: str, mode: str, wait: bool) -> list[Outcome]:
+        inode = self.inodes.setdefault(key, Inode())
+        held = inode.holders.get(owner)
+        if held is not None:
+            # Re-entry by a holder never queues: it would wait behind a waiter that waits
+            # for this very holder.
+            if EXCLUSIVE in held or mode == SHARED:
+                self._grant(key, inode, owner, mode)
+                return [Outcome(request, "granted")]
+            return [Outcome(request, "failed", "owner already holds a shared lock; no upgrades")]
+        try:
+            if not inode.queue and inode.compatible(owner, mode) and self._kernel(key, inode, mode):
+                self._grant(key, inode, owner, mode)
+                return [Outcome(request, "granted")]
+        except OSError as e:
+            self._forget_if_idle(key)
+            return [Outcome(request, "failed", f"cannot lock: {e.strerror}")]
+        if not wait:
+            self._forget_if_idle(key)
+            return [Outcome(request, "refused")]
+        inode.queue.append(Waiter(request, owner, mode))
+        self.by_owner.setdefault(owner, set()).add(key)
+        return []
+
+    def cancel(self, request: int) -> list[Outcome]:
+        """Withdraw a waiting request; one already granted is left to be unlocked."""
+        for key, inode in list(self.inodes.items()):
+            for w in inode.queue:
+                if w.request == request:
+                    inode.queue.remove(w)
+                    self._drop_owner_key(w.owner, key)
+                    return [Outcome(request, "cancelled"), *self._advance(key, inode)]
+        return []
+
+    def unlock(self, key: Key, owner: str) -> list[Outcome]:
+        inode = self.inodes.get(key)
+        if inode is None or owner not in inode.holders:
+            return []
+        modes = inode.holders[owner]
+        modes.pop()
+        if not modes:
+            del inode.holders[owner]
+            self._drop_owner_key(owner, key)
+        return self._advance(key, inode)
+
+    def release_owner(self, owner: str) -> list[Outcome]:
+        """Everything the owner holds is released and everything it waits for cancelled."""
+        outcomes: list[Outcome] = []
+        for key in sorted(self.by_owner.pop(owner, set())):
+            inode = self.inodes[key]
+            inode.holders.pop(owner, None)
+            for w in [w for w in inode.queue if w.owner == owner]:
+                inode.queue.remove(w)
+                outcomes.append(Outcome(w.request, "cancelled"))
+            outcomes += self._advance(key, inode)
+        return outcomes
+
+    def retry(self) -> list[Outcome]:
+        """Try again the queue heads that wait on another process's lock."""
+        outcomes: list[Outcome] = []
+        for key, inode in list(self.inodes.items()):
+            if inode.queue:
+                outcomes += self._advance(key, inode)
+        return outcomes
+
+    def waiting_on_kernel(self) -> bool:
+        return any(
+            inode.queue and inode.compatible(inode.queue[0].owner, inode.queue[0].mode)
+            for inode in self.inodes.values()
+        )
+
+    def _advance(self, key: Key, inode: Inode) -> list[Outcome]:
+        granted: list[Outcome] = []
+        while inode.queue:
+            head = inode.queue[0]
+            if not inode.compatible(head.owner, head.mode):
+                break
+            try:
+                if not self._kernel(key, inode, head.mode):
+                    break
+            except OSError as e:
+                inode.queue.popleft()
+                self._drop_owner_key(head.owner, key)
+                granted.append(Outcome(head.request, "failed", f"cannot lock: {e.strerror}"))
+                continue
+            inode.queue.popleft()
+            self._grant(key, inode, head.owner, head.mode)
+            granted.append(Outcome(head.request, "granted"))
+        if not inode.holders:
+            self._settle(key, inode)
+        elif not inode.exclusive_held() and inode.kernel_mode == EXCLUSIVE:
+            # Only shared holders remain: let other processes' readers in.
+            self.kernel.acquire(key, exclusive=False)
+            inode.kernel_mode = SHARED
+        return granted
+
+    def _kernel(self, key: Key, inode: Inode, mode: str) -> bool:
+        want = EXCLUSIVE if mode == EXCLUSIVE or inode.exclusive_held() else SHARED
+        if inode.kernel_mode == want or inode.kernel_mode == EXCLUSIVE:
+            return True
+        if not self.kernel.acquire(key, exclusive=want == EXCLUSIVE):
+            return False
+        inode.kernel_mode = want
+        return True
+
+    def _grant(self, key: Key, inode: Inode, owner: str, mode: str) -> None:
+        inode.holders.setdefault(owner, []).append(mode)
+        self.by_owner.setdefault(owner, set()).add(key)
+
+    def _settle(self, key: Key, inode: Inode) -> None:
+        """No holders left: waiters (blocked on another process) keep the inode."""
+        if not inode.queue:
+            del self.inodes[key]
+            self.kernel.release(key)
+
+    def _forget_if_idle(self, key: Key) -> None:
+        inode = self.inodes[key]
+        if not inode.holders and not inode.queue:
+            del self.inodes[key]
+            self.kernel.release(key)
+
+    def _drop_owner_key(self, owner: str, key: Key) -> None:
+        keys = self.by_owner.get(owner)
+        if keys is None:
+            return
+        inode = self.inodes.get(key)
+        if inode is None or not any(w.owner == owner for w in inode.queue):
+            keys.discard(key)
+        if not keys:
+            del self.by_owner[owner]
