@@ -229,7 +229,10 @@ class LockService:
     async def lock(self, path: str, mode: str, owner: str, wait: bool = True) -> Held:
         """Lock one file; stale lock files (deleted or replaced meanwhile) are retried."""
         while True:
-            fd = await trio.to_thread.run_sync(_open_lock_file, path)
+            # Opening a lock file and the stale check below are single metadata calls on
+            # small files in the state dir, a few microseconds each; a worker-thread trip
+            # would cost fifty times that, so they run on the loop.
+            fd = _open_lock_file(path)
             try:
                 reply = await self._call(
                     {"op": "lock", "mode": mode, "wait": wait, "owner": owner}, fd
@@ -242,7 +245,7 @@ class LockService:
             if status != "granted":
                 raise LockError(f"{path}: {reply.get('error', status)}")
             key: Key = tuple(reply["key"])  # type: ignore[assignment]
-            if await trio.to_thread.run_sync(_still_current, path, key):
+            if _still_current(path, key):
                 state = self._owners.setdefault(owner, _Owner())
                 state.keys[key] = state.keys.get(key, 0) + 1
                 return Held(path, key, mode)
@@ -259,7 +262,7 @@ class LockService:
         if not state.keys and not state.scopes:
             del self._owners[owner]
         if delete:
-            await trio.to_thread.run_sync(_unlink_quietly, held.path)
+            _unlink_quietly(held.path)
         await self._send({"op": "unlock", "owner": owner, "key": list(held.key), "delete": delete})
 
     async def release_owner(self, owner: str) -> None:

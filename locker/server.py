@@ -8,6 +8,7 @@ end closes, the locker exits, and the kernel drops every lock with its descripto
 """
 
 import array
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -28,33 +29,55 @@ MAX_PACKET = 64 << 10
 # holds a conflicting lock; doubled up to the maximum while it stays held.
 RETRY_MIN, RETRY_MAX = 0.001, 0.05
 _FLOCK = struct.Struct("hhqqi4x")
+_SPLIT = 1 << 62
 _PR_SET_PDEATHSIG = 1
 
 
 class OfdKernel:
-    """One open file description per inode, locked with F_OFD_SETLK."""
+    """One open file description per inode, locked with F_OFD_SETLK.
+
+    The OFD lock covers the file up to `_SPLIT` and is the real lock: it belongs to the
+    open file description we keep, so closing other descriptors of the inode cannot drop
+    it.  A classic POSIX lock of the same kind covers the rest of the file, only so that
+    `lslocks` from util-linux before 2.39 (which prints OFD locks with pid -1) shows the
+    locker as the holder; closing a duplicate descriptor drops that one, so it is set
+    again at once.  Outside processes locking the whole file conflict with the OFD part.
+    """
 
     def __init__(self) -> None:
         self.fds: dict[Key, int] = {}
+        self._kinds: dict[Key, int] = {}
 
     def adopt(self, key: Key, fd: int) -> None:
         """Keep `fd` for `key`, or close it if one is already kept (the lock survives)."""
-        if key in self.fds:
-            os.close(fd)
-        else:
+        if key not in self.fds:
             self.fds[key] = fd
+            return
+        os.close(fd)
+        if key in self._kinds:
+            self._show(key)
 
     def acquire(self, key: Key, exclusive: bool) -> bool:
         kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
         try:
-            fcntl.fcntl(self.fds[key], fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+            fcntl.fcntl(
+                self.fds[key], fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, _SPLIT, 0)
+            )
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 return False
             raise
+        self._kinds[key] = kind
+        self._show(key)
         return True
 
+    def _show(self, key: Key) -> None:
+        with contextlib.suppress(OSError):
+            lock = _FLOCK.pack(self._kinds[key], os.SEEK_SET, _SPLIT, 0, 0)
+            fcntl.fcntl(self.fds[key], fcntl.F_SETLK, lock)
+
     def release(self, key: Key) -> None:
+        self._kinds.pop(key, None)
         fd = self.fds.pop(key, None)
         if fd is not None:
             os.close(fd)
