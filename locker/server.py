@@ -157,11 +157,13 @@ class LockerServer:
             key = tuple(msg["key"])
             if msg.get("delete"):
                 self.kernel.mark_deleted(key)  # type: ignore[arg-type]
-            return [Outcome(rid, "unlocked"), *self.table.unlock(key, owner)]  # type: ignore[arg-type]
+            # Unlocks and cancels are not answered: nobody waits for them, and the replies
+            # would cost both processes a system call and a decode per lock.
+            return self.table.unlock(key, owner)  # type: ignore[arg-type]
         if op == "release-owner":
             return [Outcome(rid, "released"), *self.table.release_owner(owner)]
         if op == "cancel":
-            return [Outcome(rid, "cancelling"), *self.table.cancel(msg["request"])]
+            return self.table.cancel(msg["request"])
         return [Outcome(rid, "failed", f"unknown op {op!r}")]
 
     def _reply(self, outcomes: list[Outcome]) -> None:

@@ -67,6 +67,9 @@ class LockTable:
         self.kernel = kernel
         self.inodes: dict[Key, Inode] = {}
         self.by_owner: dict[str, set[Key]] = {}
+        self.waiting: dict[int, Key] = {}  # queued request -> inode
+        # Inodes whose queue head could go but for another process's lock.
+        self.blocked: set[Key] = set()
 
     def has(self, key: Key) -> bool:
         return key in self.inodes
@@ -92,18 +95,22 @@ class LockTable:
             self._forget_if_idle(key)
             return [Outcome(request, "refused")]
         inode.queue.append(Waiter(request, owner, mode))
+        self.waiting[request] = key
         self.by_owner.setdefault(owner, set()).add(key)
+        if len(inode.queue) == 1 and inode.compatible(owner, mode):
+            self.blocked.add(key)
         return []
 
     def cancel(self, request: int) -> list[Outcome]:
         """Withdraw a waiting request; one already granted is left to be unlocked."""
-        for key, inode in list(self.inodes.items()):
-            for w in inode.queue:
-                if w.request == request:
-                    inode.queue.remove(w)
-                    self._drop_owner_key(w.owner, key)
-                    return [Outcome(request, "cancelled"), *self._advance(key, inode)]
-        return []
+        key = self.waiting.pop(request, None)
+        if key is None:
+            return []
+        inode = self.inodes[key]
+        waiter = next(w for w in inode.queue if w.request == request)
+        inode.queue.remove(waiter)
+        self._drop_owner_key(waiter.owner, key)
+        return [Outcome(request, "cancelled"), *self._advance(key, inode)]
 
     def unlock(self, key: Key, owner: str) -> list[Outcome]:
         inode = self.inodes.get(key)
@@ -124,6 +131,7 @@ class LockTable:
             inode.holders.pop(owner, None)
             for w in [w for w in inode.queue if w.owner == owner]:
                 inode.queue.remove(w)
+                self.waiting.pop(w.request, None)
                 outcomes.append(Outcome(w.request, "cancelled"))
             outcomes += self._advance(key, inode)
         return outcomes
@@ -131,32 +139,36 @@ class LockTable:
     def retry(self) -> list[Outcome]:
         """Try again the queue heads that wait on another process's lock."""
         outcomes: list[Outcome] = []
-        for key, inode in list(self.inodes.items()):
-            if inode.queue:
+        for key in list(self.blocked):
+            inode = self.inodes.get(key)
+            if inode is None:
+                self.blocked.discard(key)
+            else:
                 outcomes += self._advance(key, inode)
         return outcomes
 
     def waiting_on_kernel(self) -> bool:
-        return any(
-            inode.queue and inode.compatible(inode.queue[0].owner, inode.queue[0].mode)
-            for inode in self.inodes.values()
-        )
+        return bool(self.blocked)
 
     def _advance(self, key: Key, inode: Inode) -> list[Outcome]:
         granted: list[Outcome] = []
+        self.blocked.discard(key)
         while inode.queue:
             head = inode.queue[0]
             if not inode.compatible(head.owner, head.mode):
                 break
             try:
                 if not self._kernel(key, inode, head.mode):
+                    self.blocked.add(key)
                     break
             except OSError as e:
                 inode.queue.popleft()
+                self.waiting.pop(head.request, None)
                 self._drop_owner_key(head.owner, key)
                 granted.append(Outcome(head.request, "failed", f"cannot lock: {e.strerror}"))
                 continue
             inode.queue.popleft()
+            self.waiting.pop(head.request, None)
             self._grant(key, inode, head.owner, head.mode)
             granted.append(Outcome(head.request, "granted"))
         if not inode.holders:
