@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.locks import EXCLUSIVE, LockService, start_locker_process
+from daemon.locks import EXCLUSIVE, running_locker
 
 Row = tuple[str, str, str]
 ROUND_TRIPS = 20_000
@@ -22,11 +22,8 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 async def _bench(work: Path) -> list[Row]:
-    proc, sock = start_locker_process()
-    svc = LockService(proc, sock)
     rows: list[Row] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(svc.run)
+    async with running_locker() as svc, trio.open_nursery() as nursery:
         path = str(work / "one.lock")
         t = time.perf_counter()
         for _ in range(ROUND_TRIPS):
@@ -100,8 +97,6 @@ async def _bench(work: Path) -> list[Row]:
                 f"locker holds {locker_fds}; target < 100",
             )
         )
-        nursery.cancel_scope.cancel()
-    await svc.aclose()
     return rows
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-from daemon.processes import Process, spawn
+from daemon.processes import Process, ProcessMonitor
 
 log = logging.getLogger("weft.locks")
 SHARED = "shared"
@@ -76,10 +76,12 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def start_locker_process() -> tuple[Process, socket.socket]:
+def start_locker_process(monitor: ProcessMonitor) -> tuple[Process, socket.socket]:
     ours, theirs = _socketpair()
     try:
-        proc = spawn([sys.executable, "-m", "locker", str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()})
+        proc = monitor.spawn(
+            [sys.executable, "-m", "locker", str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()}
+        )
     finally:
         theirs.close()
     return proc, ours
@@ -118,11 +120,13 @@ class LockService:
 
     def __init__(
         self,
+        monitor: ProcessMonitor,
         proc: Process,
         sock: socket.socket,
         daemon_lock: str | None = None,
         on_daemon_lock_lost: Callable[[], object] = lambda: None,
     ) -> None:
+        self._monitor = monitor
         self._proc = proc
         self._sock = trio.socket.from_stdlib_socket(sock)
         self._ids = itertools.count(1)
@@ -132,6 +136,7 @@ class LockService:
         self._daemon_lock = daemon_lock
         self._on_daemon_lock_lost = on_daemon_lock_lost
         self.restarts = 0
+        self._closing = False
 
     @property
     def locker_pid(self) -> int:
@@ -139,6 +144,7 @@ class LockService:
 
     async def aclose(self) -> None:
         """Close our end; the locker sees EOF, drops every lock and exits; reap it."""
+        self._closing = True
         self._sock.close()
         with trio.move_on_after(5):
             await self._proc.wait()
@@ -153,10 +159,12 @@ class LockService:
                     nursery.start_soon(self._reacquire_daemon_lock)
                 code = await self._proc.wait()
                 nursery.cancel_scope.cancel()
+            if self._closing:
+                return
             log.error("the locker (pid %d) exited with %d; starting another", self._proc.pid, code)
             self._fail_everything()
             self._sock.close()
-            self._proc, sock = start_locker_process()
+            self._proc, sock = start_locker_process(self._monitor)
             self._sock = trio.socket.from_stdlib_socket(sock)
             self.restarts += 1
 
@@ -173,7 +181,7 @@ class LockService:
         while True:
             try:
                 data = await self._sock.recv(65536)
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
                 return
             if not data:
                 return
@@ -317,3 +325,23 @@ def _still_current(path: str, key: Key) -> bool:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+@asynccontextmanager
+async def running_locker(monitor: ProcessMonitor | None = None) -> AsyncIterator[LockService]:
+    """A locker for the length of the block, for library users, tests and benchmarks.
+
+    Without a monitor one is made that reaps only its own children, so it can live in a
+    process that also uses `subprocess`.
+    """
+    own = monitor is None
+    monitor = monitor or ProcessMonitor(reap_all=False)
+    proc, sock = start_locker_process(monitor)
+    svc = LockService(monitor, proc, sock)
+    async with trio.open_nursery() as nursery:
+        if own:
+            await nursery.start(monitor.run)
+        await nursery.start(svc.run)
+        yield svc
+        await svc.aclose()
+        nursery.cancel_scope.cancel()

@@ -24,6 +24,7 @@ from daemon import auth
 from daemon.blocking import BlockingClient, DaemonError, NoDaemon
 from daemon.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.ops import OPERATIONS
+from daemon.processes import ProcessMonitor
 from daemon.server import Daemon
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
@@ -36,7 +37,7 @@ class AlreadyRunning(RuntimeError):
     pass
 
 
-def take_daemon_lock(state: StateDir) -> tuple[LockService, trio.Event]:
+def take_daemon_lock(state: StateDir, monitor: ProcessMonitor) -> tuple[LockService, trio.Event]:
     """Start the locker and have it hold `var/daemon.lock`: one daemon per state dir.
 
     The daemon's pid goes to `var/daemon.pid`, not into the lock file: a lock file with
@@ -44,7 +45,7 @@ def take_daemon_lock(state: StateDir) -> tuple[LockService, trio.Event]:
     """
     lock_path = str(state.root / "var" / "daemon.lock")
     pid_path = state.root / "var" / "daemon.pid"
-    proc, sock = start_locker_process()
+    proc, sock = start_locker_process(monitor)
     try:
         granted = lock_file_blocking(sock, lock_path, DAEMON_OWNER)
     except BaseException:
@@ -59,7 +60,7 @@ def take_daemon_lock(state: StateDir) -> tuple[LockService, trio.Event]:
         raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})")
     pid_path.write_text(f"{os.getpid()}\n")
     lost = trio.Event()
-    return LockService(proc, sock, lock_path, lost.set), lost
+    return LockService(monitor, proc, sock, lock_path, lost.set), lost
 
 
 def bind_socket(path: str) -> socket.socket:
@@ -75,6 +76,7 @@ def bind_socket(path: str) -> socket.socket:
 
 async def run(
     daemon: Daemon,
+    monitor: ProcessMonitor,
     locks: LockService,
     lock_lost: trio.Event,
     sock: socket.socket,
@@ -98,13 +100,14 @@ async def run(
         daemon.shutdown_requested.set()
 
     async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
         nursery.start_soon(on_signals)
         nursery.start_soon(locks.run)
         nursery.start_soon(on_lock_lost)
         await daemon.serve(listener, grace, stop_accepting)
+        stop_accepting()
+        await locks.aclose()
         nursery.cancel_scope.cancel()
-    stop_accepting()
-    await locks.aclose()
 
 
 def _daemonize(log_path: str) -> int:
@@ -188,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ready_fd = None if args.foreground else _daemonize(str(state.log_dir / "daemon.log"))
     try:
-        locks, lock_lost = take_daemon_lock(state)
+        monitor = ProcessMonitor()
+        monitor.become_subreaper()
+        locks, lock_lost = take_daemon_lock(state, monitor)
         store = Store(state)
         sock = bind_socket(path)
         if os.path.dirname(path) == str(state.root / "var"):
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         os.close(ready_fd)
     try:
         daemon = Daemon(state, store, settings, OPERATIONS, locks)
-        trio.run(run, daemon, locks, lock_lost, sock, path, args.grace)
+        trio.run(run, daemon, monitor, locks, lock_lost, sock, path, args.grace)
     finally:
         store.close()
     log.info("stopped")

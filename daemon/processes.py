@@ -1,69 +1,130 @@
-"""Child processes of the daemon, each with one reaper: its own pidfd.
+"""Child processes of the daemon and the one task that reaps them all.
 
-`spawn` uses posix_spawn (clone with CLONE_VFORK and exec: safe in a process with threads,
-unlike fork), opens a pidfd for the child at once, and `Process.wait` waits for the pidfd
-to become readable on the trio loop and then reaps that child, and only that child, with
-`waitid(P_PIDFD)`.  An exit status is kept until asked for, however late.
+The daemon is a child subreaper (`PR_SET_CHILD_SUBREAPER`): builders, which the spawner
+starts through an intermediate process, and anything they leave behind come back to it.
+`ProcessMonitor.run` is the only code in the daemon that calls `waitpid`: on every
+SIGCHLD it reaps every exited child with `waitpid(-1, WNOHANG)` (signals coalesce, so it
+loops until none is left) and hands each status to the `Process` registered for that pid.
+A status that arrives before its pid is registered (a builder that exits before the
+spawner's reply reaches us) is kept and given to the `Process` registered later; statuses
+of processes nobody registers (grandchildren orphaned to us) are kept only up to a bound.
+
+Nothing else in the daemon may wait for children: no `subprocess`, no
+`trio.run_process`; they would lose statuses to this loop or steal them from it.
+`spawn` starts helpers with posix_spawn (clone with CLONE_VFORK and exec: safe in a
+process with threads, unlike fork).
 """
 
+import contextlib
+import ctypes
 import os
 import signal
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import trio
+
+_PR_SET_CHILD_SUBREAPER = 36
+MAX_UNCLAIMED = 4096
 
 
 class Process:
     def __init__(self, pid: int, argv: Sequence[str]) -> None:
         self.pid = pid
         self.argv = list(argv)
-        self.pidfd: int | None = os.pidfd_open(pid)
         self.returncode: int | None = None
-        self._watched = False
         self._exited = trio.Event()
 
     async def wait(self) -> int:
         """The exit code, or -N for a death by signal N."""
-        if self.returncode is None and not self._watched:
-            # One system task watches the pidfd (trio allows one waiter per fd), so any
-            # number of callers can wait, and be cancelled, without losing the status.
-            self._watched = True
-            trio.lowlevel.spawn_system_task(self._watch)
         await self._exited.wait()
         assert self.returncode is not None
         return self.returncode
 
-    async def _watch(self) -> None:
-        assert self.pidfd is not None
-        await trio.lowlevel.wait_readable(self.pidfd)
-        self._reap()
-
-    def _reap(self) -> None:
-        assert self.pidfd is not None
-        info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-        assert info is not None
-        self.returncode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        trio.lowlevel.notify_closing(self.pidfd)
-        os.close(self.pidfd)
-        self.pidfd = None
+    def _set_status(self, status: int) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
         self._exited.set()
 
     def send_signal(self, sig: int = signal.SIGTERM) -> None:
-        if self.pidfd is not None:
-            signal.pidfd_send_signal(self.pidfd, sig)
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
 
-def spawn(
-    argv: Sequence[str],
-    fds: Mapping[int, int] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> Process:
-    """Start `argv` with the parent's fds mapped to child fd numbers, {child: parent}."""
-    actions = [(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in (fds or {}).items()]
-    pid = os.posix_spawn(
-        argv[0], list(argv), dict(env if env is not None else os.environ), file_actions=actions
-    )
-    return Process(pid, argv)
+class ProcessMonitor:
+    """Reaps children.  `reap_all` (the daemon, a subreaper): every child, with
+    `waitpid(-1)`.  Otherwise (a library user or a test process that also runs
+    `subprocess`): only the pids registered here, each with `waitpid(pid)`."""
+
+    def __init__(self, reap_all: bool = True) -> None:
+        self.reap_all = reap_all
+        self._live: dict[int, Process] = {}
+        self._unclaimed: OrderedDict[int, int] = OrderedDict()
+        self.reaped = 0
+
+    @staticmethod
+    def become_subreaper() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"PR_SET_CHILD_SUBREAPER: {os.strerror(err)}")
+
+    def register(self, pid: int, argv: Sequence[str]) -> Process:
+        proc = Process(pid, argv)
+        status = self._unclaimed.pop(pid, None)
+        if status is not None:
+            proc._set_status(status)
+        else:
+            self._live[pid] = proc
+        return proc
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        fds: Mapping[int, int] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Process:
+        """Start `argv` with parent fds mapped to child fd numbers, {child: parent}."""
+        actions = [(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in (fds or {}).items()]
+        pid = os.posix_spawn(
+            argv[0], list(argv), dict(os.environ if env is None else env), file_actions=actions
+        )
+        return self.register(pid, argv)
+
+    def reap(self) -> None:
+        """Collect every exited child now; never blocks."""
+        if not self.reap_all:
+            for pid in list(self._live):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self._collected(pid, status)
+            return
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._collected(pid, status)
+
+    def _collected(self, pid: int, status: int) -> None:
+        self.reaped += 1
+        proc = self._live.pop(pid, None)
+        if proc is not None:
+            proc._set_status(status)
+        else:
+            self._unclaimed[pid] = status
+            while len(self._unclaimed) > MAX_UNCLAIMED:
+                self._unclaimed.popitem(last=False)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            # Children that exited before the receiver existed sent their SIGCHLD already.
+            self.reap()
+            task_status.started()
+            async for _ in signals:
+                self.reap()

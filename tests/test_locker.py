@@ -6,8 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,14 @@ from daemon.locks import (
     LockLost,
     LockService,
     WouldBlock,
-    start_locker_process,
+    running_locker,
 )
 from locker.table import LockTable, Outcome
 from tests.daemon_fixtures import start_daemon
 
 
-@asynccontextmanager
-async def locker() -> AsyncIterator[LockService]:
-    proc, sock = start_locker_process()
-    svc = LockService(proc, sock)
-    async with trio.open_nursery() as n:
-        await n.start(svc.run)
-        yield svc
-        n.cancel_scope.cancel()
-    await svc.aclose()
+def locker() -> "AbstractAsyncContextManager[LockService]":
+    return running_locker()
 
 
 def outside_can_lock(path: Path, shared: bool = False) -> bool:

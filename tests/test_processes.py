@@ -1,0 +1,104 @@
+"""The process monitor: one reaper, statuses never lost, never reported as 0."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import trio
+
+from daemon.processes import ProcessMonitor
+
+
+async def test_exit_codes_signals_and_late_waiters() -> None:
+    monitor = ProcessMonitor(reap_all=False)
+    async with trio.open_nursery() as n:
+        await n.start(monitor.run)
+        ok = monitor.spawn(["/bin/sh", "-c", "exit 0"])
+        bad = monitor.spawn(["/bin/sh", "-c", "exit 7"])
+        hung = monitor.spawn(["/bin/sleep", "30"])
+        # Nobody waits yet: the statuses must be kept until asked for.
+        await trio.sleep(0.3)
+        assert await bad.wait() == 7
+        assert await ok.wait() == 0
+        hung.kill()
+        assert await hung.wait() == -signal.SIGKILL
+        n.cancel_scope.cancel()
+
+
+async def test_status_arriving_before_registration_is_kept() -> None:
+    """As a builder started by the spawner: it may exit before the daemon registers it."""
+    script = textwrap.dedent("""
+        import os, sys, trio
+        sys.path.insert(0, os.getcwd())
+        from daemon.processes import ProcessMonitor
+        async def main():
+            monitor = ProcessMonitor()
+            monitor.become_subreaper()
+            async with trio.open_nursery() as n:
+                await n.start(monitor.run)
+                # A child that forks a grandchild and exits: the grandchild comes back to
+                # us as a subreaper, exits with 5, and is reaped before we know its pid.
+                r, w = os.pipe()
+                child = monitor.spawn(["/bin/sh", "-c", f"sh -c 'exit 5' & echo $! >&{w}; exit 0"],
+                                      {w: w})
+                os.close(w)
+                await child.wait()
+                grandchild = int(os.read(r, 100))
+                await trio.sleep(0.3)
+                print(await monitor.register(grandchild, ["sh"]).wait(), monitor.reaped)
+                n.cancel_scope.cancel()
+        trio.run(main)
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    code, reaped = map(int, out.stdout.split())
+    assert code == 5
+    assert reaped == 2
+
+
+def test_no_zombies_left_by_a_reap_all_monitor() -> None:
+    script = textwrap.dedent("""
+        import os, sys, trio
+        from daemon.processes import ProcessMonitor
+        async def main():
+            monitor = ProcessMonitor()
+            monitor.become_subreaper()
+            async with trio.open_nursery() as n:
+                await n.start(monitor.run)
+                procs = [monitor.spawn(["/bin/sh", "-c", "(sleep 0.05 &) ; exit 0"])
+                         for _ in range(200)]
+                for p in procs:
+                    assert await p.wait() == 0
+                await trio.sleep(0.5)
+                zombies = 0
+                for pid in os.listdir("/proc"):
+                    if pid.isdigit():
+                        try:
+                            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                        except OSError:
+                            continue
+                        if stat[1] == str(os.getpid()) and stat[0] == "Z":
+                            zombies += 1
+                print(zombies, monitor.reaped)
+                n.cancel_scope.cancel()
+        trio.run(main)
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    zombies, reaped = map(int, out.stdout.split())
+    assert zombies == 0
+    assert reaped == 400
