@@ -1,0 +1,157 @@
+"""Runs builders through a real spawner, as the daemon does, in a process of its own.
+
+The builder is orphaned to whoever is the child subreaper, so this runs in a separate
+process that is one (as the daemon is), with the process monitor reaping every child.
+
+    python -m tests.sandbox_driver STATE_DIR HOST_UID SCRIPT [--network] [--timeout S]
+        [--kill-spawner-after S] [--builder PATH]
+
+prints one JSON object: exit code, log, and what was found on the host afterwards.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from daemon.processes import ProcessMonitor
+from daemon.spawn import SpawnError, SpawnerService, start_spawner_process, wait_or_kill
+from spawner.sandbox import SpawnRequest
+from store.store import Store
+
+
+def busybox_tree(where: Path) -> Path:
+    """Debian's static busybox as a directory: bin/busybox and a link per applet."""
+    bin_dir = where / "busybox" / "bin"
+    bin_dir.mkdir(parents=True)
+    shutil.copy2("/bin/busybox", bin_dir / "busybox")
+    for applet in os.popen("/bin/busybox --list").read().split():
+        if applet != "busybox":
+            (bin_dir / applet).symlink_to("busybox")
+    return where / "busybox"
+
+
+def sandboxed_processes(uid: int) -> list[int]:
+    """Processes of `uid` living in another pid namespace than ours: a builder's."""
+    ours = os.readlink("/proc/self/ns/pid")
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if (
+                    os.stat(f"/proc/{pid}").st_uid == uid
+                    and os.readlink(f"/proc/{pid}/ns/pid") != ours
+                ):
+                    found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    monitor = ProcessMonitor()
+    monitor.become_subreaper()
+    state = Path(args.state)
+    store = Store.open(state)
+    work = Path(tempfile.mkdtemp(dir=state))
+    busybox = store.add_path(busybox_tree(work), name="busybox").path
+    root = work / "root"
+    root.mkdir()
+    build = work / "build"
+    build.mkdir()
+    os.chown(build, args.uid, args.uid)
+    proc, sock = start_spawner_process(monitor)
+    spawner = SpawnerService(monitor, proc, sock)
+    result: dict[str, object] = {"busybox": busybox, "spawner_restarts": 0}
+    async with trio.open_nursery() as n:
+        await n.start(monitor.run)
+        await n.start(spawner.run)
+        request = SpawnRequest(
+            builder=args.builder or f"{busybox}/bin/busybox",
+            args=["sh", "-c", args.script],
+            root=str(root),
+            build_dir=str(build),
+            store_dir=store.store_dir,
+            host_uid=args.uid,
+            host_gid=args.uid,
+            inputs=[busybox],
+            env={
+                "PATH": f"{busybox}/bin",
+                "HOME": "/homeless-shelter",
+                "out": "/build/out",
+                "STATE": str(state),
+                "STORE_OUT": f"{store.store_dir}/weft-test-output",
+                "BB": busybox,
+            },
+            network=args.network,
+        )
+        r, w = os.pipe()
+        t = time.monotonic()
+        try:
+            builder = await spawner.spawn(request, w)
+        except SpawnError as e:
+            result["setup_error"] = {"step": e.step, "errno": e.errno, "path": e.path}
+            n.cancel_scope.cancel()
+            return result
+        finally:
+            os.close(w)
+        if args.kill_spawner_after is not None:
+            await trio.sleep(args.kill_spawner_after)
+            os.kill(spawner.spawner_pid, signal.SIGKILL)
+            while spawner.restarts == 0:
+                await trio.sleep(0.01)
+            result["spawner_restarts"] = spawner.restarts
+        log = bytearray()
+
+        async def read_log() -> None:
+            while chunk := await trio.to_thread.run_sync(os.read, r, 65536):
+                log.extend(chunk)
+
+        n.start_soon(read_log)
+        result["code"] = await wait_or_kill(builder, args.timeout, grace=0.5)
+        result["elapsed"] = time.monotonic() - t
+        await trio.sleep(0.3)
+        result["left_running"] = sandboxed_processes(args.uid)
+        if args.kill_spawner_after is not None:
+            # The replacement spawner serves the next build.
+            root2 = work / "root2"
+            root2.mkdir()
+            again = SpawnRequest(
+                **{
+                    **request.__dict__,
+                    "root": str(root2),
+                    "args": ["sh", "-c", "echo second build ok"],
+                }
+            )
+            r2, w2 = os.pipe()
+            second = await spawner.spawn(again, w2)
+            os.close(w2)
+            result["second_code"] = await second.wait()
+            result["second_log"] = os.read(r2, 65536).decode()
+            os.close(r2)
+        await trio.sleep(0.1)
+        result["log"] = log.decode(errors="replace")
+        result["outputs"] = sorted(os.listdir(root / store.store_dir.lstrip("/")))
+        await spawner.aclose()
+        n.cancel_scope.cancel()
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("state")
+    parser.add_argument("uid", type=int)
+    parser.add_argument("script")
+    parser.add_argument("--network", action="store_true")
+    parser.add_argument("--timeout", type=float, default=30)
+    parser.add_argument("--kill-spawner-after", type=float)
+    parser.add_argument("--builder")
+    print(json.dumps(trio.run(main, parser.parse_args())))
+    sys.stdout.flush()

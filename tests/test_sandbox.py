@@ -1,0 +1,149 @@
+"""Real builders (Debian's static busybox, from the store) in real namespaces."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BUILD_UID = 30001
+NOBODY = 65534
+
+CHECKS = r"""
+echo "uid=$(id -u) gid=$(id -g)"
+echo "pid=$$"
+echo "hostname=$(hostname)"
+echo "ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\n' ,)"
+echo "root=$(ls -A / | tr '\n' ,)"
+echo "procs=$(ls /proc | grep -c '^[0-9]')"
+for p in /root /etc/shadow "$STATE/var/daemon.sock" "$STATE/var/db" /var/lib/weft; do
+  if [ -e "$p" ]; then echo "visible=$p"; fi
+done
+if echo x > "$BB/intruder" 2>/dev/null; then echo "input=writable"; else echo "input=read-only"; fi
+touch /build/suid
+if chmod 4755 /build/suid 2>/dev/null; then echo "chmod=allowed"; else echo "chmod=refused"; fi
+if [ -u /build/suid ]; then echo "setuid=present"; else echo "setuid=absent"; fi
+echo "cwd=$(pwd) umask=$(umask) env=$(env | cut -d= -f1 | sort | tr '\n' ,)"
+mkdir "$out" && echo built > "$out/result"
+exit 3
+"""
+
+
+@pytest.fixture
+def state() -> Iterator[Path]:
+    # Not under /tmp: the sandbox mounts its own /tmp over that path.
+    d = Path(tempfile.mkdtemp(prefix="weft-sandbox-", dir="/var/tmp"))
+    d.chmod(0o755)
+    yield d / "state"
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def drive(
+    state: Path, script: str, *extra: str, uid: int = BUILD_UID, as_nobody: bool = False
+) -> dict:
+    python, env = sys.executable, None
+    if as_nobody:
+        # The system interpreter with the venv's packages: the venv's python may link to
+        # an interpreter under a directory only root can enter (pyenv in /root).
+        python = "/usr/bin/python3"
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}"}
+    cmd = [python, "-m", "tests.sandbox_driver", str(state), str(uid), script, *extra]
+    if as_nobody:
+        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def parse(log: str) -> dict[str, str]:
+    """`key=value` lines; `visible=P` lines become keys `visible:P`."""
+    found: dict[str, str] = {}
+    for line in log.splitlines():
+        key, _, value = line.partition("=")
+        if key == "visible":
+            key = f"visible:{value}"
+        found[key] = value
+    return found
+
+
+def check_sandbox(result: dict, state: Path) -> None:
+    assert result["code"] == 3, result
+    seen = parse(result["log"])
+    assert seen["uid"] == "1000 gid=100"
+    assert seen["pid"] == "1"
+    assert seen["hostname"] == "localhost"
+    assert seen["ifaces"] == "lo,"
+    top = str(state).split("/")[1]
+    assert seen["root"] == ",".join(sorted(["build", "dev", "etc", "proc", "tmp", top])) + ","
+    assert int(seen["procs"]) <= 4
+    assert not [k for k in seen if k.startswith("visible:")], seen
+    assert seen["input"] == "read-only"
+    assert seen["chmod"] == "refused"
+    assert seen["setuid"] == "absent"
+    assert seen["cwd"] == "/build umask=0022 env=BB,HOME,PATH,PWD,SHLVL,STATE,STORE_OUT,out,"
+    assert result["left_running"] == []
+
+
+def test_builder_sees_only_its_sandbox(state: Path) -> None:
+    check_sandbox(drive(state, CHECKS), state)
+
+
+def test_same_sandbox_with_the_daemon_as_an_ordinary_user(state: Path) -> None:
+    state.parent.chmod(0o777)
+    result = drive(state, CHECKS, uid=NOBODY, as_nobody=True)
+    check_sandbox(result, state)
+
+
+def test_network_namespace_can_be_left_out(state: Path) -> None:
+    result = drive(state, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '", "--network")
+    host = sorted(
+        line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]
+    )
+    assert sorted(result["log"].split()) == host
+
+
+def test_daemonised_grandchildren_do_not_outlive_the_builder(state: Path) -> None:
+    script = "(sleep 1000 &) ; setsid sleep 1000 & nohup sleep 1000 >/dev/null 2>&1 & exit 0"
+    result = drive(state, script)
+    assert result["code"] == 0
+    assert result["left_running"] == []
+
+
+def test_builder_ignoring_sigterm_is_killed_on_timeout(state: Path) -> None:
+    result = drive(state, "trap '' TERM; while :; do sleep 1; done", "--timeout", "1")
+    assert result["code"] == -signal.SIGKILL
+    assert result["elapsed"] < 5
+    assert result["left_running"] == []
+
+
+def test_spawner_killed_mid_build_is_replaced(state: Path) -> None:
+    result = drive(state, "sleep 1; echo first build done", "--kill-spawner-after", "0.2")
+    assert result["spawner_restarts"] == 1
+    # The running builder belongs to the daemon, not to the dead spawner.
+    assert result["code"] == 0 and "first build done" in result["log"]
+    assert result["second_code"] == 0
+    assert result["second_log"].strip() == "second build ok"
+
+
+def test_setup_errors_name_the_step(state: Path) -> None:
+    result = drive(state, "true", "--builder", "/nonexistent/builder")
+    assert result["setup_error"] == {
+        "step": "exec",
+        "errno": errno.ENOENT,
+        "path": "/nonexistent/builder",
+    }
+
+
+def test_outputs_land_in_the_sandbox_store_dir(state: Path) -> None:
+    result = drive(state, 'mkdir -p "$STORE_OUT" && echo made > "$STORE_OUT/file"')
+    assert result["code"] == 0
+    assert "weft-test-output" in result["outputs"]
