@@ -26,6 +26,7 @@ from daemon.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_lo
 from daemon.ops import OPERATIONS
 from daemon.processes import ProcessMonitor
 from daemon.server import Daemon
+from daemon.spawn import SpawnerService, start_spawner_process
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store
@@ -78,6 +79,7 @@ async def run(
     daemon: Daemon,
     monitor: ProcessMonitor,
     locks: LockService,
+    spawner: SpawnerService,
     lock_lost: trio.Event,
     sock: socket.socket,
     path: str,
@@ -103,9 +105,11 @@ async def run(
         await nursery.start(monitor.run)
         nursery.start_soon(on_signals)
         nursery.start_soon(locks.run)
+        nursery.start_soon(spawner.run)
         nursery.start_soon(on_lock_lost)
         await daemon.serve(listener, grace, stop_accepting)
         stop_accepting()
+        await spawner.aclose()
         await locks.aclose()
         nursery.cancel_scope.cancel()
 
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         monitor = ProcessMonitor()
         monitor.become_subreaper()
         locks, lock_lost = take_daemon_lock(state, monitor)
+        # Forked and exec'd now, while the daemon has one thread and no event loop.
+        spawner = SpawnerService(monitor, *start_spawner_process(monitor))
         store = Store(state)
         sock = bind_socket(path)
         if os.path.dirname(path) == str(state.root / "var"):
@@ -210,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
     try:
-        daemon = Daemon(state, store, settings, OPERATIONS, locks)
-        trio.run(run, daemon, monitor, locks, lock_lost, sock, path, args.grace)
+        daemon = Daemon(state, store, settings, OPERATIONS, locks, spawner)
+        trio.run(run, daemon, monitor, locks, spawner, lock_lost, sock, path, args.grace)
     finally:
         store.close()
     log.info("stopped")

@@ -21,6 +21,7 @@ from daemon import protocol as p
 from daemon.auth import Peer, identify, peer_credentials
 from daemon.errors import OpError, error_for
 from daemon.locks import LockService
+from daemon.spawn import SpawnerService
 from store.layout import Settings, StateDir
 from store.store import Store
 
@@ -398,9 +399,11 @@ class Daemon:
         settings: Settings,
         operations: dict[str, Operation],
         locks: LockService | None = None,
+        spawner: SpawnerService | None = None,
     ) -> None:
         self.state = state
         self.locks = locks
+        self.spawner = spawner
         self.store = store
         self.settings = settings
         self.queries = QueryBatcher()

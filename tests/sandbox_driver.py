@@ -55,6 +55,33 @@ def sandboxed_processes(uid: int) -> list[int]:
     return found
 
 
+def zombies() -> int:
+    """Our children that died and were never reaped."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            count += fields[0] == "Z" and int(fields[1]) == os.getpid()
+    return count
+
+
+async def repeat(spawner: SpawnerService, request: SpawnRequest, work: Path, n: int) -> list[int]:
+    codes = []
+    for i in range(n):
+        root = work / f"root-{i}"
+        root.mkdir()
+        r, w = os.pipe()
+        builder = await spawner.spawn(SpawnRequest(**{**request.__dict__, "root": str(root)}), w)
+        os.close(w)
+        codes.append(await builder.wait())
+        os.close(r)
+    return codes
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     monitor = ProcessMonitor()
     monitor.become_subreaper()
@@ -92,6 +119,13 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             },
             network=args.network,
         )
+        if args.repeat > 1:
+            result["codes"] = await repeat(spawner, request, work, args.repeat)
+            await trio.sleep(0.3)
+            result["zombies"] = zombies()
+            await spawner.aclose()
+            n.cancel_scope.cancel()
+            return result
         r, w = os.pipe()
         t = time.monotonic()
         try:
@@ -153,5 +187,6 @@ if __name__ == "__main__":
     parser.add_argument("--timeout", type=float, default=30)
     parser.add_argument("--kill-spawner-after", type=float)
     parser.add_argument("--builder")
+    parser.add_argument("--repeat", type=int, default=1)
     print(json.dumps(trio.run(main, parser.parse_args())))
     sys.stdout.flush()

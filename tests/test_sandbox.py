@@ -147,3 +147,9 @@ def test_outputs_land_in_the_sandbox_store_dir(state: Path) -> None:
     result = drive(state, 'mkdir -p "$STORE_OUT" && echo made > "$STORE_OUT/file"')
     assert result["code"] == 0
     assert "weft-test-output" in result["outputs"]
+
+
+def test_a_thousand_builds_leave_no_zombie(state: Path) -> None:
+    result = drive(state, "(sleep 0.01 &) ; exit 0", "--repeat", "1000")
+    assert result["codes"] == [0] * 1000
+    assert result["zombies"] == 0
