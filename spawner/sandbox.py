@@ -1,11 +1,12 @@
 """What a builder sees, and the steps that build it.
 
 `prepare_root` (in the spawner, as the daemon's user) lays out the new root on disk: the
-skeleton directories, `/etc` files, empty files and directories to mount devices, inputs
-and extra paths on.  `enter` (in the builder process, pid 1 of its new namespaces, still
-holding every capability of its user namespace) mounts, pivots into the root, drops to
-the build user and execs.  The builder is created only by mounting: in a user namespace
-whose root is not mapped, creating files would fail, so everything is made beforehand.
+skeleton directories and empty files and directories to mount inputs and extra paths on;
+`/etc` and `/dev` come from a template made once (`make_template`).  `enter` (in the
+builder process, pid 1 of its new namespaces, still holding every capability of its user
+namespace) mounts, pivots into the root, drops to the build user and execs.  The sandbox
+is made only by mounting: in a user namespace whose root is not mapped, creating files
+would fail, so everything is made beforehand.
 """
 
 import contextlib
@@ -80,25 +81,20 @@ def _mount_point_for(source: str, target: str) -> None:
             pass
 
 
-def prepare_root(req: SpawnRequest) -> None:
-    root = req.root
-    with _step("prepare root", root):
-        for d, mode in (
-            ("tmp", 0o1777),
-            ("build", 0o755),
-            ("etc", 0o755),
-            ("dev", 0o755),
-            ("dev/shm", 0o1777),
-            ("dev/pts", 0o755),
-            ("proc", 0o555),
-        ):
-            os.makedirs(_inside(root, d), exist_ok=True)
-            os.chmod(_inside(root, d), mode)
+def make_template(where: str) -> None:
+    """`etc/` and `dev/` as every sandbox sees them, made once and bound into each root:
+    a dozen fewer files to create per build, on a disk that is sometimes slow at it."""
+    with _step("make template", where):
+        os.makedirs(os.path.join(where, "etc"), exist_ok=True)
         for name, text in (("passwd", PASSWD), ("group", GROUP), ("hosts", HOSTS)):
-            with open(_inside(root, f"etc/{name}"), "w") as f:
+            with open(os.path.join(where, "etc", name), "w") as f:
                 f.write(text)
-        for dev in DEVICES:
-            with open(_inside(root, f"dev/{dev}"), "a"):
+        dev = os.path.join(where, "dev")
+        for d, mode in (("", 0o755), ("shm", 0o1777), ("pts", 0o755)):
+            os.makedirs(os.path.join(dev, d), exist_ok=True)
+            os.chmod(os.path.join(dev, d), mode)
+        for name in DEVICES:
+            with open(os.path.join(dev, name), "a"):
                 pass
         for name, target in (
             ("fd", "/proc/self/fd"),
@@ -107,7 +103,22 @@ def prepare_root(req: SpawnRequest) -> None:
             ("stderr", "/proc/self/fd/2"),
             ("ptmx", "pts/ptmx"),
         ):
-            os.symlink(target, _inside(root, f"dev/{name}"))
+            with contextlib.suppress(FileExistsError):
+                os.symlink(target, os.path.join(dev, name))
+
+
+def prepare_root(req: SpawnRequest) -> None:
+    root = req.root
+    with _step("prepare root", root):
+        for d, mode in (
+            ("tmp", 0o1777),
+            ("build", 0o755),
+            ("etc", 0o755),
+            ("dev", 0o755),
+            ("proc", 0o555),
+        ):
+            os.mkdir(_inside(root, d), mode)
+            os.chmod(_inside(root, d), mode)
         # The store dir is the build user's, so it can create its outputs there.
         store = _inside(root, req.store_dir)
         os.makedirs(store, exist_ok=True)
@@ -125,12 +136,14 @@ def _bind(source: str, target: str, read_only: bool) -> None:
             linux.mount(None, target, None, flags | linux.locked_mount_flags(target))
 
 
-def enter(req: SpawnRequest, log_fd: int, status_fd: int) -> None:
+def enter(req: SpawnRequest, template: str, log_fd: int, status_fd: int) -> None:
     """In the builder (pid 1 of its namespaces): mount, pivot, drop privileges, exec."""
     root = req.root
     with _step("make / private"):
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     _bind(root, root, read_only=False)
+    _bind(os.path.join(template, "etc"), _inside(root, "etc"), read_only=True)
+    _bind(os.path.join(template, "dev"), _inside(root, "dev"), read_only=True)
     for p in req.inputs:
         if not os.path.islink(p):
             _bind(p, _inside(root, p), read_only=True)

@@ -19,12 +19,21 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 import msgpack
 
 from spawner import linux
-from spawner.sandbox import BUILD_GID, BUILD_UID, SetupError, SpawnRequest, enter, prepare_root
+from spawner.sandbox import (
+    BUILD_GID,
+    BUILD_UID,
+    SetupError,
+    SpawnRequest,
+    enter,
+    make_template,
+    prepare_root,
+)
 
 MAX_PACKET = 1 << 20
 NAMESPACES = (
@@ -65,7 +74,9 @@ def _default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _intermediate(req: SpawnRequest, log_fd: int, report: int, go: int, status: int) -> None:
+def _intermediate(
+    req: SpawnRequest, template: str, log_fd: int, report: int, go: int, status: int
+) -> None:
     """Process A: new namespaces, then the builder B as pid 1.  Never returns."""
     try:
         linux.unshare(NAMESPACES | (0 if req.network else linux.CLONE_NEWNET))
@@ -79,7 +90,7 @@ def _intermediate(req: SpawnRequest, log_fd: int, report: int, go: int, status: 
             try:
                 _default_signals()
                 os.setsid()
-                enter(req, log_fd, status)
+                enter(req, template, log_fd, status)
             except BaseException as e:
                 os.write(status, msgpack.packb(_error_of(e)))
             os._exit(127)
@@ -99,7 +110,7 @@ def _write_maps(pid: int, req: SpawnRequest) -> None:
         f.write(f"{BUILD_GID} {req.host_gid} 1\n")
 
 
-def spawn(req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+def spawn(req: SpawnRequest, template: str, log_fd: int) -> dict[str, Any]:
     try:
         prepare_root(req)
     except SetupError as e:
@@ -112,7 +123,7 @@ def spawn(req: SpawnRequest, log_fd: int) -> dict[str, Any]:
         os.close(report_r)
         os.close(go_w)
         os.close(status_r)
-        _intermediate(req, log_fd, report_w, go_r, status_w)
+        _intermediate(req, template, log_fd, report_w, go_r, status_w)
     for fd in (report_w, go_r, status_w):
         os.close(fd)
     try:
@@ -149,7 +160,7 @@ def _request(data: bytes) -> SpawnRequest:
     return SpawnRequest(**fields)
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, template: str) -> None:
     while True:
         try:
             data, ancdata, flags, _ = sock.recvmsg(
@@ -171,7 +182,7 @@ def serve(sock: socket.socket) -> None:
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != 1:
                 reply = _error("request", errno.EINVAL, "", "a request carries one log fd")
             else:
-                reply = spawn(_request(data), fds[0])
+                reply = spawn(_request(data), template, fds[0])
         except Exception as e:
             reply = _error_of(e)
         finally:
@@ -185,5 +196,8 @@ def main(fd: int) -> None:
     libc.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    serve(sock)
+    with tempfile.TemporaryDirectory(prefix="weft-sandbox-template-") as template:
+        os.chmod(template, 0o755)
+        make_template(template)
+        serve(sock, template)
     sys.exit(0)

@@ -1,0 +1,156 @@
+"""The spawner: request to the builder's first instruction, exit to reaped status, and
+sandboxed builders per second; with and without a network namespace.
+
+Builders are orphaned to the child subreaper, so the measurement runs in a process of
+its own (`python -m bench.spawner_bench`), as the daemon would.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from daemon.processes import ProcessMonitor
+from daemon.spawn import SpawnerService, start_spawner_process
+from spawner.sandbox import SpawnRequest
+from store.store import Store
+
+Row = tuple[str, str, str]
+SPAWNS = 500
+CONCURRENT = 8
+BUILD_UID = 30001
+STAMP_C = r"""
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    printf("%ld.%09ld\n", (long)t.tv_sec, t.tv_nsec);
+    fflush(stdout);
+    clock_gettime(CLOCK_REALTIME, &t);
+    printf("%ld.%09ld\n", (long)t.tv_sec, t.tv_nsec);
+    return 0;
+}
+"""
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _stamp_builder(work: Path, store: Store) -> str:
+    """A static program that prints the time it starts and the time it exits."""
+    tree = work / "stamp" / "bin"
+    tree.mkdir(parents=True)
+    (work / "stamp.c").write_text(STAMP_C)
+    subprocess.run(
+        ["gcc", "-O2", "-static", "-o", str(tree / "stamp"), str(work / "stamp.c")], check=True
+    )
+    return store.add_path(work / "stamp", name="stamp").path
+
+
+async def _measure(work: Path) -> list[Row]:
+    monitor = ProcessMonitor()
+    monitor.become_subreaper()
+    store = Store.open(work / "state")
+    stamp = _stamp_builder(work, store)
+    spawner = SpawnerService(monitor, *start_spawner_process(monitor))
+    counter = iter(range(10**9))
+
+    def request(network: bool) -> SpawnRequest:
+        i = next(counter)
+        root, build = work / f"root-{i}", work / f"build-{i}"
+        root.mkdir()
+        build.mkdir()
+        os.chown(build, BUILD_UID, BUILD_UID)
+        return SpawnRequest(
+            builder=f"{stamp}/bin/stamp",
+            root=str(root),
+            build_dir=str(build),
+            store_dir=store.store_dir,
+            host_uid=BUILD_UID,
+            host_gid=BUILD_UID,
+            inputs=[stamp],
+            network=network,
+        )
+
+    async def one(network: bool) -> tuple[float, float]:
+        req = request(network)
+        r, w = os.pipe()
+        t0 = time.time()
+        proc = await spawner.spawn(req, w)
+        os.close(w)
+        await proc.wait()
+        reaped = time.time()
+        started, exiting = map(float, os.read(r, 4096).split())
+        os.close(r)
+        return started - t0, reaped - exiting
+
+    rows: list[Row] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
+        await nursery.start(spawner.run)
+        for network, label in ((False, "new network namespace"), (True, "host network")):
+            results = [await one(network) for _ in range(SPAWNS)]
+            to_exec = [a for a, _ in results]
+            to_reap = [b for _, b in results]
+            rows.append(
+                (
+                    f"spawn to first instruction, {label}",
+                    f"median {statistics.median(to_exec) * 1e3:.2f} ms, "
+                    f"p99 {_pct(to_exec, 0.99) * 1e3:.2f} ms",
+                    "target median < 10 ms",
+                )
+            )
+            rows.append(
+                (
+                    f"builder exit to reaped status, {label}",
+                    f"median {statistics.median(to_reap) * 1e3:.2f} ms, "
+                    f"p99 {_pct(to_reap, 0.99) * 1e3:.2f} ms",
+                    "target < 2 ms",
+                )
+            )
+        t = time.perf_counter()
+        async with trio.open_nursery() as group:
+            for _ in range(CONCURRENT):
+                group.start_soon(lambda: _many(one, SPAWNS // CONCURRENT))
+        rate = SPAWNS / (time.perf_counter() - t)
+        rows.append(
+            (
+                f"trivial sandboxed builders per second, {CONCURRENT} at once",
+                f"{rate:,.0f} /s",
+                "target >= 100",
+            )
+        )
+        await spawner.aclose()
+        nursery.cancel_scope.cancel()
+    store.close()
+    return rows
+
+
+async def _many(one, n: int) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(n):
+        await one(False)
+
+
+def run() -> list[Row]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.spawner_bench"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    return [tuple(r) for r in json.loads(out.stdout)]  # type: ignore[misc]
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
+        print(json.dumps(trio.run(_measure, Path(tmp))))
