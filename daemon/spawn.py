@@ -10,6 +10,7 @@ requests in flight fail with `SpawnerDied` and a new spawner serves the next one
 import array
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -147,3 +148,19 @@ async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int
     except trio.Cancelled:
         proc.kill()
         raise
+
+
+def build_ids(slot: int, uid_base: int, slots: int) -> tuple[int, int]:
+    """The host uid and gid a build slot's user maps to.
+
+    A root daemon gives each slot its own id from the configured range, never its own; a
+    daemon running as an ordinary user can map only its own ids (as Guix's rootless
+    daemon does)."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    if not 0 <= slot < slots:
+        raise ValueError(f"build slot {slot} outside 0..{slots - 1}")
+    uid = uid_base + slot
+    if uid_base <= 0 or uid_base <= os.geteuid() < uid_base + slots:
+        raise ValueError(f"build-uid-base {uid_base} would map builders to the daemon's uid")
+    return uid, uid

@@ -31,6 +31,11 @@ class Settings:
 
     allowed_users: list[str] = field(default_factory=lambda: ["*"])
     trusted_users: list[str] = field(default_factory=lambda: ["root"])
+    # Host paths bound read-only into every sandbox (a host compiler, say).
+    sandbox_paths: list[str] = field(default_factory=list)
+    # A root daemon maps build slot N's user to host uid and gid build-uid-base + N.
+    build_uid_base: int = 30000
+    build_slots: int = 64
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":

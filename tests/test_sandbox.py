@@ -33,6 +33,9 @@ touch /build/suid
 if chmod 4755 /build/suid 2>/dev/null; then echo "chmod=allowed"; else echo "chmod=refused"; fi
 if [ -u /build/suid ]; then echo "setuid=present"; else echo "setuid=absent"; fi
 echo "cwd=$(pwd) umask=$(umask) env=$(env | cut -d= -f1 | sort | tr '\n' ,)"
+status=/proc/self/status
+echo "caps=$(grep CapEff $status | cut -f2) nnp=$(grep NoNewPrivs $status | cut -f2)"
+echo "core=$(ulimit -c)"
 mkdir "$out" && echo built > "$out/result"
 exit 3
 """
@@ -90,6 +93,8 @@ def check_sandbox(result: dict, state: Path) -> None:
     assert seen["chmod"] == "refused"
     assert seen["setuid"] == "absent"
     assert seen["cwd"] == "/build umask=0022 env=BB,HOME,PATH,PWD,SHLVL,STATE,STORE_OUT,out,"
+    assert seen["caps"] == "0000000000000000 nnp=1"
+    assert seen["core"] == "0"
     assert result["left_running"] == []
 
 
@@ -153,3 +158,14 @@ def test_a_thousand_builds_leave_no_zombie(state: Path) -> None:
     result = drive(state, "(sleep 0.01 &) ; exit 0", "--repeat", "1000")
     assert result["codes"] == [0] * 1000
     assert result["zombies"] == 0
+
+
+def test_build_slots_map_to_their_own_host_ids() -> None:
+    from daemon.spawn import build_ids
+
+    assert build_ids(0, 30000, 64) == (30000, 30000)
+    assert build_ids(5, 30000, 64) == (30005, 30005)
+    with pytest.raises(ValueError, match="outside"):
+        build_ids(64, 30000, 64)
+    with pytest.raises(ValueError, match="daemon's uid"):
+        build_ids(0, 0, 64)
