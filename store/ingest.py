@@ -35,7 +35,6 @@ class SourceChanged(OSError):
 class Ingested:
     nar_hash: str
     nar_size: int
-    is_directory: bool
 
 
 class _Copier:
@@ -171,7 +170,7 @@ def _copy_into(src: str | os.PathLike[str], dest_dir: int, dest_name: bytes) -> 
         copier.node(spfd, src_name, dest_dir, dest_name, mode)
     finally:
         os.close(spfd)
-    return Ingested(format_hash(copier.hasher.digest()), copier.size, stat.S_ISDIR(mode))
+    return Ingested(format_hash(copier.hasher.digest()), copier.size)
 
 
 def copy_tree_as(

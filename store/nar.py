@@ -14,7 +14,6 @@ entry, and `restore` writes only below the destination it was given.
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 MAGIC = b"nix-archive-1"
 MAX_DEPTH = 256
@@ -145,12 +144,6 @@ def _dump_file(path: bytes) -> Iterator[bytes]:
         os.close(fd)
 
 
-@dataclass(slots=True)
-class RestoreStats:
-    nar_size: int = 0
-    files: int = 0
-
-
 class _Reader:
     """Buffered reads from a `read(n) -> bytes` source, counting every byte consumed."""
 
@@ -226,7 +219,6 @@ class _Reader:
 class _Parser:
     def __init__(self, reader: _Reader):
         self.r = reader
-        self.stats = RestoreStats()
 
     def fail(self, where: bytes, msg: str) -> NarError:
         shown = os.fsdecode(where) or "/"
@@ -302,7 +294,6 @@ class _Parser:
         if size % 8 and self.r.exact(8 - size % 8).strip(b"\0"):
             raise self.fail(where, "non-zero padding after file contents")
         self.expect(b")", where)
-        self.stats.files += 1
 
     def directory(self, parent_fd: int, name: bytes, where: bytes, depth: int) -> None:
         os.mkdir(name, 0o700, dir_fd=parent_fd)
@@ -350,12 +341,13 @@ def restore(
     read: Callable[[int], bytes],
     dest: str | bytes | os.PathLike[str],
     observe: Callable[[bytes], object] | None = None,
-) -> RestoreStats:
+) -> int:
     """Parse the archive from `read` and write its tree at `dest`, which must not exist.
 
-    Every byte read is passed to `observe` (a hasher's `update`, say).  The tree is written
-    canonical: mtime 1, modes 0444/0555.  On error a partial tree may remain at `dest`; the
-    caller restores into a temporary place and removes it, so nothing half-made lands.
+    Returns the archive's size.  Every byte read is passed to `observe` (a hasher's
+    `update`, say).  The tree is written canonical: mtime 1, modes 0444/0555.  On error a
+    partial tree may remain at `dest`; the caller restores into a temporary place and
+    removes it, so nothing half-made lands.
     """
     dest_b = os.fsencode(dest)
     parent, _, name = dest_b.rpartition(b"/")
@@ -369,5 +361,4 @@ def restore(
         os.close(parent_fd)
     if not parser.r.at_eof():
         raise NarError(f"trailing garbage after the archive at byte {parser.r.offset}")
-    parser.stats.nar_size = parser.r.offset
-    return parser.stats
+    return parser.r.offset

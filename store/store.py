@@ -213,11 +213,11 @@ class Store:
 
         def fill(dest: Path) -> tuple[str, int]:
             hasher = blake3.blake3()
-            stats = nar.restore(read, dest, observe=hasher.update)
+            nar_size = nar.restore(read, dest, observe=hasher.update)
             got = format_hash(hasher.digest())
             if expected_hash is not None and got != expected_hash:
                 raise HashMismatch(f"archive for {name!r} has hash {got}, expected {expected_hash}")
-            return got, stats.nar_size
+            return got, nar_size
 
         return self._add(PathKind.SOURCE, name, references, fill)
 
