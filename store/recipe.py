@@ -1,0 +1,187 @@
+"""Recipes in Python, as Guix uses Scheme.
+
+    from store.recipe import busybox, derivation, source
+
+    bb = busybox()
+    hello = derivation("hello", f"{bb}/bin/busybox",
+                       ["sh", "-c", f"echo hello > $out"])
+    shout = derivation("shout", f"{bb}/bin/busybox",
+                       ["sh", "-c", f"tr a-z A-Z < {hello} > $out"])
+
+`str(d)` and `d.out` are a derivation's output path and `d.outputs[name]` any output, so
+recipes pass inputs to builders with f-strings.  Store paths named in the builder, its
+arguments or its environment are picked up as inputs (derivation outputs of this
+evaluation, or paths already in the store); `inputs=` adds more.  Evaluating a recipe
+writes sources and `.drv` files into the store it runs against (`using`), which is the
+local store or the daemon.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from store import derivation as drvs
+from store.derivation import HashModulo, Output, with_output_paths
+from store.store import Store
+
+HOST_BUSYBOX = "/bin/busybox"
+
+
+class RecipeStore(Protocol):
+    """What evaluating recipes needs from a store: the local one, or a daemon client."""
+
+    store_dir: str
+
+    def add_source(self, path: str, name: str) -> str: ...
+
+    def add_text(self, name: str, text: str, references: list[str]) -> str: ...
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """A derivation written to the store, as recipes see it."""
+
+    drv: drvs.Derivation
+    path: str  # the .drv store path
+
+    @property
+    def out(self) -> str:
+        return self.drv.output_path("out")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {k: o.path for k, o in self.drv.outputs.items()}
+
+    def __str__(self) -> str:
+        return self.out if "out" in self.drv.outputs else next(iter(self.outputs.values()))
+
+
+class _Evaluation:
+    def __init__(self, store: RecipeStore) -> None:
+        self.store = store
+        self.by_output: dict[str, Derivation] = {}
+        self.by_path: dict[str, drvs.Derivation] = {}
+        self.hashes = HashModulo(lambda p: self.by_path[p])
+        self.busybox: str | None = None
+        self.path_re = re.compile(re.escape(store.store_dir) + r"/[0-9a-z]{32}-[A-Za-z0-9+\-._?=]+")
+
+
+_current: ContextVar[_Evaluation] = ContextVar("weft_recipe_store")
+
+
+@contextmanager
+def using(store: RecipeStore) -> Iterator[None]:
+    """Evaluate recipes in the block against `store`."""
+    token = _current.set(_Evaluation(store))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _evaluation() -> _Evaluation:
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("recipes must be evaluated inside store.recipe.using(store)") from None
+
+
+def source(path: str | os.PathLike[str], name: str | None = None) -> str:
+    """Add a local file or directory as a source path; returns its store path."""
+    path = os.path.abspath(path)
+    return _evaluation().store.add_source(path, name or os.path.basename(path))
+
+
+def busybox() -> str:
+    """The bootstrap busybox: Debian's static binary as `<path>/bin/busybox`, with a link
+    per applet, so that `<path>/bin` can be a builder's PATH."""
+    ev = _evaluation()
+    if ev.busybox is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            bin_dir = Path(tmp) / "busybox" / "bin"
+            bin_dir.mkdir(parents=True)
+            shutil.copy(HOST_BUSYBOX, bin_dir / "busybox")
+            for applet in _applets():
+                if applet != "busybox":
+                    (bin_dir / applet).symlink_to("busybox")
+            ev.busybox = ev.store.add_source(str(bin_dir.parent), "busybox")
+    return ev.busybox
+
+
+def _applets() -> list[str]:
+    import subprocess
+
+    out = subprocess.run([HOST_BUSYBOX, "--list"], capture_output=True, text=True, check=True)
+    return sorted(set(out.stdout.split()))
+
+
+def derivation(
+    name: str,
+    builder: str,
+    args: Iterable[str] = (),
+    inputs: Iterable[Derivation | str] = (),
+    env: Mapping[str, str] | None = None,
+    outputs: Iterable[str] = ("out",),
+    output_hash: str | None = None,
+) -> Derivation:
+    ev = _evaluation()
+    args = tuple(str(a) for a in args)
+    env = {k: str(v) for k, v in (env or {}).items()}
+    input_drvs: dict[str, set[str]] = {}
+    input_srcs: set[str] = set()
+
+    def use(path: str) -> None:
+        known = ev.by_output.get(path)
+        if known is not None:
+            input_drvs.setdefault(known.path, set()).update(
+                k for k, p in known.outputs.items() if p == path
+            )
+        else:
+            input_srcs.add(path)
+
+    for item in inputs:
+        if isinstance(item, Derivation):
+            input_drvs.setdefault(item.path, set()).update(item.outputs)
+        else:
+            use(str(item))
+    for text in (builder, *args, *env.values()):
+        for found in ev.path_re.findall(text):
+            use(found)
+    outs = tuple(outputs)
+    draft = drvs.Derivation(
+        name=name,
+        builder=builder,
+        outputs={o: Output(hash=output_hash if o == "out" else None) for o in outs},
+        args=args,
+        env=env,
+        input_drvs={p: tuple(sorted(o)) for p, o in input_drvs.items()},
+        input_srcs=tuple(sorted(input_srcs)),
+    )
+    final = with_output_paths(draft, ev.store.store_dir, ev.hashes)
+    path = ev.store.add_text(f"{name}.drv", final.to_json(), final.references())
+    ev.by_path[path] = final
+    made = Derivation(final, path)
+    for out_path in made.outputs.values():
+        ev.by_output[out_path] = made
+    return made
+
+
+class LocalStore:
+    """Evaluate recipes straight into a `Store` on this machine (no daemon)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.store_dir = store.store_dir
+
+    def add_source(self, path: str, name: str) -> str:
+        return self.store.add_path(path, name).path
+
+    def add_text(self, name: str, text: str, references: list[str]) -> str:
+        return self.store.add_text(name, text, references).path
