@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from store.hashing import format_hash, hash_path
 from store.ingest import copy_tree, copy_tree_as
 from store.layout import StateDir
 from store.paths import PathKind, StorePath, make_store_path, validate_name
+from store.refscan import scan_path
 from store.sourcecache import SourceCache, signature
 from store.tmparea import TmpArea, owner_alive, owner_of, remove_tree
 
@@ -57,6 +58,19 @@ class PathInfo:
     deriver: str | None = None
     ca: str | None = None
     sigs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NewPath:
+    """A path built in the temporary area, ready to be renamed into place and registered."""
+
+    entry: Path
+    path: str
+    nar_hash: str
+    nar_size: int
+    references: tuple[str, ...]
+    ca: str | None = None
+    deriver: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,62 +279,145 @@ class Store:
             path = str(make_store_path(kind, nar_hash, self.store_dir, name, refs))
             info = self.path_info(path)
             if info is None:
-                info = self._install(
-                    entry, path, nar_hash, nar_size, refs, f"{kind.value}:{nar_hash}"
+                new = NewPath(
+                    entry, path, nar_hash, nar_size, tuple(refs), f"{kind.value}:{nar_hash}"
                 )
+                (info,) = self._install([new])
         finally:
             remove_tree(entry)
         return info
 
+    def add_outputs(
+        self,
+        drv_path: str,
+        built: Mapping[str, tuple[str, str]],
+        candidates: Iterable[str],
+        expected_hashes: Mapping[str, str] | None = None,
+    ) -> list[PathInfo]:
+        """Register a build's outputs, {output name: (where the builder left it, store path)}.
+
+        Each is copied canonical into the temporary area (so nothing the builder can still
+        touch lands in the store), hashed, checked against its expected hash if it has one,
+        and scanned for references to `candidates` and to the outputs themselves; then all
+        are renamed into place and registered in one transaction, with their deriver.
+        """
+        expected_hashes = expected_hashes or {}
+        own = {p for _, p in built.values()}
+        by_hash_part = {self.parse(p).hash_part: p for p in {*candidates, *own}}
+        entries: list[NewPath] = []
+        try:
+            for output, (src, path) in sorted(built.items()):
+                entry = self.tmp.new_entry()
+                entries.append(NewPath(entry, path, "", 0, ()))
+                got = copy_tree(src, entry)
+                want = expected_hashes.get(output)
+                if want is not None and got.nar_hash != want:
+                    raise HashMismatch(
+                        f"output {output!r} of {drv_path} has hash {got.nar_hash}, expected {want}"
+                    )
+                found = scan_path(entry, by_hash_part)
+                refs = tuple(sorted(by_hash_part[h] for h in found))
+                ca = f"fixed:out:{want}" if want is not None else None
+                entries[-1] = NewPath(entry, path, got.nar_hash, got.nar_size, refs, ca, drv_path)
+            outputs = [(drv_path, output, path) for output, (_, path) in built.items()]
+            return self._install(entries, outputs)
+        finally:
+            for new in entries:
+                remove_tree(new.entry)
+
     def _install(
-        self, entry: Path, path: str, nar_hash: str, nar_size: int, refs: Sequence[str], ca: str
-    ) -> PathInfo:
-        final = Path(path)
-        is_dir = stat.S_ISDIR(os.lstat(entry).st_mode)
-        # Journal the add before the rename: if this process dies between the rename and
-        # the commit, the next open finds the row and removes the unregistered path.
+        self, new: Sequence[NewPath], drv_outputs: Sequence[tuple[str, str, str]] = ()
+    ) -> list[PathInfo]:
+        """Rename entries into place and register them, all in one transaction.
+
+        References may name paths registered earlier or other paths of this batch, and a
+        path may refer to itself.  `drv_outputs` (drv path, output name, output path) rows
+        are recorded when the derivation is valid.
+        """
+        # Journal the adds before the renames: if this process dies between a rename and
+        # the commit, the next open finds the rows and removes the unregistered paths.
         self.db.write(
-            lambda conn: conn.execute(
-                "INSERT INTO PendingAdds (entry, path) VALUES (?, ?)", (entry.name, path)
+            lambda conn: conn.executemany(
+                "INSERT INTO PendingAdds (entry, path) VALUES (?, ?)",
+                [(n.entry.name, n.path) for n in new],
             )
         )
-        aside: Path | None = None
+        aside: list[Path] = []
+        renamed: list[NewPath] = []
 
-        def body(conn: apsw.Connection) -> PathInfo | None:
-            nonlocal aside
-            conn.execute("DELETE FROM PendingAdds WHERE entry = ?", (entry.name,))
-            if conn.execute("SELECT 1 FROM ValidPaths WHERE path = ?", (path,)).fetchone():
-                return None
-            ref_ids = _ids(conn, refs)
-            # Under the write lock an unregistered path is a dead process's debris.
-            aside = self.tmp.move_aside(final)
-            if is_dir:
-                # Moving a directory to a new parent rewrites its '..': it needs write
-                # permission on the directory itself unless we are root.
-                os.chmod(entry, 0o755)
-            os.rename(entry, final)
+        def body(conn: apsw.Connection) -> list[PathInfo]:
+            conn.executemany(
+                "DELETE FROM PendingAdds WHERE entry = ?", [(n.entry.name,) for n in new]
+            )
+            batch = {n.path for n in new}
+            external = sorted({r for n in new for r in n.references} - batch)
+            ids = dict(zip(external, _ids(conn, external), strict=True))
+            infos: list[PathInfo] = []
             try:
-                if is_dir:
-                    os.chmod(final, 0o555)
-                reg_time = _insert_path(conn, path, nar_hash, nar_size, ref_ids, None, ca)
+                fresh = []
+                for n in new:
+                    if conn.execute(
+                        "SELECT 1 FROM ValidPaths WHERE path = ?", (n.path,)
+                    ).fetchone():
+                        continue
+                    final = Path(n.path)
+                    # Under the write lock an unregistered path is a dead process's debris.
+                    moved = self.tmp.move_aside(final)
+                    if moved is not None:
+                        aside.append(moved)
+                    is_dir = stat.S_ISDIR(os.lstat(n.entry).st_mode)
+                    if is_dir:
+                        # Moving a directory to a new parent rewrites its '..': it needs
+                        # write permission on the directory itself unless we are root.
+                        os.chmod(n.entry, 0o755)
+                    os.rename(n.entry, final)
+                    renamed.append(n)
+                    if is_dir:
+                        os.chmod(final, 0o555)
+                    fresh.append(n)
+                reg_time = int(time.time())
+                for n in fresh:
+                    conn.execute(
+                        "INSERT INTO ValidPaths (path, hash, nar_size, registration_time, "
+                        "deriver, ca) VALUES (?, ?, ?, ?, ?, ?)",
+                        (n.path, n.nar_hash, n.nar_size, reg_time, n.deriver, n.ca),
+                    )
+                    ids[n.path] = conn.last_insert_rowid()
+                for n in fresh:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)",
+                        [(ids[n.path], ids[r]) for r in n.references],
+                    )
+                    infos.append(
+                        PathInfo(
+                            n.path, n.nar_hash, n.nar_size, n.references, reg_time, n.deriver, n.ca
+                        )
+                    )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) "
+                    "SELECT v.id, ?, ? FROM ValidPaths v WHERE v.path = ?",
+                    [(output, path, drv) for drv, output, path in drv_outputs],
+                )
             except BaseException:
-                os.rename(final, entry)
+                for n in renamed:
+                    os.rename(n.path, n.entry)
                 raise
-            return PathInfo(path, nar_hash, nar_size, tuple(refs), reg_time, None, ca)
+            return infos
 
         try:
-            info = self.db.write(body)
+            installed = self.db.write(body)
         except BaseException:
             self.db.write(
-                lambda conn: conn.execute("DELETE FROM PendingAdds WHERE entry = ?", (entry.name,))
+                lambda conn: conn.executemany(
+                    "DELETE FROM PendingAdds WHERE entry = ?", [(n.entry.name,) for n in new]
+                )
             )
             raise
         finally:
-            if aside is not None:
-                remove_tree(aside)
-        if info is None:
-            info = self._info_or_raise(path)
-        return info
+            for moved in aside:
+                remove_tree(moved)
+        done = {i.path for i in installed}
+        return installed + [self._info_or_raise(n.path) for n in new if n.path not in done]
 
     # -- queries ----------------------------------------------------------------------
 
@@ -436,30 +533,6 @@ def _ids(conn: apsw.Connection, paths: Sequence[str]) -> list[int]:
     if missing:
         raise InvalidReference(f"reference {missing[0]!r} is not a valid path")
     return [rows[p] for p in paths]
-
-
-def _insert_path(
-    conn: apsw.Connection,
-    path: str,
-    nar_hash: str,
-    nar_size: int,
-    ref_ids: Sequence[int],
-    deriver: str | None,
-    ca: str | None,
-) -> int:
-    """Register a path; returns its registration time."""
-    reg_time = int(time.time())
-    conn.execute(
-        "INSERT INTO ValidPaths (path, hash, nar_size, registration_time, deriver, ca) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (path, nar_hash, nar_size, reg_time, deriver, ca),
-    )
-    new_id = conn.last_insert_rowid()
-    conn.executemany(
-        "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)",
-        [(new_id, r) for r in ref_ids],
-    )
-    return reg_time
 
 
 def _references_first(refs: dict[int, list[int]]) -> list[int]:

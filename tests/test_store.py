@@ -272,3 +272,58 @@ def test_fresh_trees_are_not_cached(store: Store, tmp_path: Path) -> None:
     f = tmp_path / "fresh"
     f.write_text("just written")
     assert signature(f) is None
+
+
+def test_add_outputs_registers_references_and_deriver(store: Store, tmp_path: Path) -> None:
+    dep = store.add_text("dep", "a dependency")
+    unused = store.add_text("unused", "not referred to")
+    drv = store.add_text("thing.drv", "{}", [dep.path])
+    sd = store.store_dir
+    out_path, doc_path = f"{sd}/{'1' * 32}-thing", f"{sd}/{'2' * 32}-thing-doc"
+    out, doc = tmp_path / "out", tmp_path / "doc"
+    out.mkdir()
+    (out / "bin").write_bytes(b"\x7fELF..." + dep.path.encode() + b"\0" + out_path.encode())
+    os.chmod(out / "bin", 0o4755)
+    doc.write_text(f"see {out_path}")
+    infos = store.add_outputs(
+        drv.path,
+        {"out": (str(out), out_path), "doc": (str(doc), doc_path)},
+        candidates=[dep.path, unused.path],
+    )
+    by_path = {i.path: i for i in infos}
+    assert by_path[out_path].references == tuple(sorted([dep.path, out_path]))
+    assert by_path[doc_path].references == (out_path,)
+    assert by_path[out_path].deriver == drv.path
+    assert stat.S_IMODE(os.stat(f"{out_path}/bin").st_mode) == 0o555
+    assert os.stat(out_path).st_uid == os.geteuid()
+    with store.db.connection() as conn:
+        rows = sorted(
+            conn.execute(
+                "SELECT d.id, d.path FROM DerivationOutputs d JOIN ValidPaths v ON v.id = d.drv "
+                "WHERE v.path = ?",
+                (drv.path,),
+            )
+        )
+    assert rows == [("doc", doc_path), ("out", out_path)]
+    assert store.verify().ok
+    assert os.listdir(store.tmp.path) == []
+
+
+def test_fixed_output_hash_mismatch_registers_nothing(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "fetched"
+    out.write_text("unexpected")
+    path = f"{store.store_dir}/{'3' * 32}-fetched"
+    with pytest.raises(HashMismatch):
+        store.add_outputs(
+            "/nowhere.drv",
+            {"out": (str(out), path)},
+            [],
+            expected_hashes={"out": "blake3:" + "0" * 64},
+        )
+    assert not store.is_valid(path) and not os.path.exists(path)
+    assert os.listdir(store.tmp.path) == []
+    want, _ = hash_path(out)
+    (info,) = store.add_outputs(
+        "/nowhere.drv", {"out": (str(out), path)}, [], expected_hashes={"out": want}
+    )
+    assert info.ca == f"fixed:out:{want}"
