@@ -20,6 +20,8 @@ USAGE = {
     ),
     "store-dump": "store-dump PATH > archive",
     "store-verify": "store-verify [--json] [PATH...]",
+    "store-build": "store-build [-j N] [-L] [--keep-going] [-o LINK] TARGET...\n"
+    "       (TARGET: a .drv store path, or a recipe file.py[:name])",
 }
 COMMON = {"--state-dir": True, "--socket": True, "--help": False}
 
@@ -29,7 +31,7 @@ class UsageError(Exception):
 
 
 def parse(argv: list[str], flags: dict[str, bool]) -> tuple[dict[str, str | bool], list[str]]:
-    """Flags (`--x`, `--x VALUE`, `--x=VALUE`) and positional arguments, in any order."""
+    """Flags (`--x`, `-x`, `--x VALUE`, `--x=VALUE`) and positional arguments, in any order."""
     spec = {**COMMON, **flags}
     opts: dict[str, str | bool] = {}
     rest: list[str] = []
@@ -38,7 +40,7 @@ def parse(argv: list[str], flags: dict[str, bool]) -> tuple[dict[str, str | bool
         if arg == "--":
             rest.extend(it)
             break
-        if not arg.startswith("--"):
+        if not arg.startswith("-") or arg == "-":
             rest.append(arg)
             continue
         name, eq, value = arg.partition("=")
@@ -180,7 +182,15 @@ def store_verify(argv: list[str]) -> int:
     return 0 if not report["missing"] and not report["mismatched"] else 1
 
 
+def store_build(argv: list[str]) -> int:
+    # Recipes need the store package and more: only store-build pays for importing them.
+    from daemon.build_command import main
+
+    return main(argv)
+
+
 COMMANDS = {
+    "store-build": store_build,
     "store-add": store_add,
     "store-query": store_query,
     "store-dump": store_dump,

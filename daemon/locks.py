@@ -279,7 +279,7 @@ class LockService:
 
     @asynccontextmanager
     async def hold(
-        self, paths: Sequence[str], mode: str, owner: str, wait: bool = True
+        self, paths: Sequence[str], mode: str, owner: str, wait: bool = True, delete: bool = False
     ) -> AsyncIterator[list[Held]]:
         state = self._owners.setdefault(owner, _Owner())
         scope = trio.CancelScope()
@@ -296,16 +296,17 @@ class LockService:
             if not lost:
                 with trio.CancelScope(shield=True):
                     for h in reversed(held):
-                        await self.unlock(h, owner)
+                        await self.unlock(h, owner, delete=delete)
             elif not state.scopes:
                 self._owners.pop(owner, None)
         if lost:
             raise LockLost(f"{owner}: the locker died; its locks were lost")
 
     def exclusive(
-        self, paths: Sequence[str], owner: str, wait: bool = True
+        self, paths: Sequence[str], owner: str, wait: bool = True, delete: bool = False
     ) -> "AsyncIterator[list[Held]]":
-        return self.hold(paths, EXCLUSIVE, owner, wait)  # type: ignore[return-value]
+        """Hold `paths` exclusively; with `delete`, the lock files go when released."""
+        return self.hold(paths, EXCLUSIVE, owner, wait, delete)  # type: ignore[return-value]
 
     def shared(
         self, paths: Sequence[str], owner: str, wait: bool = True

@@ -9,7 +9,6 @@ let requests in flight finish within the grace period, and cancel the rest.
 
 import argparse
 import contextlib
-import fcntl
 import logging
 import os
 import resource
@@ -141,6 +140,10 @@ def _daemonize(log_path: str) -> int:
 
 def stop(state: StateDir, path: str, timeout: float) -> int:
     try:
+        pid = int((state.root / "var" / "daemon.pid").read_text())
+    except (OSError, ValueError):
+        pid = None
+    try:
         with BlockingClient(path, on_log=lambda e: None) as client:
             client.call("shutdown")
     except NoDaemon:
@@ -150,19 +153,25 @@ def stop(state: StateDir, path: str, timeout: float) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
     deadline = time.monotonic() + timeout
-    lock = state.root / "var" / "daemon.lock"
-    while time.monotonic() < deadline:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            print("weft: daemon stopped", file=sys.stderr)
-            return 0
-        except OSError:
-            time.sleep(0.05)
-        finally:
-            os.close(fd)
-    print(f"error: the daemon did not stop within {timeout:.0f} s", file=sys.stderr)
-    return 1
+    while pid is not None and _running(pid):
+        if time.monotonic() > deadline:
+            print(
+                f"error: the daemon (pid {pid}) did not stop within {timeout:.0f} s",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(0.05)
+    print("weft: daemon stopped", file=sys.stderr)
+    return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is alive (a zombie is not: it has stopped, only its parent must reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

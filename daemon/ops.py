@@ -6,10 +6,12 @@ from typing import Any
 import blake3
 import trio
 
+from daemon.builds import BuildOptions
 from daemon.errors import OpError
 from daemon.protocol import Code
 from daemon.server import Operation, RequestContext
 from store import base32, nar
+from store.derivation import DerivationError
 from store.store import PathInfo, Reader, Store
 
 
@@ -177,6 +179,56 @@ async def add_root(ctx: RequestContext) -> str:
     return str(entry)
 
 
+async def add_text(ctx: RequestContext) -> dict[str, Any]:
+    name = _str(ctx, "name")
+    text = ctx.args.get("text")
+    if not isinstance(text, str):
+        raise OpError(Code.BAD_REQUEST, "'text' must be a string")
+    refs = _strs(ctx, "references", [])
+    store = ctx.daemon.store
+    info = await trio.to_thread.run_sync(lambda: store.add_text(name, text, refs))
+    _keep_alive(ctx, info.path)
+    return _info(info)
+
+
+async def build(ctx: RequestContext) -> list[dict[str, object]]:
+    builder = ctx.daemon.builder
+    if builder is None:
+        raise OpError(Code.BAD_REQUEST, "this daemon does not build")
+    drvs = _strs(ctx, "drvs")
+    for d in drvs:
+        ctx.daemon.store.parse(d)
+    jobs = ctx.args.get("max_jobs") or builder.max_jobs
+    if type(jobs) is not int or jobs < 1:
+        raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
+    limits = {}
+    for key in ("timeout", "max_silent_time"):
+        value = ctx.args.get(key)
+        if value is not None:
+            if not isinstance(value, int | float) or value <= 0:
+                raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number of seconds")
+            limits[key] = float(value)
+    opts = BuildOptions(max_jobs=jobs, keep_going=bool(ctx.args.get("keep_going")), **limits)
+
+    async def listener(message: str, progress: tuple[int, int] | None) -> None:
+        done, total = progress if progress is not None else (None, None)
+        await ctx.log(message, done, total)
+
+    try:
+        results = await builder.build(drvs, opts, listener)
+    except DerivationError as e:
+        raise OpError(Code.BAD_REQUEST, str(e)) from None
+    for r in results:
+        if r["status"] in ("built", "valid"):
+            for path in r["outputs"].values():  # type: ignore[attr-defined]
+                _keep_alive(ctx, path)
+    return results
+
+
+def store_dir(store: Store, args: dict[str, Any]) -> str:
+    return store.store_dir
+
+
 async def shutdown(ctx: RequestContext) -> None:
     await ctx.log("shutting down")
     ctx.daemon.shutdown_requested.set()
@@ -194,5 +246,8 @@ OPERATIONS: dict[str, Operation] = {
     "verify": Operation(verify),
     "add-temp-root": Operation(add_temp_root),
     "add-root": Operation(add_root),
+    "store-dir": Operation(query=store_dir),
+    "add-text": Operation(add_text),
+    "build": Operation(build),
     "shutdown": Operation(shutdown, trusted_only=True),
 }

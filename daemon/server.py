@@ -19,6 +19,7 @@ import trio
 
 from daemon import protocol as p
 from daemon.auth import Peer, identify, peer_credentials
+from daemon.builds import Builder
 from daemon.errors import OpError, error_for
 from daemon.locks import LockService
 from daemon.spawn import SpawnerService
@@ -404,6 +405,11 @@ class Daemon:
         self.state = state
         self.locks = locks
         self.spawner = spawner
+        self.builder = (
+            Builder(state, store, settings, locks, spawner)
+            if locks is not None and spawner is not None
+            else None
+        )
         self.store = store
         self.settings = settings
         self.queries = QueryBatcher()

@@ -36,6 +36,9 @@ class Settings:
     # A root daemon maps build slot N's user to host uid and gid build-uid-base + N.
     build_uid_base: int = 30000
     build_slots: int = 64
+    # Builds at once (0: one per core), and what builders are told to use each.
+    max_jobs: int = 0
+    cores: int = 0
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":

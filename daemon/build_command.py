@@ -1,0 +1,110 @@
+"""`store-build TARGET...`: build derivations through the daemon; print their outputs.
+
+A target is a `.drv` store path or a recipe file `file.py[:name]`: without a name, the
+module's `default`, else every top-level derivation.  Recipes are evaluated here, against
+the daemon (sources and `.drv` files are added through it), and the daemon builds.
+"""
+
+import os
+import runpy
+import sys
+
+from daemon.blocking import BlockingClient
+from daemon.commands import UsageError, connect, parse
+from daemon.protocol import Log
+from store import recipe
+
+
+class DaemonRecipeStore:
+    """Recipes evaluated against the daemon: the store they write into is its store."""
+
+    def __init__(self, client: BlockingClient, store_dir: str) -> None:
+        self.client = client
+        self.store_dir = store_dir
+
+    def add_source(self, path: str, name: str) -> str:
+        return str(self.client.call("add-from-path", path=path, name=name)["path"])
+
+    def add_text(self, name: str, text: str, references: list[str]) -> str:
+        return str(
+            self.client.call("add-text", name=name, text=text, references=references)["path"]
+        )
+
+
+def _store_dir(client: BlockingClient) -> str:
+    return str(client.call("store-dir"))
+
+
+def evaluate(target: str, client: BlockingClient) -> list[str]:
+    """The `.drv` paths a target names."""
+    file, _, name = target.partition(":")
+    if not file.endswith(".py"):
+        return [target]
+    with recipe.using(DaemonRecipeStore(client, _store_dir(client))):
+        module = runpy.run_path(os.path.abspath(file), run_name="__recipe__")
+    made = {k: v for k, v in module.items() if isinstance(v, recipe.Derivation)}
+    if name:
+        if name not in made:
+            raise UsageError(f"{file} has no derivation named {name!r}")
+        return [made[name].path]
+    if "default" in made:
+        return [made["default"].path]
+    if not made:
+        raise UsageError(f"{file} defines no derivation")
+    return [d.path for d in made.values()]
+
+
+def _link(client: BlockingClient, link: str, target: str) -> None:
+    """`link` -> `target`, replaced atomically, and an indirect GC root for it."""
+    link = os.path.abspath(link)
+    tmp = f"{link}.tmp-{os.getpid()}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    client.call("add-root", link=link)
+
+
+def main(argv: list[str]) -> int:
+    opts, targets = parse(
+        argv,
+        {
+            "-j": True,
+            "--max-jobs": True,
+            "-L": False,
+            "--print-build-logs": False,
+            "--keep-going": False,
+            "-o": True,
+        },
+    )
+    if not targets:
+        raise UsageError("no targets given")
+    jobs = opts.get("-j") or opts.get("--max-jobs")
+    if jobs is not None and not str(jobs).isdigit():
+        raise UsageError("-j takes a number")
+    show_logs = "-L" in opts or "--print-build-logs" in opts
+
+    def on_log(event: Log) -> None:
+        if event.done is not None or show_logs:
+            os.write(2, f"{event.message}\n".encode())
+
+    with connect(opts) as client:
+        client.on_log = on_log
+        drvs = [d for t in targets for d in evaluate(t, client)]
+        args: dict[str, object] = {"drvs": drvs, "keep_going": "--keep-going" in opts}
+        if jobs is not None:
+            args["max_jobs"] = int(str(jobs))
+        results = client.call("build", **args)
+        failed = 0
+        printed: list[str] = []
+        for r in results:
+            if r["status"] in ("built", "valid"):
+                printed += list(r["outputs"].values())
+            else:
+                failed += 1
+                os.write(2, f"error: {r.get('message') or r['status']}\n".encode())
+        if printed:
+            sys.stdout.write("\n".join(printed) + "\n")
+        link = opts.get("-o")
+        if link and not failed:
+            for i, path in enumerate(printed):
+                _link(client, str(link) if i == 0 else f"{link}-{i + 1}", path)
+    return 1 if failed else 0

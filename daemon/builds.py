@@ -1,0 +1,395 @@
+"""Building derivation graphs: what is missing, in dependency order, in parallel.
+
+`Builder.build` loads the requested derivations and everything they need, checks that
+their output paths are the ones their inputs give, and walks the graph inputs first.  At
+most `max-jobs` builds run at once in the daemon (and at most the request's `-j` for one
+request).  A build several requests need runs once: later requests wait for the first.
+
+One build: lock the outputs (through the locker), check again that they are missing,
+take a build slot (a host uid for the sandbox), lay out `var/builds/<slot>/` (0700, the
+daemon's), spawn the builder in its sandbox with the input closure, stream its log (to
+the waiting clients, and compressed to `var/log/`), kill it on timeout or silence, then
+hand the outputs to `Store.add_outputs` (canonical copy, hash, reference scan, one
+transaction), and release everything.
+"""
+
+import gzip
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from daemon.locks import LockService
+from daemon.processes import Process
+from daemon.spawn import SpawnerService, build_ids
+from spawner.sandbox import SpawnRequest
+from store.derivation import (
+    Derivation,
+    DerivationError,
+    HashModulo,
+    check_output_paths,
+    closure_order,
+)
+from store.layout import Settings, StateDir
+from store.store import Store
+from store.tmparea import remove_tree
+
+LOG_TAIL = 25
+# Called with a message and, for progress, (built, to build); None marks a log line.
+Listener = Callable[[str, tuple[int, int] | None], Awaitable[None]]
+
+
+class BuildError(Exception):
+    """A build that failed; the message says why and shows the end of its log."""
+
+
+@dataclass
+class Job:
+    drv_path: str
+    done: trio.Event = field(default_factory=trio.Event)
+    error: str | None = None
+    listeners: list[Listener] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    max_jobs: int
+    keep_going: bool = False
+    timeout: float = 24 * 3600.0
+    max_silent_time: float = 3600.0
+    max_log_size: int = 64 << 20
+
+
+def _drv_name(drv_path: str) -> str:
+    return os.path.basename(drv_path).split("-", 1)[1].removesuffix(".drv")
+
+
+class Builder:
+    def __init__(
+        self,
+        state: StateDir,
+        store: Store,
+        settings: Settings,
+        locks: LockService,
+        spawner: SpawnerService,
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.settings = settings
+        self.locks = locks
+        self.spawner = spawner
+        self.jobs: dict[str, Job] = {}
+        self.max_jobs = settings.max_jobs or os.cpu_count() or 1
+        self._limiter = trio.CapacityLimiter(self.max_jobs)
+        self._free_slots = deque(range(settings.build_slots))
+        self._slot_lot = trio.lowlevel.ParkingLot()
+        self.builds_dir = state.root / "var" / "builds"
+        self.running = 0
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load(self, roots: list[str]) -> tuple[dict[str, Derivation], list[str]]:
+        drvs: dict[str, Derivation] = {}
+
+        def resolve(path: str) -> Derivation:
+            drv = drvs.get(path)
+            if drv is None:
+                if not path.endswith(".drv") or not self.store.is_valid(path):
+                    raise DerivationError(f"{path} is not a valid derivation in the store")
+                drv = Derivation.from_json(Path(path).read_text())
+                drvs[path] = drv
+            return drv
+
+        order = closure_order(roots, resolve)
+        hashes = HashModulo(resolve)
+        for path in order:
+            check_output_paths(drvs[path], self.store.store_dir, hashes)
+        return drvs, order
+
+    # -- the graph ----------------------------------------------------------------------
+
+    async def build(
+        self, roots: list[str], opts: BuildOptions, listener: Listener
+    ) -> list[dict[str, object]]:
+        drvs, order = await trio.to_thread.run_sync(self._load, roots)
+        outputs = {p: [o.path for o in d.outputs.values()] for p, d in drvs.items()}
+        valid = await trio.to_thread.run_sync(
+            self.store.valid_paths, [o for outs in outputs.values() for o in outs]
+        )
+        missing = [p for p in order if not set(outputs[p]) <= valid]
+        await listener(
+            f"{len(missing)} derivations to build, {len(order) - len(missing)} present",
+            (0, len(missing)),
+        )
+        results: dict[str, dict[str, object]] = {}
+        finished = {p: trio.Event() for p in order}
+        request_jobs = trio.CapacityLimiter(max(1, opts.max_jobs))
+        stop = trio.Event()
+
+        async def one(path: str) -> None:
+            drv = drvs[path]
+            try:
+                for dep in drv.input_drvs:
+                    await finished[dep].wait()
+                failed = [
+                    d for d in drv.input_drvs if results[d]["status"] not in ("built", "valid")
+                ]
+                if failed:
+                    results[path] = {
+                        "status": "dependency-failed",
+                        "message": f"dependency failed: {_drv_name(failed[0])}",
+                    }
+                elif path not in missing:
+                    results[path] = {"status": "valid"}
+                elif stop.is_set():
+                    results[path] = {"status": "cancelled", "message": "an earlier build failed"}
+                else:
+                    inputs = [
+                        drvs[d].outputs[n].path
+                        for d, names in drv.input_drvs.items()
+                        for n in names
+                    ]
+                    async with request_jobs:
+                        error = await self._shared_build(path, drv, inputs, opts, listener)
+                    if error is None:
+                        results[path] = {"status": "built"}
+                        done = sum(r["status"] == "built" for r in results.values())
+                        await listener(f"built {_drv_name(path)}", (done, len(missing)))
+                    else:
+                        results[path] = {"status": "failed", "message": error}
+                        if not opts.keep_going:
+                            stop.set()
+            finally:
+                results.setdefault(path, {"status": "cancelled"})
+                finished[path].set()
+
+        async with trio.open_nursery() as nursery:
+            for path in order:
+                nursery.start_soon(one, path)
+        return [
+            {"drv": p, "outputs": {k: o.path for k, o in drvs[p].outputs.items()}, **results[p]}
+            for p in roots
+        ]
+
+    async def _shared_build(
+        self, path: str, drv: Derivation, inputs: list[str], opts: BuildOptions, listener: Listener
+    ) -> str | None:
+        """Build `path`, or wait for the build another request already started."""
+        job = self.jobs.get(path)
+        if job is None:
+            job = self.jobs[path] = Job(path)
+            job.listeners.append(listener)
+            await listener(f"building {_drv_name(path)}", None)
+            try:
+                async with self._limiter:
+                    await self._run(job, drv, inputs, opts)
+            except BuildError as e:
+                job.error = str(e)
+            finally:
+                del self.jobs[path]
+                job.done.set()
+        else:
+            job.listeners.append(listener)
+            await listener(f"waiting for {_drv_name(path)}, which another client is building", None)
+            await job.done.wait()
+        return job.error
+
+    # -- one build ----------------------------------------------------------------------
+
+    async def _run(self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions) -> None:
+        outs = [o.path for o in drv.outputs.values()]
+        owner = f"build:{job.drv_path}"
+        locks = [f"{o}.lock" for o in outs]
+        async with self.locks.exclusive(locks, owner, delete=True):
+            if await trio.to_thread.run_sync(lambda: self.store.valid_paths(outs) == set(outs)):
+                return
+            slot = await self._take_slot()
+            self.running += 1
+            try:
+                await self._run_in_slot(job, drv, inputs, opts, slot)
+            finally:
+                self.running -= 1
+                self._free_slots.append(slot)
+                self._slot_lot.unpark()
+
+    async def _take_slot(self) -> int:
+        while not self._free_slots:
+            await self._slot_lot.park()
+        return self._free_slots.popleft()
+
+    async def _run_in_slot(
+        self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions, slot: int
+    ) -> None:
+        uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
+        work = self.builds_dir / str(slot)
+        closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
+        await trio.to_thread.run_sync(_fresh_workdir, work, uid, gid)
+        request = SpawnRequest(
+            builder=drv.builder,
+            args=list(drv.args),
+            env=self._environment(drv),
+            root=str(work / "root"),
+            build_dir=str(work / "build"),
+            store_dir=self.store.store_dir,
+            host_uid=uid,
+            host_gid=gid,
+            inputs=closure,
+            sandbox_paths=list(self.settings.sandbox_paths),
+            network=drv.is_fixed_output,
+        )
+        read_end, write_end = os.pipe()
+        log = _LogTail()
+        try:
+            try:
+                proc = await self.spawner.spawn(request, write_end)
+            finally:
+                os.close(write_end)
+            code, why = await self._supervise(job, proc, read_end, log, opts)
+            read_end = -1
+            await trio.to_thread.run_sync(self._store_log, job.drv_path, log.data)
+            name = _drv_name(job.drv_path)
+            if why:
+                raise BuildError(f"builder for '{name}' {why}{log.tail()}")
+            if code != 0:
+                raise BuildError(f"builder for '{name}' failed with exit code {code}{log.tail()}")
+            built: dict[str, tuple[str, str]] = {}
+            for out_name, out in drv.outputs.items():
+                left = work / "root" / out.path.lstrip("/")
+                if not os.path.lexists(left):
+                    raise BuildError(
+                        f"builder for '{name}' did not produce output "
+                        f"'{out_name}' ({out.path}){log.tail()}"
+                    )
+                built[out_name] = (str(left), out.path)
+            expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: self.store.add_outputs(job.drv_path, built, closure, expected)
+                )
+            except Exception as e:
+                raise BuildError(f"outputs of '{name}' refused: {e}") from None
+        finally:
+            if read_end >= 0:
+                os.close(read_end)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(remove_tree, work)
+
+    async def _supervise(
+        self, job: Job, proc: Process, fd: int, log: "_LogTail", opts: BuildOptions
+    ) -> tuple[int, str]:
+        """Stream the log until EOF while waiting for the builder, within the limits."""
+        why = ""
+        silent = trio.CancelScope(deadline=trio.current_time() + opts.max_silent_time)
+
+        async def pump() -> None:
+            nonlocal why
+            stream = trio.lowlevel.FdStream(fd)
+            async with stream:
+                while chunk := await stream.receive_some(65536):
+                    silent.deadline = trio.current_time() + opts.max_silent_time
+                    for line in log.add(chunk):
+                        await _tell(job, f"{_drv_name(job.drv_path)}> {line}")
+                    if log.size > opts.max_log_size:
+                        why = f"exceeded the log size limit of {opts.max_log_size} bytes"
+                        proc.kill()
+                        break
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            try:
+                with trio.move_on_after(opts.timeout) as deadline, silent:
+                    code = await proc.wait()
+            except trio.Cancelled:
+                # The client went away or the daemon is stopping: the whole sandbox dies.
+                proc.kill()
+                raise
+            if deadline.cancelled_caught:
+                why = why or f"timed out after {opts.timeout:g} s"
+            elif silent.cancelled_caught:
+                why = why or f"was silent for {opts.max_silent_time:g} s"
+            if deadline.cancelled_caught or silent.cancelled_caught:
+                proc.kill()
+                code = await proc.wait()
+        return code, why
+
+    def _environment(self, drv: Derivation) -> dict[str, str]:
+        env = {
+            "PATH": "/path-not-set",
+            "HOME": "/homeless-shelter",
+            "NIX_STORE": self.store.store_dir,
+            "NIX_BUILD_TOP": "/build",
+            "NIX_BUILD_CORES": str(self.settings.cores or os.cpu_count() or 1),
+            "TMPDIR": "/build",
+            "TEMPDIR": "/build",
+            "TMP": "/build",
+            "TEMP": "/build",
+            "PWD": "/build",
+        }
+        env.update(drv.env)
+        return env
+
+    def _store_log(self, drv_path: str, data: bytes) -> None:
+        path = self.state.log_dir / f"{os.path.basename(drv_path)}.gz"
+        tmp = path.with_suffix(".gz.tmp")
+        with gzip.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def read_log(self, drv_path: str) -> bytes:
+        path = self.state.log_dir / f"{os.path.basename(drv_path)}.gz"
+        with gzip.open(path, "rb") as f:
+            return f.read()
+
+
+async def _tell(job: Job, message: str) -> None:
+    """Pass a log line to every client waiting on the build; one that has gone is dropped."""
+    for listener in list(job.listeners):
+        try:
+            await listener(message, None)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            job.listeners.remove(listener)
+
+
+class _LogTail:
+    """The build log so far (for the log file) and its last lines (for the error)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self._partial = b""
+        self.lines: deque[str] = deque(maxlen=LOG_TAIL)
+
+    def add(self, chunk: bytes) -> list[str]:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        *complete, self._partial = (self._partial + chunk).split(b"\n")
+        lines = [line.decode(errors="replace") for line in complete]
+        self.lines.extend(lines)
+        return lines
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def tail(self) -> str:
+        lines = list(self.lines) + (
+            [self._partial.decode(errors="replace")] if self._partial else []
+        )
+        if not lines:
+            return ""
+        return f"; last {len(lines[-LOG_TAIL:])} log lines:\n" + "\n".join(
+            f"  {line}" for line in lines[-LOG_TAIL:]
+        )
+
+
+def _fresh_workdir(work: Path, uid: int, gid: int) -> None:
+    remove_tree(work)
+    work.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(work.parent, 0o700)
+    work.mkdir(mode=0o700)
+    (work / "root").mkdir(mode=0o755)
+    (work / "build").mkdir(mode=0o700)
+    os.chown(work / "build", uid, gid)

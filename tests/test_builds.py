@@ -1,0 +1,183 @@
+"""Builds through a real daemon: real sandboxes, real busybox, real locks."""
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.blocking import BlockingClient
+from daemon.build_command import DaemonRecipeStore
+from store.recipe import Derivation, busybox, derivation, using
+from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def builder_daemon() -> Iterator[DaemonProc]:
+    # Not under /tmp: the sandbox mounts its own /tmp over that path.
+    d = Path(tempfile.mkdtemp(prefix="weft-build-", dir="/var/tmp"))
+    daemon = start_daemon(d / "state")
+    yield daemon
+    stop_daemon(daemon)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Graph:
+    def __init__(self, daemon: DaemonProc) -> None:
+        self.daemon = daemon
+        self.client = BlockingClient(daemon.socket)
+        self.logs: list[tuple[str, int | None]] = []
+        self.client.on_log = lambda e: self.logs.append((e.message, e.done))
+        self._using = using(DaemonRecipeStore(self.client, daemon.store_dir))
+        self._using.__enter__()
+        self.bb = busybox()
+
+    def sh(self, name: str, script: str, **kw: object) -> Derivation:
+        env = {"PATH": f"{self.bb}/bin", **kw.pop("env", {})}  # type: ignore[dict-item]
+        return derivation(name, f"{self.bb}/bin/busybox", ["sh", "-c", script], env=env, **kw)
+
+    def build(self, *drvs: Derivation, **args: object) -> list[dict]:
+        return self.client.call("build", drvs=[d.path for d in drvs], **args)
+
+    def close(self) -> None:
+        self._using.__exit__(None, None, None)
+        self.client.close()
+
+
+@pytest.fixture
+def graph(builder_daemon: DaemonProc) -> Iterator[Graph]:
+    g = Graph(builder_daemon)
+    yield g
+    g.close()
+
+
+def test_diamond(graph: Graph) -> None:
+    base = graph.sh("base", "echo base > $out")
+    left = graph.sh("left", f"cat {base} > $out; echo left >> $out")
+    right = graph.sh("right", f"cat {base} > $out; echo right >> $out")
+    top = graph.sh("top", f"mkdir $out; cat {left} {right} > $out/both; echo {left} > $out/uses")
+    (result,) = graph.build(top)
+    assert result["status"] == "built"
+    assert Path(top.out, "both").read_text() == "base\nleft\nbase\nright\n"
+    info = graph.client.call("path-info", path=top.out)
+    assert info["deriver"] == top.path
+    # A reference is a path that occurs in the output, not any input.
+    assert info["references"] == [left.out]
+    assert graph.client.call("references", path=left.out) == []
+    graph.logs.clear()
+    (again,) = graph.build(top)
+    assert again["status"] == "valid"
+    assert not [m for m, _ in graph.logs if m.startswith("building")]
+
+
+def test_parallelism_is_bounded_by_max_jobs(graph: Graph) -> None:
+    # Each builder notes when it ran (host uptime, which pid namespaces share).
+    script = "read a _ < /proc/uptime; sleep 0.6; read b _ < /proc/uptime; echo $a $b > $out"
+    drvs = [graph.sh(f"par{i}", script, env={"I": str(i)}) for i in range(6)]
+    results = graph.build(*drvs, max_jobs=2)
+    assert [r["status"] for r in results] == ["built"] * 6
+    spans = [tuple(map(float, Path(d.out).read_text().split())) for d in drvs]
+    most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert most == 2
+
+
+def test_two_clients_one_build(graph: Graph, builder_daemon: DaemonProc) -> None:
+    slow = graph.sh("slow", "sleep 1; echo done > $out")
+    seen: list[list[str]] = []
+
+    def client() -> None:
+        logs: list[str] = []
+        with BlockingClient(builder_daemon.socket, on_log=lambda e: logs.append(e.message)) as c:
+            (r,) = c.call("build", drvs=[slow.path])
+            assert r["status"] == "built"
+        seen.append(logs)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    started = [m for logs in seen for m in logs if m.startswith("building slow")]
+    waited = [m for logs in seen for m in logs if m.startswith("waiting for slow")]
+    assert len(started) == 1 and len(waited) == 1
+
+
+def test_failures_are_reported_with_the_log_tail(graph: Graph) -> None:
+    failing = graph.sh("failing", "echo some output; echo the last line; exit 3")
+    dependent = graph.sh("dependent", f"cat {failing} > $out")
+    lazy = graph.sh("lazy", "echo not making my output")
+    independent = graph.sh("independent", "echo fine > $out")
+    results = graph.build(dependent, lazy, independent, keep_going=True, max_jobs=1)
+    by_drv = {r["drv"]: r for r in results}
+    assert by_drv[dependent.path]["status"] == "dependency-failed"
+    assert "dependency failed: failing" in by_drv[dependent.path]["message"]
+    assert by_drv[lazy.path]["status"] == "failed"
+    assert "did not produce output 'out'" in by_drv[lazy.path]["message"]
+    assert by_drv[independent.path]["status"] == "built"
+    (fail,) = graph.build(failing)
+    assert "failed with exit code 3" in fail["message"]
+    assert "the last line" in fail["message"] and "some output" in fail["message"]
+
+
+def test_timeout_and_silence_kill_the_builder(graph: Graph) -> None:
+    stuck = graph.sh("stuck", "trap '' TERM; sleep 60")
+    (r,) = graph.build(stuck, timeout=1)
+    assert r["status"] == "failed" and "timed out after 1 s" in r["message"]
+    quiet = graph.sh("quiet", "echo hi; sleep 60")
+    (r,) = graph.build(quiet, max_silent_time=1)
+    assert "was silent for 1 s" in r["message"]
+
+
+def test_fixed_output_hash_mismatch(graph: Graph) -> None:
+    fetched = graph.sh("fetched", "echo downloaded > $out", output_hash="blake3:" + "0" * 64)
+    (r,) = graph.build(fetched)
+    assert r["status"] == "failed" and "expected blake3:000" in r["message"]
+    assert not graph.client.call("is-valid", paths=[fetched.out])
+
+
+def test_reference_hidden_in_binary_data_is_found(graph: Graph) -> None:
+    dep = graph.sh("dep", "echo dep > $out")
+    unrelated = graph.sh("unrelated", "echo unrelated > $out")
+    graph.build(unrelated)
+    user = graph.sh(
+        "user",
+        f"{{ head -c 1000 /dev/urandom; printf '\\0{dep}\\0'; head -c 999 /dev/urandom; }} > $out",
+        inputs=[unrelated],
+    )
+    (r,) = graph.build(user)
+    assert r["status"] == "built"
+    assert graph.client.call("references", path=user.out) == [dep.out]
+
+
+def test_build_log_is_stored_compressed(graph: Graph, builder_daemon: DaemonProc) -> None:
+    noisy = graph.sh("noisy", "echo line one; echo line two >&2; echo x > $out")
+    graph.build(noisy)
+    log = builder_daemon.state / "var" / "log" / f"{os.path.basename(noisy.path)}.gz"
+    assert gzip.decompress(log.read_bytes()) == b"line one\nline two\n"
+
+
+def test_store_build_command_with_recipes_and_result_link(
+    builder_daemon: DaemonProc, tmp_path: Path
+) -> None:
+    env = {**os.environ, "WEFT_STATE_DIR": str(builder_daemon.state)}
+    cmd = [
+        Path(sys.executable).parent / "store-build",
+        "-o",
+        str(tmp_path / "result"),
+        str(ROOT / "examples" / "recipes.py"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (path,) = out.stdout.split()
+    assert Path(path).read_text() == "STORE\nBUILD\nDAEMON\nlines: 3\n"
+    assert os.readlink(tmp_path / "result") == path
+    roots = os.listdir(builder_daemon.state / "var" / "gcroots" / "auto")
+    assert len(roots) == 1
