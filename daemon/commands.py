@@ -19,6 +19,7 @@ USAGE = {
         "store-query (--info|--references|--referrers|--closure|--valid) [--json] PATH..."
     ),
     "store-dump": "store-dump PATH > archive",
+    "store-log": "store-log DRV|OUTPUT",
     "store-verify": "store-verify [--json] [PATH...]",
     "store-build": "store-build [-j N] [-L] [--keep-going] [-o LINK] TARGET...\n"
     "       (TARGET: a .drv store path, or a recipe file.py[:name])",
@@ -168,6 +169,17 @@ def store_dump(argv: list[str]) -> int:
     return 0
 
 
+def store_log(argv: list[str]) -> int:
+    opts, paths = parse(argv, {})
+    if len(paths) != 1:
+        raise UsageError("give exactly one derivation or output path")
+    out = sys.stdout.buffer
+    with connect(opts) as client:
+        client.download("log", out.write, path=_abs(paths[0]))
+    out.flush()
+    return 0
+
+
 def store_verify(argv: list[str]) -> int:
     opts, paths = parse(argv, {"--json": False})
     with connect(opts) as client:
@@ -194,6 +206,7 @@ COMMANDS = {
     "store-add": store_add,
     "store-query": store_query,
     "store-dump": store_dump,
+    "store-log": store_log,
     "store-verify": store_verify,
 }
 

@@ -143,6 +143,26 @@ async def dump(ctx: RequestContext) -> dict[str, int]:
     return {"nar_size": total}
 
 
+async def build_log(ctx: RequestContext) -> dict[str, int]:
+    """Stream the stored log of a derivation, or of the derivation that built an output."""
+    path = _str(ctx, "path")
+    store = ctx.daemon.store
+    info = await trio.to_thread.run_sync(store.path_info, path)
+    drv = path if path.endswith(".drv") else (info.deriver if info else None)
+    if drv is None:
+        raise OpError(Code.NOT_VALID, f"{path} is not a derivation or a built output")
+    builder = ctx.daemon.builder
+    if builder is None:
+        raise OpError(Code.BAD_REQUEST, "this daemon does not build")
+    try:
+        data = await trio.to_thread.run_sync(builder.read_log, drv)
+    except FileNotFoundError:
+        raise OpError(Code.NOT_VALID, f"no build log for {drv}") from None
+    await ctx.send_data(data)
+    await ctx.end_data()
+    return {"size": len(data)}
+
+
 async def verify(ctx: RequestContext) -> dict[str, Any]:
     paths = _strs(ctx, "paths", []) or None
     await ctx.log("verifying " + ("all paths" if paths is None else f"{len(paths)} paths"))
@@ -201,13 +221,13 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
     jobs = ctx.args.get("max_jobs") or builder.max_jobs
     if type(jobs) is not int or jobs < 1:
         raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
-    limits = {}
-    for key in ("timeout", "max_silent_time"):
+    limits: dict[str, Any] = {}
+    for key, kind in (("timeout", float), ("max_silent_time", float), ("max_log_size", int)):
         value = ctx.args.get(key)
         if value is not None:
             if not isinstance(value, int | float) or value <= 0:
-                raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number of seconds")
-            limits[key] = float(value)
+                raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number")
+            limits[key] = kind(value)
     opts = BuildOptions(max_jobs=jobs, keep_going=bool(ctx.args.get("keep_going")), **limits)
 
     async def listener(message: str, progress: tuple[int, int] | None) -> None:
@@ -249,5 +269,6 @@ OPERATIONS: dict[str, Operation] = {
     "store-dir": Operation(query=store_dir),
     "add-text": Operation(add_text),
     "build": Operation(build),
+    "log": Operation(build_log),
     "shutdown": Operation(shutdown, trusted_only=True),
 }

@@ -162,6 +162,26 @@ def test_build_log_is_stored_compressed(graph: Graph, builder_daemon: DaemonProc
     graph.build(noisy)
     log = builder_daemon.state / "var" / "log" / f"{os.path.basename(noisy.path)}.gz"
     assert gzip.decompress(log.read_bytes()) == b"line one\nline two\n"
+    env = {**os.environ, "WEFT_STATE_DIR": str(builder_daemon.state)}
+    for target in (noisy.path, noisy.out):
+        out = subprocess.run(
+            [Path(sys.executable).parent / "store-log", target],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert out.returncode == 0 and out.stdout == b"line one\nline two\n", out.stderr
+
+
+def test_log_size_limit_and_first_failure_stops_the_rest(graph: Graph) -> None:
+    chatty = graph.sh("chatty", "while :; do echo 0123456789abcdef; done")
+    delay = graph.sh("delay", "sleep 1; echo delay > $out")
+    later = graph.sh("later", f"cat {delay} > $out")
+    results = graph.build(chatty, later, max_log_size=100_000, max_jobs=2)
+    by_drv = {r["drv"]: r for r in results}
+    assert "exceeded the log size limit of 100000 bytes" in by_drv[chatty.path]["message"]
+    # `later` could only start after chatty had failed: without --keep-going it never does.
+    assert by_drv[later.path]["status"] == "cancelled"
 
 
 def test_store_build_command_with_recipes_and_result_link(
