@@ -8,13 +8,14 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import daemon_bench, locker_bench, spawner_bench, store_bench
+from bench import build_bench, daemon_bench, locker_bench, spawner_bench, store_bench
 
 BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "store": store_bench.run,
     "daemon": daemon_bench.run,
     "locker": locker_bench.run,
     "spawner": spawner_bench.run,
+    "build": build_bench.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
