@@ -89,14 +89,19 @@ def main(argv: list[str]) -> int:
     with connect(opts) as client:
         client.on_log = on_log
         drvs = [d for t in targets for d in evaluate(t, client)]
-        args: dict[str, object] = {"drvs": drvs, "keep_going": "--keep-going" in opts}
+        args: dict[str, object] = {
+            "drvs": drvs,
+            "keep_going": "--keep-going" in opts,
+            "keep_failed": "-K" in opts or "--keep-failed" in opts,
+            "check": "--check" in opts,
+        }
         if jobs is not None:
             args["max_jobs"] = int(str(jobs))
         results = client.call("build", **args)
         failed = 0
         printed: list[str] = []
         for r in results:
-            if r["status"] in ("built", "valid"):
+            if r["status"] in ("built", "valid") or r.get("identical"):
                 printed += list(r["outputs"].values())
             else:
                 failed += 1

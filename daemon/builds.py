@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from daemon.keepfailed import keep_failed
 from daemon.locks import LockService
 from daemon.processes import Process
 from daemon.spawn import SpawnerService, build_ids
@@ -33,6 +34,7 @@ from store.derivation import (
     check_output_paths,
     closure_order,
 )
+from store.hashing import hash_path
 from store.layout import Settings, StateDir
 from store.store import Store
 from store.tmparea import remove_tree
@@ -40,6 +42,9 @@ from store.tmparea import remove_tree
 LOG_TAIL = 25
 # Called with a message and, for progress, (built, to build); None marks a log line.
 Listener = Callable[[str, tuple[int, int] | None], Awaitable[None]]
+# What to do with a finished build's outputs, {output: (where left, store path)}, given
+# the input closure: register them, or compare them with the registered ones.
+Finish = Callable[[dict[str, tuple[str, str]], list[str]], Awaitable[None]]
 
 
 class BuildError(Exception):
@@ -58,6 +63,9 @@ class Job:
 class BuildOptions:
     max_jobs: int
     keep_going: bool = False
+    check: bool = False
+    # uid and gid of the user to whom a failed build's directory is handed, if any.
+    keep_failed_for: tuple[int, int] | None = None
     timeout: float = 24 * 3600.0
     max_silent_time: float = 3600.0
     max_log_size: int = 64 << 20
@@ -129,31 +137,35 @@ class Builder:
         request_jobs = trio.CapacityLimiter(max(1, opts.max_jobs))
         stop = trio.Event()
 
+        def inputs_of(path: str) -> list[str]:
+            return [
+                drvs[d].outputs[n].path for d, names in drvs[path].input_drvs.items() for n in names
+            ]
+
         async def one(path: str) -> None:
             drv = drvs[path]
             try:
                 for dep in drv.input_drvs:
                     await finished[dep].wait()
                 failed = [
-                    d for d in drv.input_drvs if results[d]["status"] not in ("built", "valid")
+                    d
+                    for d in drv.input_drvs
+                    if results[d]["status"] not in ("built", "valid", "checked")
                 ]
                 if failed:
                     results[path] = {
                         "status": "dependency-failed",
                         "message": f"dependency failed: {_drv_name(failed[0])}",
                     }
+                elif path not in missing and opts.check and path in roots:
+                    results[path] = await self.check(path, drv, inputs_of(path), opts, listener)
                 elif path not in missing:
                     results[path] = {"status": "valid"}
                 elif stop.is_set():
                     results[path] = {"status": "cancelled", "message": "an earlier build failed"}
                 else:
-                    inputs = [
-                        drvs[d].outputs[n].path
-                        for d, names in drv.input_drvs.items()
-                        for n in names
-                    ]
                     async with request_jobs:
-                        error = await self._shared_build(path, drv, inputs, opts, listener)
+                        error = await self._shared_build(path, drv, inputs_of(path), opts, listener)
                     if error is None:
                         results[path] = {"status": "built"}
                         done = sum(r["status"] == "built" for r in results.values())
@@ -203,17 +215,78 @@ class Builder:
         outs = [o.path for o in drv.outputs.values()]
         owner = f"build:{job.drv_path}"
         locks = [f"{o}.lock" for o in outs]
+        name = _drv_name(job.drv_path)
+        expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
+
+        async def register(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: self.store.add_outputs(job.drv_path, built, closure, expected)
+                )
+            except Exception as e:
+                raise BuildError(f"outputs of '{name}' refused: {e}") from None
+
         async with self.locks.exclusive(locks, owner, delete=True):
             if await trio.to_thread.run_sync(lambda: self.store.valid_paths(outs) == set(outs)):
                 return
-            slot = await self._take_slot()
-            self.running += 1
-            try:
-                await self._run_in_slot(job, drv, inputs, opts, slot)
-            finally:
-                self.running -= 1
-                self._free_slots.append(slot)
-                self._slot_lot.unpark()
+            if drv.is_fixed_output:
+                present = await trio.to_thread.run_sync(self.store.path_with_hash, expected["out"])
+                if present is not None:
+                    # The content is already in the store: no need to fetch it again.
+                    await _tell(job, f"{name}: content already in the store as {present}")
+                    await register({"out": (present, outs[0])}, [])
+                    return
+            await self._in_slot(job, drv, inputs, opts, register)
+
+    async def _in_slot(
+        self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions, finish: "Finish"
+    ) -> None:
+        slot = await self._take_slot()
+        self.running += 1
+        try:
+            await self._run_in_slot(job, drv, inputs, opts, slot, finish)
+        finally:
+            self.running -= 1
+            self._free_slots.append(slot)
+            self._slot_lot.unpark()
+
+    async def check(
+        self,
+        path: str,
+        drv: Derivation,
+        inputs: list[str],
+        opts: BuildOptions,
+        listener: Listener,
+    ) -> dict[str, object]:
+        """Build a valid derivation again and compare, bit for bit, with what is registered."""
+        job = Job(path, listeners=[listener])
+        outs = [o.path for o in drv.outputs.values()]
+        differs: list[str] = []
+
+        async def compare(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
+            for out_name, (left, registered) in built.items():
+                info = await trio.to_thread.run_sync(self.store.path_info, registered)
+                got, _ = await trio.to_thread.run_sync(hash_path, left)
+                if info is None or got != info.nar_hash:
+                    differs.append(out_name)
+
+        await listener(f"checking {_drv_name(path)}", None)
+        try:
+            async with (
+                self._limiter,
+                self.locks.exclusive([f"{o}.lock" for o in outs], f"check:{path}", delete=True),
+            ):
+                await self._in_slot(job, drv, inputs, opts, compare)
+        except BuildError as e:
+            return {"status": "failed", "message": str(e)}
+        if differs:
+            return {
+                "status": "checked",
+                "identical": False,
+                "message": f"{_drv_name(path)}: output {', '.join(differs)} differs "
+                "from the registered one",
+            }
+        return {"status": "checked", "identical": True}
 
     async def _take_slot(self) -> int:
         while not self._free_slots:
@@ -221,8 +294,15 @@ class Builder:
         return self._free_slots.popleft()
 
     async def _run_in_slot(
-        self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions, slot: int
+        self,
+        job: Job,
+        drv: Derivation,
+        inputs: list[str],
+        opts: BuildOptions,
+        slot: int,
+        finish: "Finish",
     ) -> None:
+        """Run the builder; hand what it left to `finish`; clean up (or keep, if failed)."""
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
@@ -264,13 +344,18 @@ class Builder:
                         f"'{out_name}' ({out.path}){log.tail()}"
                     )
                 built[out_name] = (str(left), out.path)
-            expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
-            try:
-                await trio.to_thread.run_sync(
-                    lambda: self.store.add_outputs(job.drv_path, built, closure, expected)
+            await finish(built, closure)
+        except BuildError as e:
+            if opts.keep_failed_for is not None:
+                kept = await trio.to_thread.run_sync(
+                    keep_failed,
+                    work / "build",
+                    uid,
+                    _drv_name(job.drv_path),
+                    *opts.keep_failed_for,
                 )
-            except Exception as e:
-                raise BuildError(f"outputs of '{name}' refused: {e}") from None
+                raise BuildError(f"{e}\nthe build dir is kept at {kept}") from None
+            raise
         finally:
             if read_end >= 0:
                 os.close(read_end)

@@ -21,7 +21,7 @@ USAGE = {
     "store-dump": "store-dump PATH > archive",
     "store-log": "store-log DRV|OUTPUT",
     "store-verify": "store-verify [--json] [PATH...]",
-    "store-build": "store-build [-j N] [-L] [--keep-going] [-o LINK] TARGET...\n"
+    "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK] TARGET...\n"
     "       (TARGET: a .drv store path, or a recipe file.py[:name])",
 }
 COMMON = {"--state-dir": True, "--socket": True, "--help": False}

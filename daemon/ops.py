@@ -228,7 +228,14 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
             if not isinstance(value, int | float) or value <= 0:
                 raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number")
             limits[key] = kind(value)
-    opts = BuildOptions(max_jobs=jobs, keep_going=bool(ctx.args.get("keep_going")), **limits)
+    keep_failed = (ctx.peer.uid, ctx.peer.gid) if ctx.args.get("keep_failed") else None
+    opts = BuildOptions(
+        max_jobs=jobs,
+        keep_going=bool(ctx.args.get("keep_going")),
+        check=bool(ctx.args.get("check")),
+        keep_failed_for=keep_failed,
+        **limits,
+    )
 
     async def listener(message: str, progress: tuple[int, int] | None) -> None:
         done, total = progress if progress is not None else (None, None)
@@ -239,7 +246,7 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
     except DerivationError as e:
         raise OpError(Code.BAD_REQUEST, str(e)) from None
     for r in results:
-        if r["status"] in ("built", "valid"):
+        if r["status"] in ("built", "valid", "checked"):
             for path in r["outputs"].values():  # type: ignore[attr-defined]
                 _keep_alive(ctx, path)
     return results

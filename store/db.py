@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import apsw
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 
 _V1 = """
@@ -60,8 +60,11 @@ CREATE TABLE PendingAdds (
 );
 """
 
+# Version 2: find paths by content, for fixed-output derivations whose content is present.
+_V2 = "CREATE INDEX IndexHash ON ValidPaths(hash);"
+
 # MIGRATIONS[n] takes a database at version n to n + 1.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 60_000

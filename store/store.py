@@ -457,6 +457,14 @@ class Store:
             raise NotValid(f"path {path!r} is not valid")
         return info
 
+    def path_with_hash(self, nar_hash: str) -> str | None:
+        """A valid path whose archive has this hash, if any."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT path FROM ValidPaths WHERE hash = ? LIMIT 1", (nar_hash,)
+            ).fetchone()
+        return row[0] if row else None
+
     def references(self, path: str) -> list[str]:
         return list(self._info_or_raise(path).references)
 

@@ -201,3 +201,48 @@ def test_store_build_command_with_recipes_and_result_link(
     assert os.readlink(tmp_path / "result") == path
     roots = os.listdir(builder_daemon.state / "var" / "gcroots" / "auto")
     assert len(roots) == 1
+
+
+def test_fixed_output_already_in_the_store_is_not_built_again(graph: Graph, tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+    payload.write_text("downloaded once\n")
+    present = graph.client.call("add-from-path", path=str(payload), name="payload")
+    fetch = graph.sh("fetch", "echo the builder ran >&2; exit 1", output_hash=present["nar_hash"])
+    graph.logs.clear()
+    (r,) = graph.build(fetch)
+    assert r["status"] == "built", r
+    assert Path(fetch.out).read_text() == "downloaded once\n"
+    assert not [m for m, _ in graph.logs if "the builder ran" in m]
+    assert [m for m, _ in graph.logs if "content already in the store" in m]
+    assert graph.client.call("path-info", path=fetch.out)["nar_hash"] == present["nar_hash"]
+
+
+def test_check_rebuilds_and_compares(graph: Graph) -> None:
+    steady = graph.sh("steady", "echo same every time > $out")
+    moody = graph.sh("moody", "head -c 16 /dev/urandom > $out")
+    graph.build(steady, moody)
+    by_drv = {r["drv"]: r for r in graph.build(steady, moody, check=True)}
+    assert by_drv[steady.path]["status"] == "checked" and by_drv[steady.path]["identical"]
+    assert by_drv[moody.path]["identical"] is False
+    assert "differs" in by_drv[moody.path]["message"]
+
+
+def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
+    script = (
+        "echo data > kept; mkdir open; chmod 777 open; mkfifo pipe; "
+        "chmod 4755 kept 2>/dev/null; exit 1"
+    )
+    failing = graph.sh("keepme", script)
+    (r,) = graph.build(failing, keep_failed=True)
+    assert r["status"] == "failed"
+    kept = Path(r["message"].rsplit("the build dir is kept at ", 1)[1].strip())
+    try:
+        assert (kept / "kept").read_text() == "data\n"
+        assert not (kept / "pipe").exists()
+        for p in [kept, *kept.rglob("*")]:
+            st = p.lstat()
+            assert st.st_uid == os.geteuid()
+            assert not st.st_mode & 0o7022, (p, oct(st.st_mode))
+        assert (kept.parent.stat().st_mode & 0o777) == 0o700
+    finally:
+        shutil.rmtree(kept.parent)

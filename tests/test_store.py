@@ -327,3 +327,26 @@ def test_fixed_output_hash_mismatch_registers_nothing(store: Store, tmp_path: Pa
         "/nowhere.drv", {"out": (str(out), path)}, [], expected_hashes={"out": want}
     )
     assert info.ca == f"fixed:out:{want}"
+
+
+def test_migration_from_version_1(tmp_path: Path) -> None:
+    from store.db import _V1
+
+    db = tmp_path / "st" / "var" / "db"
+    db.mkdir(parents=True)
+    conn = apsw.Connection(str(db / "db.sqlite"))
+    conn.execute(_V1)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Store.open(tmp_path / "st") as s:
+        info = s.add_text("t", "content")
+        assert s.path_with_hash(info.nar_hash) == info.path
+        with s.db.connection() as c:
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+            plan = " ".join(
+                r[3]
+                for r in c.execute(
+                    "EXPLAIN QUERY PLAN SELECT path FROM ValidPaths WHERE hash = 'x'"
+                )
+            )
+            assert "IndexHash" in plan
