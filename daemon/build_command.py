@@ -6,6 +6,7 @@ the daemon (sources and `.drv` files are added through it), and the daemon build
 """
 
 import os
+import re
 import runpy
 import sys
 
@@ -54,6 +55,58 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
     return [d.path for d in made.values()]
 
 
+_LOG_LINE = re.compile(r"[A-Za-z0-9+\-._?=]+> ")
+
+
+class Progress:
+    """What the daemon says about a build, for people: on a terminal a status line kept
+    at the bottom (built/total and what is running), elsewhere plain lines."""
+
+    def __init__(self, show_logs: bool, terminal: bool) -> None:
+        self.show_logs = show_logs
+        self.terminal = terminal
+        self.done = self.total = 0
+        self.running: list[str] = []
+        self._status = False
+
+    def _write(self, text: str) -> None:
+        os.write(2, text.encode())
+
+    def _line(self, text: str) -> None:
+        if self._status:
+            self._write("\r\x1b[K")
+            self._status = False
+        self._write(text + "\n")
+
+    def update(self, event: Log) -> None:
+        message = event.message
+        if _LOG_LINE.match(message):
+            if self.show_logs:
+                self._line(message)
+        else:
+            if event.done is not None and event.total is not None:
+                self.done, self.total = event.done, event.total
+            if message.startswith(("building ", "checking ")):
+                self.running.append(message.split(" ", 1)[1])
+            elif message.startswith("built "):
+                name = message.removeprefix("built ")
+                if name in self.running:
+                    self.running.remove(name)
+            if not self.terminal:
+                self._line(
+                    message if event.done is None else f"[{self.done}/{self.total}] {message}"
+                )
+        if self.terminal:
+            running = ", ".join(self.running) or "-"
+            self._write(f"\r\x1b[K[{self.done}/{self.total} built] running: {running}")
+            self._status = True
+
+    def finish(self) -> None:
+        if self._status:
+            self._write("\r\x1b[K")
+            self._status = False
+
+
 def _link(client: BlockingClient, link: str, target: str) -> None:
     """`link` -> `target`, replaced atomically, and an indirect GC root for it."""
     link = os.path.abspath(link)
@@ -71,6 +124,9 @@ def main(argv: list[str]) -> int:
             "--max-jobs": True,
             "-L": False,
             "--print-build-logs": False,
+            "-K": False,
+            "--keep-failed": False,
+            "--check": False,
             "--keep-going": False,
             "-o": True,
         },
@@ -82,12 +138,9 @@ def main(argv: list[str]) -> int:
         raise UsageError("-j takes a number")
     show_logs = "-L" in opts or "--print-build-logs" in opts
 
-    def on_log(event: Log) -> None:
-        if event.done is not None or show_logs:
-            os.write(2, f"{event.message}\n".encode())
-
+    progress = Progress(show_logs, os.isatty(2))
     with connect(opts) as client:
-        client.on_log = on_log
+        client.on_log = progress.update
         drvs = [d for t in targets for d in evaluate(t, client)]
         args: dict[str, object] = {
             "drvs": drvs,
@@ -98,6 +151,7 @@ def main(argv: list[str]) -> int:
         if jobs is not None:
             args["max_jobs"] = int(str(jobs))
         results = client.call("build", **args)
+        progress.finish()
         failed = 0
         printed: list[str] = []
         for r in results:

@@ -246,3 +246,31 @@ def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
         assert (kept.parent.stat().st_mode & 0o777) == 0o700
     finally:
         shutil.rmtree(kept.parent)
+
+
+def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.build_command import Progress
+    from daemon.protocol import Log
+
+    written: list[str] = []
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append(data.decode()) or len(data))
+    events = [
+        Log(1, "2 derivations to build, 0 present", 0, 2),
+        Log(1, "building a"),
+        Log(1, "a> compiling"),
+        Log(1, "built a", 1, 2),
+    ]
+    plain = Progress(show_logs=False, terminal=False)
+    for e in events:
+        plain.update(e)
+    assert "".join(written) == (
+        "[0/2] 2 derivations to build, 0 present\nbuilding a\n[1/2] built a\n"
+    )
+    written.clear()
+    term = Progress(show_logs=True, terminal=True)
+    for e in events[:3]:
+        term.update(e)
+    term.finish()
+    out = "".join(written)
+    assert "[0/2 built] running: a" in out and "a> compiling\n" in out
+    assert out.endswith("\r\x1b[K")
