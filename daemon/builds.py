@@ -95,7 +95,6 @@ class Builder:
         self._free_slots = deque(range(settings.build_slots))
         self._slot_lot = trio.lowlevel.ParkingLot()
         self.builds_dir = state.root / "var" / "builds"
-        self.running = 0
 
     # -- loading ------------------------------------------------------------------------
 
@@ -127,7 +126,7 @@ class Builder:
         valid = await trio.to_thread.run_sync(
             self.store.valid_paths, [o for outs in outputs.values() for o in outs]
         )
-        missing = [p for p in order if not set(outputs[p]) <= valid]
+        missing = {p for p in order if not set(outputs[p]) <= valid}
         await listener(
             f"{len(missing)} derivations to build, {len(order) - len(missing)} present",
             (0, len(missing)),
@@ -161,10 +160,14 @@ class Builder:
                     results[path] = await self.check(path, drv, inputs_of(path), opts, listener)
                 elif path not in missing:
                     results[path] = {"status": "valid"}
-                elif stop.is_set():
-                    results[path] = {"status": "cancelled", "message": "an earlier build failed"}
                 else:
                     async with request_jobs:
+                        if stop.is_set():
+                            results[path] = {
+                                "status": "cancelled",
+                                "message": "an earlier build failed",
+                            }
+                            return
                         error = await self._shared_build(path, drv, inputs_of(path), opts, listener)
                     if error is None:
                         results[path] = {"status": "built"}
@@ -200,6 +203,10 @@ class Builder:
                     await self._run(job, drv, inputs, opts)
             except BuildError as e:
                 job.error = str(e)
+            except trio.Cancelled:
+                # Whoever else waits for this build must not take it for a success.
+                job.error = f"the build of {_drv_name(path)} was cancelled"
+                raise
             finally:
                 del self.jobs[path]
                 job.done.set()
@@ -242,11 +249,9 @@ class Builder:
         self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions, finish: "Finish"
     ) -> None:
         slot = await self._take_slot()
-        self.running += 1
         try:
             await self._run_in_slot(job, drv, inputs, opts, slot, finish)
         finally:
-            self.running -= 1
             self._free_slots.append(slot)
             self._slot_lot.unpark()
 
