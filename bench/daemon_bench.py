@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.loadgen import run_load
-from bench.measure import Alternating
+from bench.measure import Alternating, percentile
 from daemon.blocking import BlockingClient, chunk_reader
 from store import Store, nar
 from store.tmparea import remove_tree
@@ -25,11 +25,6 @@ PIPELINE_BATCH = 1_000
 PIPELINED_TOTAL = 50_000
 MILLION = 1_000_000
 LARGE_MIB = 512
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _ms(seconds: float) -> str:
@@ -55,7 +50,7 @@ def bench_round_trips(d: DaemonProc, path: str) -> list[Row]:
             (
                 "path-info, one client in sequence",
                 f"{SEQUENTIAL / sum(lat):,.0f} /s",
-                f"p50 {_ms(_pct(lat, 0.5))}, p99 {_ms(_pct(lat, 0.99))}",
+                f"p50 {_ms(percentile(lat, 0.5))}, p99 {_ms(percentile(lat, 0.99))}",
             )
         )
         calls = [("path-info", {"path": path})] * PIPELINE_BATCH
@@ -83,7 +78,7 @@ def bench_concurrency(d: DaemonProc, path: str) -> list[Row]:
         rows.append(
             (
                 f"path-info, {connected} clients connected, {active} active",
-                f"p50 {_ms(_pct(lat, 0.5))}, p99 {_ms(_pct(lat, 0.99))}",
+                f"p50 {_ms(percentile(lat, 0.5))}, p99 {_ms(percentile(lat, 0.99))}",
                 f"{len(lat) / sum(lat) * active:,.0f} req/s {note}".strip(),
             )
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import trio
 
+from bench.measure import percentile
 from daemon.locks import EXCLUSIVE, running_locker
 
 Row = tuple[str, str, str]
@@ -14,11 +15,6 @@ ROUND_TRIPS = 20_000
 HANDOFFS = 2_000
 MANY = 10_000
 CONCURRENT = 16
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _bench(work: Path) -> list[Row]:
@@ -76,7 +72,7 @@ async def _bench(work: Path) -> list[Row]:
             await svc.unlock(previous, f"owner-{(i - 1) % 2}")
             await granted.wait()
         await svc.unlock(held, f"owner-{HANDOFFS % 2}")
-        p50, p99 = (_pct(latencies, q) * 1e6 for q in (0.5, 0.99))
+        p50, p99 = (percentile(latencies, q) * 1e6 for q in (0.5, 0.99))
         rows.append(
             (
                 "handoff between two owners of one file",

@@ -12,6 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def settle() -> None:
     """Flush dirty pages so one run's writeback does not land in the next run's time."""
     os.sync()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from bench.measure import percentile
 from daemon.processes import ProcessMonitor
 from daemon.spawn import SpawnerService, start_spawner_process
 from spawner.sandbox import SpawnRequest
@@ -38,11 +39,6 @@ int main(void) {
     return 0;
 }
 """
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _stamp_builder(work: Path, store: Store) -> str:
@@ -105,7 +101,7 @@ async def _measure(work: Path) -> list[Row]:
                 (
                     f"spawn to first instruction, {label}",
                     f"median {statistics.median(to_exec) * 1e3:.2f} ms, "
-                    f"p99 {_pct(to_exec, 0.99) * 1e3:.2f} ms",
+                    f"p99 {percentile(to_exec, 0.99) * 1e3:.2f} ms",
                     "target median < 10 ms",
                 )
             )
@@ -113,7 +109,7 @@ async def _measure(work: Path) -> list[Row]:
                 (
                     f"builder exit to reaped status, {label}",
                     f"median {statistics.median(to_reap) * 1e3:.2f} ms, "
-                    f"p99 {_pct(to_reap, 0.99) * 1e3:.2f} ms",
+                    f"p99 {percentile(to_reap, 0.99) * 1e3:.2f} ms",
                     "target < 2 ms",
                 )
             )

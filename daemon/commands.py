@@ -158,26 +158,24 @@ def store_query(argv: list[str]) -> int:
     return 0
 
 
-def store_dump(argv: list[str]) -> int:
+def _download_one(argv: list[str], op: str, what: str) -> int:
+    """Stream what the daemon sends for one path (an archive, a log) to stdout."""
     opts, paths = parse(argv, {})
     if len(paths) != 1:
-        raise UsageError("give exactly one path")
+        raise UsageError(f"give exactly one {what}")
     out = sys.stdout.buffer
     with connect(opts) as client:
-        client.download("dump", out.write, path=_abs(paths[0]))
+        client.download(op, out.write, path=_abs(paths[0]))
     out.flush()
     return 0
+
+
+def store_dump(argv: list[str]) -> int:
+    return _download_one(argv, "dump", "path")
 
 
 def store_log(argv: list[str]) -> int:
-    opts, paths = parse(argv, {})
-    if len(paths) != 1:
-        raise UsageError("give exactly one derivation or output path")
-    out = sys.stdout.buffer
-    with connect(opts) as client:
-        client.download("log", out.write, path=_abs(paths[0]))
-    out.flush()
-    return 0
+    return _download_one(argv, "log", "derivation or output path")
 
 
 def store_verify(argv: list[str]) -> int:

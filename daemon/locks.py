@@ -18,13 +18,10 @@ locker is started: owners do not get their locks back (another process may have 
 them in between), they fail cleanly instead.
 """
 
-import array
 import contextlib
-import itertools
 import logging
 import os
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,12 +29,12 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
+from daemon.helper import HelperConnection, rights, start_helper
 from daemon.processes import Process, ProcessMonitor
 
 log = logging.getLogger("weft.locks")
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
-_CHILD_FD = 3
 DAEMON_OWNER = "daemon"
 Key = tuple[int, int]
 
@@ -72,19 +69,8 @@ class _Owner:
     lost: bool = False
 
 
-def _socketpair() -> tuple[socket.socket, socket.socket]:
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-
-
 def start_locker_process(monitor: ProcessMonitor) -> tuple[Process, socket.socket]:
-    ours, theirs = _socketpair()
-    try:
-        proc = monitor.spawn(
-            [sys.executable, "-m", "locker", str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()}
-        )
-    finally:
-        theirs.close()
-    return proc, ours
+    return start_helper(monitor, "locker")
 
 
 def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
@@ -97,7 +83,7 @@ def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
                     {"id": 0, "op": "lock", "mode": EXCLUSIVE, "wait": False, "owner": owner}
                 )
             ],
-            _rights(fd),
+            rights(fd),
         )
     finally:
         os.close(fd)
@@ -111,12 +97,10 @@ def _open_lock_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
-def _rights(fd: int) -> list[tuple[int, int, bytes]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-
-
-class LockService:
+class LockService(HelperConnection):
     """Talks to the locker, restarts it when it dies, and tracks what each owner holds."""
+
+    name = "locker"
 
     def __init__(
         self,
@@ -126,110 +110,48 @@ class LockService:
         daemon_lock: str | None = None,
         on_daemon_lock_lost: Callable[[], object] = lambda: None,
     ) -> None:
-        self._monitor = monitor
-        self._proc = proc
-        self._sock = trio.socket.from_stdlib_socket(sock)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[trio.Event, list[dict[str, object]]]] = {}
-        self._abandoned: dict[int, str] = {}  # request -> owner, for grants nobody awaits
+        super().__init__(monitor, start_locker_process, proc, sock)
+        self._abandoned_locks: dict[int, str] = {}  # request -> owner, for unawaited grants
         self._owners: dict[str, _Owner] = {}
         self._daemon_lock = daemon_lock
         self._on_daemon_lock_lost = on_daemon_lock_lost
-        self.restarts = 0
-        self._closing = False
 
     @property
     def locker_pid(self) -> int:
-        return self._proc.pid
+        return self.pid
 
-    async def aclose(self) -> None:
-        """Close our end; the locker sees EOF, drops every lock and exits; reap it."""
-        self._closing = True
-        self._sock.close()
-        with trio.move_on_after(5):
-            await self._proc.wait()
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve replies; when the locker dies, fail what depended on it and start another."""
-        task_status.started()
-        while True:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_replies)
-                if self.restarts and self._daemon_lock is not None:
-                    nursery.start_soon(self._reacquire_daemon_lock)
-                code = await self._proc.wait()
-                nursery.cancel_scope.cancel()
-            if self._closing:
-                return
-            log.error("the locker (pid %d) exited with %d; starting another", self._proc.pid, code)
-            self._fail_everything()
-            self._sock.close()
-            self._proc, sock = start_locker_process(self._monitor)
-            self._sock = trio.socket.from_stdlib_socket(sock)
-            self.restarts += 1
-
-    async def _reacquire_daemon_lock(self) -> None:
+    async def _restarted(self) -> None:
         """The one-daemon lock died with the locker; if another daemon took it, stop."""
-        assert self._daemon_lock is not None
+        if self._daemon_lock is None:
+            return
         try:
             await self.lock(self._daemon_lock, EXCLUSIVE, DAEMON_OWNER, wait=False)
         except LockError as e:
             log.error("lost the one-daemon lock (%s); shutting down", e)
             self._on_daemon_lock_lost()
 
-    async def _read_replies(self) -> None:
-        while True:
-            try:
-                data = await self._sock.recv(65536)
-            except (OSError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            reply = msgpack.unpackb(data)
-            rid = reply.get("id")
-            waiter = self._pending.pop(rid, None)
-            if waiter is not None:
-                waiter[1].append(reply)
-                waiter[0].set()
-            elif rid in self._abandoned:
-                owner = self._abandoned.pop(rid)
-                if reply.get("status") == "granted":
-                    await self._send({"op": "unlock", "owner": owner, "key": reply["key"]})
+    async def _unclaimed(self, reply: dict[str, object]) -> None:
+        owner = self._abandoned_locks.pop(reply.get("id"), None)  # type: ignore[arg-type]
+        if owner is not None and reply.get("status") == "granted":
+            await self._send({"op": "unlock", "owner": owner, "key": reply["key"]})
 
-    def _fail_everything(self) -> None:
-        for event, slot in self._pending.values():
-            slot.append({"status": "died"})
-            event.set()
-        self._pending.clear()
-        self._abandoned.clear()
+    async def _abandoned(self, rid: int, msg: dict[str, object]) -> None:
+        if msg["op"] == "lock":
+            self._abandoned_locks[rid] = str(msg["owner"])
+            await self._send({"op": "cancel", "request": rid})
+
+    def _died(self) -> None:
+        self._abandoned_locks.clear()
         for owner in self._owners.values():
             owner.lost = True
             for scope in owner.scopes:
                 scope.cancel()
         self._owners = {k: v for k, v in self._owners.items() if v.scopes}
 
-    async def _send(
-        self, msg: dict[str, object], fd: int | None = None, rid: int | None = None
-    ) -> None:
-        data = msgpack.packb({"id": next(self._ids) if rid is None else rid, **msg})
-        await self._sock.sendmsg([data], _rights(fd) if fd is not None else [])
-
-    async def _call(self, msg: dict[str, object], fd: int | None = None) -> dict[str, object]:
-        event = trio.Event()
-        slot: list[dict[str, object]] = []
-        rid = next(self._ids)
-        # Registered before sending: the reply may come back before `_send` returns.
-        self._pending[rid] = (event, slot)
-        try:
-            await self._send(msg, fd, rid)
-            await event.wait()
-        except trio.Cancelled:
-            if self._pending.pop(rid, None) is not None and msg["op"] == "lock":
-                self._abandoned[rid] = str(msg["owner"])
-                with trio.CancelScope(shield=True):
-                    await self._send({"op": "cancel", "request": rid})
-            raise
-        reply = slot[0]
+    async def _locker_call(
+        self, msg: dict[str, object], fd: int | None = None
+    ) -> dict[str, object]:
+        reply = await self._call(msg, fd)
         if reply["status"] == "died":
             raise LockerDied("the locker died; the request was not served")
         return reply
@@ -242,7 +164,7 @@ class LockService:
             # would cost fifty times that, so they run on the loop.
             fd = _open_lock_file(path)
             try:
-                reply = await self._call(
+                reply = await self._locker_call(
                     {"op": "lock", "mode": mode, "wait": wait, "owner": owner}, fd
                 )
             finally:
@@ -275,7 +197,7 @@ class LockService:
 
     async def release_owner(self, owner: str) -> None:
         self._owners.pop(owner, None)
-        await self._call({"op": "release-owner", "owner": owner})
+        await self._locker_call({"op": "release-owner", "owner": owner})
 
     @asynccontextmanager
     async def hold(

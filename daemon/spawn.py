@@ -7,23 +7,16 @@ builder was orphaned to the daemon, a child subreaper, by design.  If the spawne
 requests in flight fail with `SpawnerDied` and a new spawner serves the next ones.
 """
 
-import array
-import itertools
-import logging
 import os
 import signal
 import socket
-import sys
 from dataclasses import asdict
 
-import msgpack
 import trio
 
+from daemon.helper import HelperConnection, start_helper
 from daemon.processes import Process, ProcessMonitor
 from spawner.sandbox import SpawnRequest
-
-log = logging.getLogger("weft.spawn")
-_CHILD_FD = 3
 
 
 class SpawnError(Exception):
@@ -41,93 +34,35 @@ class SpawnerDied(SpawnError):
 
 
 def start_spawner_process(monitor: ProcessMonitor) -> tuple[Process, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        proc = monitor.spawn(
-            [sys.executable, "-m", "spawner", str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()}
-        )
-    finally:
-        theirs.close()
-    return proc, ours
+    return start_helper(monitor, "spawner")
 
 
-class SpawnerService:
+class SpawnerService(HelperConnection):
+    name = "spawner"
+
     def __init__(self, monitor: ProcessMonitor, proc: Process, sock: socket.socket) -> None:
-        self._monitor = monitor
-        self._proc = proc
-        self._sock = trio.socket.from_stdlib_socket(sock)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[trio.Event, list[dict[str, object]]]] = {}
-        self._closing = False
-        self.restarts = 0
+        super().__init__(monitor, start_spawner_process, proc, sock)
 
     @property
     def spawner_pid(self) -> int:
-        return self._proc.pid
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_replies)
-                code = await self._proc.wait()
-                nursery.cancel_scope.cancel()
-            if self._closing:
-                return
-            log.error("the spawner (pid %d) exited with %d; starting another", self._proc.pid, code)
-            for event, slot in self._pending.values():
-                slot.append({"status": "died"})
-                event.set()
-            self._pending.clear()
-            self._sock.close()
-            self._proc, sock = start_spawner_process(self._monitor)
-            self._sock = trio.socket.from_stdlib_socket(sock)
-            self.restarts += 1
-
-    async def _read_replies(self) -> None:
-        while True:
-            try:
-                data = await self._sock.recv(65536)
-            except (OSError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            reply = msgpack.unpackb(data)
-            waiter = self._pending.pop(reply.get("id"), None)
-            if waiter is not None:
-                waiter[1].append(reply)
-                waiter[0].set()
+        return self.pid
 
     async def spawn(self, request: SpawnRequest, log_fd: int) -> Process:
         """Start a builder; its stdout and stderr go to `log_fd` (which stays ours)."""
-        rid = next(self._ids)
-        event = trio.Event()
-        slot: list[dict[str, object]] = []
-        self._pending[rid] = (event, slot)
-        data = msgpack.packb({"id": rid, **asdict(request)})
-        rights = array.array("i", [log_fd]).tobytes()
-        try:
-            await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-            await event.wait()
-        finally:
-            self._pending.pop(rid, None)
-        reply = slot[0]
+        reply = await self._call(dict(asdict(request)), log_fd)
         if reply["status"] == "died":
             raise SpawnerDied("spawner", 0, "", "the spawner died while setting up the sandbox")
         if reply["status"] != "ok":
             raise SpawnError(
                 str(reply.get("step")),
-                int(reply.get("errno") or 0),  # type: ignore[arg-type]
+                int(reply.get("errno") or 0),  # type: ignore[call-overload]
                 str(reply.get("path") or ""),
                 str(reply.get("message")),
             )
-        return self._monitor.register(int(reply["pid"]), [request.builder, *request.args])  # type: ignore[arg-type]
-
-    async def aclose(self) -> None:
-        self._closing = True
-        self._sock.close()
-        with trio.move_on_after(5):
-            await self._proc.wait()
+        return self._monitor.register(
+            int(reply["pid"]),  # type: ignore[call-overload]
+            [request.builder, *request.args],
+        )
 
 
 async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int:
