@@ -311,7 +311,7 @@ class Builder:
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
-        await trio.to_thread.run_sync(_fresh_workdir, work, uid, gid)
+        await trio.to_thread.run_sync(_prepare_workdir, work, self.store.store_dir, uid, gid)
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
@@ -365,7 +365,7 @@ class Builder:
             if read_end >= 0:
                 os.close(read_end)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(remove_tree, work)
+                await trio.to_thread.run_sync(_clear_workdir, work, self.store.store_dir)
 
     async def _supervise(
         self, job: Job, proc: Process, fd: int, log: "_LogTail", opts: BuildOptions
@@ -475,11 +475,22 @@ class _LogTail:
         )
 
 
-def _fresh_workdir(work: Path, uid: int, gid: int) -> None:
-    remove_tree(work)
+def _prepare_workdir(work: Path, store_dir: str, uid: int, gid: int) -> None:
+    """A slot's directory: its sandbox root's skeleton is kept from build to build (fewer
+    files to create per build); what a build leaves (`build/`, the root's store dir) is
+    emptied."""
     work.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(work.parent, 0o700)
-    work.mkdir(mode=0o700)
-    (work / "root").mkdir(mode=0o755)
+    (work / "root").mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(work, 0o700)
+    _clear_workdir(work, store_dir)
     (work / "build").mkdir(mode=0o700)
     os.chown(work / "build", uid, gid)
+
+
+def _clear_workdir(work: Path, store_dir: str) -> None:
+    remove_tree(work / "build")
+    store = work / "root" / store_dir.lstrip("/")
+    if store.is_dir():
+        for name in os.listdir(store):
+            remove_tree(store / name)

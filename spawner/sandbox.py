@@ -70,6 +70,8 @@ def _inside(root: str, path: str) -> str:
 
 def _mount_point_for(source: str, target: str) -> None:
     """An empty file or directory at `target` to bind `source` on (a symlink is copied)."""
+    if os.path.lexists(target):
+        return
     os.makedirs(os.path.dirname(target), exist_ok=True)
     st = os.lstat(source)
     if stat.S_ISLNK(st.st_mode):
@@ -117,7 +119,8 @@ def prepare_root(req: SpawnRequest) -> None:
             ("dev", 0o755),
             ("proc", 0o555),
         ):
-            os.mkdir(_inside(root, d), mode)
+            # A slot's root is reused from build to build: only what is missing is made.
+            os.makedirs(_inside(root, d), exist_ok=True)
             os.chmod(_inside(root, d), mode)
         # The store dir is the build user's, so it can create its outputs there.
         store = _inside(root, req.store_dir)
