@@ -23,9 +23,9 @@ from pathlib import Path
 import trio
 
 from daemon.keepfailed import keep_failed
-from daemon.locks import LockService
+from daemon.locks import LockError, LockService
 from daemon.processes import Process
-from daemon.spawn import SpawnerService, build_ids
+from daemon.spawn import SpawnError, SpawnerService, build_ids
 from spawner.sandbox import SpawnRequest
 from store.derivation import (
     Derivation,
@@ -36,7 +36,7 @@ from store.derivation import (
 )
 from store.hashing import hash_path
 from store.layout import Settings, StateDir
-from store.store import Store
+from store.store import Store, StoreError
 from store.tmparea import remove_tree
 
 LOG_TAIL = 25
@@ -201,7 +201,9 @@ class Builder:
             try:
                 async with self._limiter:
                     await self._run(job, drv, inputs, opts)
-            except BuildError as e:
+            except (BuildError, SpawnError, LockError, StoreError) as e:
+                # The sandbox could not be made, the locker died under the build, or the
+                # store refused (an input gone, say): this build fails, the daemon goes on.
                 job.error = str(e)
             except trio.Cancelled:
                 # Whoever else waits for this build must not take it for a success.

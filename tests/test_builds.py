@@ -274,3 +274,12 @@ def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None
     out = "".join(written)
     assert "[0/2 built] running: a" in out and "a> compiling\n" in out
     assert out.endswith("\r\x1b[K")
+
+
+def test_a_sandbox_that_cannot_be_made_fails_the_build_not_the_daemon(graph: Graph) -> None:
+    broken = derivation("broken", "/nonexistent/builder", [])
+    fine = graph.sh("fine-after", "echo ok > $out")
+    by_drv = {r["drv"]: r for r in graph.build(broken, fine, keep_going=True)}
+    assert by_drv[broken.path]["status"] == "failed"
+    assert "sandbox setup failed at exec" in by_drv[broken.path]["message"]
+    assert by_drv[fine.path]["status"] == "built"
