@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_packages=(nix-bin busybox-static python3 python3-venv gcc util-linux)
+apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev util-linux)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
