@@ -7,7 +7,6 @@ When the helper dies, every request in flight fails (the reply `{"status": "died
 its waiter), subclasses undo what depended on it, and a new helper is started.
 """
 
-import array
 import itertools
 import logging
 import socket
@@ -17,6 +16,7 @@ from collections.abc import Callable
 import msgpack
 import trio
 
+from daemon.packets import rights
 from daemon.processes import Process, ProcessMonitor
 
 log = logging.getLogger("weft.helpers")
@@ -34,11 +34,6 @@ def start_helper(monitor: ProcessMonitor, module: str) -> tuple[Process, socket.
     finally:
         theirs.close()
     return proc, ours
-
-
-def rights(fd: int) -> list[tuple[int, int, bytes]]:
-    """Ancillary data passing one descriptor."""
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
 
 
 class HelperConnection:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-from daemon.helper import HelperConnection, rights, start_helper
+from daemon.helper import HelperConnection, start_helper
+from daemon.packets import rights
 from daemon.processes import Process, ProcessMonitor
 
 log = logging.getLogger("weft.locks")

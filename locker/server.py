@@ -7,7 +7,6 @@ inode it already holds are closed at once, which OFD locks survive.  When the da
 end closes, the locker exits, and the kernel drops every lock with its descriptors.
 """
 
-import array
 import contextlib
 import ctypes
 import errno
@@ -22,9 +21,9 @@ import sys
 
 import msgpack
 
+from daemon.packets import recv_packet
 from locker.table import EXCLUSIVE, SHARED, Key, LockTable, Outcome
 
-MAX_PACKET = 64 << 10
 # How long the head of a queue waits before asking the kernel again, when another process
 # holds a conflicting lock; doubled up to the maximum while it stays held.
 RETRY_MIN, RETRY_MAX = 0.001, 0.05
@@ -115,17 +114,14 @@ class LockerServer:
         """Handle every packet waiting; False once the daemon has gone."""
         while True:
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(
-                    MAX_PACKET, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
-                )
+                data, fds, truncated = recv_packet(self.sock)
             except BlockingIOError:
                 return True
             except ConnectionResetError:
                 return False
-            if not data and not ancdata:
+            if not data and not fds:
                 return False
-            fds = _fds(ancdata)
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            if truncated:
                 for fd in fds:
                     os.close(fd)
                 self._send({"id": None, "status": "failed", "error": "truncated packet"})
@@ -187,16 +183,6 @@ class LockerServer:
                 select.select([], [self.sock], [])
             except (BrokenPipeError, ConnectionResetError):
                 sys.exit(0)
-
-
-def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 def main(fd: int) -> None:

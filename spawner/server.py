@@ -12,7 +12,6 @@ sandbox (`sandbox.enter`) and execs; a setup error comes back on a close-on-exec
 pid or the error: the step, errno and path.
 """
 
-import array
 import ctypes
 import errno
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from daemon.packets import recv_packet
 from spawner import linux
 from spawner.sandbox import (
     BUILD_GID,
@@ -35,7 +35,6 @@ from spawner.sandbox import (
     prepare_root,
 )
 
-MAX_PACKET = 1 << 20
 NAMESPACES = (
     linux.CLONE_NEWUSER
     | linux.CLONE_NEWNS
@@ -163,23 +162,15 @@ def _request(data: bytes) -> SpawnRequest:
 def serve(sock: socket.socket, template: str) -> None:
     while True:
         try:
-            data, ancdata, flags, _ = sock.recvmsg(
-                MAX_PACKET, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
-            )
+            data, fds, truncated = recv_packet(sock)
         except ConnectionResetError:
             return
-        if not data and not ancdata:
+        if not data and not fds:
             return
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
         rid = None
         try:
             rid = msgpack.unpackb(data).get("id")
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != 1:
+            if truncated or len(fds) != 1:
                 reply = _error("request", errno.EINVAL, "", "a request carries one log fd")
             else:
                 reply = spawn(_request(data), template, fds[0])

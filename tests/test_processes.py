@@ -11,6 +11,19 @@ import trio
 from daemon.processes import ProcessMonitor
 
 
+def run_script(script: str) -> list[int]:
+    """Run `script` in a process of its own (it becomes a subreaper); its printed ints."""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return [int(x) for x in out.stdout.split()]
+
+
 async def test_exit_codes_signals_and_late_waiters() -> None:
     monitor = ProcessMonitor(reap_all=False)
     async with trio.open_nursery() as n:
@@ -51,15 +64,7 @@ async def test_status_arriving_before_registration_is_kept() -> None:
                 n.cancel_scope.cancel()
         trio.run(main)
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    code, reaped = map(int, out.stdout.split())
+    code, reaped = run_script(script)
     assert code == 5
     assert reaped == 2
 
@@ -91,14 +96,6 @@ def test_no_zombies_left_by_a_reap_all_monitor() -> None:
                 n.cancel_scope.cancel()
         trio.run(main)
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    zombies, reaped = map(int, out.stdout.split())
+    zombies, reaped = run_script(script)
     assert zombies == 0
     assert reaped == 400
