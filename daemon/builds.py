@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from daemon.collector import Collector
 from daemon.keepfailed import keep_failed
 from daemon.locks import LockError, LockService
 from daemon.processes import Process
@@ -75,6 +76,21 @@ def _drv_name(drv_path: str) -> str:
     return os.path.basename(drv_path).split("-", 1)[1].removesuffix(".drv")
 
 
+def _inputs(drvs: dict[str, Derivation], path: str) -> list[str]:
+    """The output paths of `path`'s input derivations that it uses."""
+    return [drvs[d].outputs[n].path for d, names in drvs[path].input_drvs.items() for n in names]
+
+
+@dataclass(eq=False)
+class _PinOwner:
+    """Who holds a build's pins, as `store-gc --print-roots` names it."""
+
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
+
+
 class Builder:
     def __init__(
         self,
@@ -83,8 +99,10 @@ class Builder:
         settings: Settings,
         locks: LockService,
         spawner: SpawnerService,
+        collector: Collector | None = None,
     ) -> None:
         self.state = state
+        self.collector = collector
         self.store = store
         self.settings = settings
         self.locks = locks
@@ -121,12 +139,37 @@ class Builder:
     async def build(
         self, roots: list[str], opts: BuildOptions, listener: Listener
     ) -> list[dict[str, object]]:
+        # Everything the request reads or makes stays pinned until it is over, so a
+        # concurrent collection never takes an input (or an output just registered).
+        owner = _PinOwner(f"build of {', '.join(map(_drv_name, roots))}")
+        try:
+            return await self._build(roots, opts, listener, owner)
+        finally:
+            self.store.pins.release(owner)
+
+    async def _pin(self, owner: _PinOwner, paths: list[str]) -> None:
+        await trio.to_thread.run_sync(self.store.pins.pin, owner, paths)
+
+    async def _build(
+        self, roots: list[str], opts: BuildOptions, listener: Listener, owner: _PinOwner
+    ) -> list[dict[str, object]]:
+        await self._pin(owner, roots)
         drvs, order = await trio.to_thread.run_sync(self._load, roots)
         outputs = {p: [o.path for o in d.outputs.values()] for p, d in drvs.items()}
+        srcs = [s for d in drvs.values() for s in d.input_srcs]
+        await self._pin(owner, [*order, *srcs, *(o for outs in outputs.values() for o in outs)])
         valid = await trio.to_thread.run_sync(
             self.store.valid_paths, [o for outs in outputs.values() for o in outs]
         )
         missing = {p for p in order if not set(outputs[p]) <= valid}
+        if missing and self.collector is not None:
+            freed = await self.collector.auto_collect()
+            if freed is not None:
+                await listener(
+                    f"free space was low: collected {len(freed.deleted)} paths, "
+                    f"{freed.bytes_freed} bytes",
+                    None,
+                )
         await listener(
             f"{len(missing)} derivations to build, {len(order) - len(missing)} present",
             (0, len(missing)),
@@ -135,11 +178,6 @@ class Builder:
         finished = {p: trio.Event() for p in order}
         request_jobs = trio.CapacityLimiter(max(1, opts.max_jobs))
         stop = trio.Event()
-
-        def inputs_of(path: str) -> list[str]:
-            return [
-                drvs[d].outputs[n].path for d, names in drvs[path].input_drvs.items() for n in names
-            ]
 
         async def one(path: str) -> None:
             drv = drvs[path]
@@ -157,7 +195,7 @@ class Builder:
                         "message": f"dependency failed: {_drv_name(failed[0])}",
                     }
                 elif path not in missing and opts.check and path in roots:
-                    results[path] = await self.check(path, drv, inputs_of(path), opts, listener)
+                    results[path] = await self.check(path, drv, _inputs(drvs, path), opts, listener)
                 elif path not in missing:
                     results[path] = {"status": "valid"}
                 else:
@@ -168,7 +206,9 @@ class Builder:
                                 "message": "an earlier build failed",
                             }
                             return
-                        error = await self._shared_build(path, drv, inputs_of(path), opts, listener)
+                        error = await self._shared_build(
+                            path, drv, _inputs(drvs, path), opts, listener
+                        )
                     if error is None:
                         results[path] = {"status": "built"}
                         done = sum(r["status"] == "built" for r in results.values())
@@ -294,6 +334,42 @@ class Builder:
                 "from the registered one",
             }
         return {"status": "checked", "identical": True}
+
+    async def repair(self, drv_path: str, listener: Listener) -> str | None:
+        """Build `drv_path` again and put its outputs in place of the registered ones
+        (corrupt or missing).  Returns why it could not, or None."""
+        owner = _PinOwner(f"repair of {_drv_name(drv_path)}")
+        try:
+            await self._pin(owner, [drv_path])
+            drvs, _ = await trio.to_thread.run_sync(self._load, [drv_path])
+            drv = drvs[drv_path]
+            inputs = _inputs(drvs, drv_path)
+            outs = [o.path for o in drv.outputs.values()]
+            await self._pin(owner, [*inputs, *drv.input_srcs, *outs])
+            needed = [*inputs, *drv.input_srcs]
+            present = await trio.to_thread.run_sync(self.store.valid_paths, needed)
+            absent = [p for p in needed if p not in present]
+            if absent:
+                return f"its input {absent[0]} is not valid: build it first"
+            expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
+
+            async def replace(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
+                await trio.to_thread.run_sync(
+                    lambda: self.store.add_outputs(drv_path, built, closure, expected, repair=True)
+                )
+
+            await listener(f"repairing {_drv_name(drv_path)}", None)
+            job = Job(drv_path, listeners=[listener])
+            async with (
+                self._limiter,
+                self.locks.exclusive([f"{o}.lock" for o in outs], str(owner), delete=True),
+            ):
+                await self._in_slot(job, drv, inputs, BuildOptions(max_jobs=1), replace)
+        except (BuildError, SpawnError, LockError, StoreError, DerivationError) as e:
+            return str(e)
+        finally:
+            self.store.pins.release(owner)
+        return None
 
     async def _take_slot(self) -> int:
         while not self._free_slots:

@@ -20,7 +20,10 @@ USAGE = {
     ),
     "store-dump": "store-dump PATH > archive",
     "store-log": "store-log DRV|OUTPUT",
-    "store-verify": "store-verify [--json] [PATH...]",
+    "store-verify": "store-verify [--check-contents] [--repair] [--json] [PATH...]",
+    "store-gc": "store-gc [--print-roots|--print-live|--print-dead|--dry-run] "
+    "[--max-freed SIZE] [--json] [--delete PATH...]",
+    "store-optimise": "store-optimise [--json]",
     "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK] TARGET...\n"
     "       (TARGET: a .drv store path, or a recipe file.py[:name])",
 }
@@ -179,17 +182,108 @@ def store_log(argv: list[str]) -> int:
 
 
 def store_verify(argv: list[str]) -> int:
-    opts, paths = parse(argv, {"--json": False})
+    opts, paths = parse(argv, {"--json": False, "--check-contents": False, "--repair": False})
+    repair = "--repair" in opts
     with connect(opts) as client:
-        report = client.call("verify", paths=[_abs(p) for p in paths])
+        report = client.call(
+            "verify",
+            paths=[_abs(p) for p in paths],
+            check_contents="--check-contents" in opts,
+            repair=repair,
+        )
     if "--json" in opts:
         _print_json(report)
     for p in report["missing"]:
         _say(f"missing: {p}")
     for p, want, got in report["mismatched"]:
         _say(f"hash mismatch: {p}: registered {want}, found {got}")
+    for p in report.get("repaired", []):
+        _say(f"repaired: {p}")
+    for p in report.get("removed", []):
+        _say(f"removed from the database: {p}")
+    for p, why in report.get("unrepairable", []):
+        _say(f"cannot repair {p}: {why}")
     _say(f"checked {report['checked']} paths")
+    if repair:
+        return 1 if report["unrepairable"] else 0
     return 0 if not report["missing"] and not report["mismatched"] else 1
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`1G`, `500M`, `4096`: bytes, with binary suffixes as Nix takes them."""
+    number, unit = text[:-1], text[-1:].upper()
+    if unit.isdigit():
+        number, unit = text, ""
+    if not number.isdigit() or unit not in _UNITS:
+        raise UsageError(f"bad size {text!r} (a number of bytes, optionally with K, M, G, T)")
+    return int(number) * _UNITS[unit]
+
+
+GC_PRINTS = {
+    "--print-roots": "print-roots",
+    "--print-live": "print-live",
+    "--print-dead": "print-dead",
+    "--dry-run": "dry-run",
+}
+
+
+def store_gc(argv: list[str]) -> int:
+    flags = dict.fromkeys(GC_PRINTS, False) | {
+        "--max-freed": True,
+        "--delete": False,
+        "--json": False,
+    }
+    opts, paths = parse(argv, flags)
+    modes = [m for flag, m in GC_PRINTS.items() if flag in opts]
+    if len(modes) > 1:
+        raise UsageError("give at most one of " + ", ".join(GC_PRINTS))
+    mode = modes[0] if modes else "collect"
+    if paths and "--delete" not in opts:
+        raise UsageError("paths are taken only with --delete")
+    if "--delete" in opts and not paths:
+        raise UsageError("--delete needs the paths to delete")
+    args: dict[str, object] = {"mode": mode, "paths": [_abs(p) for p in paths]}
+    if "--max-freed" in opts:
+        args["max_freed"] = parse_size(str(opts["--max-freed"]))
+    chunks: list[bytes] = []
+    with connect(opts) as client:
+        result = client.download("gc", chunks.append, **args)
+    lines = b"".join(chunks).decode().splitlines()
+    if "--json" in opts:
+        key = {"collect": "deleted", "dry-run": "would_delete"}.get(mode, mode.split("-")[1])
+        _print_json(result | {key: lines})
+        return 0
+    _lines(lines)
+    if mode == "collect":
+        _say(f"{result['deleted']} store paths deleted, {_mib(result['bytes_freed'])} freed")
+    elif mode == "dry-run":
+        _say(f"would delete {result['dead']} store paths ({_mib(result['bytes'])})")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
+
+
+def store_optimise(argv: list[str]) -> int:
+    opts, rest = parse(argv, {"--json": False})
+    if rest:
+        raise UsageError("store-optimise takes no paths")
+    with connect(opts) as client:
+        stats = client.call("optimise")
+    if "--json" in opts:
+        _print_json(stats)
+    else:
+        _lines(
+            [
+                f"{stats['bytes_saved']} bytes saved by hard-linking {stats['files_linked']} "
+                f"files in {stats['paths']} paths"
+            ]
+        )
+    return 0
 
 
 def store_build(argv: list[str]) -> int:
@@ -206,6 +300,8 @@ COMMANDS = {
     "store-dump": store_dump,
     "store-log": store_log,
     "store-verify": store_verify,
+    "store-gc": store_gc,
+    "store-optimise": store_optimise,
 }
 
 
@@ -228,18 +324,3 @@ def run(name: str) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-def add() -> int:
-    return run("store-add")
-
-
-def query() -> int:
-    return run("store-query")
-
-
-def dump() -> int:
-    return run("store-dump")
-
-
-def verify() -> int:
-    return run("store-verify")

@@ -3,6 +3,7 @@
 from typing import Any
 
 from daemon.protocol import Code
+from store.gc import StillAlive
 from store.nar import NarError, UnsupportedFileType
 from store.paths import InvalidPath
 from store.store import HashMismatch, InvalidReference, NotValid, StoreError
@@ -20,6 +21,7 @@ class OpError(Exception):
 # Most specific first: the first matching class decides the code.
 _CODES: list[tuple[type[BaseException], Code]] = [
     (NotValid, Code.NOT_VALID),
+    (StillAlive, Code.STILL_ALIVE),
     (InvalidReference, Code.INVALID_REFERENCE),
     (HashMismatch, Code.HASH_MISMATCH),
     (InvalidPath, Code.INVALID_PATH),

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         locks, lock_lost = take_daemon_lock(state, monitor)
         # Forked and exec'd now, while the daemon has one thread and no event loop.
         spawner = SpawnerService(monitor, *start_spawner_process(monitor))
-        store = Store(state)
+        store = Store(state, auto_optimise=settings.auto_optimise)
         sock = bind_socket(path)
         if os.path.dirname(path) == str(state.root / "var"):
             auth.socket_access(state.root / "var", settings)

@@ -10,9 +10,9 @@ from daemon.builds import BuildOptions
 from daemon.errors import OpError
 from daemon.protocol import Code
 from daemon.server import Operation, RequestContext
-from store import base32, nar
+from store import base32, gc, nar
 from store.derivation import DerivationError
-from store.store import PathInfo, Reader, Store
+from store.store import PathInfo, Reader, Store, StoreError
 
 
 def _arg_str(args: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -56,11 +56,10 @@ def _info(info: PathInfo) -> dict[str, Any]:
     }
 
 
-def _keep_alive(ctx: RequestContext, path: str) -> None:
-    """Paths a client just added stay alive until its connection closes, as in Nix."""
-    if path not in ctx.conn.temp_roots:
-        ctx.conn.temp_roots.add(path)
-        ctx.daemon.temp_roots.add(path)
+async def _keep_alive(ctx: RequestContext, paths: list[str]) -> None:
+    """Paths stay alive until the client's connection closes, as in Nix.  (Adds pin
+    their path themselves, before looking it up: see `store.pins`.)"""
+    await trio.to_thread.run_sync(ctx.daemon.store.pins.pin, ctx.conn, paths)
 
 
 # Queries: quick blocking calls, run in a worker thread in batches (see server.py).
@@ -99,8 +98,9 @@ async def add(ctx: RequestContext) -> dict[str, Any]:
     expected = _opt_str(ctx, "hash")
     read = ctx.upload().blocking_reader()
     store = ctx.daemon.store
-    info = await trio.to_thread.run_sync(lambda: store.add_nar(read, name, refs, expected))
-    _keep_alive(ctx, info.path)
+    info = await trio.to_thread.run_sync(
+        lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn)
+    )
     return _info(info)
 
 
@@ -121,8 +121,9 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
             groups = [peer.gid]
         reader = Reader(peer.uid, peer.gid, tuple(groups))
     store = ctx.daemon.store
-    info = await trio.to_thread.run_sync(lambda: store.add_path(src, name, refs, reader))
-    _keep_alive(ctx, info.path)
+    info = await trio.to_thread.run_sync(
+        lambda: store.add_path(src, name, refs, reader, pin=ctx.conn)
+    )
     return _info(info)
 
 
@@ -165,19 +166,125 @@ async def build_log(ctx: RequestContext) -> dict[str, int]:
 
 async def verify(ctx: RequestContext) -> dict[str, Any]:
     paths = _strs(ctx, "paths", []) or None
+    contents = bool(ctx.args.get("check_contents"))
+    repair = bool(ctx.args.get("repair"))
+    if repair and not ctx.peer.trusted:
+        raise OpError(Code.PERMISSION, "only trusted users may repair the store")
+    store = ctx.daemon.store
     await ctx.log("verifying " + ("all paths" if paths is None else f"{len(paths)} paths"))
-    report = await trio.to_thread.run_sync(ctx.daemon.store.verify, paths)
-    return {
+    report = await trio.to_thread.run_sync(store.verify, paths, contents)
+    result: dict[str, Any] = {
         "checked": report.checked,
         "missing": report.missing,
         "mismatched": [list(m) for m in report.mismatched],
+    }
+    if repair:
+        result |= await _repair(ctx, report.missing, [m[0] for m in report.mismatched])
+    return result
+
+
+async def _repair(ctx: RequestContext, missing: list[str], corrupt: list[str]) -> dict[str, Any]:
+    """Rebuild bad outputs from their derivations; forget missing paths nothing needs."""
+    store, builder = ctx.daemon.store, ctx.daemon.builder
+    repaired: list[str] = []
+    removed: list[str] = []
+    failed: list[list[str]] = []
+    by_drv: dict[str, list[str]] = {}
+    for path in [*missing, *corrupt]:
+        info = await trio.to_thread.run_sync(store.path_info, path)
+        deriver = info.deriver if info is not None else None
+        if deriver and builder and await trio.to_thread.run_sync(store.is_valid, deriver):
+            by_drv.setdefault(deriver, []).append(path)
+        elif path in missing:
+            try:
+                await trio.to_thread.run_sync(store.invalidate, path)
+                removed.append(path)
+            except StoreError as e:
+                failed.append([path, f"missing, and cannot be forgotten: {e}"])
+        else:
+            failed.append([path, "a corrupted source cannot be rebuilt: add it again"])
+
+    async def listener(message: str, progress: tuple[int, int] | None) -> None:
+        await ctx.log(message)
+
+    if builder is not None:
+        for drv, paths in by_drv.items():
+            error = await builder.repair(drv, listener)
+            if error is None:
+                repaired += paths
+            else:
+                failed += [[p, f"rebuild failed: {error}"] for p in paths]
+    return {"repaired": repaired, "removed": removed, "unrepairable": failed}
+
+
+async def _send_lines(ctx: RequestContext, lines: list[str]) -> None:
+    """Long lists (every dead path, say) go as data: a reply frame has a size limit."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        chunk.append(line)
+        size += len(line) + 1
+        if size > 256 << 10:
+            await ctx.send_data(("\n".join(chunk) + "\n").encode())
+            chunk, size = [], 0
+    if chunk:
+        await ctx.send_data(("\n".join(chunk) + "\n").encode())
+    await ctx.end_data()
+
+
+GC_MODES = ("collect", "dry-run", "print-dead", "print-live", "print-roots")
+
+
+async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
+    """`store-gc`: the paths it lists (deleted, dead, live or roots) go as data lines."""
+    mode = _str(ctx, "mode", "collect")
+    if mode not in GC_MODES:
+        raise OpError(Code.BAD_REQUEST, f"'mode' must be one of {', '.join(GC_MODES)}")
+    max_freed = ctx.args.get("max_freed")
+    if max_freed is not None and (type(max_freed) is not int or max_freed < 0):
+        raise OpError(Code.BAD_REQUEST, "'max_freed' must be a number of bytes")
+    only = _strs(ctx, "paths", []) or None
+    for path in only or ():
+        ctx.daemon.store.parse(path)
+    collector = ctx.daemon.collector
+    if mode == "print-roots":
+        roots = await collector.roots()
+        await _send_lines(ctx, [f"{r.source} -> {r.path}" for r in roots])
+        return {"roots": len(roots)}
+    if mode == "collect":
+        result = await collector.collect(max_freed, only)
+        await _send_lines(ctx, result.deleted)
+        return {
+            "deleted": len(result.deleted),
+            "bytes_freed": result.bytes_freed,
+            "kept": result.kept,
+            "links_removed": result.links_removed,
+        }
+    plan = await collector.plan()
+    if mode == "print-live":
+        await _send_lines(ctx, sorted(plan.live))
+        return {"live": len(plan.live)}
+    if only is not None:
+        plan = await trio.to_thread.run_sync(gc.restrict, plan, only, ctx.daemon.store)
+    dead = gc.simulate(plan, max_freed) if mode == "dry-run" else plan.dead
+    await _send_lines(ctx, sorted(dead))
+    return {"dead": len(dead), "bytes": sum(plan.sizes[p] for p in dead)}
+
+
+async def optimise(ctx: RequestContext) -> dict[str, int]:
+    await ctx.log("optimising the store")
+    stats = await trio.to_thread.run_sync(ctx.daemon.store.optimise)
+    return {
+        "paths": stats.paths,
+        "files_linked": stats.files_linked,
+        "bytes_saved": stats.bytes_saved,
     }
 
 
 async def add_temp_root(ctx: RequestContext) -> None:
     path = _str(ctx, "path")
     ctx.daemon.store.parse(path)
-    _keep_alive(ctx, path)
+    await _keep_alive(ctx, [path])
 
 
 async def add_root(ctx: RequestContext) -> str:
@@ -206,8 +313,7 @@ async def add_text(ctx: RequestContext) -> dict[str, Any]:
         raise OpError(Code.BAD_REQUEST, "'text' must be a string")
     refs = _strs(ctx, "references", [])
     store = ctx.daemon.store
-    info = await trio.to_thread.run_sync(lambda: store.add_text(name, text, refs))
-    _keep_alive(ctx, info.path)
+    info = await trio.to_thread.run_sync(lambda: store.add_text(name, text, refs, pin=ctx.conn))
     return _info(info)
 
 
@@ -245,10 +351,15 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
         results = await builder.build(drvs, opts, listener)
     except DerivationError as e:
         raise OpError(Code.BAD_REQUEST, str(e)) from None
-    for r in results:
-        if r["status"] in ("built", "valid", "checked"):
-            for path in r["outputs"].values():  # type: ignore[attr-defined]
-                _keep_alive(ctx, path)
+    await _keep_alive(
+        ctx,
+        [
+            path
+            for r in results
+            if r["status"] in ("built", "valid", "checked")
+            for path in r["outputs"].values()  # type: ignore[attr-defined]
+        ],
+    )
     return results
 
 
@@ -271,6 +382,8 @@ OPERATIONS: dict[str, Operation] = {
     "add-from-path": Operation(add_from_path),
     "dump": Operation(dump),
     "verify": Operation(verify),
+    "gc": Operation(collect_garbage),
+    "optimise": Operation(optimise),
     "add-temp-root": Operation(add_temp_root),
     "add-root": Operation(add_root),
     "store-dir": Operation(query=store_dir),

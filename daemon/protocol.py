@@ -34,6 +34,7 @@ class Code:
     INVALID_ARCHIVE = "invalid-archive"
     INVALID_REFERENCE = "invalid-reference"
     HASH_MISMATCH = "hash-mismatch"
+    STILL_ALIVE = "still-alive"
     UNSUPPORTED_FILE = "unsupported-file-type"
     IO = "io-error"
     SHUTTING_DOWN = "shutting-down"

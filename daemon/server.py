@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -20,6 +20,7 @@ import trio
 from daemon import protocol as p
 from daemon.auth import Peer, identify, peer_credentials
 from daemon.builds import Builder
+from daemon.collector import Collector
 from daemon.errors import OpError, error_for
 from daemon.locks import LockService
 from daemon.spawn import SpawnerService
@@ -34,23 +35,6 @@ HIGH_WATER = 4 << 20
 RECEIVE_SIZE = 1 << 20
 AGENT = "weft-daemon/0.1"
 T = TypeVar("T")
-
-
-@dataclass
-class TempRoots:
-    """Paths that live clients asked to keep alive, counted across connections."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, path: str) -> None:
-        self.counts[path] = self.counts.get(path, 0) + 1
-
-    def remove(self, path: str) -> None:
-        n = self.counts.get(path, 0) - 1
-        if n > 0:
-            self.counts[path] = n
-        else:
-            self.counts.pop(path, None)
 
 
 class QueryBatcher:
@@ -179,7 +163,6 @@ class ClientConnection:
         self.peer = peer
         self.proto = p.Connection(p.Role.SERVER)
         self.uploads: dict[int, Upload] = {}
-        self.temp_roots: set[str] = set()
         self._out: list[bytes] = []
         self._out_size = 0
         self._have_output = trio.lowlevel.ParkingLot()
@@ -188,6 +171,9 @@ class ClientConnection:
         self._running = 0
         self._finished = trio.lowlevel.ParkingLot()
         self._closed = False
+
+    def __str__(self) -> str:
+        return f"client pid {self.peer.pid} ({self.peer.user})"
 
     def send_nowait(self, event: p.Event) -> None:
         """Queue a frame for the writer task; on a closed connection it is dropped."""
@@ -225,9 +211,7 @@ class ClientConnection:
                     nursery.cancel_scope.cancel()
         finally:
             self._closed = True
-            for path in self.temp_roots:
-                self.daemon.temp_roots.remove(path)
-            self.temp_roots.clear()
+            self.daemon.store.pins.release(self)
             await self.stream.aclose()
 
     async def _flush_quietly(self) -> None:
@@ -405,15 +389,15 @@ class Daemon:
         self.state = state
         self.locks = locks
         self.spawner = spawner
+        self.collector = Collector(store, settings)
         self.builder = (
-            Builder(state, store, settings, locks, spawner)
+            Builder(state, store, settings, locks, spawner, self.collector)
             if locks is not None and spawner is not None
             else None
         )
         self.store = store
         self.settings = settings
         self.queries = QueryBatcher()
-        self.temp_roots = TempRoots()
         self.draining = False
         self.in_flight = 0
         self.connections: set[ClientConnection] = set()

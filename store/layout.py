@@ -39,6 +39,15 @@ class Settings:
     # Builds at once (0: one per core), and what builders are told to use each.
     max_jobs: int = 0
     cores: int = 0
+    # Garbage collection, as nix.conf defines them: keep the derivations that built live
+    # paths, keep the outputs of live derivations; before builds, collect when free space
+    # is under min-free bytes, until max-free bytes are free (0: disabled, no limit).
+    keep_derivations: bool = True
+    keep_outputs: bool = False
+    min_free: int = 0
+    max_free: int = 0
+    # Hard-link identical files of every new path through store/.links.
+    auto_optimise: bool = False
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":

@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +26,12 @@ from store.db import Database
 from store.hashing import format_hash, hash_path
 from store.ingest import copy_tree, copy_tree_as
 from store.layout import StateDir
+from store.optimise import OptimiseStats, optimise_paths
 from store.paths import PathKind, StorePath, make_store_path, validate_name
+from store.pins import Pins
 from store.refscan import scan_path
 from store.sourcecache import SourceCache, signature
-from store.tmparea import TmpArea, owner_alive, owner_of, remove_tree
+from store.tmparea import DELETION, TmpArea, owner_alive, owner_of, remove_tree
 
 
 class StoreError(Exception):
@@ -117,12 +119,14 @@ FROM c JOIN ValidPaths v ON v.id = c.id LEFT JOIN Refs r ON r.referrer = c.id
 
 
 class Store:
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, auto_optimise: bool = False) -> None:
         state.create()
         self.state = state
         self.store_dir = str(state.store_dir)
         self.db = Database(state.db_path)
         self.tmp = TmpArea(state.tmp_dir)
+        self.pins = Pins()
+        self.auto_optimise = auto_optimise
         self._sources = SourceCache()
         self.recover()
 
@@ -166,7 +170,43 @@ class Store:
             aside = self.db.write(body)
             if aside is not None:
                 remove_tree(aside)
+        for entry in self.tmp.dead_entries(DELETION):
+            self._finish_deletion(entry)
         self.tmp.remove_dead_entries()
+
+    def _finish_deletion(self, entry: Path) -> None:
+        """A deletion whose process died: undone if its transaction did not commit."""
+        final = Path(self.store_dir) / entry.name.split(DELETION, 1)[1]
+
+        def body(conn: apsw.Connection) -> None:
+            registered = conn.execute(
+                "SELECT 1 FROM ValidPaths WHERE path = ?", (str(final),)
+            ).fetchone()
+            if registered and not os.path.lexists(final):
+                self.move_back(entry, final)
+
+        self.db.write(body)
+        remove_tree(entry)
+
+    # -- deleting (for the collector, inside its write transaction) ---------------------
+
+    def move_out(self, path: str) -> Path | None:
+        """Rename a path out of the store, to an entry that names it (see `recover`)."""
+        final = self._real(path)
+        entry = self.tmp.new_entry(DELETION + final.name)
+        try:
+            if stat.S_ISDIR(os.lstat(final).st_mode):
+                # Moving a directory to a new parent rewrites its '..'.
+                os.chmod(final, 0o755)
+            os.rename(final, entry)
+        except FileNotFoundError:
+            return None
+        return entry
+
+    def move_back(self, entry: Path, final: Path) -> None:
+        os.rename(entry, final)
+        if stat.S_ISDIR(os.lstat(final).st_mode):
+            os.chmod(final, 0o555)
 
     # -- adding -----------------------------------------------------------------------
 
@@ -176,12 +216,15 @@ class Store:
         name: str | None = None,
         references: Iterable[str] = (),
         reader: Reader | None = None,
+        pin: Hashable | None = None,
     ) -> PathInfo:
         """Add a file, symlink or tree from disk as a source path.
 
         Re-adding a tree whose metadata has not changed since it was last added here is a
         lookup: nothing is read or written (see `store.sourcecache`).  With `reader`, the
         source is read with that user's permissions (and never answered from the cache).
+        With `pin`, the path is pinned for that owner before it is looked up or added, so
+        the collector cannot take it from under the caller.
         """
         if name is None:
             name = os.path.basename(os.path.abspath(src))
@@ -189,7 +232,7 @@ class Store:
         sig = signature(src) if reader is None else None
         if sig is not None:
             known = self._sources.get(key, sig)
-            info = self.path_info(known) if known is not None else None
+            info = self._pinned_info(known, pin) if known is not None else None
             if info is not None:
                 return info
 
@@ -200,7 +243,7 @@ class Store:
                 got = copy_tree_as(src, dest, reader.uid, reader.gid, list(reader.groups))
             return got.nar_hash, got.nar_size
 
-        info = self._add(PathKind.SOURCE, name, references, fill)
+        info = self._add(PathKind.SOURCE, name, references, fill, pin)
         if sig is not None and signature(src) == sig:
             self._sources.put(key, sig, info.path)
         return info
@@ -211,6 +254,7 @@ class Store:
         name: str,
         references: Iterable[str] = (),
         expected_hash: str | None = None,
+        pin: Hashable | None = None,
     ) -> PathInfo:
         """Add a source path from an archive stream; a bad archive adds nothing.
 
@@ -221,7 +265,7 @@ class Store:
             known = make_store_path(
                 PathKind.SOURCE, expected_hash, self.store_dir, name, references
             )
-            existing = self.path_info(str(known))
+            existing = self._pinned_info(str(known), pin)
             if existing is not None:
                 return existing
 
@@ -233,9 +277,15 @@ class Store:
                 raise HashMismatch(f"archive for {name!r} has hash {got}, expected {expected_hash}")
             return got, nar_size
 
-        return self._add(PathKind.SOURCE, name, references, fill)
+        return self._add(PathKind.SOURCE, name, references, fill, pin)
 
-    def add_text(self, name: str, text: str | bytes, references: Iterable[str] = ()) -> PathInfo:
+    def add_text(
+        self,
+        name: str,
+        text: str | bytes,
+        references: Iterable[str] = (),
+        pin: Hashable | None = None,
+    ) -> PathInfo:
         """Add one regular file whose contents are known, like a derivation."""
         data = text.encode() if isinstance(text, str) else text
         archive = (
@@ -244,7 +294,7 @@ class Store:
         nar_hash = format_hash(blake3.blake3(archive).digest())
         refs = sorted(set(references))
         path = str(make_store_path(PathKind.TEXT, nar_hash, self.store_dir, name, refs))
-        existing = self.path_info(path)
+        existing = self._pinned_info(path, pin)
         if existing is not None:
             return existing
 
@@ -260,7 +310,12 @@ class Store:
                 os.close(fd)
             return nar_hash, len(archive)
 
-        return self._add(PathKind.TEXT, name, refs, fill)
+        return self._add(PathKind.TEXT, name, refs, fill, pin)
+
+    def _pinned_info(self, path: str, pin: Hashable | None) -> PathInfo | None:
+        if pin is not None:
+            self.pins.pin(pin, [path])
+        return self.path_info(path)
 
     def _add(
         self,
@@ -268,6 +323,7 @@ class Store:
         name: str,
         references: Iterable[str],
         fill: Callable[[Path], tuple[str, int]],
+        pin: Hashable | None = None,
     ) -> PathInfo:
         validate_name(name)
         refs = sorted(set(references))
@@ -277,7 +333,7 @@ class Store:
         try:
             nar_hash, nar_size = fill(entry)
             path = str(make_store_path(kind, nar_hash, self.store_dir, name, refs))
-            info = self.path_info(path)
+            info = self._pinned_info(path, pin)
             if info is None:
                 new = NewPath(
                     entry, path, nar_hash, nar_size, tuple(refs), f"{kind.value}:{nar_hash}"
@@ -293,6 +349,7 @@ class Store:
         built: Mapping[str, tuple[str, str]],
         candidates: Iterable[str],
         expected_hashes: Mapping[str, str] | None = None,
+        repair: bool = False,
     ) -> list[PathInfo]:
         """Register a build's outputs, {output name: (where the builder left it, store path)}.
 
@@ -300,6 +357,7 @@ class Store:
         touch lands in the store), hashed, checked against its expected hash if it has one,
         and scanned for references to `candidates` and to the outputs themselves; then all
         are renamed into place and registered in one transaction, with their deriver.
+        With `repair`, they replace registered paths that are corrupt or missing.
         """
         expected_hashes = expected_hashes or {}
         own = {p for _, p in built.values()}
@@ -319,6 +377,8 @@ class Store:
                 refs = tuple(sorted(by_hash_part[h] for h in found))
                 ca = f"fixed:out:{want}" if want is not None else None
                 entries[-1] = NewPath(entry, path, got.nar_hash, got.nar_size, refs, ca, drv_path)
+            if repair:
+                return self._replace(entries)
             outputs = [(drv_path, output, path) for output, (_, path) in built.items()]
             return self._install(entries, outputs)
         finally:
@@ -416,8 +476,79 @@ class Store:
         finally:
             for moved in aside:
                 remove_tree(moved)
+        if self.auto_optimise and installed:
+            optimise_paths([i.path for i in installed], self.state.links_dir, self.tmp)
         done = {i.path for i in installed}
         return installed + [self._info_or_raise(n.path) for n in new if n.path not in done]
+
+    def _replace(self, new: Sequence[NewPath]) -> list[PathInfo]:
+        """Put rebuilt contents in place of registered paths, in one transaction.
+
+        The old contents leave as a deletion does, so a crash before the commit brings
+        them back (`recover`).
+        """
+        aside: list[Path] = []
+
+        def body(conn: apsw.Connection) -> None:
+            moved: list[tuple[Path, Path | None]] = []
+            try:
+                for n in new:
+                    row = conn.execute(
+                        "SELECT id FROM ValidPaths WHERE path = ?", (n.path,)
+                    ).fetchone()
+                    if row is None:
+                        raise NotValid(f"path {n.path!r} is not valid")
+                    old = self.move_out(n.path)
+                    final = Path(n.path)
+                    if stat.S_ISDIR(os.lstat(n.entry).st_mode):
+                        os.chmod(n.entry, 0o755)
+                    os.rename(n.entry, final)
+                    moved.append((final, old))
+                    if stat.S_ISDIR(os.lstat(final).st_mode):
+                        os.chmod(final, 0o555)
+                    conn.execute(
+                        "UPDATE ValidPaths SET hash = ?, nar_size = ? WHERE id = ?",
+                        (n.nar_hash, n.nar_size, row[0]),
+                    )
+                    conn.execute("DELETE FROM Refs WHERE referrer = ?", (row[0],))
+                    refs = [r for r in n.references if r != n.path]
+                    conn.executemany(
+                        "INSERT INTO Refs (referrer, reference) VALUES (?, ?)",
+                        [(row[0], i) for i in _ids(conn, refs)]
+                        + ([(row[0], row[0])] if n.path in n.references else []),
+                    )
+            except BaseException:
+                for final, old in reversed(moved):
+                    remove_tree(final)
+                    if old is not None:
+                        self.move_back(old, final)
+                raise
+            aside.extend(old for _, old in moved if old is not None)
+
+        try:
+            self.db.write(body)
+        finally:
+            for entry in aside:
+                remove_tree(entry)
+        return [self._info_or_raise(n.path) for n in new]
+
+    def invalidate(self, path: str) -> None:
+        """Forget a path that is gone from disk; refused while a valid path refers to it."""
+
+        def body(conn: apsw.Connection) -> None:
+            try:
+                conn.execute("DELETE FROM ValidPaths WHERE path = ?", (path,))
+            except apsw.ConstraintError:
+                raise StoreError(f"{path} is still referenced") from None
+
+        self.db.write(body)
+
+    def optimise(self, paths: Iterable[str] | None = None) -> OptimiseStats:
+        """Hard-link identical files of these valid paths (all, by default)."""
+        if paths is None:
+            with self.db.connection() as conn:
+                paths = [r[0] for r in conn.execute("SELECT path FROM ValidPaths")]
+        return optimise_paths(paths, self.state.links_dir, self.tmp)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -494,8 +625,11 @@ class Store:
 
     # -- verification -----------------------------------------------------------------
 
-    def verify(self, paths: Iterable[str] | None = None) -> VerifyReport:
-        """Re-hash valid paths (all, or those given) against what was registered."""
+    def verify(
+        self, paths: Iterable[str] | None = None, check_contents: bool = True
+    ) -> VerifyReport:
+        """Check that valid paths (all, or those given) exist and, with `check_contents`,
+        re-hash them against what was registered."""
         with self.db.connection() as conn:
             if paths is None:
                 rows = list(
@@ -518,6 +652,8 @@ class Store:
             report.checked += 1
             if not os.path.lexists(path):
                 report.missing.append(path)
+                continue
+            if not check_contents:
                 continue
             try:
                 got, _ = hash_path(path)

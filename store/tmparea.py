@@ -12,6 +12,10 @@ import stat
 import threading
 from pathlib import Path
 
+# Entries of deletions in progress are named `<owner>.<random>.del.<store path base name>`,
+# so that recovery knows where each came from.
+DELETION = ".del."
+
 _token_lock = threading.Lock()
 _token: tuple[int, str] | None = None
 
@@ -66,8 +70,8 @@ class TmpArea:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def new_entry(self) -> Path:
-        return self.path / f"{owner_token()}.{secrets.token_hex(8)}"
+    def new_entry(self, suffix: str = "") -> Path:
+        return self.path / f"{owner_token()}.{secrets.token_hex(8)}{suffix}"
 
     def move_aside(self, path: Path) -> Path | None:
         """Move `path` out of the store in one step, into an entry to delete at leisure."""
@@ -77,6 +81,14 @@ class TmpArea:
         except FileNotFoundError:
             return None
         return entry
+
+    def dead_entries(self, marker: str) -> list[Path]:
+        """Entries of dead owners whose names hold `marker`."""
+        return [
+            self.path / name
+            for name in os.listdir(self.path)
+            if marker in name and not owner_alive(owner_of(name))
+        ]
 
     def remove_dead_entries(self) -> int:
         removed = 0

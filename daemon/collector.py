@@ -1,0 +1,70 @@
+"""The daemon's garbage collector: one collection at a time, all of it off the event loop.
+
+`store.gc` does the work in a worker thread; this layer serialises collections, applies
+`weft.toml`'s keep settings, and runs the automatic collection that builds ask for when
+free space is under `min-free`.
+"""
+
+import logging
+import os
+
+import trio
+
+from store import gc
+from store.layout import Settings
+from store.store import Store
+
+log = logging.getLogger("weft.gc")
+
+
+class Collector:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._lock = trio.Lock()
+
+    async def plan(self) -> gc.Plan:
+        store, s = self.store, self.settings
+        return await trio.to_thread.run_sync(
+            lambda: gc.plan(store, s.keep_outputs, s.keep_derivations)
+        )
+
+    async def roots(self) -> list[gc.Root]:
+        return await trio.to_thread.run_sync(gc.find_roots, self.store)
+
+    async def collect(
+        self, max_freed: int | None = None, only: list[str] | None = None
+    ) -> gc.GCResult:
+        """Delete dead paths (or only those of `only`, all of which must be dead)."""
+        async with self._lock:
+            full = await self.plan()
+            if only is None:
+                chosen = full
+            else:
+                chosen = await trio.to_thread.run_sync(gc.restrict, full, only, self.store)
+            return await trio.to_thread.run_sync(lambda: gc.delete(self.store, chosen, max_freed))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.store.store_dir)
+        return st.f_bavail * st.f_frsize
+
+    async def auto_collect(self) -> gc.GCResult | None:
+        """Collect before builds when free space is under `min-free`, up to `max-free`."""
+        min_free = self.settings.min_free
+        if min_free <= 0 or self.free_bytes() >= min_free:
+            return None
+        async with self._lock:
+            # Another request's collection may have just freed enough.
+            free = self.free_bytes()
+            if free >= min_free:
+                return None
+            max_free = self.settings.max_free
+            want = max_free - free if max_free > 0 else None
+            full = await self.plan()
+            result = await trio.to_thread.run_sync(lambda: gc.delete(self.store, full, want))
+        log.info(
+            "automatic collection: %d paths deleted, %d bytes freed",
+            len(result.deleted),
+            result.bytes_freed,
+        )
+        return result
