@@ -230,6 +230,16 @@ GC_PRINTS = {
 }
 
 
+# Under which key `--json` lists what each mode prints.
+GC_LISTS = {
+    "collect": "deleted",
+    "dry-run": "dead",
+    "print-dead": "dead",
+    "print-live": "live",
+    "print-roots": "roots",
+}
+
+
 def store_gc(argv: list[str]) -> int:
     flags = dict.fromkeys(GC_PRINTS, False) | {
         "--max-freed": True,
@@ -253,8 +263,12 @@ def store_gc(argv: list[str]) -> int:
         result = client.download("gc", chunks.append, **args)
     lines = b"".join(chunks).decode().splitlines()
     if "--json" in opts:
-        key = {"collect": "deleted", "dry-run": "would_delete"}.get(mode, mode.split("-")[1])
-        _print_json(result | {key: lines})
+        listed: list[object] = list(lines)
+        if mode == "print-roots":
+            listed = [
+                dict(zip(("source", "path"), r.rsplit(" -> ", 1), strict=True)) for r in lines
+            ]
+        _print_json(result | {GC_LISTS[mode]: listed})
         return 0
     _lines(lines)
     if mode == "collect":
@@ -323,4 +337,3 @@ def run(name: str) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
