@@ -287,30 +287,46 @@ class Store:
         pin: Hashable | None = None,
     ) -> PathInfo:
         """Add one regular file whose contents are known, like a derivation."""
-        data = text.encode() if isinstance(text, str) else text
-        archive = (
-            nar.HEADER + nar.file_header(False, len(data)) + data + nar.file_trailer(len(data))
-        )
-        nar_hash = format_hash(blake3.blake3(archive).digest())
-        refs = sorted(set(references))
-        path = str(make_store_path(PathKind.TEXT, nar_hash, self.store_dir, name, refs))
-        existing = self._pinned_info(path, pin)
-        if existing is not None:
-            return existing
+        return self.add_texts([(name, text, references)], pin)[0]
 
-        def fill(dest: Path) -> tuple[str, int]:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, 0o444)
-                os.utime(fd, (1, 1))
-            finally:
-                os.close(fd)
-            return nar_hash, len(archive)
-
-        return self._add(PathKind.TEXT, name, refs, fill, pin)
+    def add_texts(
+        self,
+        items: Sequence[tuple[str, str | bytes, Iterable[str]]],
+        pin: Hashable | None = None,
+    ) -> list[PathInfo]:
+        """Add many (name, text, references) files in one transaction; a reference may
+        name another file of the batch."""
+        planned: list[tuple[str, bytes, str, int, tuple[str, ...]]] = []
+        for name, text, references in items:
+            validate_name(name)
+            data = text.encode() if isinstance(text, str) else text
+            archive = (
+                nar.HEADER + nar.file_header(False, len(data)) + data + nar.file_trailer(len(data))
+            )
+            nar_hash = format_hash(blake3.blake3(archive).digest())
+            refs = tuple(sorted(set(references)))
+            for ref in refs:
+                self.parse(ref)
+            path = str(make_store_path(PathKind.TEXT, nar_hash, self.store_dir, name, refs))
+            planned.append((path, data, nar_hash, len(archive), refs))
+        paths = [p[0] for p in planned]
+        if pin is not None:
+            self.pins.pin(pin, paths)
+        present = self.valid_paths(paths)
+        new: list[NewPath] = []
+        try:
+            for path, data, nar_hash, size, refs in planned:
+                if path in present:
+                    continue
+                present.add(path)
+                entry = self.tmp.new_entry()
+                new.append(NewPath(entry, path, nar_hash, size, refs, f"text:{nar_hash}"))
+                _write_text(entry, data)
+            installed = {i.path: i for i in self._install(new)} if new else {}
+        finally:
+            for n in new:
+                remove_tree(n.entry)
+        return [installed.get(p) or self._info_or_raise(p) for p in paths]
 
     def _pinned_info(self, path: str, pin: Hashable | None) -> PathInfo | None:
         if pin is not None:
@@ -662,6 +678,18 @@ class Store:
             if got != want_hash:
                 report.mismatched.append((path, want_hash, got))
         return report
+
+
+def _write_text(dest: Path, data: bytes) -> None:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, 0o444)
+        os.utime(fd, (1, 1))
+    finally:
+        os.close(fd)
 
 
 def _ids(conn: apsw.Connection, paths: Sequence[str]) -> list[int]:

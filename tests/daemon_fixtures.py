@@ -1,10 +1,12 @@
 """A real store-daemon process on a temporary state dir, for integration tests."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from daemon.blocking import BlockingClient
+from daemon.build_command import DaemonRecipeStore
 from store import nar
+from store.recipe import Derivation, busybox, derivation, using
 
 
 @dataclass
@@ -113,3 +118,42 @@ def run_as_nobody(code: str, env: dict[str, str] | None = None) -> subprocess.Co
         env={**os.environ, **(env or {})},
         timeout=60,
     )
+
+
+@pytest.fixture
+def builder_daemon() -> Iterator[DaemonProc]:
+    # Not under /tmp: the sandbox mounts its own /tmp over that path.
+    d = Path(tempfile.mkdtemp(prefix="weft-build-", dir="/var/tmp"))
+    daemon = start_daemon(d / "state")
+    yield daemon
+    stop_daemon(daemon)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Graph:
+    def __init__(self, daemon: DaemonProc) -> None:
+        self.daemon = daemon
+        self.client = BlockingClient(daemon.socket)
+        self.logs: list[tuple[str, int | None]] = []
+        self.client.on_log = lambda e: self.logs.append((e.message, e.done))
+        self._using = using(DaemonRecipeStore(self.client, daemon.store_dir))
+        self._using.__enter__()
+        self.bb = busybox()
+
+    def sh(self, name: str, script: str, **kw: object) -> Derivation:
+        env = {"PATH": f"{self.bb}/bin", **kw.pop("env", {})}  # type: ignore[dict-item]
+        return derivation(name, f"{self.bb}/bin/busybox", ["sh", "-c", script], env=env, **kw)
+
+    def build(self, *drvs: Derivation, **args: object) -> list[dict]:
+        return self.client.call("build", drvs=[d.path for d in drvs], **args)
+
+    def close(self) -> None:
+        self._using.__exit__(None, None, None)
+        self.client.close()
+
+
+@pytest.fixture
+def graph(builder_daemon: DaemonProc) -> Iterator[Graph]:
+    g = Graph(builder_daemon)
+    yield g
+    g.close()

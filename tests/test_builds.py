@@ -5,58 +5,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon.blocking import BlockingClient
-from daemon.build_command import DaemonRecipeStore
-from store.recipe import Derivation, busybox, derivation, using
-from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon
+from store.recipe import derivation
+from tests.daemon_fixtures import DaemonProc, Graph
 
 ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture
-def builder_daemon() -> Iterator[DaemonProc]:
-    # Not under /tmp: the sandbox mounts its own /tmp over that path.
-    d = Path(tempfile.mkdtemp(prefix="weft-build-", dir="/var/tmp"))
-    daemon = start_daemon(d / "state")
-    yield daemon
-    stop_daemon(daemon)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-class Graph:
-    def __init__(self, daemon: DaemonProc) -> None:
-        self.daemon = daemon
-        self.client = BlockingClient(daemon.socket)
-        self.logs: list[tuple[str, int | None]] = []
-        self.client.on_log = lambda e: self.logs.append((e.message, e.done))
-        self._using = using(DaemonRecipeStore(self.client, daemon.store_dir))
-        self._using.__enter__()
-        self.bb = busybox()
-
-    def sh(self, name: str, script: str, **kw: object) -> Derivation:
-        env = {"PATH": f"{self.bb}/bin", **kw.pop("env", {})}  # type: ignore[dict-item]
-        return derivation(name, f"{self.bb}/bin/busybox", ["sh", "-c", script], env=env, **kw)
-
-    def build(self, *drvs: Derivation, **args: object) -> list[dict]:
-        return self.client.call("build", drvs=[d.path for d in drvs], **args)
-
-    def close(self) -> None:
-        self._using.__exit__(None, None, None)
-        self.client.close()
-
-
-@pytest.fixture
-def graph(builder_daemon: DaemonProc) -> Iterator[Graph]:
-    g = Graph(builder_daemon)
-    yield g
-    g.close()
 
 
 def test_diamond(graph: Graph) -> None:

@@ -13,13 +13,6 @@ from store.store import Store
 from store.tmparea import DELETION
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(StateDir.at(tmp_path / "state"))
-    yield s
-    s.close()
-
-
 def _text(store: Store, name: str, refs: tuple[str, ...] = ()) -> str:
     return store.add_text(name, f"{name} {' '.join(refs)}", refs).path
 

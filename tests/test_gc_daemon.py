@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 from daemon.blocking import BlockingClient, DaemonError
-from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon
-from tests.test_builds import Graph, builder_daemon, graph  # noqa: F401 (fixtures)
+from tests.daemon_fixtures import DaemonProc, Graph, start_daemon, stop_daemon
 
 BIN = Path(sys.executable).parent
 
