@@ -18,18 +18,22 @@ disk after the commit.  A crash between rename and commit is undone at the next 
 Every function blocks; the daemon runs them in a worker thread.
 """
 
+import logging
 import os
 import stat
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Queue
 
 import apsw
 
 from store.paths import StorePath
 from store.store import Store, StoreError
-from store.tmparea import remove_tree
+
+log = logging.getLogger("weft.gc")
 
 
 class StillAlive(StoreError):
@@ -255,31 +259,70 @@ def delete(
     gc_plan: Plan,
     max_freed: int | None = None,
     batch_size: int = 256,
-    should_stop: Callable[[], bool] = lambda: False,
 ) -> GCResult:
     """Delete the plan's dead paths, referrers first, until `max_freed` bytes are freed."""
     result = GCResult()
     queue = deque(gc_plan.dead)
-    while queue and not should_stop():
-        if max_freed is not None and result.bytes_freed >= max_freed:
-            break
-        batch: list[str] = []
-        estimate = result.bytes_freed
-        while queue and len(batch) < batch_size:
-            if max_freed is not None and estimate >= max_freed:
+    remover = _Remover()
+    try:
+        while queue:
+            if max_freed is not None and remover.drain() >= max_freed:
                 break
-            path = queue.popleft()
-            batch.append(path)
-            estimate += gc_plan.sizes.get(path, 0)
-        deleted, kept, aside = _delete_batch(store, batch)
-        result.deleted += deleted
-        result.kept += kept
-        for entry in aside:
-            result.bytes_freed += _remove_counting(entry)
-    removed, freed = remove_unused_links(store)
+            batch: list[str] = []
+            estimate = remover.freed
+            while queue and len(batch) < batch_size:
+                if max_freed is not None and estimate >= max_freed:
+                    break
+                path = queue.popleft()
+                batch.append(path)
+                estimate += gc_plan.sizes.get(path, 0)
+            deleted, kept, aside = _delete_batch(store, batch)
+            result.deleted += deleted
+            result.kept += kept
+            for entry in aside:
+                remover.put(str(entry))
+    finally:
+        result.bytes_freed = remover.close()
+    removed, links_freed = remove_unused_links(store)
     result.links_removed = removed
-    result.bytes_freed += freed
+    result.bytes_freed += links_freed
     return result
+
+
+class _Remover:
+    """Removes moved-out paths in a thread of its own, counting the bytes freed: unlinking
+    waits on the disk, and meanwhile the next batch is prepared."""
+
+    def __init__(self) -> None:
+        self.freed = 0
+        self._queue: Queue[str | None] = Queue()
+        self._thread = threading.Thread(target=self._run, name="gc-remover")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            entry = self._queue.get()
+            try:
+                if entry is None:
+                    return
+                self.freed += _remove_counting(entry)
+            except OSError as e:
+                # Unregistered already: what is left is removed when the store next opens.
+                log.warning("could not remove %s: %s", entry, e)
+            finally:
+                self._queue.task_done()
+
+    def put(self, entry: str) -> None:
+        self._queue.put(entry)
+
+    def drain(self) -> int:
+        self._queue.join()
+        return self.freed
+
+    def close(self) -> int:
+        self._queue.put(None)
+        self._thread.join()
+        return self.freed
 
 
 def _delete_batch(store: Store, batch: list[str]) -> tuple[list[str], list[str], list[Path]]:
@@ -319,24 +362,21 @@ def _delete_batch(store: Store, batch: list[str]) -> tuple[list[str], list[str],
     return deleted, kept, [aside for _, aside in moved]
 
 
-def _remove_counting(path: Path) -> int:
+def _remove_counting(path: str) -> int:
     """Remove a tree; the bytes it frees (files not linked from anywhere else)."""
-    freed = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            if st.st_nlink == 1:
-                freed += st.st_size
     try:
         st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink == 1:
-            freed += st.st_size
     except FileNotFoundError:
-        return freed
-    remove_tree(path)
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return st.st_size if st.st_nlink == 1 else 0
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    with os.scandir(path) as it:
+        children = [e.path for e in it]
+    freed = sum(_remove_counting(child) for child in children)
+    os.rmdir(path)
     return freed
 
 
