@@ -19,4 +19,4 @@ hello=$(store-build -o "${TMPDIR:-/tmp}/weft-hello" examples/recipes.py:hello)
 echo "built: $hello"
 "$hello/bin/hello"
 store-query --closure "$report"
-store-verify
+store-verify --check-contents

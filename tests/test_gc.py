@@ -282,3 +282,39 @@ def test_auto_optimise_links_new_paths(tmp_path: Path) -> None:
     assert os.stat(a).st_ino == os.stat(b).st_ino
     assert s.verify().ok
     s.close()
+
+
+def test_optimise_and_collect_at_once(store: Store) -> None:
+    """Optimising while the collector removes paths and `.links` entries: every file
+    keeps its contents, and no entry outlives its last user."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def optimiser() -> None:
+        try:
+            while not stop.is_set():
+                store.optimise()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=optimiser)
+    t.start()
+    kept: list[str] = []
+    for i in range(30):
+        owner = f"round-{i}"
+        paths = [
+            store.add_text(f"f{i}-{j}", f"shared {j % 3}\n" * 500, pin=owner).path for j in range(6)
+        ]
+        kept.append(paths[0])
+        store.pins.release(owner)
+        store.pins.pin("keeper", [paths[0]])
+        _collect(store)
+    stop.set()
+    t.join()
+    assert not errors, errors[0]
+    assert _all_valid(store) == set(kept)
+    _consistent(store)
+    store.optimise()
+    _collect(store)
+    for entry in os.scandir(store.state.links_dir):
+        assert entry.stat().st_nlink > 1, entry.name
