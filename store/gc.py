@@ -95,11 +95,12 @@ def find_roots(store: Store) -> list[Root]:
                 roots.append(Root(entry, path))
             elif Path(dirpath) == auto:
                 _indirect(store, entry, target, roots)
-    valid = store.valid_paths({r.path for r in roots})
-    pinned = [
+    roots += [
         Root(f"{{{label}}}", p) for label, paths in store.pins.by_owner() for p in sorted(paths)
     ]
-    return [r for r in roots if r.path in valid] + pinned
+    # A pin may name a path not made yet (a build's output): it roots nothing so far.
+    valid = store.valid_paths({r.path for r in roots})
+    return [r for r in roots if r.path in valid]
 
 
 def _indirect(store: Store, entry: str, link: str, roots: list[Root]) -> None:
