@@ -21,8 +21,11 @@ USAGE = {
     "store-dump": "store-dump PATH > archive",
     "store-log": "store-log DRV|OUTPUT",
     "store-verify": "store-verify [--json] [PATH...]",
-    "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK] TARGET...\n"
+    "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK]\n"
+    "       [--retries N | --no-retry] TARGET...\n"
     "       (TARGET: a .drv store path, or a recipe file.py[:name])",
+    "store-status": "store-status [--json]",
+    "store-history": "store-history [--json] (DRV|OUTPUT | --flaky)",
 }
 COMMON = {"--state-dir": True, "--socket": True, "--help": False}
 
@@ -199,6 +202,18 @@ def store_build(argv: list[str]) -> int:
     return main(argv)
 
 
+def store_status(argv: list[str]) -> int:
+    from daemon.sched_commands import store_status
+
+    return store_status(argv)
+
+
+def store_history(argv: list[str]) -> int:
+    from daemon.sched_commands import store_history
+
+    return store_history(argv)
+
+
 COMMANDS = {
     "store-build": store_build,
     "store-add": store_add,
@@ -206,6 +221,8 @@ COMMANDS = {
     "store-dump": store_dump,
     "store-log": store_log,
     "store-verify": store_verify,
+    "store-status": store_status,
+    "store-history": store_history,
 }
 
 

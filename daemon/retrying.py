@@ -90,7 +90,7 @@ class RetryRunner:
                     ),
                 )
             # An attempt that found its outputs already there ran nothing: not history.
-            if run.proc is not None or failure is not None or run.paused_total:
+            if run.spawned or failure is not None:
                 outcome.flaky = await trio.to_thread.run_sync(self._record, run, failure)
             if failure is None:
                 outcome.flaky = outcome.flaky or n > 1

@@ -34,6 +34,7 @@ class Running:
     load_peak: LoadSample
     parallelism: int
     ended: float = 0.0
+    spawned: bool = False  # a builder ran (an attempt may find its outputs there already)
     proc: Process | None = None
     deadlines: list[trio.CancelScope] = field(default_factory=list)
     paused_at: float | None = None  # trio time
@@ -42,6 +43,7 @@ class Running:
     _left: list[float] = field(default_factory=list)
 
     def watch(self, proc: Process, deadlines: list[trio.CancelScope]) -> None:
+        self.spawned = True
         self.proc = proc
         self.deadlines = deadlines
 
