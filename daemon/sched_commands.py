@@ -1,8 +1,8 @@
 """`store-status` and `store-history`: the scheduler's view and the build history.
 
-    store-status [--json]               load, parallelism in effect, running builds, queue
-    store-history [--json] DRV|OUTPUT   every attempt at building a derivation
-    store-history [--json] --flaky      the derivations marked flaky
+store-status [--json]               load, parallelism in effect, running builds, queue
+store-history [--json] DRV|OUTPUT   every attempt at building a derivation
+store-history [--json] --flaky      the derivations marked flaky
 """
 
 import os

@@ -60,9 +60,7 @@ class Env:
     def load(self, **pressure: float) -> None:
         """Set the pressure and wait for the daemon to have sampled it."""
         self.proc.set(**pressure)
-        wait_for(
-            lambda: all(self.status()["load"][k] == v for k, v in pressure.items()), timeout=5
-        )
+        wait_for(lambda: all(self.status()["load"][k] == v for k, v in pressure.items()), timeout=5)
 
     def status(self) -> dict:
         return self.client.call("status")
@@ -164,9 +162,8 @@ def test_admission_holds_builds_back_under_pressure_and_releases_them(
 def test_flaky_derivation_succeeds_on_retry_with_less_parallelism(env: Env, graph: Graph) -> None:
     fail = env.control / "fail"
     fail.write_text("")
-    flaky = graph.sh(
-        "flaky", f"echo testing; if [ -e {fail} ]; then echo test failed; exit 1; fi; echo ok > $out"
-    )
+    test = f"echo testing; if [ -e {fail} ]; then echo test failed; exit 1; fi"
+    flaky = graph.sh("flaky", f"{test}; echo ok > $out")
     user = graph.sh("user", f"cat {flaky} > $out")
     busy = [graph.sh(f"busy{i}", "sleep 1.5; echo b > $out", env={"I": str(i)}) for i in range(2)]
     # Loaded (over the resume mark) but under the admission limit: all three start.
@@ -274,7 +271,7 @@ def _tree(pid: int) -> list[int]:
 def test_build_paused_under_memory_pressure_resumes_and_completes(env: Env, graph: Graph) -> None:
     # 20 ticks of 0.15 s: 3 s of work each, within a timeout of 4.5 s only if the time paused
     # is not counted.
-    script = "i=0; while [ $i -lt 20 ]; do i=$((i+1)); echo tick $i; sleep 0.15; done; echo $i > $out"
+    script = "i=0; while [ $i -lt 20 ]; do i=$((i+1)); echo $i; sleep 0.15; done; echo $i > $out"
     drvs = [graph.sh(f"ticker{n}", script, env={"N": str(n)}) for n in range(2)]
     thread, results = build_in_thread(env, [d.path for d in drvs], max_jobs=2, timeout=4.5)
     wait_for(lambda: all(r["pid"] for r in env.status()["running"]) and env.status()["running"])
