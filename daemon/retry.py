@@ -43,10 +43,13 @@ class RetrySettings:
     retries: int = 2
     backoff: float = 1.0  # seconds before the first retry; doubled for each further one
     timeout_factor: float = 2.0  # each retry's timeout is this times the previous one's
+    # Retries wait for less contention.  Off, they run at once at the same parallelism
+    # (with no back-off either, that is what a naive retry does).
+    drain: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings) -> "RetrySettings":
-        return cls(s.retries, s.retry_backoff, s.retry_timeout_factor)
+        return cls(s.retries, s.retry_backoff, s.retry_timeout_factor, s.retry_drain)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Failed:
 class Decision:
     retry: bool
     why: str
-    cap: int = 0  # builds at most running (the retry included) while it runs
+    cap: int | None = None  # builds at most running (the retry included) while it runs
     delay: float = 0.0
     timeout_factor: float = 1.0
 
@@ -106,7 +109,7 @@ def decide(
     return Decision(
         True,
         why,
-        cap=max(1, last.parallelism // 2),
+        cap=max(1, last.parallelism // 2) if settings.drain else None,
         delay=settings.backoff * 2 ** (n - 1),
         timeout_factor=settings.timeout_factor**n,
     )

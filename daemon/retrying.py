@@ -107,7 +107,12 @@ class RetryRunner:
                 return outcome
             await tell(
                 f"retrying {name} (attempt {n + 1} of {allowed + 1}) in {decision.delay:g} s, "
-                f"at most {decision.cap} build(s) at once: {decision.why}"
+                + (
+                    f"at most {decision.cap} build(s) at once: "
+                    if decision.cap
+                    else "at the same parallelism: "
+                )
+                + decision.why
             )
             await trio.sleep(decision.delay)
             cap, factor = decision.cap, decision.timeout_factor

@@ -54,6 +54,7 @@ class Settings:
     retries: int = 2
     retry_backoff: float = 1.0
     retry_timeout_factor: float = 2.0
+    retry_drain: bool = True
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
