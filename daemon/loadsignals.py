@@ -97,7 +97,7 @@ class ProcReader:
         except OSError:
             return None
 
-    def _pressure(self, resource: str, now: float) -> float | None:
+    def _pressure(self, resource: str, now: float, keep: bool) -> float | None:
         text = self._read(f"pressure/{resource}")
         if text is None:
             return None
@@ -105,15 +105,20 @@ class ProcReader:
         if total is None:
             return avg10
         history = self._totals[resource]
-        history.append((now, total))
+        if keep:
+            history.append((now, total))
+        if not history:
+            return avg10
         then, before = history[0]
         if now - then < 0.05:
             return avg10
         return max(0.0, min(100.0, (total - before) / 1e6 / (now - then) * 100))
 
-    def sample(self) -> LoadSample:
+    def sample(self, keep: bool = True) -> LoadSample:
+        """A sample; with `keep` false (a look between the regular samples) the totals read
+        are not remembered, so the regular samples keep their spacing."""
         now = time.monotonic()
-        cpu, memory, io = (self._pressure(r, now) for r in RESOURCES)
+        cpu, memory, io = (self._pressure(r, now, keep) for r in RESOURCES)
         load = (self._read("loadavg") or "0 0 0").split()
         available = 0
         for line in (self._read("meminfo") or "").splitlines():

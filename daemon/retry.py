@@ -57,7 +57,7 @@ class Failed:
     """One failed attempt, as the policy sees it."""
 
     cause: Cause
-    loaded: bool  # the machine was under pressure during the attempt
+    loaded: bool  # under pressure, or alongside other builds, during the attempt
     parallelism: int  # the most builds running at once during the attempt
 
 

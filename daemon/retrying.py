@@ -95,7 +95,8 @@ class RetryRunner:
             if failure is None:
                 outcome.flaky = outcome.flaky or n > 1
                 return outcome
-            loaded = self.limits.loaded(run.load_peak)
+            # Other builds running alongside are load too, whatever the pressure said.
+            loaded = self.limits.loaded(run.load_peak) or run.parallelism > 1
             failures.append(Failed(failure.cause, loaded, run.parallelism))
             marked = _flag(env.get("noRetry"))
             known = await trio.to_thread.run_sync(self.history.is_flaky, drv)

@@ -117,6 +117,9 @@ class Scheduler:
         finally:
             if run.paused_at is not None and run.proc is not None:
                 run.resume()
+            # A build shorter than the sampling interval would otherwise have no sample of
+            # its own load.
+            run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))
             run.ended = time.time()
             self.running.remove(run)
             self._lot.unpark_all()
@@ -125,7 +128,8 @@ class Scheduler:
         for r in self.running:
             r.load_peak = peak(r.load_peak, sample)
         self.admission.on_sample(sample, len(self.running))
-        pausable = [r for r in self.running if r.proc is not None]
+        # A builder already reaped is not paused: its pid may be another process's now.
+        pausable = [r for r in self.running if r.proc is not None and r.proc.returncode is None]
         unpaused = [r for r in pausable if r.paused_at is None]
         paused = [r for r in pausable if r.paused_at is not None]
         if paused and self.admission.to_resume(sample, len(unpaused)):

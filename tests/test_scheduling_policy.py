@@ -145,3 +145,11 @@ def test_peak_and_settings() -> None:
     limits = Limits.from_settings(s, 2)
     assert limits.cpu == 40.0 and limits.min_available == 1 << 20
     assert RetrySettings.from_settings(s).retries == 3
+
+
+def test_the_real_proc() -> None:
+    reader = ProcReader()
+    first, second = reader.sample(), reader.sample()
+    assert second.mem_available > 0 and second.load1 >= 0
+    if Path("/proc/pressure/cpu").exists():
+        assert first.cpu is not None and 0.0 <= second.cpu <= 100.0  # type: ignore[operator]
