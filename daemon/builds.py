@@ -17,7 +17,9 @@ the retry policy's business (`scheduler.py`, `retrying.py`; docs/scheduling.md).
 """
 
 import dataclasses
+import functools
 import gzip
+import hashlib
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,7 @@ from pathlib import Path
 import trio
 
 from daemon.admission import Admission, Limits
+from daemon.freezer import Freezer
 from daemon.keepfailed import keep_failed
 from daemon.loadsignals import LoadMonitor, ProcReader
 from daemon.locks import LockError, LockService
@@ -123,9 +126,16 @@ class Builder:
         self.retrier = RetryRunner(
             self.scheduler, self.history, limits, RetrySettings.from_settings(settings)
         )
+        # Per-slot freezer cgroups, named after the state dir so a restart reuses them.
+        tag = hashlib.sha256(str(state.root).encode()).hexdigest()[:16]
+        self.freezer = Freezer.find(tag)
         self._free_slots = deque(range(settings.build_slots))
         self._slot_lot = trio.lowlevel.ParkingLot()
         self.builds_dir = state.root / "var" / "builds"
+
+    def close(self) -> None:
+        if self.freezer is not None:
+            self.freezer.close()
 
     # -- loading ------------------------------------------------------------------------
 
@@ -371,6 +381,8 @@ class Builder:
         work = self.builds_dir / str(slot)
         closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
         await trio.to_thread.run_sync(_prepare_workdir, work, self.store.store_dir, uid, gid)
+        freezer = self.freezer
+        cgroup = await trio.to_thread.run_sync(freezer.slot, slot) if freezer else ""
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
@@ -383,6 +395,7 @@ class Builder:
             inputs=closure,
             sandbox_paths=list(self.settings.sandbox_paths),
             network=drv.is_fixed_output,
+            cgroup=cgroup,
         )
         read_end, write_end = os.pipe()
         log = _LogTail()
@@ -391,7 +404,10 @@ class Builder:
                 proc = await self.spawner.spawn(request, write_end)
             finally:
                 os.close(write_end)
-            code, why, cause = await self._supervise(job, proc, read_end, log, opts)
+            freeze = None
+            if freezer is not None and freezer.contains(slot, proc.pid):
+                freeze = functools.partial(freezer.freeze, slot)
+            code, why, cause = await self._supervise(job, proc, read_end, log, opts, freeze)
             read_end = -1
             await trio.to_thread.run_sync(self._store_log, job.drv_path, log.data)
             name = _drv_name(job.drv_path)
@@ -431,7 +447,13 @@ class Builder:
                 await trio.to_thread.run_sync(_clear_workdir, work, self.store.store_dir)
 
     async def _supervise(
-        self, job: Job, proc: Process, fd: int, log: "_LogTail", opts: BuildOptions
+        self,
+        job: Job,
+        proc: Process,
+        fd: int,
+        log: "_LogTail",
+        opts: BuildOptions,
+        freeze: Callable[[bool], None] | None = None,
     ) -> tuple[int, str, Cause]:
         """Stream the log until EOF while waiting for the builder, within the limits."""
         why = ""
@@ -455,7 +477,7 @@ class Builder:
 
         # A paused build's deadlines are set aside by the scheduler while it is paused.
         if job.run is not None:
-            job.run.watch(proc, [deadline, silent])
+            job.run.watch(proc, [deadline, silent], freeze)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump)

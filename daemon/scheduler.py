@@ -10,7 +10,7 @@ aside when it stops and given back, whatever was left of them, when it resumes.
 """
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -37,28 +37,40 @@ class Running:
     spawned: bool = False  # a builder ran (an attempt may find its outputs there already)
     proc: Process | None = None
     deadlines: list[trio.CancelScope] = field(default_factory=list)
+    # Freezes (True) or thaws the build's cgroup; None: SIGSTOP and SIGCONT of its tree.
+    freeze: Callable[[bool], None] | None = None
     paused_at: float | None = None  # trio time
     paused_total: float = 0.0
     # What each deadline had left when the build was paused.
     _left: list[float] = field(default_factory=list)
 
-    def watch(self, proc: Process, deadlines: list[trio.CancelScope]) -> None:
+    def watch(
+        self,
+        proc: Process,
+        deadlines: list[trio.CancelScope],
+        freeze: Callable[[bool], None] | None,
+    ) -> None:
         self.spawned = True
         self.proc = proc
         self.deadlines = deadlines
+        self.freeze = freeze
 
     def unwatch(self) -> None:
-        """The process is gone: nothing left to pause or to resume."""
+        """The builder is done with: nothing left to pause.  A paused tree is resumed, as
+        what was killed in a frozen cgroup v1 dies only once thawed."""
         if self.paused_at is not None:
-            self.paused_total += trio.current_time() - self.paused_at
-            self.paused_at = None
+            self.resume()
         self.proc = None
         self.deadlines = []
+        self.freeze = None
 
     def pause(self) -> None:
         assert self.proc is not None
         now = trio.current_time()
-        pause.stop_tree(self.proc.pid)
+        if self.freeze is not None:
+            self.freeze(True)
+        else:
+            pause.stop_tree(self.proc.pid)
         self.paused_at = now
         self._left = [s.deadline - now for s in self.deadlines]
         for s in self.deadlines:
@@ -71,7 +83,10 @@ class Running:
             s.deadline = now + left
         self.paused_total += now - self.paused_at
         self.paused_at = None
-        pause.continue_tree(self.proc.pid)
+        if self.freeze is not None:
+            self.freeze(False)
+        else:
+            pause.continue_tree(self.proc.pid)
 
 
 class Scheduler:
@@ -115,8 +130,6 @@ class Scheduler:
         try:
             yield run
         finally:
-            if run.paused_at is not None and run.proc is not None:
-                run.resume()
             # A build shorter than the sampling interval would otherwise have no sample of
             # its own load.
             run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))

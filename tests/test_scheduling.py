@@ -112,11 +112,17 @@ def graph(env: Env) -> Iterator[Graph]:
     g.close()
 
 
-def build_in_thread(env: Env, drvs: list[str], **args: object) -> tuple[threading.Thread, list]:
+def build_in_thread(
+    env: Env, drvs: list[str], logs: list[tuple[float, str]] | None = None, **args: object
+) -> tuple[threading.Thread, list]:
     out: list = []
 
+    def log(e) -> None:  # type: ignore[no-untyped-def]
+        if logs is not None:
+            logs.append((time.monotonic(), e.message))
+
     def run() -> None:
-        with BlockingClient(env.daemon.socket, on_log=lambda e: None) as c:
+        with BlockingClient(env.daemon.socket, on_log=log) as c:
             out.extend(c.call("build", drvs=drvs, **args))
 
     t = threading.Thread(target=run)
@@ -262,10 +268,24 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-def _tree(pid: int) -> list[int]:
+def _paused(pid: int) -> bool:
+    """Whether the daemon has paused `pid`: its freezer cgroup frozen, or it and all its
+    descendants stopped."""
+    from daemon.freezer import _mount
     from daemon.pause import tree
 
-    return tree(pid)
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "/weft-" not in path:
+                continue
+            if controllers == "":
+                events = Path(f"{_mount(2)}{path}/cgroup.events").read_text()
+                return "frozen 1" in events.splitlines()
+            if "freezer" in controllers.split(","):
+                return Path(f"{_mount(1)}{path}/freezer.state").read_text().strip() == "FROZEN"
+    pids = tree(pid)
+    return len(pids) >= 2 and {_state(p) for p in pids} == {"T"}
 
 
 def test_build_paused_under_memory_pressure_resumes_and_completes(env: Env, graph: Graph) -> None:
@@ -273,7 +293,8 @@ def test_build_paused_under_memory_pressure_resumes_and_completes(env: Env, grap
     # is not counted.
     script = "i=0; while [ $i -lt 20 ]; do i=$((i+1)); echo $i; sleep 0.15; done; echo $i > $out"
     drvs = [graph.sh(f"ticker{n}", script, env={"N": str(n)}) for n in range(2)]
-    thread, results = build_in_thread(env, [d.path for d in drvs], max_jobs=2, timeout=4.5)
+    logs: list[tuple[float, str]] = []
+    thread, results = build_in_thread(env, [d.path for d in drvs], logs, max_jobs=2, timeout=4.5)
     wait_for(lambda: all(r["pid"] for r in env.status()["running"]) and env.status()["running"])
     wait_for(lambda: len(env.status()["running"]) == 2)
     time.sleep(0.3)
@@ -282,9 +303,10 @@ def test_build_paused_under_memory_pressure_resumes_and_completes(env: Env, grap
     (paused,) = running  # type: ignore[misc]
     # The newest build is the one paused, its whole sandbox stopped.
     assert paused["drv"] == env.status()["running"][-1]["drv"]
-    pids = _tree(paused["pid"])
-    assert len(pids) >= 2 and {_state(p) for p in pids} == {"T"}
+    assert _paused(paused["pid"])
+    since = time.monotonic()
     time.sleep(2.5)
+    until = time.monotonic()
     env.load(memory=5)
     thread.join(30)
     assert [r["status"] for r in results] == ["built", "built"], results
@@ -293,3 +315,24 @@ def test_build_paused_under_memory_pressure_resumes_and_completes(env: Env, grap
     (attempt,) = env.history(paused["drv"])
     assert attempt["paused"] >= 2.0
     assert attempt["end_time"] - attempt["start_time"] > 4.5
+    # Paused, it said nothing; the other went on.
+    name = paused["drv"].split("-", 1)[1].removesuffix(".drv")
+    during = [m.split("> ")[0] for t, m in logs if since + 0.2 < t < until and "> " in m]
+    assert name not in during and during
+
+
+def test_stopping_a_process_tree_with_signals() -> None:
+    from daemon.pause import continue_tree, stop_tree, tree
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        wait_for(lambda: len(tree(proc.pid)) == 3, timeout=5)
+        stop_tree(proc.pid)
+        # Signals are delivered, not obeyed at once: a process may run a moment longer.
+        wait_for(lambda: {_state(p) for p in tree(proc.pid)} == {"T"}, timeout=5)
+        continue_tree(proc.pid)
+        wait_for(lambda: "T" not in {_state(p) for p in tree(proc.pid)}, timeout=5)
+    finally:
+        for p in reversed(tree(proc.pid)):
+            os.kill(p, 9)
+        proc.wait()
