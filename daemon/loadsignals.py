@@ -141,7 +141,8 @@ class LoadMonitor:
         on_sample: Callable[[LoadSample], None],
     ) -> None:
         self.reader = reader
-        self.interval = interval
+        # A zero or negative interval (a typo in weft.toml) would spin the event loop.
+        self.interval = max(interval, 0.05)
         self.on_sample = on_sample
         self.latest = reader.sample()
 

@@ -67,10 +67,7 @@ class Running:
     def pause(self) -> None:
         assert self.proc is not None
         now = trio.current_time()
-        if self.freeze is not None:
-            self.freeze(True)
-        else:
-            pause.stop_tree(self.proc.pid)
+        self._hold(True)
         self.paused_at = now
         self._left = [s.deadline - now for s in self.deadlines]
         for s in self.deadlines:
@@ -83,10 +80,18 @@ class Running:
             s.deadline = now + left
         self.paused_total += now - self.paused_at
         self.paused_at = None
+        self._hold(False)
+
+    def _hold(self, stop: bool) -> None:
+        assert self.proc is not None
         if self.freeze is not None:
-            self.freeze(False)
-        else:
-            pause.continue_tree(self.proc.pid)
+            try:
+                self.freeze(stop)
+                return
+            except OSError:
+                # The cgroup went away under us (an admin, say): signals still work.
+                self.freeze = None
+        (pause.stop_tree if stop else pause.continue_tree)(self.proc.pid)
 
 
 class Scheduler:
