@@ -36,7 +36,7 @@ CHAINS, LENGTH = 20, 10
 FLAKY_AT = (3, 7)  # chain positions of the flaky derivations (2 x 20 = 40)
 BROKEN = 5  # chains that end in a broken derivation
 JOBS = 2
-WORK_SECONDS = 0.08  # each ordinary derivation: three loops of about this long
+WORK_SECONDS = 0.2  # each ordinary derivation: three loops of about this long
 TEST_SECONDS = 0.25  # the flaky test's work, alone
 TOLERANCE = 1.6
 

@@ -7,8 +7,9 @@ the memory.  Such a failure is retried (up to `retries`, default 2): with less c
 alone), after an exponential back-off, with a longer timeout.
 
 Never retried: a hash mismatch or a missing output (the builder ran and produced the
-wrong thing), a derivation marked `noRetry`, and by default a failure at low load, unless
-the derivation is known to be flaky and has not failed at low load in this run yet.
+wrong thing), a derivation marked `noRetry`, and by default a failure that repeats at low
+load.  A first failure at low load is retried only when the derivation is known to be
+flaky or failed under pressure earlier in this run.
 An explicit retry count (`store-build --retries N`, or `retries` in the derivation's
 environment) says the user expects flakiness: every failure but the two deterministic
 ones is retried, up to N times.
@@ -102,8 +103,10 @@ def decide(
         return Decision(False, f"a {last.cause} failure is not retried by default")
     elif last.loaded:
         why = "failed while the machine was under pressure"
-    elif known_flaky and all(f.loaded for f in failures[:-1]):
-        why = "known to be flaky"
+    elif all(f.loaded for f in failures[:-1]) and (known_flaky or n > 1):
+        # The first failure at low load of a derivation that failed under load before, or
+        # is known to be flaky: one more chance.  A second one is a repeat.
+        why = "known to be flaky" if known_flaky else "failed under pressure before"
     else:
         return Decision(False, "failed at low load")
     return Decision(

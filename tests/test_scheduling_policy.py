@@ -112,6 +112,12 @@ def test_known_flaky_gets_one_chance_at_low_load() -> None:
     assert decide(once, 2, False, False, True, S).retry
     # The failure repeats at low load: deterministic after all.
     assert not decide([*once, Failed(Cause.EXIT, False, 1)], 2, False, False, True, S).retry
+    # A failure under load, then a first one at low load: one more chance, not two.
+    loaded_then_low = [Failed(Cause.EXIT, True, 2), Failed(Cause.EXIT, False, 1)]
+    assert decide(loaded_then_low, 3, False, False, False, S).retry
+    assert not decide(
+        [*loaded_then_low, Failed(Cause.EXIT, False, 1)], 3, False, False, False, S
+    ).retry
 
 
 def test_explicit_retries_retry_everything_but_deterministic_failures() -> None:
