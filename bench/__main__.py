@@ -8,7 +8,15 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import build_bench, daemon_bench, gc_bench, locker_bench, spawner_bench, store_bench
+from bench import (
+    build_bench,
+    daemon_bench,
+    flaky_bench,
+    gc_bench,
+    locker_bench,
+    spawner_bench,
+    store_bench,
+)
 
 BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "store": store_bench.run,
@@ -17,6 +25,7 @@ BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "spawner": spawner_bench.run,
     "build": build_bench.run,
     "gc": gc_bench.run,
+    "flaky": flaky_bench.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

@@ -129,6 +129,8 @@ def main(argv: list[str]) -> int:
             "--check": False,
             "--keep-going": False,
             "-o": True,
+            "--retries": True,
+            "--no-retry": False,
         },
     )
     if not targets:
@@ -136,6 +138,11 @@ def main(argv: list[str]) -> int:
     jobs = opts.get("-j") or opts.get("--max-jobs")
     if jobs is not None and not str(jobs).isdigit():
         raise UsageError("-j takes a number")
+    retries = opts.get("--retries")
+    if retries is not None and not str(retries).isdigit():
+        raise UsageError("--retries takes a number")
+    if retries is not None and "--no-retry" in opts:
+        raise UsageError("give --retries or --no-retry, not both")
     show_logs = "-L" in opts or "--print-build-logs" in opts
 
     progress = Progress(show_logs, os.isatty(2))
@@ -150,6 +157,8 @@ def main(argv: list[str]) -> int:
         }
         if jobs is not None:
             args["max_jobs"] = int(str(jobs))
+        if retries is not None or "--no-retry" in opts:
+            args["retries"] = int(str(retries or 0))
         results = client.call("build", **args)
         progress.finish()
         failed = 0
@@ -157,6 +166,10 @@ def main(argv: list[str]) -> int:
         for r in results:
             if r["status"] in ("built", "valid") or r.get("identical"):
                 printed += list(r["outputs"].values())
+                if r.get("attempts", 1) > 1 or r.get("flaky"):
+                    name = os.path.basename(r["drv"]).split("-", 1)[1].removesuffix(".drv")
+                    note = " (flaky)" if r.get("flaky") else ""
+                    os.write(2, f"{name}: succeeded on attempt {r['attempts']}{note}\n".encode())
             else:
                 failed += 1
                 os.write(2, f"error: {r.get('message') or r['status']}\n".encode())

@@ -11,9 +11,15 @@ daemon's), spawn the builder in its sandbox with the input closure, stream its l
 the waiting clients, and compressed to `var/log/`), kill it on timeout or silence, then
 hand the outputs to `Store.add_outputs` (canonical copy, hash, reference scan, one
 transaction), and release everything.
+
+When a build may start, and whether a failed one is tried again, is the scheduler's and
+the retry policy's business (`scheduler.py`, `retrying.py`; docs/scheduling.md).
 """
 
+import dataclasses
+import functools
 import gzip
+import hashlib
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -22,10 +28,16 @@ from pathlib import Path
 
 import trio
 
+from daemon.admission import Admission, Limits
 from daemon.collector import Collector
+from daemon.freezer import Freezer
 from daemon.keepfailed import keep_failed
+from daemon.loadsignals import LoadMonitor, ProcReader
 from daemon.locks import LockError, LockService
 from daemon.processes import Process
+from daemon.retry import Cause, RetrySettings
+from daemon.retrying import Failure, RetryRunner
+from daemon.scheduler import Running, Scheduler
 from daemon.spawn import SpawnError, SpawnerService, build_ids
 from spawner.sandbox import SpawnRequest
 from store.derivation import (
@@ -36,8 +48,10 @@ from store.derivation import (
     closure_order,
 )
 from store.hashing import hash_path
+from store.history import History
 from store.layout import Settings, StateDir
-from store.store import Store, StoreError
+from store.pins import PinOwner
+from store.store import HashMismatch, Store, StoreError
 from store.tmparea import remove_tree
 
 LOG_TAIL = 25
@@ -51,6 +65,11 @@ Finish = Callable[[dict[str, tuple[str, str]], list[str]], Awaitable[None]]
 class BuildError(Exception):
     """A build that failed; the message says why and shows the end of its log."""
 
+    def __init__(self, message: str, cause: Cause = Cause.EXIT, exit_code: int | None = None):
+        super().__init__(message)
+        self.cause = cause
+        self.exit_code = exit_code
+
 
 @dataclass
 class Job:
@@ -58,6 +77,10 @@ class Job:
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
     listeners: list[Listener] = field(default_factory=list)
+    # The scheduler's record of the attempt in progress.
+    run: Running | None = None
+    attempts: int = 0
+    flaky: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,8 @@ class BuildOptions:
     timeout: float = 24 * 3600.0
     max_silent_time: float = 3600.0
     max_log_size: int = 64 << 20
+    # None: the daemon's retry policy; 0: no retries; N: N retries, flakiness expected.
+    retries: int | None = None
 
 
 def _drv_name(drv_path: str) -> str:
@@ -79,16 +104,6 @@ def _drv_name(drv_path: str) -> str:
 def _inputs(drvs: dict[str, Derivation], path: str) -> list[str]:
     """The output paths of `path`'s input derivations that it uses."""
     return [drvs[d].outputs[n].path for d, names in drvs[path].input_drvs.items() for n in names]
-
-
-@dataclass(eq=False)
-class _PinOwner:
-    """Who holds a build's pins, as `store-gc --print-roots` names it."""
-
-    label: str
-
-    def __str__(self) -> str:
-        return self.label
 
 
 class Builder:
@@ -109,10 +124,27 @@ class Builder:
         self.spawner = spawner
         self.jobs: dict[str, Job] = {}
         self.max_jobs = settings.max_jobs or os.cpu_count() or 1
-        self._limiter = trio.CapacityLimiter(self.max_jobs)
+        limits = Limits.from_settings(settings, os.cpu_count() or 1)
+        self.load = LoadMonitor(
+            ProcReader(settings.load_proc_dir),
+            settings.load_sample_interval,
+            lambda sample: self.scheduler.on_sample(sample),
+        )
+        self.scheduler = Scheduler(Admission(limits, self.max_jobs), self.load)
+        self.history = History(store.db)
+        self.retrier = RetryRunner(
+            self.scheduler, self.history, limits, RetrySettings.from_settings(settings)
+        )
+        # Per-slot freezer cgroups, named after the state dir so a restart reuses them.
+        tag = hashlib.sha256(str(state.root).encode()).hexdigest()[:16]
+        self.freezer = Freezer.find(tag)
         self._free_slots = deque(range(settings.build_slots))
         self._slot_lot = trio.lowlevel.ParkingLot()
         self.builds_dir = state.root / "var" / "builds"
+
+    def close(self) -> None:
+        if self.freezer is not None:
+            self.freezer.close()
 
     # -- loading ------------------------------------------------------------------------
 
@@ -141,17 +173,17 @@ class Builder:
     ) -> list[dict[str, object]]:
         # Everything the request reads or makes stays pinned until it is over, so a
         # concurrent collection never takes an input (or an output just registered).
-        owner = _PinOwner(f"build of {', '.join(map(_drv_name, roots))}")
+        owner = PinOwner(f"build of {', '.join(map(_drv_name, roots))}")
         try:
             return await self._build(roots, opts, listener, owner)
         finally:
             self.store.pins.release(owner)
 
-    async def _pin(self, owner: _PinOwner, paths: list[str]) -> None:
+    async def _pin(self, owner: PinOwner, paths: list[str]) -> None:
         await trio.to_thread.run_sync(self.store.pins.pin, owner, paths)
 
     async def _build(
-        self, roots: list[str], opts: BuildOptions, listener: Listener, owner: _PinOwner
+        self, roots: list[str], opts: BuildOptions, listener: Listener, owner: PinOwner
     ) -> list[dict[str, object]]:
         await self._pin(owner, roots)
         drvs, order = await trio.to_thread.run_sync(self._load, roots)
@@ -206,15 +238,18 @@ class Builder:
                                 "message": "an earlier build failed",
                             }
                             return
-                        error = await self._shared_build(
+                        job = await self._shared_build(
                             path, drv, _inputs(drvs, path), opts, listener
                         )
-                    if error is None:
-                        results[path] = {"status": "built"}
+                    tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
+                    if job.error is None:
+                        results[path] = {"status": "built", **tries}
                         done = sum(r["status"] == "built" for r in results.values())
-                        await listener(f"built {_drv_name(path)}", (done, len(missing)))
+                        note = f" on attempt {job.attempts}" if job.attempts > 1 else ""
+                        note += " (flaky)" if job.flaky else ""
+                        await listener(f"built {_drv_name(path)}{note}", (done, len(missing)))
                     else:
-                        results[path] = {"status": "failed", "message": error}
+                        results[path] = {"status": "failed", "message": job.error, **tries}
                         if not opts.keep_going:
                             stop.set()
             finally:
@@ -231,20 +266,42 @@ class Builder:
 
     async def _shared_build(
         self, path: str, drv: Derivation, inputs: list[str], opts: BuildOptions, listener: Listener
-    ) -> str | None:
+    ) -> Job:
         """Build `path`, or wait for the build another request already started."""
         job = self.jobs.get(path)
         if job is None:
             job = self.jobs[path] = Job(path)
             job.listeners.append(listener)
             await listener(f"building {_drv_name(path)}", None)
+
+            async def attempt(run: Running, timeout: float, silence: float) -> Failure | None:
+                job.run = run
+                limits = dataclasses.replace(opts, timeout=timeout, max_silent_time=silence)
+                try:
+                    await self._run(job, drv, inputs, limits)
+                except BuildError as e:
+                    return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0)
+                except (SpawnError, LockError, StoreError) as e:
+                    # The sandbox could not be made, the locker died under the build, or the
+                    # store refused (an input gone, say): this build fails, the daemon goes on.
+                    return Failure(Cause.SETUP, str(e))
+                return None
+
+            async def tell(message: str) -> None:
+                await _tell(job, message)
+
             try:
-                async with self._limiter:
-                    await self._run(job, drv, inputs, opts)
-            except (BuildError, SpawnError, LockError, StoreError) as e:
-                # The sandbox could not be made, the locker died under the build, or the
-                # store refused (an input gone, say): this build fails, the daemon goes on.
-                job.error = str(e)
+                outcome = await self.retrier.run(
+                    path,
+                    dict(drv.env),
+                    opts.retries,
+                    (opts.timeout, opts.max_silent_time),
+                    attempt,
+                    tell,
+                )
+                job.attempts, job.flaky = outcome.attempts, outcome.flaky
+                if outcome.failure is not None:
+                    job.error = outcome.failure.message
             except trio.Cancelled:
                 # Whoever else waits for this build must not take it for a success.
                 job.error = f"the build of {_drv_name(path)} was cancelled"
@@ -256,7 +313,7 @@ class Builder:
             job.listeners.append(listener)
             await listener(f"waiting for {_drv_name(path)}, which another client is building", None)
             await job.done.wait()
-        return job.error
+        return job
 
     # -- one build ----------------------------------------------------------------------
 
@@ -273,7 +330,8 @@ class Builder:
                     lambda: self.store.add_outputs(job.drv_path, built, closure, expected)
                 )
             except Exception as e:
-                raise BuildError(f"outputs of '{name}' refused: {e}") from None
+                cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
+                raise BuildError(f"outputs of '{name}' refused: {e}", cause) from None
 
         async with self.locks.exclusive(locks, owner, delete=True):
             if await trio.to_thread.run_sync(lambda: self.store.valid_paths(outs) == set(outs)):
@@ -320,7 +378,7 @@ class Builder:
         await listener(f"checking {_drv_name(path)}", None)
         try:
             async with (
-                self._limiter,
+                self.scheduler.slot(path) as job.run,
                 self.locks.exclusive([f"{o}.lock" for o in outs], f"check:{path}", delete=True),
             ):
                 await self._in_slot(job, drv, inputs, opts, compare)
@@ -338,7 +396,7 @@ class Builder:
     async def repair(self, drv_path: str, listener: Listener) -> str | None:
         """Build `drv_path` again and put its outputs in place of the registered ones
         (corrupt or missing).  Returns why it could not, or None."""
-        owner = _PinOwner(f"repair of {_drv_name(drv_path)}")
+        owner = PinOwner(f"repair of {_drv_name(drv_path)}")
         try:
             await self._pin(owner, [drv_path])
             drvs, _ = await trio.to_thread.run_sync(self._load, [drv_path])
@@ -361,7 +419,7 @@ class Builder:
             await listener(f"repairing {_drv_name(drv_path)}", None)
             job = Job(drv_path, listeners=[listener])
             async with (
-                self._limiter,
+                self.scheduler.slot(drv_path) as job.run,
                 self.locks.exclusive([f"{o}.lock" for o in outs], str(owner), delete=True),
             ):
                 await self._in_slot(job, drv, inputs, BuildOptions(max_jobs=1), replace)
@@ -390,6 +448,8 @@ class Builder:
         work = self.builds_dir / str(slot)
         closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
         await trio.to_thread.run_sync(_prepare_workdir, work, self.store.store_dir, uid, gid)
+        freezer = self.freezer
+        cgroup = await trio.to_thread.run_sync(freezer.slot, slot) if freezer else ""
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
@@ -402,6 +462,7 @@ class Builder:
             inputs=closure,
             sandbox_paths=list(self.settings.sandbox_paths),
             network=drv.is_fixed_output,
+            cgroup=cgroup,
         )
         read_end, write_end = os.pipe()
         log = _LogTail()
@@ -410,21 +471,26 @@ class Builder:
                 proc = await self.spawner.spawn(request, write_end)
             finally:
                 os.close(write_end)
-            code, why = await self._supervise(job, proc, read_end, log, opts)
+            freeze = None
+            if freezer is not None and freezer.contains(slot, proc.pid):
+                freeze = functools.partial(freezer.freeze, slot)
+            code, why, cause = await self._supervise(job, proc, read_end, log, opts, freeze)
             read_end = -1
             await trio.to_thread.run_sync(self._store_log, job.drv_path, log.data)
             name = _drv_name(job.drv_path)
             if why:
-                raise BuildError(f"builder for '{name}' {why}{log.tail()}")
+                raise BuildError(f"builder for '{name}' {why}{log.tail()}", cause, code)
             if code != 0:
-                raise BuildError(f"builder for '{name}' failed with exit code {code}{log.tail()}")
+                message = f"builder for '{name}' failed with exit code {code}{log.tail()}"
+                raise BuildError(message, Cause.EXIT, code)
             built: dict[str, tuple[str, str]] = {}
             for out_name, out in drv.outputs.items():
                 left = work / "root" / out.path.lstrip("/")
                 if not os.path.lexists(left):
                     raise BuildError(
                         f"builder for '{name}' did not produce output "
-                        f"'{out_name}' ({out.path}){log.tail()}"
+                        f"'{out_name}' ({out.path}){log.tail()}",
+                        Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
             await finish(built, closure)
@@ -437,7 +503,9 @@ class Builder:
                     _drv_name(job.drv_path),
                     *opts.keep_failed_for,
                 )
-                raise BuildError(f"{e}\nthe build dir is kept at {kept}") from None
+                raise BuildError(
+                    f"{e}\nthe build dir is kept at {kept}", e.cause, e.exit_code
+                ) from None
             raise
         finally:
             if read_end >= 0:
@@ -446,14 +514,22 @@ class Builder:
                 await trio.to_thread.run_sync(_clear_workdir, work, self.store.store_dir)
 
     async def _supervise(
-        self, job: Job, proc: Process, fd: int, log: "_LogTail", opts: BuildOptions
-    ) -> tuple[int, str]:
+        self,
+        job: Job,
+        proc: Process,
+        fd: int,
+        log: "_LogTail",
+        opts: BuildOptions,
+        freeze: Callable[[bool], None] | None = None,
+    ) -> tuple[int, str, Cause]:
         """Stream the log until EOF while waiting for the builder, within the limits."""
         why = ""
+        cause = Cause.EXIT
         silent = trio.CancelScope(deadline=trio.current_time() + opts.max_silent_time)
+        deadline = trio.CancelScope(deadline=trio.current_time() + opts.timeout)
 
         async def pump() -> None:
-            nonlocal why
+            nonlocal why, cause
             stream = trio.lowlevel.FdStream(fd)
             async with stream:
                 while chunk := await stream.receive_some(65536):
@@ -462,26 +538,36 @@ class Builder:
                         await _tell(job, f"{_drv_name(job.drv_path)}> {line}")
                     if log.size > opts.max_log_size:
                         why = f"exceeded the log size limit of {opts.max_log_size} bytes"
+                        cause = Cause.LOG_LIMIT
                         proc.kill()
                         break
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            try:
-                with trio.move_on_after(opts.timeout) as deadline, silent:
+        # A paused build's deadlines are set aside by the scheduler while it is paused.
+        if job.run is not None:
+            job.run.watch(proc, [deadline, silent], freeze)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                try:
+                    with deadline, silent:
+                        code = await proc.wait()
+                except trio.Cancelled:
+                    # The client went away or the daemon is stopping: the whole sandbox dies.
+                    proc.kill()
+                    raise
+                if why:
+                    pass
+                elif deadline.cancelled_caught:
+                    why, cause = f"timed out after {opts.timeout:g} s", Cause.TIMEOUT
+                elif silent.cancelled_caught:
+                    why, cause = f"was silent for {opts.max_silent_time:g} s", Cause.SILENT
+                if deadline.cancelled_caught or silent.cancelled_caught:
+                    proc.kill()
                     code = await proc.wait()
-            except trio.Cancelled:
-                # The client went away or the daemon is stopping: the whole sandbox dies.
-                proc.kill()
-                raise
-            if deadline.cancelled_caught:
-                why = why or f"timed out after {opts.timeout:g} s"
-            elif silent.cancelled_caught:
-                why = why or f"was silent for {opts.max_silent_time:g} s"
-            if deadline.cancelled_caught or silent.cancelled_caught:
-                proc.kill()
-                code = await proc.wait()
-        return code, why
+        finally:
+            if job.run is not None:
+                job.run.unwatch()
+        return code, why, cause
 
     def _environment(self, drv: Derivation) -> dict[str, str]:
         env = {

@@ -24,8 +24,11 @@ USAGE = {
     "store-gc": "store-gc [--print-roots|--print-live|--print-dead|--dry-run] "
     "[--max-freed SIZE] [--json] [--delete PATH...]",
     "store-optimise": "store-optimise [--json]",
-    "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK] TARGET...\n"
+    "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK]\n"
+    "       [--retries N | --no-retry] TARGET...\n"
     "       (TARGET: a .drv store path, or a recipe file.py[:name])",
+    "store-status": "store-status [--json]",
+    "store-history": "store-history [--json] (DRV|OUTPUT | --flaky)",
 }
 COMMON = {"--state-dir": True, "--socket": True, "--help": False}
 
@@ -307,6 +310,18 @@ def store_build(argv: list[str]) -> int:
     return main(argv)
 
 
+def store_status(argv: list[str]) -> int:
+    from daemon.sched_commands import store_status
+
+    return store_status(argv)
+
+
+def store_history(argv: list[str]) -> int:
+    from daemon.sched_commands import store_history
+
+    return store_history(argv)
+
+
 COMMANDS = {
     "store-build": store_build,
     "store-add": store_add,
@@ -316,6 +331,8 @@ COMMANDS = {
     "store-verify": store_verify,
     "store-gc": store_gc,
     "store-optimise": store_optimise,
+    "store-status": store_status,
+    "store-history": store_history,
 }
 
 

@@ -110,6 +110,8 @@ async def run(
         stop_accepting()
         await spawner.aclose()
         await locks.aclose()
+        if daemon.builder is not None:
+            daemon.builder.close()
         nursery.cancel_scope.cancel()
 
 

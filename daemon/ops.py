@@ -8,6 +8,7 @@ import trio
 
 from daemon.builds import BuildOptions
 from daemon.errors import OpError
+from daemon.ops_scheduling import SCHEDULING_OPERATIONS
 from daemon.protocol import Code
 from daemon.server import Operation, RequestContext
 from store import base32, gc, nar
@@ -335,11 +336,15 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
                 raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number")
             limits[key] = kind(value)
     keep_failed = (ctx.peer.uid, ctx.peer.gid) if ctx.args.get("keep_failed") else None
+    retries = ctx.args.get("retries")
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise OpError(Code.BAD_REQUEST, "'retries' must be a non-negative integer")
     opts = BuildOptions(
         max_jobs=jobs,
         keep_going=bool(ctx.args.get("keep_going")),
         check=bool(ctx.args.get("check")),
         keep_failed_for=keep_failed,
+        retries=retries,
         **limits,
     )
 
@@ -391,4 +396,5 @@ OPERATIONS: dict[str, Operation] = {
     "build": Operation(build),
     "log": Operation(build_log),
     "shutdown": Operation(shutdown, trusted_only=True),
+    **SCHEDULING_OPERATIONS,
 }

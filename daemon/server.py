@@ -414,6 +414,8 @@ class Daemon:
         """Serve until `shutdown_requested` is set, then drain for up to `grace` seconds."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
+            if self.builder is not None:
+                nursery.start_soon(self.builder.load.run)
             task_status.started()
             await self.shutdown_requested.wait()
             self.draining = True

@@ -53,6 +53,8 @@ class SpawnRequest:
     inputs: list[str] = field(default_factory=list)  # store paths, bound read-only
     sandbox_paths: list[str] = field(default_factory=list)  # host paths, bound read-only
     network: bool = False  # True: share the host's network (fixed-output builds)
+    # A `cgroup.procs` file the builder's tree joins (best effort), for the freezer.
+    cgroup: str = ""
 
 
 @contextlib.contextmanager

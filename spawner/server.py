@@ -12,6 +12,7 @@ sandbox (`sandbox.enter`) and execs; a setup error comes back on a close-on-exec
 pid or the error: the step, errno and path.
 """
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -78,6 +79,11 @@ def _intermediate(
 ) -> None:
     """Process A: new namespaces, then the builder B as pid 1.  Never returns."""
     try:
+        if req.cgroup:
+            # Before the builder exists, so that all it starts is in the cgroup too.  A
+            # failure is no build failure: the daemon checks, and pauses with signals.
+            with contextlib.suppress(OSError), open(req.cgroup, "w") as f:
+                f.write(str(os.getpid()))
         linux.unshare(NAMESPACES | (0 if req.network else linux.CLONE_NEWNET))
         os.write(report, b"u")
         if os.read(go, 1) != b"m":

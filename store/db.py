@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import apsw
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 
 _V1 = """
@@ -63,8 +63,31 @@ CREATE TABLE PendingAdds (
 # Version 2: find paths by content, for fixed-output derivations whose content is present.
 _V2 = "CREATE INDEX IndexHash ON ValidPaths(hash);"
 
+# Version 3: every build attempt, and derivations seen to fail and then pass
+# (store/history.py).  Keyed by .drv path, not ValidPaths: history outlives the .drv.
+_V3 = """
+CREATE TABLE BuildAttempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    drv         TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    start_time  REAL NOT NULL,
+    end_time    REAL NOT NULL,
+    outcome     TEXT NOT NULL,
+    exit_code   INTEGER,
+    load_start  TEXT NOT NULL,
+    load_peak   TEXT NOT NULL,
+    parallelism INTEGER NOT NULL,
+    paused      REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IndexBuildAttempts ON BuildAttempts(drv);
+CREATE TABLE Flaky (
+    drv    TEXT PRIMARY KEY,
+    marked INTEGER NOT NULL
+);
+"""
+
 # MIGRATIONS[n] takes a database at version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 60_000

@@ -48,6 +48,22 @@ class Settings:
     max_free: int = 0
     # Hard-link identical files of every new path through store/.links.
     auto_optimise: bool = False
+    # Load-adaptive scheduling (docs/scheduling.md).  Pressure limits are the % of time
+    # some task stalled on the resource; 0 turns a limit off.
+    max_cpu_pressure: float = 60.0
+    max_memory_pressure: float = 20.0
+    max_io_pressure: float = 80.0
+    max_load_per_core: float = 0.0
+    min_free_memory_mib: int = 0
+    load_resume_fraction: float = 0.5
+    pause_memory_pressure: float = 50.0
+    load_sample_interval: float = 1.0
+    # Where the load signals are read from: /proc, or a directory a test writes.
+    load_proc_dir: str = "/proc"
+    retries: int = 2
+    retry_backoff: float = 1.0
+    retry_timeout_factor: float = 2.0
+    retry_drain: bool = True
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
@@ -63,6 +79,8 @@ class Settings:
             if attr is None:
                 raise ConfigError(f"{source}: unknown setting {key!r}")
             want = type(getattr(defaults, attr))
+            if want is float and type(value) is int:
+                value = float(value)
             if not isinstance(value, want):
                 raise ConfigError(
                     f"{source}: {key} must be a {want.__name__}, not {type(value).__name__}"

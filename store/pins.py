@@ -10,6 +10,17 @@ thread-safe: adds and the collector run in worker threads.  Only `pin` can wait.
 import threading
 from collections import Counter
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class PinOwner:
+    """An owner of pins other than a client connection, named for `--print-roots`."""
+
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
 
 
 class Pins:

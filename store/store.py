@@ -28,7 +28,7 @@ from store.ingest import copy_tree, copy_tree_as
 from store.layout import StateDir
 from store.optimise import OptimiseStats, optimise_paths
 from store.paths import PathKind, StorePath, make_store_path, validate_name
-from store.pins import Pins
+from store.pins import PinOwner, Pins
 from store.refscan import scan_path
 from store.sourcecache import SourceCache, signature
 from store.tmparea import DELETION, TmpArea, owner_alive, owner_of, remove_tree
@@ -493,7 +493,7 @@ class Store:
             for moved in aside:
                 remove_tree(moved)
         if self.auto_optimise and installed:
-            optimise_paths([i.path for i in installed], self.state.links_dir, self.tmp)
+            self.optimise([i.path for i in installed])
         done = {i.path for i in installed}
         return installed + [self._info_or_raise(n.path) for n in new if n.path not in done]
 
@@ -564,7 +564,18 @@ class Store:
         if paths is None:
             with self.db.connection() as conn:
                 paths = [r[0] for r in conn.execute("SELECT path FROM ValidPaths")]
-        return optimise_paths(paths, self.state.links_dir, self.tmp)
+        stats = OptimiseStats()
+        owner = PinOwner("optimise")
+        for path in paths:
+            # Pinned while it is worked on: replacing a file that is a whole store path
+            # would otherwise put back a path the collector has just taken away.
+            self.pins.pin(owner, [path])
+            try:
+                if self.is_valid(path):
+                    optimise_paths([path], self.state.links_dir, self.tmp, stats)
+            finally:
+                self.pins.release(owner)
+        return stats
 
     # -- queries ----------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""A freezer cgroup per build slot: pausing a whole sandbox at once.
+
+With cgroup v2 (`cgroup.freeze`, any non-root cgroup) or the v1 freezer hierarchy
+(`freezer.state`), the daemon makes `weft-<tag>/<slot>` under its own cgroup, and the
+spawner's intermediate process joins the slot's cgroup before it forks the builder, so
+the builder and everything it starts are in it from their first instruction.  Freezing
+the cgroup stops them all at once, which SIGSTOP of a tree walked through /proc
+(`pause.py`, the fallback) can only approach.
+
+Without a usable hierarchy (no permission, no freezer), `find` returns None; a builder
+that did not end up in its cgroup (the join is best effort) is paused with signals.
+"""
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def _own_cgroup(version: int) -> str | None:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if version == 2 and controllers == "":
+                return path
+            if version == 1 and "freezer" in controllers.split(","):
+                return path
+    return None
+
+
+def _mount(version: int) -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, options = fields[sep + 1], fields[sep + 3]
+            if version == 2 and fstype == "cgroup2":
+                return fields[4]
+            if version == 1 and fstype == "cgroup" and "freezer" in options.split(","):
+                return fields[4]
+    return None
+
+
+class Freezer:
+    def __init__(self, base: Path, version: int) -> None:
+        self.base = base
+        self.version = version
+
+    @classmethod
+    def find(cls, tag: str) -> "Freezer | None":
+        for version in (2, 1):
+            try:
+                mount, own = _mount(version), _own_cgroup(version)
+                if mount is None or own is None:
+                    continue
+                base = Path(mount) / own.lstrip("/") / f"weft-{tag}"
+                base.mkdir(exist_ok=True)
+                control = "cgroup.freeze" if version == 2 else "freezer.state"
+                probe = base / "probe"
+                probe.mkdir(exist_ok=True)
+                usable = (probe / control).exists()
+                probe.rmdir()
+                if usable:
+                    return cls(base, version)
+                base.rmdir()
+            except OSError:
+                continue
+        return None
+
+    def slot(self, slot: int) -> str:
+        """The slot's cgroup, thawed, made if need be: the path of its `cgroup.procs`."""
+        path = self.base / str(slot)
+        path.mkdir(exist_ok=True)
+        self.freeze(slot, False)
+        return str(path / "cgroup.procs")
+
+    def contains(self, slot: int, pid: int) -> bool:
+        try:
+            with open(self.base / str(slot) / "cgroup.procs") as f:
+                return str(pid) in f.read().split()
+        except OSError:
+            return False
+
+    def freeze(self, slot: int, frozen: bool) -> None:
+        path = self.base / str(slot)
+        if self.version == 2:
+            (path / "cgroup.freeze").write_text("1" if frozen else "0")
+        else:
+            (path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+
+    def close(self) -> None:
+        """Remove the cgroups (they are empty once every builder is reaped)."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.base):
+                if entry.is_dir():
+                    with contextlib.suppress(OSError):
+                        os.rmdir(entry.path)
+            self.base.rmdir()

@@ -1,0 +1,135 @@
+"""One build, attempt after attempt: a slot from the scheduler, the attempt, its record in
+the history, and the retry policy's word on what follows a failure.
+
+Whoever waits for the build (its dependents, other clients) goes on waiting while a retry
+is pending: the build is finished only when it succeeds or the policy gives up.
+"""
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from daemon.admission import Limits
+from daemon.retry import Cause, Failed, RetrySettings, classify, decide
+from daemon.scheduler import Running, Scheduler
+from store.history import AttemptRecord, History
+
+
+@dataclass(frozen=True)
+class Failure:
+    cause: Cause
+    message: str
+    exit_code: int | None = None
+    # Killed by a signal weft did not send (an exit code of -N).
+    signalled: bool = False
+
+
+@dataclass
+class Outcome:
+    attempts: int = 0
+    flaky: bool = False
+    failure: Failure | None = None
+
+
+# Runs one attempt in the slot it got, with the timeouts given; None on success.
+Attempt = Callable[[Running, float, float], Awaitable[Failure | None]]
+Tell = Callable[[str], Awaitable[None]]
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+class RetryRunner:
+    def __init__(
+        self, scheduler: Scheduler, history: History, limits: Limits, settings: RetrySettings
+    ) -> None:
+        self.scheduler = scheduler
+        self.history = history
+        self.limits = limits
+        self.settings = settings
+
+    def allowed(self, requested: int | None, env: dict[str, str]) -> tuple[int, bool]:
+        """Retries allowed for a build, and whether the user asked for them explicitly."""
+        if requested is not None:
+            return requested, requested > 0
+        own = env.get("retries", "").strip()
+        if own.isdigit():
+            return int(own), int(own) > 0
+        return self.settings.retries, False
+
+    async def run(
+        self,
+        drv: str,
+        env: dict[str, str],
+        requested: int | None,
+        timeouts: tuple[float, float],
+        attempt: Attempt,
+        tell: Tell,
+    ) -> Outcome:
+        allowed, explicit = self.allowed(requested, env)
+        name = drv.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(".drv")
+        outcome = Outcome()
+        failures: list[Failed] = []
+        cap: int | None = None
+        factor = 1.0
+        while True:
+            outcome.attempts += 1
+            n = outcome.attempts
+            async with self.scheduler.slot(drv, n, cap) as run:
+                failure = await attempt(run, timeouts[0] * factor, timeouts[1] * factor)
+            if failure is not None:
+                failure = dataclasses.replace(
+                    failure,
+                    cause=classify(
+                        failure.cause,
+                        failure.signalled,
+                        run.load_peak.oom_kills > run.load_start.oom_kills,
+                    ),
+                )
+            # An attempt that found its outputs already there ran nothing: not history.
+            if run.spawned or failure is not None:
+                outcome.flaky = await trio.to_thread.run_sync(self._record, run, failure)
+            if failure is None:
+                outcome.flaky = outcome.flaky or n > 1
+                return outcome
+            # Other builds running alongside are load too, whatever the pressure said.
+            loaded = self.limits.loaded(run.load_peak) or run.parallelism > 1
+            failures.append(Failed(failure.cause, loaded, run.parallelism))
+            marked = _flag(env.get("noRetry"))
+            known = await trio.to_thread.run_sync(self.history.is_flaky, drv)
+            decision = decide(failures, allowed, explicit, marked, known, self.settings)
+            if not decision.retry:
+                outcome.failure = failure
+                if n > 1 or allowed > 0:
+                    await tell(f"{name}: not retried: {decision.why}")
+                return outcome
+            await tell(
+                f"retrying {name} (attempt {n + 1} of {allowed + 1}) in {decision.delay:g} s, "
+                + (
+                    f"at most {decision.cap} build(s) at once: "
+                    if decision.cap
+                    else "at the same parallelism: "
+                )
+                + decision.why
+            )
+            await trio.sleep(decision.delay)
+            cap, factor = decision.cap, decision.timeout_factor
+
+    def _record(self, run: Running, failure: Failure | None) -> bool:
+        return self.history.record(
+            AttemptRecord(
+                drv=run.drv,
+                attempt=run.attempt,
+                start_time=run.started,
+                end_time=run.ended,
+                outcome="built" if failure is None else str(failure.cause),
+                exit_code=failure.exit_code if failure is not None else 0,
+                load_start=run.load_start.as_dict(),
+                load_peak=run.load_peak.as_dict(),
+                parallelism=run.parallelism,
+                paused=round(run.paused_total, 3),
+            )
+        )

@@ -1,0 +1,90 @@
+"""`store-status` and `store-history`: the scheduler's view and the build history.
+
+store-status [--json]               load, parallelism in effect, running builds, queue
+store-history [--json] DRV|OUTPUT   every attempt at building a derivation
+store-history [--json] --flaky      the derivations marked flaky
+"""
+
+import os
+import sys
+import time
+
+from daemon.commands import UsageError, _abs, _lines, _print_json, connect, parse
+
+
+def _pct(value: object) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _name(drv: str) -> str:
+    return os.path.basename(drv).split("-", 1)[-1].removesuffix(".drv")
+
+
+def store_status(argv: list[str]) -> int:
+    opts, rest = parse(argv, {"--json": False})
+    if rest:
+        raise UsageError("store-status takes no arguments")
+    with connect(opts) as client:
+        status = client.call("status")
+    if "--json" in opts:
+        _print_json(status)
+        return 0
+    load = status["load"]
+    out = [
+        f"pressure: cpu {_pct(load['cpu'])}, memory {_pct(load['memory'])}, "
+        f"io {_pct(load['io'])}; load average {load['load1']:.2f} {load['load5']:.2f}; "
+        f"{load['mem_available'] / (1 << 30):.1f} GiB available",
+        f"parallelism: {status['parallelism']} of max-jobs {status['max_jobs']}"
+        + (f" (held back: {', '.join(status['held_back'])})" if status["held_back"] else ""),
+        f"running: {len(status['running'])}, queued: {status['queued']}, "
+        f"retries waiting: {status['retries_waiting']}",
+    ]
+    for r in status["running"]:
+        state = ", paused" if r["paused"] else ""
+        out.append(f"  {_name(r['drv'])} (attempt {r['attempt']}, {r['seconds']:g} s{state})")
+    _lines(out)
+    return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def store_history(argv: list[str]) -> int:
+    opts, paths = parse(argv, {"--json": False, "--flaky": False})
+    if "--flaky" in opts:
+        if paths:
+            raise UsageError("--flaky takes no paths")
+        with connect(opts) as client:
+            flaky = client.call("history", flaky=True)["flaky"]
+        if "--json" in opts:
+            _print_json(flaky)
+        else:
+            _lines([f"{f['drv']}\tfailed {f['failed']}\tbuilt {f['built']}" for f in flaky])
+        return 0
+    if len(paths) != 1:
+        raise UsageError("give one derivation or output path, or --flaky")
+    with connect(opts) as client:
+        history = client.call("history", drv=_abs(paths[0]))
+    if "--json" in opts:
+        _print_json(history)
+        return 0
+    rows = [("attempt", "started", "secs", "outcome", "exit", "jobs", "peak cpu/mem/io", "paused")]
+    for a in history["attempts"]:
+        p = a["load_peak"]
+        rows.append(
+            (
+                str(a["attempt"]),
+                _when(a["start_time"]),
+                f"{a['end_time'] - a['start_time']:.1f}",
+                a["outcome"],
+                "" if a["exit_code"] is None else str(a["exit_code"]),
+                str(a["parallelism"]),
+                "/".join(_pct(p[r]) for r in ("cpu", "memory", "io")),
+                f"{a['paused']:g}" if a["paused"] else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    _lines(["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows])
+    sys.stderr.write(f"{history['drv']}" + (" is marked flaky\n" if history["flaky"] else "\n"))
+    return 0

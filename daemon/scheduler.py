@@ -1,0 +1,178 @@
+"""The trio side of load-adaptive scheduling: who runs, who waits, who is paused.
+
+`Scheduler.slot` is where every build waits for its turn (`admission.py` decides);
+`on_sample`, called by the load monitor about once a second, adapts the parallelism,
+notes each running build's peak load and parallelism, pauses the newest build under
+memory pressure and resumes it when the pressure falls, and wakes the waiting builds.
+
+A paused build's time limits are suspended: its timeout and silence deadlines are set
+aside when it stops and given back, whatever was left of them, when it resumes.
+"""
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from daemon import pause
+from daemon.admission import Admission
+from daemon.loadsignals import LoadMonitor, LoadSample, peak
+from daemon.processes import Process
+
+
+@dataclass
+class Running:
+    """A build holding a slot; the builds layer attaches its process and deadlines."""
+
+    drv: str
+    attempt: int
+    cap: int | None
+    started: float  # seconds since the epoch
+    load_start: LoadSample
+    load_peak: LoadSample
+    parallelism: int
+    ended: float = 0.0
+    spawned: bool = False  # a builder ran (an attempt may find its outputs there already)
+    proc: Process | None = None
+    deadlines: list[trio.CancelScope] = field(default_factory=list)
+    # Freezes (True) or thaws the build's cgroup; None: SIGSTOP and SIGCONT of its tree.
+    freeze: Callable[[bool], None] | None = None
+    paused_at: float | None = None  # trio time
+    paused_total: float = 0.0
+    # What each deadline had left when the build was paused.
+    _left: list[float] = field(default_factory=list)
+
+    def watch(
+        self,
+        proc: Process,
+        deadlines: list[trio.CancelScope],
+        freeze: Callable[[bool], None] | None,
+    ) -> None:
+        self.spawned = True
+        self.proc = proc
+        self.deadlines = deadlines
+        self.freeze = freeze
+
+    def unwatch(self) -> None:
+        """The builder is done with: nothing left to pause.  A paused tree is resumed, as
+        what was killed in a frozen cgroup v1 dies only once thawed."""
+        if self.paused_at is not None:
+            self.resume()
+        self.proc = None
+        self.deadlines = []
+        self.freeze = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        now = trio.current_time()
+        self._hold(True)
+        self.paused_at = now
+        self._left = [s.deadline - now for s in self.deadlines]
+        for s in self.deadlines:
+            s.deadline = float("inf")
+
+    def resume(self) -> None:
+        assert self.proc is not None and self.paused_at is not None
+        now = trio.current_time()
+        for s, left in zip(self.deadlines, self._left, strict=True):
+            s.deadline = now + left
+        self.paused_total += now - self.paused_at
+        self.paused_at = None
+        self._hold(False)
+
+    def _hold(self, stop: bool) -> None:
+        assert self.proc is not None
+        if self.freeze is not None:
+            try:
+                self.freeze(stop)
+                return
+            except OSError:
+                # The cgroup went away under us (an admin, say): signals still work.
+                self.freeze = None
+        (pause.stop_tree if stop else pause.continue_tree)(self.proc.pid)
+
+
+class Scheduler:
+    def __init__(self, admission: Admission, monitor: LoadMonitor) -> None:
+        self.admission = admission
+        self.monitor = monitor
+        self.running: list[Running] = []  # in the order they started
+        self.queued = 0
+        self._retry_caps: list[int] = []  # of retries waiting for the builds to drain
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def latest(self) -> LoadSample:
+        return self.monitor.latest
+
+    def _may_start(self, cap: int | None) -> bool:
+        caps = [r.cap for r in self.running if r.cap is not None]
+        return self.admission.may_start(len(self.running), caps, cap, bool(self._retry_caps))
+
+    @asynccontextmanager
+    async def slot(
+        self, drv: str, attempt: int = 1, cap: int | None = None
+    ) -> AsyncIterator[Running]:
+        """Wait until this build may start; hold its place among the running ones."""
+        waiting = self._retry_caps if cap is not None else None
+        if waiting is not None:
+            waiting.append(cap)  # type: ignore[arg-type]
+        self.queued += 1
+        try:
+            while not self._may_start(cap):
+                await self._lot.park()
+        finally:
+            self.queued -= 1
+            if waiting is not None:
+                waiting.remove(cap)  # type: ignore[arg-type]
+        now = self.latest
+        run = Running(drv, attempt, cap, time.time(), now, now, len(self.running) + 1)
+        self.running.append(run)
+        for r in self.running:
+            r.parallelism = max(r.parallelism, len(self.running))
+        try:
+            yield run
+        finally:
+            # A build shorter than the sampling interval would otherwise have no sample of
+            # its own load.
+            run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))
+            run.ended = time.time()
+            self.running.remove(run)
+            self._lot.unpark_all()
+
+    def on_sample(self, sample: LoadSample) -> None:
+        for r in self.running:
+            r.load_peak = peak(r.load_peak, sample)
+        self.admission.on_sample(sample, len(self.running))
+        # A builder already reaped is not paused: its pid may be another process's now.
+        pausable = [r for r in self.running if r.proc is not None and r.proc.returncode is None]
+        unpaused = [r for r in pausable if r.paused_at is None]
+        paused = [r for r in pausable if r.paused_at is not None]
+        if paused and self.admission.to_resume(sample, len(unpaused)):
+            paused[0].resume()
+        elif self.admission.to_pause(sample, len(unpaused)):
+            unpaused[-1].pause()
+        self._lot.unpark_all()
+
+    def status(self) -> dict[str, object]:
+        now = time.time()
+        return {
+            "load": self.latest.as_dict(),
+            "max_jobs": self.admission.max_jobs,
+            "parallelism": self.admission.limit,
+            "held_back": list(self.admission.held_back),
+            "queued": self.queued,
+            "retries_waiting": len(self._retry_caps),
+            "running": [
+                {
+                    "drv": r.drv,
+                    "attempt": r.attempt,
+                    "seconds": round(now - r.started, 1),
+                    "paused": r.paused_at is not None,
+                    "pid": r.proc.pid if r.proc is not None else None,
+                }
+                for r in self.running
+            ],
+        }

@@ -1,0 +1,125 @@
+"""Build history in the store database: every attempt, and the derivations marked flaky.
+
+A derivation is marked flaky when an attempt of it succeeds after one failed in the same
+run; the mark is what lets the retry policy give it another chance when it fails at low
+load.  Blocking calls: the daemon runs them in worker threads.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+
+from store.db import Database
+
+# Failures that may come from the machine rather than the derivation (retry.Cause values):
+# one of these followed by a success marks the derivation flaky.
+LOAD_SENSITIVE = ("exit", "signal", "oom", "timeout", "silent")
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    drv: str
+    attempt: int
+    start_time: float  # seconds since the epoch
+    end_time: float
+    outcome: str  # "built", or the cause of the failure (retry.Cause)
+    exit_code: int | None
+    load_start: dict[str, object]
+    load_peak: dict[str, object]
+    parallelism: int  # the most builds running at once during the attempt
+    paused: float  # seconds the build spent paused
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+_COLUMNS = (
+    "drv, attempt, start_time, end_time, outcome, exit_code, load_start, load_peak, "
+    "parallelism, paused"
+)
+
+
+def _record(row: tuple) -> AttemptRecord:
+    drv, attempt, start, end, outcome, code, load_start, load_peak, par, paused = row
+    return AttemptRecord(
+        drv,
+        attempt,
+        start,
+        end,
+        outcome,
+        code,
+        json.loads(load_start),
+        json.loads(load_peak),
+        par,
+        paused,
+    )
+
+
+class History:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def record(self, attempt: AttemptRecord) -> bool:
+        """Record an attempt; a success after a failure of the same derivation (in this run or
+        an earlier one) marks it flaky.  Whether it is marked now."""
+
+        def body(conn) -> bool:  # type: ignore[no-untyped-def]
+            conn.execute(
+                f"INSERT INTO BuildAttempts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    attempt.drv,
+                    attempt.attempt,
+                    attempt.start_time,
+                    attempt.end_time,
+                    attempt.outcome,
+                    attempt.exit_code,
+                    json.dumps(attempt.load_start),
+                    json.dumps(attempt.load_peak),
+                    attempt.parallelism,
+                    attempt.paused,
+                ),
+            )
+            if attempt.outcome != "built":
+                return False
+            failed_before = (
+                attempt.attempt > 1
+                or conn.execute(
+                    "SELECT 1 FROM BuildAttempts WHERE drv = ? AND outcome IN"
+                    f" ({','.join('?' * len(LOAD_SENSITIVE))}) LIMIT 1",
+                    (attempt.drv, *LOAD_SENSITIVE),
+                ).fetchone()
+            )
+            if failed_before:
+                conn.execute(
+                    "INSERT OR IGNORE INTO Flaky (drv, marked) VALUES (?, ?)",
+                    (attempt.drv, int(time.time())),
+                )
+            return bool(failed_before)
+
+        return self.db.write(body)
+
+    def attempts(self, drv: str, limit: int = 100) -> list[AttemptRecord]:
+        """The latest `limit` attempts at `drv`, oldest first."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM BuildAttempts WHERE drv = ? ORDER BY id DESC LIMIT ?",
+                (drv, limit),
+            ).fetchall()
+        return [_record(r) for r in reversed(rows)]
+
+    def is_flaky(self, drv: str) -> bool:
+        with self.db.connection() as conn:
+            return conn.execute("SELECT 1 FROM Flaky WHERE drv = ?", (drv,)).fetchone() is not None
+
+    def flaky(self) -> list[dict[str, object]]:
+        """Every derivation marked flaky, with its counts of failed and built attempts."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT f.drv, f.marked,"
+                " (SELECT count(*) FROM BuildAttempts a WHERE a.drv = f.drv"
+                "  AND a.outcome != 'built'),"
+                " (SELECT count(*) FROM BuildAttempts a WHERE a.drv = f.drv"
+                "  AND a.outcome = 'built')"
+                " FROM Flaky f ORDER BY f.marked, f.drv"
+            ).fetchall()
+        return [{"drv": d, "marked": m, "failed": f, "built": b} for d, m, f, b in rows]
