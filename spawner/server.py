@@ -1,17 +1,23 @@
 """The spawner process: clones each builder into fresh namespaces, on the daemon's word.
 
 Started by the daemon before trio starts, it is single-threaded, so forking it is cheap
-and safe.  For each request (a msgpack map on a SEQPACKET socket, the log pipe's write
-end in SCM_RIGHTS) it forks an intermediate process A, which unshares the user, mount,
-pid, ipc, uts and (unless asked not to) network namespaces; the spawner writes A's uid
-and gid maps (only a process outside the new user namespace may), then A forks the
-builder B, pid 1 of the new pid namespace, reports B's pid and exits.  B is thereby
-orphaned to the daemon, a child subreaper, whose process monitor reaps it.  B builds its
-sandbox (`sandbox.enter`) and execs; a setup error comes back on a close-on-exec pipe
-(EOF with no data means the exec happened), and the spawner answers the daemon with B's
-pid or the error: the step, errno and path.
+and safe.  It keeps a spare ready: an intermediate process A unshares the user, mount,
+pid, ipc, uts and (unless the request shares the host's) network namespaces, forks B, pid
+1 of the new pid namespace, reports B's pid and exits.  B is thereby orphaned to the
+daemon, a child subreaper, whose process monitor reaps it.  B mounts what every sandbox
+has (`sandbox.settle`) and waits on a socket of its own.
+
+For each request (a msgpack map on a SEQPACKET socket, the log pipe's write end in
+SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gid maps
+(only a process outside the new user namespace may) and passes it the request and the
+log pipe; B binds the inputs, pivots and execs (`sandbox.enter`).  A setup error comes
+back on a close-on-exec pipe (EOF with no data means the exec happened), and the spawner
+answers the daemon with B's pid or the error: the step, errno and path.  Only then does
+it make the next spare, while the builder runs: the forks and namespaces, most of a
+spawn's cost, are off the path from request to exec.
 """
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -19,11 +25,12 @@ import signal
 import socket
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
 
-from daemon.packets import recv_packet
+from daemon.packets import recv_packet, rights
 from spawner import linux
 from spawner.sandbox import (
     BUILD_GID,
@@ -31,8 +38,9 @@ from spawner.sandbox import (
     SetupError,
     SpawnRequest,
     enter,
-    make_template,
+    make_skeleton,
     prepare_root,
+    settle,
 )
 
 NAMESPACES = (
@@ -64,35 +72,52 @@ def _read_all(fd: int) -> bytes:
 
 
 def _default_signals() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ; a builder must start with every default."""
-    for sig in range(1, signal.NSIG):
-        try:
+    """Python ignores SIGPIPE and SIGXFSZ (and the spawner SIGINT); a builder must start
+    with every default.  Handled signals are reset by exec; ignored ones are not."""
+    for sig in signal.valid_signals():
+        if signal.getsignal(sig) == signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError, RuntimeError):
-            continue
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _intermediate(
-    req: SpawnRequest, template: str, log_fd: int, report: int, go: int, status: int
-) -> None:
-    """Process A: new namespaces, then the builder B as pid 1.  Never returns."""
+def _keep_only(*fds: int) -> None:
+    """Close every inherited descriptor but stdio and `fds`: a spare must not hold the
+    sockets of other spares (they would not see EOF when the spawner drops them)."""
+    low = 3
+    for fd in sorted(fds):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
+    """Process B, pid 1 of its namespaces: settle, wait for the request, enter."""
     try:
-        linux.unshare(NAMESPACES | (0 if req.network else linux.CLONE_NEWNET))
-        os.write(report, b"u")
-        if os.read(go, 1) != b"m":
-            os._exit(1)
+        _default_signals()
+        os.setsid()
+        settle(skeleton, network)
+        with socket.socket(fileno=ctl) as sock:
+            data, fds, truncated = recv_packet(sock)
+        if not data:
+            # The spawner dropped this spare (or died): nothing to build.
+            os._exit(0)
+        if truncated or len(fds) != 1:
+            raise SetupError("request", errno.EINVAL, "", "a request carries one log fd")
+        enter(_request(data), skeleton, fds[0], status)
+    except BaseException as e:
+        os.write(status, msgpack.packb(_error_of(e)))
+    os._exit(127)
+
+
+def _intermediate(skeleton: str, network: bool, ctl: int, report: int, status: int) -> None:
+    """Process A: new namespaces, then the spare B as pid 1.  Never returns."""
+    try:
+        _keep_only(ctl, report, status)
+        linux.unshare(NAMESPACES | (0 if network else linux.CLONE_NEWNET))
         pid = os.fork()
         if pid == 0:
             os.close(report)
-            os.close(go)
-            try:
-                _default_signals()
-                os.setsid()
-                enter(req, template, log_fd, status)
-            except BaseException as e:
-                os.write(status, msgpack.packb(_error_of(e)))
-            os._exit(127)
+            _spare_main(skeleton, network, ctl, status)
         os.write(report, str(pid).encode())
         os._exit(0)
     except BaseException as e:
@@ -100,57 +125,107 @@ def _intermediate(
         os._exit(1)
 
 
-def _write_maps(pid: int, req: SpawnRequest) -> None:
-    with open(f"/proc/{pid}/uid_map", "w") as f:
-        f.write(f"{BUILD_UID} {req.host_uid} 1\n")
-    with open(f"/proc/{pid}/setgroups", "w") as f:
-        f.write("deny\n")
-    with open(f"/proc/{pid}/gid_map", "w") as f:
-        f.write(f"{BUILD_GID} {req.host_gid} 1\n")
+@dataclass
+class Spare:
+    """A process waiting in fresh namespaces for the request that makes it a builder."""
+
+    pid: int
+    proc_dir: int  # /proc/<pid>: pins this very process for the uid and gid maps
+    ctl: socket.socket  # the request and the log pipe go to it here
+    status: int  # close-on-exec pipe: EOF = exec happened; data = a setup error
+
+    def close(self) -> None:
+        """Drop it; a spare that got no request sees EOF and exits."""
+        self.ctl.close()
+        os.close(self.proc_dir)
+        os.close(self.status)
+
+    def start(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+        try:
+            self._write_maps(req)
+        except OSError as e:
+            return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
+        try:
+            self.ctl.sendmsg([msgpack.packb(asdict(req))], rights(log_fd))
+        except OSError as e:
+            # The spare died before its request: its status pipe may say why.
+            failure = _read_all(self.status)
+            if failure:
+                return dict(msgpack.unpackb(failure))
+            return _error("start builder", e.errno or 0, "", "the spare process died")
+        failure = _read_all(self.status)
+        if failure:
+            return dict(msgpack.unpackb(failure))
+        return {"status": "ok", "pid": self.pid}
+
+    def _write_maps(self, req: SpawnRequest) -> None:
+        for name, text in (
+            ("uid_map", f"{BUILD_UID} {req.host_uid} 1\n"),
+            ("setgroups", "deny\n"),
+            ("gid_map", f"{BUILD_GID} {req.host_gid} 1\n"),
+        ):
+            fd = os.open(name, os.O_WRONLY, dir_fd=self.proc_dir)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
 
 
-def spawn(req: SpawnRequest, template: str, log_fd: int) -> dict[str, Any]:
-    try:
-        prepare_root(req)
-    except SetupError as e:
-        return _error_of(e)
+def make_spare(skeleton: str, network: bool) -> Spare:
     report_r, report_w = os.pipe()
-    go_r, go_w = os.pipe()
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid_a = os.fork()
     if pid_a == 0:
-        os.close(report_r)
-        os.close(go_w)
-        os.close(status_r)
-        _intermediate(req, template, log_fd, report_w, go_r, status_w)
-    for fd in (report_w, go_r, status_w):
-        os.close(fd)
+        _intermediate(skeleton, network, theirs.fileno(), report_w, status_w)
+    theirs.close()
+    os.close(report_w)
+    os.close(status_w)
     try:
-        first = os.read(report_r, 1)
-        if first == b"u":
-            try:
-                _write_maps(pid_a, req)
-            except OSError as e:
-                os.kill(pid_a, signal.SIGKILL)
-                return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
-            os.write(go_w, b"m")
-            rest = _read_all(report_r)
-        else:
-            rest = first + _read_all(report_r)
+        report = _read_all(report_r)
         os.waitpid(pid_a, 0)
-        if rest.startswith(b"E") or not rest.isdigit():
-            return (
-                msgpack.unpackb(rest[1:])
-                if rest.startswith(b"E")
-                else _error("fork builder", errno.ECHILD, "", "the intermediate process died")
-            )
-        failure = _read_all(status_r)
-        if failure:
-            return msgpack.unpackb(failure)
-        return {"status": "ok", "pid": int(rest)}
+        if report.startswith(b"E"):
+            e = msgpack.unpackb(report[1:])
+            raise SetupError(e["step"], e["errno"], e["path"], e["message"])
+        if not report.isdigit():
+            raise SetupError("fork builder", errno.ECHILD, "", "the intermediate process died")
+        proc_dir = os.open(f"/proc/{int(report)}", os.O_RDONLY | os.O_DIRECTORY)
+    except BaseException:
+        ours.close()
+        os.close(status_r)
+        raise
     finally:
-        for fd in (report_r, go_w, status_r):
-            os.close(fd)
+        os.close(report_r)
+    return Spare(int(report), proc_dir, ours, status_r)
+
+
+class Spawner:
+    def __init__(self, skeleton: str) -> None:
+        self.skeleton = skeleton
+        self.spares: dict[bool, Spare] = {}
+
+    def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+        try:
+            prepare_root(req, self.skeleton)
+            spare = self.spares.pop(req.network, None) or make_spare(self.skeleton, req.network)
+        except SetupError as e:
+            return _error_of(e)
+        try:
+            return spare.start(req, log_fd)
+        finally:
+            spare.close()
+
+    def keep_spare(self, network: bool) -> None:
+        """Make a spare for the next request like the last one, if there is none."""
+        if network not in self.spares:
+            # A failure here comes back to the request that needs the spare.
+            with contextlib.suppress(SetupError):
+                self.spares[network] = make_spare(self.skeleton, network)
+
+    def close(self) -> None:
+        for spare in self.spares.values():
+            spare.close()
+        self.spares.clear()
 
 
 def _request(data: bytes) -> SpawnRequest:
@@ -159,7 +234,8 @@ def _request(data: bytes) -> SpawnRequest:
     return SpawnRequest(**fields)
 
 
-def serve(sock: socket.socket, template: str) -> None:
+def serve(sock: socket.socket, spawner: Spawner) -> None:
+    spawner.keep_spare(False)
     while True:
         try:
             data, fds, truncated = recv_packet(sock)
@@ -168,18 +244,22 @@ def serve(sock: socket.socket, template: str) -> None:
         if not data and not fds:
             return
         rid = None
+        req = None
         try:
             rid = msgpack.unpackb(data).get("id")
             if truncated or len(fds) != 1:
                 reply = _error("request", errno.EINVAL, "", "a request carries one log fd")
             else:
-                reply = spawn(_request(data), template, fds[0])
+                req = _request(data)
+                reply = spawner.spawn(req, fds[0])
         except Exception as e:
             reply = _error_of(e)
         finally:
             for fd in fds:
                 os.close(fd)
         sock.send(msgpack.packb({"id": rid, **reply}))
+        if req is not None:
+            spawner.keep_spare(req.network)
 
 
 def main(fd: int) -> None:
@@ -187,8 +267,11 @@ def main(fd: int) -> None:
     libc.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    with tempfile.TemporaryDirectory(prefix="weft-sandbox-template-") as template:
-        os.chmod(template, 0o755)
-        make_template(template)
-        serve(sock, template)
+    with tempfile.TemporaryDirectory(prefix="weft-sandbox-") as where:
+        os.chmod(where, 0o755)
+        spawner = Spawner(make_skeleton(where))
+        try:
+            serve(sock, spawner)
+        finally:
+            spawner.close()
     sys.exit(0)

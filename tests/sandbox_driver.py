@@ -38,9 +38,17 @@ def busybox_tree(where: Path) -> Path:
     return where / "busybox"
 
 
-def sandboxed_processes(uid: int) -> list[int]:
-    """Processes of `uid` living in another pid namespace than ours: a builder's."""
+def _cmdline(pid: int | str) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def sandboxed_processes(uid: int, spawner_pid: int) -> list[int]:
+    """Processes of `uid` living in another pid namespace than ours: a builder's.  The
+    spawner's spare (still the spawner's command line: it has not exec'd) waits for the
+    next build, in namespaces of its own; it is nothing a builder left."""
     ours = os.readlink("/proc/self/ns/pid")
+    spawner = _cmdline(spawner_pid)
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -48,6 +56,7 @@ def sandboxed_processes(uid: int) -> list[int]:
                 if (
                     os.stat(f"/proc/{pid}").st_uid == uid
                     and os.readlink(f"/proc/{pid}/ns/pid") != ours
+                    and _cmdline(pid) != spawner
                 ):
                     found.append(int(pid))
             except OSError:
@@ -152,7 +161,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result["code"] = await wait_or_kill(builder, args.timeout, grace=0.5)
         result["elapsed"] = time.monotonic() - t
         await trio.sleep(0.3)
-        result["left_running"] = sandboxed_processes(args.uid)
+        result["left_running"] = sandboxed_processes(args.uid, spawner.spawner_pid)
         if args.kill_spawner_after is not None:
             # The replacement spawner serves the next build.
             root2 = work / "root2"
