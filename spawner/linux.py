@@ -152,11 +152,14 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
+# Built once, in the spawner: each builder only installs it.
+_FILTERS = (_SockFilter * len(_PROGRAM))(*(_SockFilter(*ins) for ins in _PROGRAM))
+_FPROG = _SockFprog(len(_PROGRAM), _FILTERS)
+
+
 def forbid_setuid_chmod() -> bool:
     """Install the filter; False where it is not written for this architecture."""
     if platform.machine() != "x86_64":
         return False
-    filters = (_SockFilter * len(_PROGRAM))(*(_SockFilter(*ins) for ins in _PROGRAM))
-    prog = _SockFprog(len(_PROGRAM), filters)
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(_FPROG), 0, 0), "seccomp")
     return True

@@ -20,6 +20,7 @@ spawn's cost, are off the path from request to exec.
 import contextlib
 import ctypes
 import errno
+import gc
 import os
 import signal
 import socket
@@ -92,6 +93,8 @@ def _keep_only(*fds: int) -> None:
 
 def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
     """Process B, pid 1 of its namespaces: settle, wait for the request, enter."""
+    # A collection would write to every object, copying the spawner's pages one by one.
+    gc.disable()
     try:
         _default_signals()
         os.setsid()
