@@ -16,7 +16,7 @@ transaction), and release everything.
 import gzip
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,7 +313,11 @@ class Builder:
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
-        await trio.to_thread.run_sync(_prepare_workdir, work, self.store.store_dir, uid, gid)
+        # The mount points of the inputs stay from build to build in the slot's store dir.
+        mount_points = {os.path.basename(p) for p in closure}
+        await trio.to_thread.run_sync(
+            _prepare_workdir, work, self.store.store_dir, uid, gid, mount_points
+        )
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
@@ -367,7 +371,9 @@ class Builder:
             if read_end >= 0:
                 os.close(read_end)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_clear_workdir, work, self.store.store_dir)
+                await trio.to_thread.run_sync(
+                    _clear_workdir, work, self.store.store_dir, mount_points
+                )
 
     async def _supervise(
         self, job: Job, proc: Process, fd: int, log: "_LogTail", opts: BuildOptions
@@ -477,22 +483,26 @@ class _LogTail:
         )
 
 
-def _prepare_workdir(work: Path, store_dir: str, uid: int, gid: int) -> None:
-    """A slot's directory: its sandbox root's skeleton is kept from build to build (fewer
-    files to create per build); what a build leaves (`build/`, the root's store dir) is
-    emptied."""
+def _prepare_workdir(
+    work: Path, store_dir: str, uid: int, gid: int, keep: Collection[str] = ()
+) -> None:
+    """A slot's directory: what a build leaves (`build/`, the root's store dir but the
+    mount points named `keep`) is emptied."""
     work.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(work.parent, 0o700)
     (work / "root").mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(work, 0o700)
-    _clear_workdir(work, store_dir)
+    _clear_workdir(work, store_dir, keep)
     (work / "build").mkdir(mode=0o700)
     os.chown(work / "build", uid, gid)
 
 
-def _clear_workdir(work: Path, store_dir: str) -> None:
+def _clear_workdir(work: Path, store_dir: str, keep: Collection[str] = ()) -> None:
+    """Empty the build dir, and the root's store dir but for the entries named `keep`: the
+    mount points of inputs (the spawner checks them before it mounts on them again)."""
     remove_tree(work / "build")
     store = work / "root" / store_dir.lstrip("/")
     if store.is_dir():
         for name in os.listdir(store):
-            remove_tree(store / name)
+            if name not in keep:
+                remove_tree(store / name)

@@ -73,16 +73,46 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
-def _mount_point_for(source: str, target: str) -> None:
-    """An empty file or directory at `target` to bind `source` on (a symlink is copied)."""
-    if os.path.lexists(target):
+def _remove(path: str) -> None:
+    """Delete a file or tree (a builder's directories may be read-only); no symlink is
+    followed."""
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        os.unlink(path)
         return
+    os.chmod(path, 0o700)
+    for entry in os.scandir(path):
+        _remove(entry.path)
+    os.rmdir(path)
+
+
+def _is_mount_point_for(source: str, kind: int, target: str) -> bool:
+    """Whether `target`, left by an earlier build, is still an empty file or directory of
+    the spawner's, of the `kind` `source` is (or a copy of its symlink)."""
+    st = os.lstat(target)
+    if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid():
+        return False
+    if stat.S_ISDIR(kind):
+        with os.scandir(target) as it:
+            return next(it, None) is None
+    if stat.S_ISLNK(kind):
+        return os.readlink(target) == os.readlink(source)
+    return st.st_size == 0
+
+
+def _mount_point_for(source: str, target: str) -> None:
+    """An empty file or directory at `target` to bind `source` on (a symlink is copied).
+    One left by an earlier build is kept if it still is one: creating files is what is
+    slow here, not looking at them."""
+    kind = stat.S_IFMT(os.lstat(source).st_mode)
+    if os.path.lexists(target):
+        if _is_mount_point_for(source, kind, target):
+            return
+        _remove(target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    st = os.lstat(source)
-    if stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(kind):
         os.symlink(os.readlink(source), target)
-    elif stat.S_ISDIR(st.st_mode):
-        os.makedirs(target, exist_ok=True)
+    elif stat.S_ISDIR(kind):
+        os.mkdir(target)
     else:
         with open(target, "a"):
             pass
@@ -128,9 +158,10 @@ def _store_dir_of(req: SpawnRequest) -> str:
 
 
 def prepare_root(req: SpawnRequest, skeleton: str) -> None:
-    """Mount points for this request: its inputs in the slot's store dir (which must hold
-    nothing else, so only the input closure is visible), its sandbox paths and the store
-    dir itself in the skeleton (they stay there for the next builds)."""
+    """Mount points for this request: its inputs in the slot's store dir, its sandbox
+    paths and the store dir itself in the skeleton (they stay there for the next builds).
+    The daemon empties the slot's store dir but for the mount points of the request's
+    inputs, so that only the input closure is visible there."""
     store = _store_dir_of(req)
     with _step("prepare root", req.root):
         os.makedirs(store, exist_ok=True)
