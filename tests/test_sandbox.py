@@ -169,3 +169,42 @@ def test_build_slots_map_to_their_own_host_ids() -> None:
         build_ids(64, 30000, 64)
     with pytest.raises(ValueError, match="daemon's uid"):
         build_ids(0, 0, 64)
+
+
+def test_mount_points_are_kept_only_while_they_are_still_mount_points(tmp_path: Path) -> None:
+    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
+
+    store = tmp_path / "store"
+    tree, text, link = store / "aaa-tree", store / "bbb-text", store / "ccc-link"
+    (tree / "bin").mkdir(parents=True)
+    text.write_text("x")
+    link.symlink_to("aaa-tree")
+    root = tmp_path / "root"
+    slot_store = root / str(store).lstrip("/")
+    request = SpawnRequest(
+        builder="/bin/true",
+        root=str(root),
+        build_dir=str(tmp_path / "build"),
+        store_dir=str(store),
+        host_uid=os.geteuid(),
+        host_gid=os.getegid(),
+        inputs=[str(tree), str(text), str(link)],
+    )
+    skeleton = make_skeleton(str(tmp_path / "spawner"))
+    prepare_root(request, skeleton)
+    kept = (slot_store / "aaa-tree").stat().st_ino
+    # What a builder could leave under the names of inputs (after a crash of the daemon,
+    # which otherwise empties the slot's store dir but for mount points): a full directory,
+    # a file with content, a symlink elsewhere.
+    (slot_store / "bbb-text").write_text("left by a builder")
+    (slot_store / "ccc-link").unlink()
+    (slot_store / "ccc-link").symlink_to("/etc")
+    prepare_root(request, skeleton)
+    assert (slot_store / "aaa-tree").stat().st_ino == kept
+    assert (slot_store / "bbb-text").read_text() == ""
+    assert os.readlink(slot_store / "ccc-link") == "aaa-tree"
+    (slot_store / "aaa-tree" / "junk").mkdir()
+    (slot_store / "aaa-tree" / "junk").chmod(0o500)
+    prepare_root(request, skeleton)
+    assert os.listdir(slot_store / "aaa-tree") == []
+    assert sorted(os.listdir(slot_store)) == ["aaa-tree", "bbb-text", "ccc-link"]
