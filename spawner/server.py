@@ -92,7 +92,8 @@ def _keep_only(*fds: int) -> None:
 
 
 def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
-    """Process B, pid 1 of its namespaces: settle, wait for the request, enter."""
+    """Process B, pid 1 of its namespaces: settle, wait for the request, enter.  Never
+    returns: it is a copy of the spawner, whose code must not run on in it."""
     # A collection would write to every object, copying the spawner's pages one by one.
     gc.disable()
     try:
@@ -108,12 +109,15 @@ def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
             raise SetupError("request", errno.EINVAL, "", "a request carries one log fd")
         enter(_request(data), skeleton, fds[0], status)
     except BaseException as e:
-        os.write(status, msgpack.packb(_error_of(e)))
-    os._exit(127)
+        with contextlib.suppress(BaseException):
+            os.write(status, msgpack.packb(_error_of(e)))
+    finally:
+        os._exit(127)
 
 
 def _intermediate(skeleton: str, network: bool, ctl: int, report: int, status: int) -> None:
     """Process A: new namespaces, then the spare B as pid 1.  Never returns."""
+    code = 1
     try:
         _keep_only(ctl, report, status)
         linux.unshare(NAMESPACES | (0 if network else linux.CLONE_NEWNET))
@@ -122,10 +126,12 @@ def _intermediate(skeleton: str, network: bool, ctl: int, report: int, status: i
             os.close(report)
             _spare_main(skeleton, network, ctl, status)
         os.write(report, str(pid).encode())
-        os._exit(0)
+        code = 0
     except BaseException as e:
-        os.write(report, b"E" + msgpack.packb(_error_of(e)))
-        os._exit(1)
+        with contextlib.suppress(BaseException):
+            os.write(report, b"E" + msgpack.packb(_error_of(e)))
+    finally:
+        os._exit(code)
 
 
 @dataclass
