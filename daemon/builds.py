@@ -15,6 +15,7 @@ transaction), and release everything.
 
 import gzip
 import os
+import stat
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -486,23 +487,43 @@ class _LogTail:
 def _prepare_workdir(
     work: Path, store_dir: str, uid: int, gid: int, keep: Collection[str] = ()
 ) -> None:
-    """A slot's directory: what a build leaves (`build/`, the root's store dir but the
-    mount points named `keep`) is emptied."""
-    work.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(work.parent, 0o700)
-    (work / "root").mkdir(mode=0o755, parents=True, exist_ok=True)
-    os.chmod(work, 0o700)
+    """A slot's directory, kept from build to build: what a build leaves (in `build/`, and
+    in the root's store dir but the mount points named `keep`) is emptied.  Only what is
+    missing or wrong is written: this disk is sometimes slow at any change of metadata."""
+    _own_dir(work.parent, 0o700)
+    _own_dir(work, 0o700)
+    _own_dir(work / "root", 0o755)
     _clear_workdir(work, store_dir, keep)
-    (work / "build").mkdir(mode=0o700)
-    os.chown(work / "build", uid, gid)
+    build = work / "build"
+    if build.is_dir() and os.listxattr(build, follow_symlinks=False):
+        # ACLs or attributes the last builder set on its /build: not for the next one.
+        remove_tree(build)
+    _own_dir(build, 0o700, uid, gid)
+
+
+def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
+    """A directory at `path` with `mode` (and owner, if given), made or fixed if needed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        # Builds in other slots may make the same parents at the same time.
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        remove_tree(path)
+        path.mkdir(mode=mode)
+        st = os.lstat(path)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+    if (uid, gid) != (-1, -1) and (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)
 
 
 def _clear_workdir(work: Path, store_dir: str, keep: Collection[str] = ()) -> None:
     """Empty the build dir, and the root's store dir but for the entries named `keep`: the
     mount points of inputs (the spawner checks them before it mounts on them again)."""
-    remove_tree(work / "build")
-    store = work / "root" / store_dir.lstrip("/")
-    if store.is_dir():
-        for name in os.listdir(store):
-            if name not in keep:
-                remove_tree(store / name)
+    for where, kept in ((work / "build", ()), (work / "root" / store_dir.lstrip("/"), keep)):
+        if where.is_dir() and not where.is_symlink():
+            for name in os.listdir(where):
+                if name not in kept:
+                    remove_tree(where / name)
