@@ -73,6 +73,13 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
+def _directory(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)`, but only looking when it exists: on this disk,
+    mkdir of an existing directory sometimes takes as long as making one."""
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+
+
 def _remove(path: str) -> None:
     """Delete a file or tree (a builder's directories may be read-only); no symlink is
     followed."""
@@ -108,7 +115,7 @@ def _mount_point_for(source: str, target: str) -> None:
         if _is_mount_point_for(source, kind, target):
             return
         _remove(target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    _directory(os.path.dirname(target))
     if stat.S_ISLNK(kind):
         os.symlink(os.readlink(source), target)
     elif stat.S_ISDIR(kind):
@@ -164,14 +171,14 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
     inputs, so that only the input closure is visible there."""
     store = _store_dir_of(req)
     with _step("prepare root", req.root):
-        os.makedirs(store, exist_ok=True)
+        _directory(store)
         st = os.stat(store)
         # The store dir is the build user's, so it can create its outputs there.
         if (st.st_uid, st.st_gid) != (req.host_uid, req.host_gid):
             os.chown(store, req.host_uid, req.host_gid)
         if stat.S_IMODE(st.st_mode) != 0o755:
             os.chmod(store, 0o755)
-        os.makedirs(_inside(skeleton, req.store_dir), exist_ok=True)
+        _directory(_inside(skeleton, req.store_dir))
         for p in req.inputs:
             if os.path.dirname(p) != req.store_dir.rstrip("/"):
                 raise SetupError("prepare root", 22, p, "an input is not a store path")
