@@ -255,7 +255,9 @@ class Builder:
         try:
             await self._run_in_slot(job, drv, inputs, opts, slot, finish)
         finally:
-            self._free_slots.append(slot)
+            # The slot freed last is taken first: its directories and mount points are
+            # there already, where a slot not used for a while would have them made anew.
+            self._free_slots.appendleft(slot)
             self._slot_lot.unpark()
 
     async def check(
