@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import trio
 
-from daemon.helper import HelperConnection, start_helper
+from daemon.helper import HelperConnection, Reply, start_helper
 from daemon.processes import Process, ProcessMonitor
 from spawner.sandbox import SpawnRequest
 
@@ -63,6 +63,13 @@ class SpawnerService(HelperConnection):
             int(reply["pid"]),  # type: ignore[call-overload]
             [request.builder, *request.args],
         )
+
+    async def _unclaimed(self, reply: Reply) -> None:
+        """A builder whose requester was cancelled before the reply came: nobody would
+        wait for it or kill it, and it may never exit on its own."""
+        if reply.get("status") == "ok":
+            pid = int(reply["pid"])  # type: ignore[call-overload]
+            self._monitor.register(pid, ["abandoned builder"]).kill()
 
 
 async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int:

@@ -4,7 +4,7 @@ The builder is orphaned to whoever is the child subreaper, so this runs in a sep
 process that is one (as the daemon is), with the process monitor reaping every child.
 
     python -m tests.sandbox_driver STATE_DIR HOST_UID SCRIPT [--network] [--timeout S]
-        [--kill-spawner-after S] [--builder PATH]
+        [--kill-spawner-after S] [--builder PATH] [--repeat N] [--cancel-after S]
 
 prints one JSON object: exit code, log, and what was found on the host afterwards.
 """
@@ -137,6 +137,18 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             return result
         r, w = os.pipe()
         t = time.monotonic()
+        if args.cancel_after is not None:
+            # The requester gives up before the reply: the builder must not run on.
+            with trio.move_on_after(args.cancel_after) as scope:
+                await spawner.spawn(request, w)
+            os.close(w)
+            os.close(r)
+            result["cancelled"] = scope.cancelled_caught
+            await trio.sleep(0.5)
+            result["left_running"] = sandboxed_processes(args.uid, spawner.spawner_pid)
+            await spawner.aclose()
+            n.cancel_scope.cancel()
+            return result
         try:
             builder = await spawner.spawn(request, w)
         except SpawnError as e:
@@ -197,5 +209,6 @@ if __name__ == "__main__":
     parser.add_argument("--kill-spawner-after", type=float)
     parser.add_argument("--builder")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cancel-after", type=float)
     print(json.dumps(trio.run(main, parser.parse_args())))
     sys.stdout.flush()

@@ -139,6 +139,12 @@ def test_spawner_killed_mid_build_is_replaced(state: Path) -> None:
     assert result["second_log"].strip() == "second build ok"
 
 
+def test_a_builder_whose_requester_gave_up_is_killed(state: Path) -> None:
+    result = drive(state, "sleep 1000", "--cancel-after", "0.001")
+    assert result["cancelled"]
+    assert result["left_running"] == []
+
+
 def test_setup_errors_name_the_step(state: Path) -> None:
     result = drive(state, "true", "--builder", "/nonexistent/builder")
     assert result["setup_error"] == {
