@@ -12,9 +12,10 @@ SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gi
 (only a process outside the new user namespace may) and passes it the request and the
 log pipe; B binds the inputs, pivots and execs (`sandbox.enter`).  A setup error comes
 back on a close-on-exec pipe (EOF with no data means the exec happened), and the spawner
-answers the daemon with B's pid or the error: the step, errno and path.  Only then does
-it make the next spare, while the builder runs: the forks and namespaces, most of a
-spawn's cost, are off the path from request to exec.
+answers the daemon with B's pid or the error: the step, errno and path.  Once no request
+has come for a few milliseconds (the new builder and the daemon go first), it makes the
+next spare: the forks and namespaces, most of a spawn's cost, are off the path from
+request to exec.
 """
 
 import contextlib
@@ -22,6 +23,7 @@ import ctypes
 import errno
 import gc
 import os
+import select
 import signal
 import socket
 import sys
@@ -44,6 +46,8 @@ from spawner.sandbox import (
     settle,
 )
 
+# How long the spawner waits for another request before it makes its next spare.
+SPARE_DELAY = 0.003
 NAMESPACES = (
     linux.CLONE_NEWUSER
     | linux.CLONE_NEWNS
@@ -212,6 +216,7 @@ class Spawner:
     def __init__(self, skeleton: str) -> None:
         self.skeleton = skeleton
         self.spares: dict[bool, Spare] = {}
+        self.last_network = False
 
     def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
         try:
@@ -244,7 +249,7 @@ def _request(data: bytes) -> SpawnRequest:
 
 
 def serve(sock: socket.socket, spawner: Spawner) -> None:
-    spawner.keep_spare(False)
+    spawner.keep_spare(spawner.last_network)
     while True:
         try:
             data, fds, truncated = recv_packet(sock)
@@ -268,7 +273,11 @@ def serve(sock: socket.socket, spawner: Spawner) -> None:
                 os.close(fd)
         sock.send(msgpack.packb({"id": rid, **reply}))
         if req is not None:
-            spawner.keep_spare(req.network)
+            spawner.last_network = req.network
+        # The builder just started and the daemon has the reply to handle: the next spare
+        # waits until no request has come for a moment.
+        if not select.select([sock], [], [], SPARE_DELAY)[0]:
+            spawner.keep_spare(spawner.last_network)
 
 
 def main(fd: int) -> None:
