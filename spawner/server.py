@@ -147,6 +147,11 @@ class Spare:
     ctl: socket.socket  # the request and the log pipe go to it here
     status: int  # close-on-exec pipe: EOF = exec happened; data = a setup error
 
+    def waiting(self) -> bool:
+        """Still alive and waiting: it never writes to its socket, it only closes it by
+        dying (killed, say, or failing to settle)."""
+        return not select.select([self.ctl], [], [], 0)[0]
+
     def close(self) -> None:
         """Drop it; a spare that got no request sees EOF and exits."""
         self.ctl.close()
@@ -221,7 +226,12 @@ class Spawner:
     def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
         try:
             prepare_root(req, self.skeleton)
-            spare = self.spares.pop(req.network, None) or make_spare(self.skeleton, req.network)
+            spare = self.spares.pop(req.network, None)
+            if spare is not None and not spare.waiting():
+                spare.close()
+                spare = None
+            if spare is None:
+                spare = make_spare(self.skeleton, req.network)
         except SetupError as e:
             return _error_of(e)
         try:

@@ -5,6 +5,7 @@ process that is one (as the daemon is), with the process monitor reaping every c
 
     python -m tests.sandbox_driver STATE_DIR HOST_UID SCRIPT [--network] [--timeout S]
         [--kill-spawner-after S] [--builder PATH] [--repeat N] [--cancel-after S]
+        [--kill-spare]
 
 prints one JSON object: exit code, log, and what was found on the host afterwards.
 """
@@ -58,6 +59,21 @@ def sandboxed_processes(uid: int, spawner_pid: int) -> list[int]:
                     and os.readlink(f"/proc/{pid}/ns/pid") != ours
                     and _cmdline(pid) != spawner
                 ):
+                    found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def spares(spawner_pid: int) -> list[int]:
+    """The spawner's spares: its command line, in a pid namespace of their own."""
+    ours = os.readlink("/proc/self/ns/pid")
+    spawner = _cmdline(spawner_pid)
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != spawner_pid:
+            try:
+                if _cmdline(pid) == spawner and os.readlink(f"/proc/{pid}/ns/pid") != ours:
                     found.append(int(pid))
             except OSError:
                 continue
@@ -135,6 +151,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             await spawner.aclose()
             n.cancel_scope.cancel()
             return result
+        if args.kill_spare:
+            # Its first spare is made as the spawner starts.
+            while not (found := spares(spawner.spawner_pid)):
+                await trio.sleep(0.01)
+            for pid in found:
+                os.kill(pid, signal.SIGKILL)
+            result["spares_killed"] = len(found)
+            await trio.sleep(0.1)
         r, w = os.pipe()
         t = time.monotonic()
         if args.cancel_after is not None:
@@ -210,5 +234,6 @@ if __name__ == "__main__":
     parser.add_argument("--builder")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--cancel-after", type=float)
+    parser.add_argument("--kill-spare", action="store_true")
     print(json.dumps(trio.run(main, parser.parse_args())))
     sys.stdout.flush()

@@ -145,6 +145,12 @@ def test_a_builder_whose_requester_gave_up_is_killed(state: Path) -> None:
     assert result["left_running"] == []
 
 
+def test_a_dead_spare_is_replaced(state: Path) -> None:
+    result = drive(state, "echo built", "--kill-spare")
+    assert result["spares_killed"] == 1
+    assert result["code"] == 0 and result["log"].strip() == "built"
+
+
 def test_setup_errors_name_the_step(state: Path) -> None:
     result = drive(state, "true", "--builder", "/nonexistent/builder")
     assert result["setup_error"] == {
