@@ -3,8 +3,9 @@
 The spawner is started before trio (and restarted from within it, by posix_spawn, if it
 dies).  A request carries the sandbox description and the write end of the build's log
 pipe; the reply names the builder's pid, which the process monitor then owns: the
-builder was orphaned to the daemon, a child subreaper, by design.  If the spawner dies,
-requests in flight fail with `SpawnerDied` and a new spawner serves the next ones.
+spawner clones builders with `CLONE_PARENT`, so they are the daemon's children, by
+design.  If the spawner dies, requests in flight fail with `SpawnerDied` and a new
+spawner serves the next ones.
 """
 
 import os

@@ -1,21 +1,21 @@
 """The spawner process: clones each builder into fresh namespaces, on the daemon's word.
 
-Started by the daemon before trio starts, it is single-threaded, so forking it is cheap
-and safe.  It keeps a spare ready: an intermediate process A unshares the user, mount,
-pid, ipc, uts and (unless the request shares the host's) network namespaces, forks B, pid
-1 of the new pid namespace, reports B's pid and exits.  B is thereby orphaned to the
-daemon, a child subreaper, whose process monitor reaps it.  B mounts what every sandbox
-has (`sandbox.settle`) and waits on a socket of its own.
+Started by the daemon before trio starts, it is single-threaded, so cloning it is cheap
+and safe.  It keeps a spare ready: a clone of itself in new user, mount, pid, ipc, uts
+and (unless the request shares the host's) network namespaces, pid 1 of the new pid
+namespace and, by `CLONE_PARENT`, a child of the daemon, whose process monitor reaps it.
+The spare mounts what every sandbox has (`sandbox.settle`) and waits on a socket of its
+own.
 
 For each request (a msgpack map on a SEQPACKET socket, the log pipe's write end in
 SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gid maps
 (only a process outside the new user namespace may) and passes it the request and the
-log pipe; B binds the inputs, pivots and execs (`sandbox.enter`).  A setup error comes
-back on a close-on-exec pipe (EOF with no data means the exec happened), and the spawner
-answers the daemon with B's pid or the error: the step, errno and path.  Once no request
-has come for a few milliseconds (the new builder and the daemon go first), it makes the
-next spare: the forks and namespaces, most of a spawn's cost, are off the path from
-request to exec.
+log pipe; the spare binds the inputs, pivots and execs (`sandbox.enter`).  A setup error
+comes back on a close-on-exec pipe (EOF with no data means the exec happened), and the
+spawner answers the daemon with the builder's pid or the error: the step, errno and
+path.  Once no request has come for a few milliseconds (the new builder and the daemon
+go first), it makes the next spare: the clone and the namespaces, most of a spawn's
+cost, are off the path from request to exec.
 """
 
 import contextlib
@@ -96,11 +96,12 @@ def _keep_only(*fds: int) -> None:
 
 
 def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
-    """Process B, pid 1 of its namespaces: settle, wait for the request, enter.  Never
+    """The spare, pid 1 of its namespaces: settle, wait for the request, enter.  Never
     returns: it is a copy of the spawner, whose code must not run on in it."""
     # A collection would write to every object, copying the spawner's pages one by one.
     gc.disable()
     try:
+        _keep_only(ctl, status)
         _default_signals()
         os.setsid()
         settle(skeleton, network)
@@ -117,25 +118,6 @@ def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
             os.write(status, msgpack.packb(_error_of(e)))
     finally:
         os._exit(127)
-
-
-def _intermediate(skeleton: str, network: bool, ctl: int, report: int, status: int) -> None:
-    """Process A: new namespaces, then the spare B as pid 1.  Never returns."""
-    code = 1
-    try:
-        _keep_only(ctl, report, status)
-        linux.unshare(NAMESPACES | (0 if network else linux.CLONE_NEWNET))
-        pid = os.fork()
-        if pid == 0:
-            os.close(report)
-            _spare_main(skeleton, network, ctl, status)
-        os.write(report, str(pid).encode())
-        code = 0
-    except BaseException as e:
-        with contextlib.suppress(BaseException):
-            os.write(report, b"E" + msgpack.packb(_error_of(e)))
-    finally:
-        os._exit(code)
 
 
 @dataclass
@@ -190,31 +172,29 @@ class Spare:
 
 
 def make_spare(skeleton: str, network: bool) -> Spare:
-    report_r, report_w = os.pipe()
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid_a = os.fork()
-    if pid_a == 0:
-        _intermediate(skeleton, network, theirs.fileno(), report_w, status_w)
+    flags = NAMESPACES | (0 if network else linux.CLONE_NEWNET)
+    try:
+        # CLONE_PARENT: the spare is the daemon's child, like every process it reaps.
+        pid = linux.clone(flags | linux.CLONE_PARENT | signal.SIGCHLD)
+    except OSError as e:
+        ours.close()
+        theirs.close()
+        os.close(status_r)
+        os.close(status_w)
+        raise SetupError("clone", e.errno or 0, "", e.strerror or str(e)) from e
+    if pid == 0:
+        _spare_main(skeleton, network, theirs.fileno(), status_w)
     theirs.close()
-    os.close(report_w)
     os.close(status_w)
     try:
-        report = _read_all(report_r)
-        os.waitpid(pid_a, 0)
-        if report.startswith(b"E"):
-            e = msgpack.unpackb(report[1:])
-            raise SetupError(e["step"], e["errno"], e["path"], e["message"])
-        if not report.isdigit():
-            raise SetupError("fork builder", errno.ECHILD, "", "the intermediate process died")
-        proc_dir = os.open(f"/proc/{int(report)}", os.O_RDONLY | os.O_DIRECTORY)
-    except BaseException:
+        proc_dir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
         ours.close()
         os.close(status_r)
-        raise
-    finally:
-        os.close(report_r)
-    return Spare(int(report), proc_dir, ours, status_r)
+        raise SetupError("clone", e.errno or 0, f"/proc/{pid}", e.strerror or str(e)) from e
+    return Spare(pid, proc_dir, ours, status_r)
 
 
 class Spawner:
