@@ -15,6 +15,7 @@ fail, so everything to mount on is made beforehand.
 """
 
 import contextlib
+import errno
 import os
 import resource
 import socket
@@ -181,10 +182,12 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
         _directory(_inside(skeleton, req.store_dir))
         for p in req.inputs:
             if os.path.dirname(p) != req.store_dir.rstrip("/"):
-                raise SetupError("prepare root", 22, p, "an input is not a store path")
+                raise SetupError("prepare root", errno.EINVAL, p, "an input is not a store path")
             _mount_point_for(p, _inside(req.root, p))
+        in_store = req.store_dir.rstrip("/") + "/"
         for p in req.sandbox_paths:
-            _mount_point_for(p, _inside(skeleton, p))
+            # One in the store dir is mounted on through the slot's store dir, bound there.
+            _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p))
 
 
 def _bind(source: str, target: str, read_only: bool, recursive: bool = True) -> None:
