@@ -1,7 +1,8 @@
 """Runs builders through a real spawner, as the daemon does, in a process of its own.
 
-The builder is orphaned to whoever is the child subreaper, so this runs in a separate
-process that is one (as the daemon is), with the process monitor reaping every child.
+The builder is a child of the spawner's parent (`CLONE_PARENT`), so this runs in a
+separate process (a child subreaper, as the daemon is), with the process monitor reaping
+every child.
 
     python -m tests.sandbox_driver STATE_DIR HOST_UID SCRIPT [--network] [--timeout S]
         [--kill-spawner-after S] [--builder PATH] [--repeat N] [--cancel-after S]
