@@ -1,5 +1,6 @@
 """Builds side by side with nix-daemon (sandbox on, same machine, same run), busybox as the
-builder: 200 independent trivial derivations, and a chain of 50.  Also reference scanning.
+builder: 200 independent trivial derivations, and a chain of 50, in alternated rounds (the
+median of each round's weft/nix ratio is reported).  Also reference scanning.
 
 The Nix column needs Debian's nix-bin (install.sh installs it); this bench starts its own
 nix-daemon with a scratch configuration, and says so when it cannot.
@@ -7,14 +8,14 @@ nix-daemon with a scratch configuration, and says so when it cannot.
 
 import os
 import shutil
-import signal
-import subprocess
+import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from bench.measure import settle
+from bench.nixdaemon import NixUnavailable, scratch_nix
 from daemon.blocking import BlockingClient
 from daemon.build_command import DaemonRecipeStore
 from store import base32
@@ -26,13 +27,7 @@ Row = tuple[str, str, str]
 INDEPENDENT = 200
 CHAIN = 50
 JOBS = 2
-NIX_CONF = """build-users-group = nixbld
-sandbox = true
-sandbox-fallback = false
-max-jobs = 2
-substituters =
-experimental-features = nix-command
-"""
+ROUNDS = 3
 
 
 def _weft(work: Path, nonce: str) -> tuple[float, float]:
@@ -63,36 +58,14 @@ def _weft(work: Path, nonce: str) -> tuple[float, float]:
 
 
 def _nix(work: Path, nonce: str) -> tuple[float, float] | str:
-    if not shutil.which("nix-daemon"):
-        return "nix-daemon is not installed"
-    conf = work / "nix-conf"
-    conf.mkdir()
-    (conf / "nix.conf").write_text(NIX_CONF)
-    base = {k: v for k, v in os.environ.items() if k != "NIX_REMOTE"}
-    base["NIX_CONF_DIR"] = str(conf)
-    # Started with NIX_REMOTE unset: a daemon that inherits NIX_REMOTE=daemon forks forever.
-    daemon = subprocess.Popen(
-        ["nix-daemon", "--daemon"],
-        env=base,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    client_env = {**base, "NIX_REMOTE": "daemon"}
-
-    def nix(*args: str) -> str:
-        return subprocess.run(
-            args, env=client_env, check=True, capture_output=True, text=True
-        ).stdout
-
     try:
-        time.sleep(1)
-        bb_dir = work / "nix-busybox" / "bin"
-        bb_dir.mkdir(parents=True)
-        shutil.copy("/bin/busybox", bb_dir / "busybox")
-        bb = nix("nix-store", "--add", str(bb_dir.parent)).strip()
-        expr = work / "graphs.nix"
-        expr.write_text(f"""
+        with scratch_nix(work) as nix:
+            bb_dir = work / "nix-busybox" / "bin"
+            bb_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy("/bin/busybox", bb_dir / "busybox")
+            bb = nix("nix-store", "--add", str(bb_dir.parent)).stdout.strip()
+            expr = work / "graphs.nix"
+            expr.write_text(f"""
 let
   bb = builtins.storePath "{bb}";
   mk = name: script: derivation {{
@@ -107,20 +80,17 @@ in {{
   chain = chain {CHAIN - 1};
 }}
 """)
-        flat = nix("nix-instantiate", str(expr), "-A", "flat").split()
-        last = nix("nix-instantiate", str(expr), "-A", "chain").split()
-        settle()
-        t = time.perf_counter()
-        nix("nix-store", "--realise", "--max-jobs", str(JOBS), *flat)
-        flat_time = time.perf_counter() - t
-        t = time.perf_counter()
-        nix("nix-store", "--realise", "--max-jobs", str(JOBS), *last)
-        chain_time = time.perf_counter() - t
-    except (subprocess.CalledProcessError, OSError) as e:
-        return f"nix-daemon failed: {getattr(e, 'stderr', '') or e}".strip()[:200]
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait()
+            flat = nix("nix-instantiate", str(expr), "-A", "flat").stdout.split()
+            last = nix("nix-instantiate", str(expr), "-A", "chain").stdout.split()
+            settle()
+            t = time.perf_counter()
+            nix("nix-store", "--realise", "--max-jobs", str(JOBS), *flat)
+            flat_time = time.perf_counter() - t
+            t = time.perf_counter()
+            nix("nix-store", "--realise", "--max-jobs", str(JOBS), *last)
+            chain_time = time.perf_counter() - t
+    except NixUnavailable as e:
+        return str(e)
     return flat_time, chain_time
 
 
@@ -135,34 +105,52 @@ def _scan_rate() -> float:
 
 
 def run() -> list[Row]:
-    nonce = uuid.uuid4().hex
-    rows: list[Row] = []
+    weft: list[tuple[float, float]] = []
+    nix: list[tuple[float, float]] = []
+    skipped = ""
     with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
-        work = Path(tmp)
-        weft = _weft(work, nonce)
-        nix = _nix(work, nonce)
-    for label, n, w in (
-        ("independent trivial derivations", INDEPENDENT, weft[0]),
-        ("chain of dependent derivations", CHAIN, weft[1]),
+        for round_ in range(ROUNDS):
+            # Fresh derivations each round (a new nonce), in turn: the disk's and the other
+            # users' load change from minute to minute, so each ratio pairs runs taken
+            # side by side, and the median of the ratios is reported.
+            work = Path(tmp) / f"round-{round_}"
+            work.mkdir()
+            nonce = uuid.uuid4().hex
+
+            for contender in ("weft", "nix") if round_ % 2 == 0 else ("nix", "weft"):
+                if contender == "weft":
+                    weft.append(_weft(work, nonce))
+                elif not skipped:
+                    got = _nix(work, nonce)
+                    if isinstance(got, str):
+                        skipped = got
+                    else:
+                        nix.append(got)
+    rows: list[Row] = []
+    for i, (label, n) in enumerate(
+        (
+            ("independent trivial derivations", INDEPENDENT),
+            ("chain of dependent derivations", CHAIN),
+        )
     ):
-        i = 0 if n == INDEPENDENT else 1
-        if isinstance(nix, str):
+        w = statistics.median(r[i] for r in weft)
+        head = f"{n} {label}, -j{JOBS}"
+        if skipped:
             rows.append(
-                (
-                    f"{n} {label}, -j{JOBS}",
-                    f"weft {w:.2f} s ({w / n * 1000:.1f} ms each)",
-                    f"Nix skipped: {nix}",
-                )
+                (head, f"weft {w:.2f} s ({w / n * 1000:.1f} ms each)", f"Nix skipped: {skipped}")
             )
-        else:
-            rows.append(
-                (
-                    f"{n} {label}, -j{JOBS}",
-                    f"weft {w:.2f} s ({w / n * 1000:.1f} ms each), "
-                    f"nix-daemon {nix[i]:.2f} s ({nix[i] / n * 1000:.1f} ms each)",
-                    f"weft/nix {w / nix[i]:.2f}; target <= 0.33",
-                )
+            continue
+        x = statistics.median(r[i] for r in nix)
+        ratios = [a[i] / b[i] for a, b in zip(weft, nix, strict=True)]
+        rows.append(
+            (
+                head,
+                f"weft {w:.2f} s ({w / n * 1000:.1f} ms each), "
+                f"nix-daemon {x:.2f} s ({x / n * 1000:.1f} ms each); medians of {ROUNDS} rounds",
+                f"weft/nix {statistics.median(ratios):.2f} "
+                f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}); target <= 0.33",
             )
+        )
     rows.append(
         (
             "reference scan of 1 GiB against 500 candidates",

@@ -1,8 +1,10 @@
 """The spawner: request to the builder's first instruction, exit to reaped status, and
-sandboxed builders per second; with and without a network namespace.
+sandboxed builders per second; with and without a network namespace; back to back (the
+spawner is still making its spare when the next request comes) and 10 ms apart.
 
-Builders are orphaned to the child subreaper, so the measurement runs in a process of
-its own (`python -m bench.spawner_bench`), as the daemon would.
+Builders are children of the spawner's parent (`CLONE_PARENT`), reaped by its process
+monitor, so the measurement runs in a process of its own (`python -m bench.spawner_bench`),
+as the daemon would.
 """
 
 import json
@@ -25,6 +27,7 @@ from store.store import Store
 Row = tuple[str, str, str]
 SPAWNS = 500
 CONCURRENT = 8
+PAUSE = 0.01
 BUILD_UID = 30001
 STAMP_C = r"""
 #include <stdio.h>
@@ -77,8 +80,11 @@ async def _measure(work: Path) -> list[Row]:
             network=network,
         )
 
-    async def one(network: bool) -> tuple[float, float]:
+    async def one(network: bool, pause: float = 0.0) -> tuple[float, float]:
         req = request(network)
+        # The spawner makes its next spare after each reply; a pause lets it finish, as the
+        # daemon's own work between two builds of a chain does.
+        await trio.sleep(pause)
         r, w = os.pipe()
         t0 = time.time()
         proc = await spawner.spawn(req, w)
@@ -93,8 +99,13 @@ async def _measure(work: Path) -> list[Row]:
     async with trio.open_nursery() as nursery:
         await nursery.start(monitor.run)
         await nursery.start(spawner.run)
-        for network, label in ((False, "new network namespace"), (True, "host network")):
-            results = [await one(network) for _ in range(SPAWNS)]
+        for network, pause, label in (
+            (False, 0.0, "new network namespace, back to back"),
+            (False, PAUSE, f"new network namespace, {PAUSE * 1e3:.0f} ms apart"),
+            (True, 0.0, "host network, back to back"),
+            (True, PAUSE, f"host network, {PAUSE * 1e3:.0f} ms apart"),
+        ):
+            results = [await one(network, pause) for _ in range(SPAWNS)]
             to_exec = [a for a, _ in results]
             to_reap = [b for _, b in results]
             rows.append(

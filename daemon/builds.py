@@ -21,8 +21,9 @@ import functools
 import gzip
 import hashlib
 import os
+import stat
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -352,7 +353,9 @@ class Builder:
         try:
             await self._run_in_slot(job, drv, inputs, opts, slot, finish)
         finally:
-            self._free_slots.append(slot)
+            # The slot freed last is taken first: its directories and mount points are
+            # there already, where a slot not used for a while would have them made anew.
+            self._free_slots.appendleft(slot)
             self._slot_lot.unpark()
 
     async def check(
@@ -447,7 +450,11 @@ class Builder:
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
-        await trio.to_thread.run_sync(_prepare_workdir, work, self.store.store_dir, uid, gid)
+        # The mount points of the inputs stay from build to build in the slot's store dir.
+        mount_points = {os.path.basename(p) for p in closure}
+        await trio.to_thread.run_sync(
+            _prepare_workdir, work, self.store.store_dir, uid, gid, mount_points
+        )
         freezer = self.freezer
         cgroup = await trio.to_thread.run_sync(freezer.slot, slot) if freezer else ""
         request = SpawnRequest(
@@ -511,7 +518,9 @@ class Builder:
             if read_end >= 0:
                 os.close(read_end)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_clear_workdir, work, self.store.store_dir)
+                await trio.to_thread.run_sync(
+                    _clear_workdir, work, self.store.store_dir, mount_points
+                )
 
     async def _supervise(
         self,
@@ -639,22 +648,46 @@ class _LogTail:
         )
 
 
-def _prepare_workdir(work: Path, store_dir: str, uid: int, gid: int) -> None:
-    """A slot's directory: its sandbox root's skeleton is kept from build to build (fewer
-    files to create per build); what a build leaves (`build/`, the root's store dir) is
-    emptied."""
-    work.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(work.parent, 0o700)
-    (work / "root").mkdir(mode=0o755, parents=True, exist_ok=True)
-    os.chmod(work, 0o700)
-    _clear_workdir(work, store_dir)
-    (work / "build").mkdir(mode=0o700)
-    os.chown(work / "build", uid, gid)
+def _prepare_workdir(
+    work: Path, store_dir: str, uid: int, gid: int, keep: Collection[str] = ()
+) -> None:
+    """A slot's directory, kept from build to build: what a build leaves (in `build/`, and
+    in the root's store dir but the mount points named `keep`) is emptied.  Only what is
+    missing or wrong is written: this disk is sometimes slow at any change of metadata."""
+    _own_dir(work.parent, 0o700)
+    _own_dir(work, 0o700)
+    _own_dir(work / "root", 0o755)
+    _clear_workdir(work, store_dir, keep)
+    build = work / "build"
+    if build.is_dir() and os.listxattr(build, follow_symlinks=False):
+        # ACLs or attributes the last builder set on its /build: not for the next one.
+        remove_tree(build)
+    _own_dir(build, 0o700, uid, gid)
 
 
-def _clear_workdir(work: Path, store_dir: str) -> None:
-    remove_tree(work / "build")
-    store = work / "root" / store_dir.lstrip("/")
-    if store.is_dir():
-        for name in os.listdir(store):
-            remove_tree(store / name)
+def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
+    """A directory at `path` with `mode` (and owner, if given), made or fixed if needed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        # Builds in other slots may make the same parents at the same time.
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        remove_tree(path)
+        path.mkdir(mode=mode)
+        st = os.lstat(path)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+    if (uid, gid) != (-1, -1) and (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)
+
+
+def _clear_workdir(work: Path, store_dir: str, keep: Collection[str] = ()) -> None:
+    """Empty the build dir, and the root's store dir but for the entries named `keep`: the
+    mount points of inputs (the spawner checks them before it mounts on them again)."""
+    for where, kept in ((work / "build", ()), (work / "root" / store_dir.lstrip("/"), keep)):
+        if where.is_dir() and not where.is_symlink():
+            for name in os.listdir(where):
+                if name not in kept:
+                    remove_tree(where / name)

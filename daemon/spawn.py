@@ -3,8 +3,9 @@
 The spawner is started before trio (and restarted from within it, by posix_spawn, if it
 dies).  A request carries the sandbox description and the write end of the build's log
 pipe; the reply names the builder's pid, which the process monitor then owns: the
-builder was orphaned to the daemon, a child subreaper, by design.  If the spawner dies,
-requests in flight fail with `SpawnerDied` and a new spawner serves the next ones.
+spawner clones builders with `CLONE_PARENT`, so they are the daemon's children, by
+design.  If the spawner dies, requests in flight fail with `SpawnerDied` and a new
+spawner serves the next ones.
 """
 
 import os
@@ -14,7 +15,7 @@ from dataclasses import asdict
 
 import trio
 
-from daemon.helper import HelperConnection, start_helper
+from daemon.helper import HelperConnection, Reply, start_helper
 from daemon.processes import Process, ProcessMonitor
 from spawner.sandbox import SpawnRequest
 
@@ -63,6 +64,13 @@ class SpawnerService(HelperConnection):
             int(reply["pid"]),  # type: ignore[call-overload]
             [request.builder, *request.args],
         )
+
+    async def _unclaimed(self, reply: Reply) -> None:
+        """A builder whose requester was cancelled before the reply came: nobody would
+        wait for it or kill it, and it may never exit on its own."""
+        if reply.get("status") == "ok":
+            pid = int(reply["pid"])  # type: ignore[call-overload]
+            self._monitor.register(pid, ["abandoned builder"]).kill()
 
 
 async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int:

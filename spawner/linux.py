@@ -8,6 +8,7 @@ import platform
 import socket
 import struct
 
+CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -43,6 +44,10 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine())
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(platform.machine())
+# Called with the GIL held: the child must not find it released by a thread it lacks.
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.syscall.restype = ctypes.c_long
 
 
 def _check(result: int, what: str, path: str | None = None) -> None:
@@ -51,8 +56,24 @@ def _check(result: int, what: str, path: str | None = None) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}", path)
 
 
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
+def clone(flags: int) -> int:
+    """fork(2) with `flags` (new namespaces, `CLONE_PARENT`): 0 in the child, the child's
+    pid in the parent.  Python's fork handlers do not run: only for a single-threaded
+    caller, whose child exits or execs without using threads, locks or imports."""
+    if _SYS_CLONE is None:
+        raise OSError(errno.ENOSYS, f"clone is not known on {platform.machine()}")
+    pid = _pylibc.syscall(
+        ctypes.c_long(_SYS_CLONE),
+        ctypes.c_ulong(flags),
+        ctypes.c_void_p(None),
+        ctypes.c_void_p(None),
+        ctypes.c_void_p(None),
+        ctypes.c_void_p(None),
+    )
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return int(pid)
 
 
 def mount(
@@ -152,11 +173,14 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
+# Built once, in the spawner: each builder only installs it.
+_FILTERS = (_SockFilter * len(_PROGRAM))(*(_SockFilter(*ins) for ins in _PROGRAM))
+_FPROG = _SockFprog(len(_PROGRAM), _FILTERS)
+
+
 def forbid_setuid_chmod() -> bool:
     """Install the filter; False where it is not written for this architecture."""
     if platform.machine() != "x86_64":
         return False
-    filters = (_SockFilter * len(_PROGRAM))(*(_SockFilter(*ins) for ins in _PROGRAM))
-    prog = _SockFprog(len(_PROGRAM), filters)
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(_FPROG), 0, 0), "seccomp")
     return True

@@ -1,15 +1,21 @@
 """What a builder sees, and the steps that build it.
 
-`prepare_root` (in the spawner, as the daemon's user) lays out the new root on disk: the
-skeleton directories and empty files and directories to mount inputs and extra paths on;
-`/etc` and `/dev` come from a template made once (`make_template`).  `enter` (in the
-builder process, pid 1 of its new namespaces, still holding every capability of its user
-namespace) mounts, pivots into the root, drops to the build user and execs.  The sandbox
-is made only by mounting: in a user namespace whose root is not mapped, creating files
-would fail, so everything is made beforehand.
+The sandbox's `/` is a skeleton made once per spawner (`make_skeleton`): the directories to
+mount on, `/etc` with its three files, `/dev` with its placeholders and links.  Every spawn
+costs only the files `prepare_root` creates (as the daemon's user) in the build slot's
+store dir: one mount point per input, on a disk that is sometimes slow at creating files.
+
+A builder is set up in two halves.  `settle` runs in a spare process that waits, in fresh
+namespaces, for the next request: it mounts what every sandbox has (the skeleton
+read-only, devices, `/tmp`, `/dev/shm`, `/dev/pts`, `/proc`), names the host and brings
+`lo` up.  `enter` runs once the request came: it binds the slot's store dir, the inputs
+and the build dir, pivots into the skeleton, drops to the build user and execs.  Both only
+mount, never create: in a user namespace whose root is not mapped, creating files would
+fail, so everything to mount on is made beforehand.
 """
 
 import contextlib
+import errno
 import os
 import resource
 import socket
@@ -43,7 +49,7 @@ class SetupError(Exception):
 @dataclass
 class SpawnRequest:
     builder: str
-    root: str  # an empty directory, to become /
+    root: str  # a directory of the build slot's: <root>/<store_dir> is the store dir it sees
     build_dir: str  # bound read-write at /build
     store_dir: str
     host_uid: int  # what the build user maps to outside
@@ -70,35 +76,79 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
-def _mount_point_for(source: str, target: str) -> None:
-    """An empty file or directory at `target` to bind `source` on (a symlink is copied)."""
-    if os.path.lexists(target):
+def _directory(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)`, but only looking when it exists: on this disk,
+    mkdir of an existing directory sometimes takes as long as making one."""
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def _remove(path: str) -> None:
+    """Delete a file or tree (a builder's directories may be read-only); no symlink is
+    followed."""
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        os.unlink(path)
         return
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    st = os.lstat(source)
-    if stat.S_ISLNK(st.st_mode):
+    os.chmod(path, 0o700)
+    for entry in os.scandir(path):
+        _remove(entry.path)
+    os.rmdir(path)
+
+
+def _is_mount_point_for(source: str, kind: int, target: str) -> bool:
+    """Whether `target`, left by an earlier build, is still an empty file or directory of
+    the spawner's, of the `kind` `source` is (or a copy of its symlink)."""
+    st = os.lstat(target)
+    if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid():
+        return False
+    if stat.S_ISDIR(kind):
+        with os.scandir(target) as it:
+            return next(it, None) is None
+    if stat.S_ISLNK(kind):
+        return os.readlink(target) == os.readlink(source)
+    return st.st_size == 0
+
+
+def _mount_point_for(source: str, target: str) -> None:
+    """An empty file or directory at `target` to bind `source` on (a symlink is copied).
+    One left by an earlier build is kept if it still is one: creating files is what is
+    slow here, not looking at them."""
+    kind = stat.S_IFMT(os.lstat(source).st_mode)
+    if os.path.lexists(target):
+        if _is_mount_point_for(source, kind, target):
+            return
+        _remove(target)
+    _directory(os.path.dirname(target))
+    if stat.S_ISLNK(kind):
         os.symlink(os.readlink(source), target)
-    elif stat.S_ISDIR(st.st_mode):
-        os.makedirs(target, exist_ok=True)
+    elif stat.S_ISDIR(kind):
+        os.mkdir(target)
     else:
         with open(target, "a"):
             pass
 
 
-def make_template(where: str) -> None:
-    """`etc/` and `dev/` as every sandbox sees them, made once and bound into each root:
-    a dozen fewer files to create per build, on a disk that is sometimes slow at it."""
-    with _step("make template", where):
-        os.makedirs(os.path.join(where, "etc"), exist_ok=True)
+def make_skeleton(where: str) -> str:
+    """The root every sandbox of this spawner pivots into (read-only inside), made once."""
+    root = os.path.join(where, "root")
+    with _step("make skeleton", root):
+        for d, mode in (
+            ("", 0o755),
+            ("tmp", 0o1777),
+            ("build", 0o755),
+            ("etc", 0o755),
+            ("proc", 0o555),
+            ("dev", 0o755),
+            ("dev/shm", 0o1777),
+            ("dev/pts", 0o755),
+        ):
+            os.makedirs(_inside(root, d), exist_ok=True)
+            os.chmod(_inside(root, d), mode)
         for name, text in (("passwd", PASSWD), ("group", GROUP), ("hosts", HOSTS)):
-            with open(os.path.join(where, "etc", name), "w") as f:
+            with open(_inside(root, f"etc/{name}"), "w") as f:
                 f.write(text)
-        dev = os.path.join(where, "dev")
-        for d, mode in (("", 0o755), ("shm", 0o1777), ("pts", 0o755)):
-            os.makedirs(os.path.join(dev, d), exist_ok=True)
-            os.chmod(os.path.join(dev, d), mode)
         for name in DEVICES:
-            with open(os.path.join(dev, name), "a"):
+            with open(_inside(root, f"dev/{name}"), "a"):
                 pass
         for name, target in (
             ("fd", "/proc/self/fd"),
@@ -108,68 +158,78 @@ def make_template(where: str) -> None:
             ("ptmx", "pts/ptmx"),
         ):
             with contextlib.suppress(FileExistsError):
-                os.symlink(target, os.path.join(dev, name))
+                os.symlink(target, _inside(root, f"dev/{name}"))
+    return root
 
 
-def prepare_root(req: SpawnRequest) -> None:
-    root = req.root
-    with _step("prepare root", root):
-        for d, mode in (
-            ("tmp", 0o1777),
-            ("build", 0o755),
-            ("etc", 0o755),
-            ("dev", 0o755),
-            ("proc", 0o555),
-        ):
-            # A slot's root is reused from build to build: only what is missing is made.
-            os.makedirs(_inside(root, d), exist_ok=True)
-            os.chmod(_inside(root, d), mode)
+def _store_dir_of(req: SpawnRequest) -> str:
+    """The build slot's store dir, on disk: what the builder writes its outputs into."""
+    return _inside(req.root, req.store_dir)
+
+
+def prepare_root(req: SpawnRequest, skeleton: str) -> None:
+    """Mount points for this request: its inputs in the slot's store dir, its sandbox
+    paths and the store dir itself in the skeleton (they stay there for the next builds).
+    The daemon empties the slot's store dir but for the mount points of the request's
+    inputs, so that only the input closure is visible there."""
+    store = _store_dir_of(req)
+    with _step("prepare root", req.root):
+        _directory(store)
+        st = os.stat(store)
         # The store dir is the build user's, so it can create its outputs there.
-        store = _inside(root, req.store_dir)
-        os.makedirs(store, exist_ok=True)
-        os.chown(store, req.host_uid, req.host_gid)
-        os.chmod(store, 0o755)
-        for p in [*req.inputs, *req.sandbox_paths]:
-            _mount_point_for(p, _inside(root, p))
+        if (st.st_uid, st.st_gid) != (req.host_uid, req.host_gid):
+            os.chown(store, req.host_uid, req.host_gid)
+        if stat.S_IMODE(st.st_mode) != 0o755:
+            os.chmod(store, 0o755)
+        _directory(_inside(skeleton, req.store_dir))
+        for p in req.inputs:
+            if os.path.dirname(p) != req.store_dir.rstrip("/"):
+                raise SetupError("prepare root", errno.EINVAL, p, "an input is not a store path")
+            _mount_point_for(p, _inside(req.root, p))
+        in_store = req.store_dir.rstrip("/") + "/"
+        for p in req.sandbox_paths:
+            # One in the store dir is mounted on through the slot's store dir, bound there.
+            _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p))
 
 
-def _bind(source: str, target: str, read_only: bool) -> None:
+def _bind(source: str, target: str, read_only: bool, recursive: bool = True) -> None:
     with _step("bind mount", source):
-        linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+        linux.mount(source, target, None, linux.MS_BIND | (linux.MS_REC if recursive else 0))
         if read_only:
             flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
             linux.mount(None, target, None, flags | linux.locked_mount_flags(target))
 
 
-def enter(req: SpawnRequest, template: str, log_fd: int, status_fd: int) -> None:
-    """In the builder (pid 1 of its namespaces): mount, pivot, drop privileges, exec."""
-    root = req.root
+def settle(skeleton: str, network: bool) -> None:
+    """In the spare process (pid 1 of its namespaces), before any request: what every
+    sandbox has.  Its mounts live in its own mount namespace only."""
     with _step("make / private"):
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    _bind(root, root, read_only=False)
-    _bind(os.path.join(template, "etc"), _inside(root, "etc"), read_only=True)
-    _bind(os.path.join(template, "dev"), _inside(root, "dev"), read_only=True)
-    for p in req.inputs:
-        if not os.path.islink(p):
-            _bind(p, _inside(root, p), read_only=True)
-    for p in req.sandbox_paths:
-        if not os.path.islink(p):
-            _bind(p, _inside(root, p), read_only=True)
-    _bind(req.build_dir, _inside(root, BUILD_DIR), read_only=False)
+    # A mount of its own (pivot_root needs one), read-only: the builder changes nothing
+    # of its root but what is mounted on it.
+    _bind(skeleton, skeleton, read_only=True, recursive=False)
     for dev in DEVICES:
-        _bind(f"/dev/{dev}", _inside(root, f"dev/{dev}"), read_only=False)
+        _bind(f"/dev/{dev}", _inside(skeleton, f"dev/{dev}"), read_only=False, recursive=False)
     with _step("mount /tmp"):
         linux.mount(
-            "tmpfs", _inside(root, "tmp"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"
+            "tmpfs",
+            _inside(skeleton, "tmp"),
+            "tmpfs",
+            linux.MS_NOSUID | linux.MS_NODEV,
+            "mode=1777",
         )
     with _step("mount /dev/shm"):
         linux.mount(
-            "shm", _inside(root, "dev/shm"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"
+            "shm",
+            _inside(skeleton, "dev/shm"),
+            "tmpfs",
+            linux.MS_NOSUID | linux.MS_NODEV,
+            "mode=1777",
         )
     with _step("mount /dev/pts"):
         linux.mount(
             "devpts",
-            _inside(root, "dev/pts"),
+            _inside(skeleton, "dev/pts"),
             "devpts",
             linux.MS_NOSUID | linux.MS_NOEXEC,
             "newinstance,ptmxmode=0666,mode=0620",
@@ -177,19 +237,28 @@ def enter(req: SpawnRequest, template: str, log_fd: int, status_fd: int) -> None
     with _step("mount /proc"):
         linux.mount(
             "proc",
-            _inside(root, "proc"),
+            _inside(skeleton, "proc"),
             "proc",
             linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
         )
     with _step("hostname"):
         socket.sethostname("localhost")
-    if not req.network:
+    if not network:
         with _step("loopback"):
             linux.loopback_up()
-    with _step("pivot_root", root):
+
+
+def enter(req: SpawnRequest, skeleton: str, log_fd: int, status_fd: int) -> None:
+    """In the spare, once its request came: bind, pivot, drop privileges, exec."""
+    _bind(_store_dir_of(req), _inside(skeleton, req.store_dir), read_only=False)
+    for p in [*req.inputs, *req.sandbox_paths]:
+        if not os.path.islink(p):
+            _bind(p, _inside(skeleton, p), read_only=True)
+    _bind(req.build_dir, _inside(skeleton, BUILD_DIR), read_only=False)
+    with _step("pivot_root", skeleton):
         # pivot_root(".", ".") stacks the old root on the new one; detaching it leaves
         # nothing of the host reachable, and needs no directory to put it in.
-        os.chdir(root)
+        os.chdir(skeleton)
         linux.pivot_root(".", ".")
         linux.umount2(".", linux.MNT_DETACH)
         os.chdir("/")
@@ -206,10 +275,7 @@ def enter(req: SpawnRequest, template: str, log_fd: int, status_fd: int) -> None
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        keep = {0, 1, 2, status_fd}
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            if fd not in keep:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        os.closerange(3, status_fd)
+        os.closerange(status_fd + 1, 1 << 20)
     with _step("exec", req.builder):
         os.execve(req.builder, [req.builder, *req.args], req.env)

@@ -1,30 +1,39 @@
 """The spawner process: clones each builder into fresh namespaces, on the daemon's word.
 
-Started by the daemon before trio starts, it is single-threaded, so forking it is cheap
-and safe.  For each request (a msgpack map on a SEQPACKET socket, the log pipe's write
-end in SCM_RIGHTS) it forks an intermediate process A, which unshares the user, mount,
-pid, ipc, uts and (unless asked not to) network namespaces; the spawner writes A's uid
-and gid maps (only a process outside the new user namespace may), then A forks the
-builder B, pid 1 of the new pid namespace, reports B's pid and exits.  B is thereby
-orphaned to the daemon, a child subreaper, whose process monitor reaps it.  B builds its
-sandbox (`sandbox.enter`) and execs; a setup error comes back on a close-on-exec pipe
-(EOF with no data means the exec happened), and the spawner answers the daemon with B's
-pid or the error: the step, errno and path.
+Started by the daemon before trio starts, it is single-threaded, so cloning it is cheap
+and safe.  It keeps a spare ready: a clone of itself in new user, mount, pid, ipc, uts
+and (unless the request shares the host's) network namespaces, pid 1 of the new pid
+namespace and, by `CLONE_PARENT`, a child of the daemon, whose process monitor reaps it.
+The spare mounts what every sandbox has (`sandbox.settle`) and waits on a socket of its
+own.
+
+For each request (a msgpack map on a SEQPACKET socket, the log pipe's write end in
+SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gid maps
+(only a process outside the new user namespace may) and passes it the request and the
+log pipe; the spare binds the inputs, pivots and execs (`sandbox.enter`).  A setup error
+comes back on a close-on-exec pipe (EOF with no data means the exec happened), and the
+spawner answers the daemon with the builder's pid or the error: the step, errno and
+path.  Once no request has come for a few milliseconds (the new builder and the daemon
+go first), it makes the next spare: the clone and the namespaces, most of a spawn's
+cost, are off the path from request to exec.
 """
 
 import contextlib
 import ctypes
 import errno
+import gc
 import os
+import select
 import signal
 import socket
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
 
-from daemon.packets import recv_packet
+from daemon.packets import recv_packet, rights
 from spawner import linux
 from spawner.sandbox import (
     BUILD_GID,
@@ -32,10 +41,13 @@ from spawner.sandbox import (
     SetupError,
     SpawnRequest,
     enter,
-    make_template,
+    make_skeleton,
     prepare_root,
+    settle,
 )
 
+# How long the spawner waits for another request before it makes its next spare.
+SPARE_DELAY = 0.003
 NAMESPACES = (
     linux.CLONE_NEWUSER
     | linux.CLONE_NEWNS
@@ -65,98 +77,164 @@ def _read_all(fd: int) -> bytes:
 
 
 def _default_signals() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ; a builder must start with every default."""
-    for sig in range(1, signal.NSIG):
-        try:
+    """Python ignores SIGPIPE and SIGXFSZ (and the spawner SIGINT); a builder must start
+    with every default.  Handled signals are reset by exec; ignored ones are not."""
+    for sig in signal.valid_signals():
+        if signal.getsignal(sig) == signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError, RuntimeError):
-            continue
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _intermediate(
-    req: SpawnRequest, template: str, log_fd: int, report: int, go: int, status: int
-) -> None:
-    """Process A: new namespaces, then the builder B as pid 1.  Never returns."""
+def _keep_only(*fds: int) -> None:
+    """Close every inherited descriptor but stdio and `fds`: a spare must not hold the
+    sockets of other spares (they would not see EOF when the spawner drops them)."""
+    low = 3
+    for fd in sorted(fds):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
+    """The spare, pid 1 of its namespaces: settle, wait for the request, enter.  Never
+    returns: it is a copy of the spawner, whose code must not run on in it."""
+    # A collection would write to every object, copying the spawner's pages one by one.
+    gc.disable()
     try:
+        _keep_only(ctl, status)
+        _default_signals()
+        os.setsid()
+        settle(skeleton, network)
+        with socket.socket(fileno=ctl) as sock:
+            data, fds, truncated = recv_packet(sock)
+        if not data:
+            # The spawner dropped this spare (or died): nothing to build.
+            os._exit(0)
+        if truncated or len(fds) != 1:
+            raise SetupError("request", errno.EINVAL, "", "a request carries one log fd")
+        enter(_request(data), skeleton, fds[0], status)
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            os.write(status, msgpack.packb(_error_of(e)))
+    finally:
+        os._exit(127)
+
+
+@dataclass
+class Spare:
+    """A process waiting in fresh namespaces for the request that makes it a builder."""
+
+    pid: int
+    proc_dir: int  # /proc/<pid>: pins this very process for the uid and gid maps
+    ctl: socket.socket  # the request and the log pipe go to it here
+    status: int  # close-on-exec pipe: EOF = exec happened; data = a setup error
+
+    def waiting(self) -> bool:
+        """Still alive and waiting: it never writes to its socket, it only closes it by
+        dying (killed, say, or failing to settle)."""
+        return not select.select([self.ctl], [], [], 0)[0]
+
+    def close(self) -> None:
+        """Drop it; a spare that got no request sees EOF and exits."""
+        self.ctl.close()
+        os.close(self.proc_dir)
+        os.close(self.status)
+
+    def start(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+        try:
+            self._write_maps(req)
+        except OSError as e:
+            return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
         if req.cgroup:
-            # Before the builder exists, so that all it starts is in the cgroup too.  A
+            # Before the builder execs, so that all it starts is in the cgroup too.  A
             # failure is no build failure: the daemon checks, and pauses with signals.
             with contextlib.suppress(OSError), open(req.cgroup, "w") as f:
-                f.write(str(os.getpid()))
-        linux.unshare(NAMESPACES | (0 if req.network else linux.CLONE_NEWNET))
-        os.write(report, b"u")
-        if os.read(go, 1) != b"m":
-            os._exit(1)
-        pid = os.fork()
-        if pid == 0:
-            os.close(report)
-            os.close(go)
-            try:
-                _default_signals()
-                os.setsid()
-                enter(req, template, log_fd, status)
-            except BaseException as e:
-                os.write(status, msgpack.packb(_error_of(e)))
-            os._exit(127)
-        os.write(report, str(pid).encode())
-        os._exit(0)
-    except BaseException as e:
-        os.write(report, b"E" + msgpack.packb(_error_of(e)))
-        os._exit(1)
-
-
-def _write_maps(pid: int, req: SpawnRequest) -> None:
-    with open(f"/proc/{pid}/uid_map", "w") as f:
-        f.write(f"{BUILD_UID} {req.host_uid} 1\n")
-    with open(f"/proc/{pid}/setgroups", "w") as f:
-        f.write("deny\n")
-    with open(f"/proc/{pid}/gid_map", "w") as f:
-        f.write(f"{BUILD_GID} {req.host_gid} 1\n")
-
-
-def spawn(req: SpawnRequest, template: str, log_fd: int) -> dict[str, Any]:
-    try:
-        prepare_root(req)
-    except SetupError as e:
-        return _error_of(e)
-    report_r, report_w = os.pipe()
-    go_r, go_w = os.pipe()
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    pid_a = os.fork()
-    if pid_a == 0:
-        os.close(report_r)
-        os.close(go_w)
-        os.close(status_r)
-        _intermediate(req, template, log_fd, report_w, go_r, status_w)
-    for fd in (report_w, go_r, status_w):
-        os.close(fd)
-    try:
-        first = os.read(report_r, 1)
-        if first == b"u":
-            try:
-                _write_maps(pid_a, req)
-            except OSError as e:
-                os.kill(pid_a, signal.SIGKILL)
-                return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
-            os.write(go_w, b"m")
-            rest = _read_all(report_r)
-        else:
-            rest = first + _read_all(report_r)
-        os.waitpid(pid_a, 0)
-        if rest.startswith(b"E") or not rest.isdigit():
-            return (
-                msgpack.unpackb(rest[1:])
-                if rest.startswith(b"E")
-                else _error("fork builder", errno.ECHILD, "", "the intermediate process died")
-            )
-        failure = _read_all(status_r)
+                f.write(str(self.pid))
+        try:
+            self.ctl.sendmsg([msgpack.packb(asdict(req))], rights(log_fd))
+        except OSError as e:
+            # The spare died before its request: its status pipe may say why.
+            failure = _read_all(self.status)
+            if failure:
+                return dict(msgpack.unpackb(failure))
+            return _error("start builder", e.errno or 0, "", "the spare process died")
+        failure = _read_all(self.status)
         if failure:
-            return msgpack.unpackb(failure)
-        return {"status": "ok", "pid": int(rest)}
-    finally:
-        for fd in (report_r, go_w, status_r):
-            os.close(fd)
+            return dict(msgpack.unpackb(failure))
+        return {"status": "ok", "pid": self.pid}
+
+    def _write_maps(self, req: SpawnRequest) -> None:
+        for name, text in (
+            ("uid_map", f"{BUILD_UID} {req.host_uid} 1\n"),
+            ("setgroups", "deny\n"),
+            ("gid_map", f"{BUILD_GID} {req.host_gid} 1\n"),
+        ):
+            fd = os.open(name, os.O_WRONLY, dir_fd=self.proc_dir)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+
+
+def make_spare(skeleton: str, network: bool) -> Spare:
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    flags = NAMESPACES | (0 if network else linux.CLONE_NEWNET)
+    try:
+        # CLONE_PARENT: the spare is the daemon's child, like every process it reaps.
+        pid = linux.clone(flags | linux.CLONE_PARENT | signal.SIGCHLD)
+    except OSError as e:
+        ours.close()
+        theirs.close()
+        os.close(status_r)
+        os.close(status_w)
+        raise SetupError("clone", e.errno or 0, "", e.strerror or str(e)) from e
+    if pid == 0:
+        _spare_main(skeleton, network, theirs.fileno(), status_w)
+    theirs.close()
+    os.close(status_w)
+    try:
+        proc_dir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        ours.close()
+        os.close(status_r)
+        raise SetupError("clone", e.errno or 0, f"/proc/{pid}", e.strerror or str(e)) from e
+    return Spare(pid, proc_dir, ours, status_r)
+
+
+class Spawner:
+    def __init__(self, skeleton: str) -> None:
+        self.skeleton = skeleton
+        self.spares: dict[bool, Spare] = {}
+        self.last_network = False
+
+    def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+        try:
+            prepare_root(req, self.skeleton)
+            spare = self.spares.pop(req.network, None)
+            if spare is not None and not spare.waiting():
+                spare.close()
+                spare = None
+            if spare is None:
+                spare = make_spare(self.skeleton, req.network)
+        except SetupError as e:
+            return _error_of(e)
+        try:
+            return spare.start(req, log_fd)
+        finally:
+            spare.close()
+
+    def keep_spare(self, network: bool) -> None:
+        """Make a spare for the next request like the last one, if there is none."""
+        if network not in self.spares:
+            # A failure here comes back to the request that needs the spare.
+            with contextlib.suppress(SetupError):
+                self.spares[network] = make_spare(self.skeleton, network)
+
+    def close(self) -> None:
+        for spare in self.spares.values():
+            spare.close()
+        self.spares.clear()
 
 
 def _request(data: bytes) -> SpawnRequest:
@@ -165,7 +243,8 @@ def _request(data: bytes) -> SpawnRequest:
     return SpawnRequest(**fields)
 
 
-def serve(sock: socket.socket, template: str) -> None:
+def serve(sock: socket.socket, spawner: Spawner) -> None:
+    spawner.keep_spare(spawner.last_network)
     while True:
         try:
             data, fds, truncated = recv_packet(sock)
@@ -174,18 +253,26 @@ def serve(sock: socket.socket, template: str) -> None:
         if not data and not fds:
             return
         rid = None
+        req = None
         try:
             rid = msgpack.unpackb(data).get("id")
             if truncated or len(fds) != 1:
                 reply = _error("request", errno.EINVAL, "", "a request carries one log fd")
             else:
-                reply = spawn(_request(data), template, fds[0])
+                req = _request(data)
+                reply = spawner.spawn(req, fds[0])
         except Exception as e:
             reply = _error_of(e)
         finally:
             for fd in fds:
                 os.close(fd)
         sock.send(msgpack.packb({"id": rid, **reply}))
+        if req is not None:
+            spawner.last_network = req.network
+        # The builder just started and the daemon has the reply to handle: the next spare
+        # waits until no request has come for a moment.
+        if not select.select([sock], [], [], SPARE_DELAY)[0]:
+            spawner.keep_spare(spawner.last_network)
 
 
 def main(fd: int) -> None:
@@ -193,8 +280,11 @@ def main(fd: int) -> None:
     libc.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    with tempfile.TemporaryDirectory(prefix="weft-sandbox-template-") as template:
-        os.chmod(template, 0o755)
-        make_template(template)
-        serve(sock, template)
+    with tempfile.TemporaryDirectory(prefix="weft-sandbox-") as where:
+        os.chmod(where, 0o755)
+        spawner = Spawner(make_skeleton(where))
+        try:
+            serve(sock, spawner)
+        finally:
+            spawner.close()
     sys.exit(0)

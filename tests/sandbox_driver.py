@@ -1,10 +1,12 @@
 """Runs builders through a real spawner, as the daemon does, in a process of its own.
 
-The builder is orphaned to whoever is the child subreaper, so this runs in a separate
-process that is one (as the daemon is), with the process monitor reaping every child.
+The builder is a child of the spawner's parent (`CLONE_PARENT`), so this runs in a
+separate process (a child subreaper, as the daemon is), with the process monitor reaping
+every child.
 
     python -m tests.sandbox_driver STATE_DIR HOST_UID SCRIPT [--network] [--timeout S]
-        [--kill-spawner-after S] [--builder PATH]
+        [--kill-spawner-after S] [--builder PATH] [--repeat N] [--cancel-after S]
+        [--kill-spare]
 
 prints one JSON object: exit code, log, and what was found on the host afterwards.
 """
@@ -38,9 +40,17 @@ def busybox_tree(where: Path) -> Path:
     return where / "busybox"
 
 
-def sandboxed_processes(uid: int) -> list[int]:
-    """Processes of `uid` living in another pid namespace than ours: a builder's."""
+def _cmdline(pid: int | str) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def sandboxed_processes(uid: int, spawner_pid: int) -> list[int]:
+    """Processes of `uid` living in another pid namespace than ours: a builder's.  The
+    spawner's spare (still the spawner's command line: it has not exec'd) waits for the
+    next build, in namespaces of its own; it is nothing a builder left."""
     ours = os.readlink("/proc/self/ns/pid")
+    spawner = _cmdline(spawner_pid)
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -48,7 +58,23 @@ def sandboxed_processes(uid: int) -> list[int]:
                 if (
                     os.stat(f"/proc/{pid}").st_uid == uid
                     and os.readlink(f"/proc/{pid}/ns/pid") != ours
+                    and _cmdline(pid) != spawner
                 ):
+                    found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def spares(spawner_pid: int) -> list[int]:
+    """The spawner's spares: its command line, in a pid namespace of their own."""
+    ours = os.readlink("/proc/self/ns/pid")
+    spawner = _cmdline(spawner_pid)
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != spawner_pid:
+            try:
+                if _cmdline(pid) == spawner and os.readlink(f"/proc/{pid}/ns/pid") != ours:
                     found.append(int(pid))
             except OSError:
                 continue
@@ -126,8 +152,28 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             await spawner.aclose()
             n.cancel_scope.cancel()
             return result
+        if args.kill_spare:
+            # Its first spare is made as the spawner starts.
+            while not (found := spares(spawner.spawner_pid)):
+                await trio.sleep(0.01)
+            for pid in found:
+                os.kill(pid, signal.SIGKILL)
+            result["spares_killed"] = len(found)
+            await trio.sleep(0.1)
         r, w = os.pipe()
         t = time.monotonic()
+        if args.cancel_after is not None:
+            # The requester gives up before the reply: the builder must not run on.
+            with trio.move_on_after(args.cancel_after) as scope:
+                await spawner.spawn(request, w)
+            os.close(w)
+            os.close(r)
+            result["cancelled"] = scope.cancelled_caught
+            await trio.sleep(0.5)
+            result["left_running"] = sandboxed_processes(args.uid, spawner.spawner_pid)
+            await spawner.aclose()
+            n.cancel_scope.cancel()
+            return result
         try:
             builder = await spawner.spawn(request, w)
         except SpawnError as e:
@@ -152,7 +198,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result["code"] = await wait_or_kill(builder, args.timeout, grace=0.5)
         result["elapsed"] = time.monotonic() - t
         await trio.sleep(0.3)
-        result["left_running"] = sandboxed_processes(args.uid)
+        result["left_running"] = sandboxed_processes(args.uid, spawner.spawner_pid)
         if args.kill_spawner_after is not None:
             # The replacement spawner serves the next build.
             root2 = work / "root2"
@@ -188,5 +234,7 @@ if __name__ == "__main__":
     parser.add_argument("--kill-spawner-after", type=float)
     parser.add_argument("--builder")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cancel-after", type=float)
+    parser.add_argument("--kill-spare", action="store_true")
     print(json.dumps(trio.run(main, parser.parse_args())))
     sys.stdout.flush()

@@ -139,6 +139,18 @@ def test_spawner_killed_mid_build_is_replaced(state: Path) -> None:
     assert result["second_log"].strip() == "second build ok"
 
 
+def test_a_builder_whose_requester_gave_up_is_killed(state: Path) -> None:
+    result = drive(state, "sleep 1000", "--cancel-after", "0.001")
+    assert result["cancelled"]
+    assert result["left_running"] == []
+
+
+def test_a_dead_spare_is_replaced(state: Path) -> None:
+    result = drive(state, "echo built", "--kill-spare")
+    assert result["spares_killed"] == 1
+    assert result["code"] == 0 and result["log"].strip() == "built"
+
+
 def test_setup_errors_name_the_step(state: Path) -> None:
     result = drive(state, "true", "--builder", "/nonexistent/builder")
     assert result["setup_error"] == {
@@ -169,3 +181,42 @@ def test_build_slots_map_to_their_own_host_ids() -> None:
         build_ids(64, 30000, 64)
     with pytest.raises(ValueError, match="daemon's uid"):
         build_ids(0, 0, 64)
+
+
+def test_mount_points_are_kept_only_while_they_are_still_mount_points(tmp_path: Path) -> None:
+    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
+
+    store = tmp_path / "store"
+    tree, text, link = store / "aaa-tree", store / "bbb-text", store / "ccc-link"
+    (tree / "bin").mkdir(parents=True)
+    text.write_text("x")
+    link.symlink_to("aaa-tree")
+    root = tmp_path / "root"
+    slot_store = root / str(store).lstrip("/")
+    request = SpawnRequest(
+        builder="/bin/true",
+        root=str(root),
+        build_dir=str(tmp_path / "build"),
+        store_dir=str(store),
+        host_uid=os.geteuid(),
+        host_gid=os.getegid(),
+        inputs=[str(tree), str(text), str(link)],
+    )
+    skeleton = make_skeleton(str(tmp_path / "spawner"))
+    prepare_root(request, skeleton)
+    kept = (slot_store / "aaa-tree").stat().st_ino
+    # What a builder could leave under the names of inputs (after a crash of the daemon,
+    # which otherwise empties the slot's store dir but for mount points): a full directory,
+    # a file with content, a symlink elsewhere.
+    (slot_store / "bbb-text").write_text("left by a builder")
+    (slot_store / "ccc-link").unlink()
+    (slot_store / "ccc-link").symlink_to("/etc")
+    prepare_root(request, skeleton)
+    assert (slot_store / "aaa-tree").stat().st_ino == kept
+    assert (slot_store / "bbb-text").read_text() == ""
+    assert os.readlink(slot_store / "ccc-link") == "aaa-tree"
+    (slot_store / "aaa-tree" / "junk").mkdir()
+    (slot_store / "aaa-tree" / "junk").chmod(0o500)
+    prepare_root(request, skeleton)
+    assert os.listdir(slot_store / "aaa-tree") == []
+    assert sorted(os.listdir(slot_store)) == ["aaa-tree", "bbb-text", "ccc-link"]
