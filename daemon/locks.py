@@ -160,10 +160,9 @@ class LockService(HelperConnection):
     async def lock(self, path: str, mode: str, owner: str, wait: bool = True) -> Held:
         """Lock one file; stale lock files (deleted or replaced meanwhile) are retried."""
         while True:
-            # Opening a lock file and the stale check below are single metadata calls on
-            # small files in the state dir, a few microseconds each; a worker-thread trip
-            # would cost fifty times that, so they run on the loop.
-            fd = _open_lock_file(path)
+            # Creating a file can take milliseconds on a slow disk: not on the loop.  (The
+            # stale check below only looks at an inode just opened, in the cache.)
+            fd = await trio.to_thread.run_sync(_open_lock_file, path)
             try:
                 reply = await self._locker_call(
                     {"op": "lock", "mode": mode, "wait": wait, "owner": owner}, fd
@@ -193,7 +192,7 @@ class LockService(HelperConnection):
         if not state.keys and not state.scopes:
             del self._owners[owner]
         if delete:
-            _unlink_quietly(held.path)
+            await trio.to_thread.run_sync(_unlink_quietly, held.path)
         await self._send({"op": "unlock", "owner": owner, "key": list(held.key), "delete": delete})
 
     async def release_owner(self, owner: str) -> None:

@@ -190,20 +190,23 @@ class Store:
 
     # -- deleting (for the collector, inside its write transaction) ---------------------
 
-    def move_out(self, path: str) -> Path | None:
+    def move_out(self, path: str) -> str | None:
         """Rename a path out of the store, to an entry that names it (see `recover`)."""
-        final = self._real(path)
-        entry = self.tmp.new_entry(DELETION + final.name)
+        base = self.parse(path).base_name
+        final = os.path.join(self.store_dir, base)
+        entry = os.path.join(self.tmp.path, self.tmp.new_name(DELETION + base))
         try:
-            if stat.S_ISDIR(os.lstat(final).st_mode):
-                # Moving a directory to a new parent rewrites its '..'.
+            try:
+                os.rename(final, entry)
+            except PermissionError:
+                # Not root: moving a directory to a new parent rewrites its '..'.
                 os.chmod(final, 0o755)
-            os.rename(final, entry)
+                os.rename(final, entry)
         except FileNotFoundError:
             return None
         return entry
 
-    def move_back(self, entry: Path, final: Path) -> None:
+    def move_back(self, entry: str | Path, final: str | Path) -> None:
         os.rename(entry, final)
         if stat.S_ISDIR(os.lstat(final).st_mode):
             os.chmod(final, 0o555)
@@ -503,10 +506,10 @@ class Store:
         The old contents leave as a deletion does, so a crash before the commit brings
         them back (`recover`).
         """
-        aside: list[Path] = []
+        aside: list[str] = []
 
         def body(conn: apsw.Connection) -> None:
-            moved: list[tuple[Path, Path | None]] = []
+            moved: list[tuple[Path, str | None]] = []
             try:
                 for n in new:
                     row = conn.execute(

@@ -1,21 +1,22 @@
 """The store's temporary area, `<store>/.tmp`: where adds are built and deletions finished.
 
-Every entry is named `<pid>.<start time>.<random>` after the process that owns it, so any
+Every entry is named `<pid>.<start time>.<serial>` after the process that owns it, so any
 process opening the store can tell debris of a dead process (remove it) from work in
 progress of a live one (leave it), without locks.  The start time guards against a
 recycled pid.
 """
 
+import itertools
 import os
-import secrets
 import stat
 import threading
 from pathlib import Path
 
-# Entries of deletions in progress are named `<owner>.<random>.del.<store path base name>`,
+# Entries of deletions in progress are named `<owner>.<serial>.del.<store path base name>`,
 # so that recovery knows where each came from.
 DELETION = ".del."
 
+_serial = itertools.count()
 _token_lock = threading.Lock()
 _token: tuple[int, str] | None = None
 
@@ -71,7 +72,11 @@ class TmpArea:
         self.path = path
 
     def new_entry(self, suffix: str = "") -> Path:
-        return self.path / f"{owner_token()}.{secrets.token_hex(8)}{suffix}"
+        return self.path / self.new_name(suffix)
+
+    def new_name(self, suffix: str = "") -> str:
+        # The owner token makes names unique between processes, the serial within one.
+        return f"{owner_token()}.{next(_serial)}{suffix}"
 
     def move_aside(self, path: Path) -> Path | None:
         """Move `path` out of the store in one step, into an entry to delete at leisure."""
