@@ -18,6 +18,7 @@ disk after the commit.  A crash between rename and commit is undone at the next 
 Every function blocks; the daemon runs them in a worker thread.
 """
 
+import json
 import logging
 import os
 import stat
@@ -344,21 +345,36 @@ def _delete_batch(store: Store, batch: list[str]) -> tuple[list[str], list[str],
     kept: list[str] = []
 
     def body(conn: apsw.Connection) -> None:
-        try:
-            for path in batch:
-                if not store.pins.begin_delete(path):
-                    kept.append(path)
-                    continue
+        for path in batch:
+            if store.pins.begin_delete(path):
                 claimed.append(path)
+            else:
+                kept.append(path)
+        present = {
+            r[0]
+            for r in conn.execute(
+                "SELECT path FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+                (json.dumps(claimed),),
+            )
+        }
+        gone = [p for p in claimed if p in present]
+        try:
+            conn.execute(
+                "DELETE FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+                (json.dumps(gone),),
+            )
+            deleted.extend(gone)
+        except apsw.ConstraintError:
+            # One of them is still referred to: by a path added since the marking, or by
+            # one of the batch the statement had not reached.  One by one, in order.
+            for path in gone:
                 try:
                     conn.execute("DELETE FROM ValidPaths WHERE path = ?", (path,))
+                    deleted.append(path)
                 except apsw.ConstraintError:
-                    # A path added since the marking refers to it.
                     kept.append(path)
-                    continue
-                if conn.changes() == 0:
-                    continue
-                deleted.append(path)
+        try:
+            for path in deleted:
                 aside = store.move_out(path)
                 if aside is not None:
                     moved.append((path, aside))
