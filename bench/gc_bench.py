@@ -8,6 +8,7 @@ in bulk beforehand (`Store.add_texts`, `nix-store --add` of many files at once).
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from bench.measure import percentile, settle
-from bench.nixdaemon import NixUnavailable, scratch_nix
+from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.blocking import BlockingClient
 from store import gc
 from store.layout import StateDir
@@ -30,6 +31,7 @@ LARGE = 100_000
 DEAD_AMONG_LIVE = 1_000
 GROUP = 100
 BATCH = 2_000
+ROUNDS = 3
 
 
 def _add_dead(state: Path, n: int, tag: str) -> None:
@@ -78,25 +80,66 @@ def _store_gc(d: DaemonProc) -> tuple[float, int]:
     return time.perf_counter() - t, len(out.stdout.splitlines())
 
 
-def _nix_gc(work: Path, tag: str) -> tuple[float, int] | str:
+def _weft_round(work: Path, tag: str) -> tuple[float, int]:
+    state = work / f"weft-{tag}"
+    _add_dead(state, SIDE_BY_SIDE, tag)
+    d = start_daemon(state)
+    try:
+        return _store_gc(d)
+    finally:
+        stop_daemon(d)
+
+
+def _nix_round(nix: Nix, work: Path, tag: str) -> tuple[float, int]:
+    files = work / f"nix-{tag}"
+    files.mkdir()
+    for i in range(SIDE_BY_SIDE):
+        (files / f"d{i}").write_text(f"{tag} dead {i}")
+    names = [str(files / f"d{i}") for i in range(SIDE_BY_SIDE)]
+    for start in range(0, SIDE_BY_SIDE, 1000):
+        nix("nix-store", "--add", *names[start : start + 1000])
+    settle()
+    t = time.perf_counter()
+    out = nix("nix-store", "--gc")
+    elapsed = time.perf_counter() - t
+    found = re.search(r"(\d+) store paths deleted", out.stdout + out.stderr)
+    return elapsed, int(found.group(1)) if found else 0
+
+
+def _side_by_side(work: Path, tag: str) -> Row:
+    """Rounds of weft and Nix in turn; the median of the per-round ratios of paths/s."""
+    weft: list[float] = []
+    ratios: list[float] = []
+    skipped = ""
     try:
         with scratch_nix(work) as nix:
             nix("nix-store", "--gc")  # earlier runs' garbage, untimed
-            files = work / "nix-files"
-            files.mkdir()
-            for i in range(SIDE_BY_SIDE):
-                (files / f"d{i}").write_text(f"{tag} dead {i}")
-            names = [str(files / f"d{i}") for i in range(SIDE_BY_SIDE)]
-            for start in range(0, SIDE_BY_SIDE, 1000):
-                nix("nix-store", "--add", *names[start : start + 1000])
-            settle()
-            t = time.perf_counter()
-            out = nix("nix-store", "--gc")
-            elapsed = time.perf_counter() - t
+            for round_ in range(ROUNDS):
+                order = ("weft", "nix") if round_ % 2 == 0 else ("nix", "weft")
+                rates: dict[str, float] = {}
+                for who in order:
+                    name = f"{tag}-{round_}"
+                    t, n = _weft_round(work, name) if who == "weft" else _nix_round(nix, work, name)
+                    rates[who] = n / t
+                weft.append(rates["weft"])
+                ratios.append(rates["weft"] / rates["nix"])
     except NixUnavailable as e:
-        return str(e)
-    found = re.search(r"(\d+) store paths deleted", out.stdout + out.stderr)
-    return elapsed, int(found.group(1)) if found else 0
+        skipped = str(e)
+    head = f"collect {SIDE_BY_SIDE:,} small dead paths, whole command"
+    if skipped or not ratios:
+        if not weft:
+            t, n = _weft_round(work, f"{tag}-alone")
+            weft.append(n / t)
+        return head, f"weft {statistics.median(weft):,.0f} paths/s", f"Nix skipped: {skipped}"
+    nix_rates = [w / r for w, r in zip(weft, ratios, strict=True)]
+    return (
+        head,
+        f"weft {statistics.median(weft):,.0f} paths/s, nix {statistics.median(nix_rates):,.0f} "
+        f"paths/s; medians of {ROUNDS} rounds",
+        f"weft/nix {statistics.median(ratios):.1f}x (rounds: "
+        + ", ".join(f"{r:.1f}" for r in ratios)
+        + "); target >= 3x",
+    )
 
 
 def _queries_during_gc(d: DaemonProc, path: str) -> tuple[float, int, list[float]]:
@@ -129,25 +172,7 @@ def run() -> list[Row]:
         work = Path(tmp)
         state = work / "weft-state"
 
-        _add_dead(state, SIDE_BY_SIDE, tag)
-        d = start_daemon(state)
-        try:
-            weft_time, weft_n = _store_gc(d)
-        finally:
-            stop_daemon(d)
-        nix = _nix_gc(work, tag)
-        weft_rate = weft_n / weft_time
-        if isinstance(nix, str):
-            note = f"Nix skipped: {nix}"
-            result = f"weft {weft_rate:,.0f} paths/s ({weft_n} in {weft_time:.2f} s)"
-        else:
-            nix_rate = nix[1] / nix[0]
-            result = (
-                f"weft {weft_rate:,.0f} paths/s ({weft_n} in {weft_time:.2f} s), "
-                f"nix {nix_rate:,.0f} paths/s ({nix[1]} in {nix[0]:.2f} s)"
-            )
-            note = f"weft/nix {weft_rate / nix_rate:.1f}x; target >= 3x"
-        rows.append((f"collect {SIDE_BY_SIDE:,} small dead paths, whole command", result, note))
+        rows.append(_side_by_side(work, tag))
 
         _add_live(state, LARGE, tag)
         _add_dead(state, DEAD_AMONG_LIVE, tag + "x")

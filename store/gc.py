@@ -33,6 +33,7 @@ import apsw
 
 from store.paths import StorePath
 from store.store import Store, StoreError
+from store.tmparea import remove_tree
 
 log = logging.getLogger("weft.gc")
 
@@ -266,6 +267,9 @@ def delete(
     result = GCResult()
     queue = deque(gc_plan.dead)
     remover = _Remover()
+    # Each batch moves its paths into a directory of its own: renames into it and the
+    # removers' unlinks in earlier ones do not wait on one directory's lock.
+    batch_dirs: list[str] = []
     try:
         while queue:
             if max_freed is not None and remover.drain() >= max_freed:
@@ -278,13 +282,17 @@ def delete(
                 path = queue.popleft()
                 batch.append(path)
                 estimate += gc_plan.sizes.get(path, 0)
-            deleted, kept, aside = _delete_batch(store, batch)
+            into = store.deletion_dir()
+            batch_dirs.append(into)
+            deleted, kept, aside = _delete_batch(store, batch, into)
             result.deleted += deleted
             result.kept += kept
             for entry in aside:
                 remover.put(entry)
     finally:
         result.bytes_freed = remover.close()
+        for into in batch_dirs:
+            remove_tree(into)
     removed, links_freed = remove_unused_links(store)
     result.links_removed = removed
     result.bytes_freed += links_freed
@@ -338,7 +346,9 @@ class _Remover:
         return self.freed
 
 
-def _delete_batch(store: Store, batch: list[str]) -> tuple[list[str], list[str], list[str]]:
+def _delete_batch(
+    store: Store, batch: list[str], into: str
+) -> tuple[list[str], list[str], list[str]]:
     claimed: list[str] = []
     moved: list[tuple[str, str]] = []
     deleted: list[str] = []
@@ -375,7 +385,7 @@ def _delete_batch(store: Store, batch: list[str]) -> tuple[list[str], list[str],
                     kept.append(path)
         try:
             for path in deleted:
-                aside = store.move_out(path)
+                aside = store.move_out(path, into)
                 if aside is not None:
                     moved.append((path, aside))
         except BaseException:

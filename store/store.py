@@ -174,27 +174,35 @@ class Store:
             self._finish_deletion(entry)
         self.tmp.remove_dead_entries()
 
-    def _finish_deletion(self, entry: Path) -> None:
-        """A deletion whose process died: undone if its transaction did not commit."""
-        final = Path(self.store_dir) / entry.name.split(DELETION, 1)[1]
+    def _finish_deletion(self, batch: Path) -> None:
+        """Deletions whose process died: each undone if its transaction did not commit."""
+        names = os.listdir(batch)
 
         def body(conn: apsw.Connection) -> None:
-            registered = conn.execute(
-                "SELECT 1 FROM ValidPaths WHERE path = ?", (str(final),)
-            ).fetchone()
-            if registered and not os.path.lexists(final):
-                self.move_back(entry, final)
+            for name in names:
+                final = os.path.join(self.store_dir, name)
+                registered = conn.execute(
+                    "SELECT 1 FROM ValidPaths WHERE path = ?", (final,)
+                ).fetchone()
+                if registered and not os.path.lexists(final):
+                    self.move_back(batch / name, final)
 
         self.db.write(body)
-        remove_tree(entry)
+        remove_tree(batch)
 
     # -- deleting (for the collector, inside its write transaction) ---------------------
 
-    def move_out(self, path: str) -> str | None:
-        """Rename a path out of the store, to an entry that names it (see `recover`)."""
+    def deletion_dir(self) -> str:
+        """A new directory in `.tmp` to move deleted paths into (see `recover`)."""
+        path = str(self.tmp.new_entry(DELETION))
+        os.mkdir(path, 0o700)
+        return path
+
+    def move_out(self, path: str, into: str) -> str | None:
+        """Rename a path out of the store into `into`, a `deletion_dir()`."""
         base = self.parse(path).base_name
         final = os.path.join(self.store_dir, base)
-        entry = os.path.join(self.tmp.path, self.tmp.new_name(DELETION + base))
+        entry = os.path.join(into, base)
         try:
             try:
                 os.rename(final, entry)
@@ -506,7 +514,7 @@ class Store:
         The old contents leave as a deletion does, so a crash before the commit brings
         them back (`recover`).
         """
-        aside: list[str] = []
+        into = self.deletion_dir()
 
         def body(conn: apsw.Connection) -> None:
             moved: list[tuple[Path, str | None]] = []
@@ -517,7 +525,7 @@ class Store:
                     ).fetchone()
                     if row is None:
                         raise NotValid(f"path {n.path!r} is not valid")
-                    old = self.move_out(n.path)
+                    old = self.move_out(n.path, into)
                     final = Path(n.path)
                     if stat.S_ISDIR(os.lstat(n.entry).st_mode):
                         os.chmod(n.entry, 0o755)
@@ -542,13 +550,11 @@ class Store:
                     if old is not None:
                         self.move_back(old, final)
                 raise
-            aside.extend(old for _, old in moved if old is not None)
 
         try:
             self.db.write(body)
         finally:
-            for entry in aside:
-                remove_tree(entry)
+            remove_tree(into)
         return [self._info_or_raise(n.path) for n in new]
 
     def invalidate(self, path: str) -> None:

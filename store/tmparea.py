@@ -12,9 +12,9 @@ import stat
 import threading
 from pathlib import Path
 
-# Entries of deletions in progress are named `<owner>.<serial>.del.<store path base name>`,
-# so that recovery knows where each came from.
-DELETION = ".del."
+# Paths being deleted are moved into a directory named `<owner>.<serial>.del`, under their
+# own names, so that recovery knows where each came from.
+DELETION = ".del"
 
 _serial = itertools.count()
 _token_lock = threading.Lock()

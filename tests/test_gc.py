@@ -228,12 +228,14 @@ def test_gc_while_threads_add_and_pin(store: Store) -> None:
 
 def test_a_deletion_interrupted_before_its_commit_is_undone(store: Store) -> None:
     path = store.add_text("survivor", "content").path
-    # As the collector leaves it if it dies between the rename and the commit.
-    dead_owner = f"999999.1.{'0' * 16}{DELETION}{os.path.basename(path)}"
-    os.rename(path, store.tmp.path / dead_owner)
     gone = store.add_text("gone", "content 2").path
+    # As a collector leaves its batch if it dies between the renames and the commit (of
+    # `survivor`) and after the commit (of `gone`): a dead owner's deletion directory.
+    batch = store.tmp.path / f"999999.1.0{DELETION}"
+    batch.mkdir()
+    os.rename(path, batch / os.path.basename(path))
     store.invalidate(gone)
-    os.rename(gone, store.tmp.path / dead_owner.replace("survivor", "gone"))
+    os.rename(gone, batch / os.path.basename(gone))
     store.close()
     reopened = Store(store.state)
     assert reopened.is_valid(path) and Path(path).read_text() == "content"
@@ -312,6 +314,7 @@ def test_optimise_and_collect_at_once(store: Store) -> None:
     stop.set()
     t.join()
     assert not errors, errors[0]
+    _collect(store)  # what the optimiser had pinned while the last round collected
     assert _all_valid(store) == set(kept)
     _consistent(store)
     store.optimise()
