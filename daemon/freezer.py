@@ -2,8 +2,8 @@
 
 With cgroup v2 (`cgroup.freeze`, any non-root cgroup) or the v1 freezer hierarchy
 (`freezer.state`), the daemon makes `weft-<tag>/<slot>` under its own cgroup, and the
-spawner's intermediate process joins the slot's cgroup before it forks the builder, so
-the builder and everything it starts are in it from their first instruction.  Freezing
+spawner puts the waiting spare sandbox in the slot's cgroup before it becomes the builder,
+so the builder and everything it starts are in it from their first instruction.  Freezing
 the cgroup stops them all at once, which SIGSTOP of a tree walked through /proc
 (`pause.py`, the fallback) can only approach.
 

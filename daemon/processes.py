@@ -1,7 +1,8 @@
 """Child processes of the daemon and the one task that reaps them all.
 
 The daemon is a child subreaper (`PR_SET_CHILD_SUBREAPER`): builders, which the spawner
-starts through an intermediate process, and anything they leave behind come back to it.
+clones as the daemon's own children (`CLONE_PARENT`), and anything they leave behind come
+back to it.
 `ProcessMonitor.run` is the only code in the daemon that calls `waitpid`: on every
 SIGCHLD it reaps every exited child with `waitpid(-1, WNOHANG)` (signals coalesce, so it
 loops until none is left) and hands each status to the `Process` registered for that pid.
