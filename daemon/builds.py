@@ -449,14 +449,18 @@ class Builder:
         """Run the builder; hand what it left to `finish`; clean up (or keep, if failed)."""
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
-        closure = await trio.to_thread.run_sync(self.store.closure, [*inputs, *drv.input_srcs])
-        # The mount points of the inputs stay from build to build in the slot's store dir.
-        mount_points = {os.path.basename(p) for p in closure}
-        await trio.to_thread.run_sync(
-            _prepare_workdir, work, self.store.store_dir, uid, gid, mount_points
-        )
         freezer = self.freezer
-        cgroup = await trio.to_thread.run_sync(freezer.slot, slot) if freezer else ""
+
+        def prepare() -> tuple[list[str], set[str], str]:
+            # One worker-thread trip for all of it: on a chain of builds, each trip is
+            # latency.  The mount points of the inputs stay from build to build in the
+            # slot's store dir.
+            closure = self.store.closure([*inputs, *drv.input_srcs])
+            mount_points = {os.path.basename(p) for p in closure}
+            _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
+            return closure, mount_points, freezer.slot(slot) if freezer else ""
+
+        closure, mount_points, cgroup = await trio.to_thread.run_sync(prepare)
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
