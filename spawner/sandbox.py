@@ -210,37 +210,21 @@ def settle(skeleton: str, network: bool) -> None:
     _bind(skeleton, skeleton, read_only=True, recursive=False)
     for dev in DEVICES:
         _bind(f"/dev/{dev}", _inside(skeleton, f"dev/{dev}"), read_only=False, recursive=False)
-    with _step("mount /tmp"):
-        linux.mount(
-            "tmpfs",
-            _inside(skeleton, "tmp"),
-            "tmpfs",
-            linux.MS_NOSUID | linux.MS_NODEV,
-            "mode=1777",
-        )
-    with _step("mount /dev/shm"):
-        linux.mount(
-            "shm",
-            _inside(skeleton, "dev/shm"),
-            "tmpfs",
-            linux.MS_NOSUID | linux.MS_NODEV,
-            "mode=1777",
-        )
-    with _step("mount /dev/pts"):
-        linux.mount(
+    nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
+    for source, fstype, where, flags, data in (
+        ("tmpfs", "tmpfs", "tmp", nosuid_nodev, "mode=1777"),
+        ("shm", "tmpfs", "dev/shm", nosuid_nodev, "mode=1777"),
+        (
             "devpts",
-            _inside(skeleton, "dev/pts"),
             "devpts",
+            "dev/pts",
             linux.MS_NOSUID | linux.MS_NOEXEC,
             "newinstance,ptmxmode=0666,mode=0620",
-        )
-    with _step("mount /proc"):
-        linux.mount(
-            "proc",
-            _inside(skeleton, "proc"),
-            "proc",
-            linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-        )
+        ),
+        ("proc", "proc", "proc", nosuid_nodev | linux.MS_NOEXEC, None),
+    ):
+        with _step(f"mount /{where}"):
+            linux.mount(source, _inside(skeleton, where), fstype, flags, data)
     with _step("hostname"):
         socket.sethostname("localhost")
     if not network:

@@ -21,7 +21,6 @@ Every function blocks; the daemon runs them in a worker thread.
 import json
 import logging
 import os
-import stat
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -322,7 +321,7 @@ class _Remover:
             try:
                 if entry is None:
                     return
-                freed = _remove_counting(entry)
+                freed = remove_tree(entry)
                 with self._lock:
                     self.freed += freed
             except OSError as e:
@@ -398,24 +397,6 @@ def _delete_batch(
     finally:
         store.pins.end_delete(claimed)
     return deleted, kept, [aside for _, aside in moved]
-
-
-def _remove_counting(path: str) -> int:
-    """Remove a tree; the bytes it frees (files not linked from anywhere else)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return st.st_size if st.st_nlink == 1 else 0
-    if st.st_mode & 0o700 != 0o700:
-        os.chmod(path, 0o700)
-    with os.scandir(path) as it:
-        children = [e.path for e in it]
-    freed = sum(_remove_counting(child) for child in children)
-    os.rmdir(path)
-    return freed
 
 
 def remove_unused_links(store: Store) -> tuple[int, int]:

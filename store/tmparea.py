@@ -49,22 +49,25 @@ def owner_alive(token: str) -> bool:
     return _start_time(int(pid_s)) == start
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Delete a file or tree, making read-only store directories writable on the way."""
+def remove_tree(path: str | os.PathLike[str]) -> int:
+    """Delete a file or tree, making read-only store directories writable on the way.
+
+    Returns the bytes freed: the sizes of the files whose last link went.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        if st.st_mode & 0o700 != 0o700:
-            os.chmod(path, 0o700)
-        with os.scandir(path) as it:
-            children = [e.path for e in it]
-        for child in children:
-            remove_tree(child)
-        os.rmdir(path)
-    else:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
+        return st.st_size if st.st_nlink == 1 else 0
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    with os.scandir(path) as it:
+        children = [e.path for e in it]
+    freed = sum(remove_tree(child) for child in children)
+    os.rmdir(path)
+    return freed
 
 
 class TmpArea:
