@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import logging
 import os
 import stat
 from collections import deque
@@ -55,12 +56,14 @@ from store.pins import PinOwner
 from store.store import HashMismatch, Store, StoreError
 from store.tmparea import remove_tree
 
+logger = logging.getLogger("weft.builds")
 LOG_TAIL = 25
 # Called with a message and, for progress, (built, to build); None marks a log line.
 Listener = Callable[[str, tuple[int, int] | None], Awaitable[None]]
 # What to do with a finished build's outputs, {output: (where left, store path)}, given
-# the input closure: register them, or compare them with the registered ones.
-Finish = Callable[[dict[str, tuple[str, str]], list[str]], Awaitable[None]]
+# the input closure: register them, or compare them with the registered ones.  Called in a
+# worker thread.
+Finish = Callable[[dict[str, tuple[str, str]], list[str]], None]
 
 
 class BuildError(Exception):
@@ -232,7 +235,19 @@ class Builder:
                 elif path not in missing:
                     results[path] = {"status": "valid"}
                 else:
-                    async with request_jobs:
+                    # Dependents go on, and so does the request's next build, once the
+                    # outputs are registered: the history record and the cleaning up of
+                    # the build slot follow off their path.
+                    borrower = object()
+                    await request_jobs.acquire_on_behalf_of(borrower)
+
+                    def registered() -> None:
+                        if borrower in request_jobs.statistics().borrowers:
+                            request_jobs.release_on_behalf_of(borrower)
+                        results[path] = {"status": "built"}
+                        finished[path].set()
+
+                    try:
                         if stop.is_set():
                             results[path] = {
                                 "status": "cancelled",
@@ -240,8 +255,11 @@ class Builder:
                             }
                             return
                         job = await self._shared_build(
-                            path, drv, _inputs(drvs, path), opts, listener
+                            path, drv, _inputs(drvs, path), opts, listener, nursery, registered
                         )
+                    finally:
+                        if borrower in request_jobs.statistics().borrowers:
+                            request_jobs.release_on_behalf_of(borrower)
                     tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
                     if job.error is None:
                         results[path] = {"status": "built", **tries}
@@ -266,9 +284,20 @@ class Builder:
         ]
 
     async def _shared_build(
-        self, path: str, drv: Derivation, inputs: list[str], opts: BuildOptions, listener: Listener
+        self,
+        path: str,
+        drv: Derivation,
+        inputs: list[str],
+        opts: BuildOptions,
+        listener: Listener,
+        tails: trio.Nursery,
+        registered: Callable[[], None],
     ) -> Job:
-        """Build `path`, or wait for the build another request already started."""
+        """Build `path`, or wait for the build another request already started.
+
+        `registered` is called once the outputs are in the store (not for a build another
+        request runs); what follows a build (clearing its slot, releasing its locks) goes
+        on in `tails`."""
         job = self.jobs.get(path)
         if job is None:
             job = self.jobs[path] = Job(path)
@@ -279,13 +308,14 @@ class Builder:
                 job.run = run
                 limits = dataclasses.replace(opts, timeout=timeout, max_silent_time=silence)
                 try:
-                    await self._run(job, drv, inputs, limits)
+                    await tails.start(self._run, job, drv, inputs, limits)
                 except BuildError as e:
                     return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0)
                 except (SpawnError, LockError, StoreError) as e:
                     # The sandbox could not be made, the locker died under the build, or the
                     # store refused (an input gone, say): this build fails, the daemon goes on.
                     return Failure(Cause.SETUP, str(e))
+                registered()
                 return None
 
             async def tell(message: str) -> None:
@@ -318,40 +348,76 @@ class Builder:
 
     # -- one build ----------------------------------------------------------------------
 
-    async def _run(self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions) -> None:
+    async def _run(
+        self,
+        job: Job,
+        drv: Derivation,
+        inputs: list[str],
+        opts: BuildOptions,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One attempt; `task_status.started()` once the outputs are registered, before the
+        slot is cleared and the locks released."""
         outs = [o.path for o in drv.outputs.values()]
         owner = f"build:{job.drv_path}"
         locks = [f"{o}.lock" for o in outs]
         name = _drv_name(job.drv_path)
         expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
 
-        async def register(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
+        def register(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
             try:
-                await trio.to_thread.run_sync(
-                    lambda: self.store.add_outputs(job.drv_path, built, closure, expected)
-                )
+                self.store.add_outputs(job.drv_path, built, closure, expected)
             except Exception as e:
                 cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
                 raise BuildError(f"outputs of '{name}' refused: {e}", cause) from None
 
-        async with self.locks.exclusive(locks, owner, delete=True):
-            if await trio.to_thread.run_sync(lambda: self.store.valid_paths(outs) == set(outs)):
-                return
+        present: list[str] = []
+
+        def needed() -> bool:
+            # Under the locks: another process may have made the outputs meanwhile.
+            if self.store.valid_paths(outs) == set(outs):
+                return False
             if drv.is_fixed_output:
-                present = await trio.to_thread.run_sync(self.store.path_with_hash, expected["out"])
-                if present is not None:
+                found = self.store.path_with_hash(expected["out"])
+                if found is not None:
                     # The content is already in the store: no need to fetch it again.
-                    await _tell(job, f"{name}: content already in the store as {present}")
-                    await register({"out": (present, outs[0])}, [])
-                    return
-            await self._in_slot(job, drv, inputs, opts, register)
+                    register({"out": (found, outs[0])}, [])
+                    present.append(found)
+                    return False
+            return True
+
+        done = False
+
+        def registered() -> None:
+            nonlocal done
+            done = True
+            task_status.started()
+
+        try:
+            async with self.locks.exclusive(locks, owner, delete=True):
+                await self._in_slot(job, drv, inputs, opts, register, registered, needed)
+            if present:
+                await _tell(job, f"{name}: content already in the store as {present[0]}")
+        except (LockError, OSError) as e:
+            if not done:
+                raise
+            # The outputs are registered: a locker lost or a slot left uncleared (the next
+            # build in it clears it) costs the build nothing.
+            logger.warning("%s: after the build: %s", owner, e)
 
     async def _in_slot(
-        self, job: Job, drv: Derivation, inputs: list[str], opts: BuildOptions, finish: "Finish"
+        self,
+        job: Job,
+        drv: Derivation,
+        inputs: list[str],
+        opts: BuildOptions,
+        finish: Finish,
+        finished: Callable[[], None] = lambda: None,
+        needed: Callable[[], bool] = lambda: True,
     ) -> None:
         slot = await self._take_slot()
         try:
-            await self._run_in_slot(job, drv, inputs, opts, slot, finish)
+            await self._run_in_slot(job, drv, inputs, opts, slot, finish, finished, needed)
         finally:
             # The slot freed last is taken first: its directories and mount points are
             # there already, where a slot not used for a while would have them made anew.
@@ -371,10 +437,10 @@ class Builder:
         outs = [o.path for o in drv.outputs.values()]
         differs: list[str] = []
 
-        async def compare(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
+        def compare(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
             for out_name, (left, registered) in built.items():
-                info = await trio.to_thread.run_sync(self.store.path_info, registered)
-                got, _ = await trio.to_thread.run_sync(hash_path, left)
+                info = self.store.path_info(registered)
+                got, _ = hash_path(left)
                 if info is None or got != info.nar_hash:
                     differs.append(out_name)
 
@@ -414,10 +480,8 @@ class Builder:
                 return f"its input {absent[0]} is not valid: build it first"
             expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
 
-            async def replace(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
-                await trio.to_thread.run_sync(
-                    lambda: self.store.add_outputs(drv_path, built, closure, expected, repair=True)
-                )
+            def replace(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
+                self.store.add_outputs(drv_path, built, closure, expected, repair=True)
 
             await listener(f"repairing {_drv_name(drv_path)}", None)
             job = Job(drv_path, listeners=[listener])
@@ -444,23 +508,33 @@ class Builder:
         inputs: list[str],
         opts: BuildOptions,
         slot: int,
-        finish: "Finish",
+        finish: Finish,
+        finished: Callable[[], None],
+        needed: Callable[[], bool],
     ) -> None:
-        """Run the builder; hand what it left to `finish`; clean up (or keep, if failed)."""
+        """Run the builder, unless `needed` (called first, in the worker thread that prepares
+        the build) says otherwise; hand what it left to `finish` (in the thread trip that
+        stores the log) and say so to `finished`; clean up (or keep, if failed)."""
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         freezer = self.freezer
 
-        def prepare() -> tuple[list[str], set[str], str]:
+        def prepare() -> tuple[list[str], set[str], str] | None:
             # One worker-thread trip for all of it: on a chain of builds, each trip is
             # latency.  The mount points of the inputs stay from build to build in the
             # slot's store dir.
+            if not needed():
+                return None
             closure = self.store.closure([*inputs, *drv.input_srcs])
             mount_points = {os.path.basename(p) for p in closure}
             _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
             return closure, mount_points, freezer.slot(slot) if freezer else ""
 
-        closure, mount_points, cgroup = await trio.to_thread.run_sync(prepare)
+        prepared = await trio.to_thread.run_sync(prepare)
+        if prepared is None:
+            finished()
+            return
+        closure, mount_points, cgroup = prepared
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
@@ -487,8 +561,9 @@ class Builder:
                 freeze = functools.partial(freezer.freeze, slot)
             code, why, cause = await self._supervise(job, proc, read_end, log, opts, freeze)
             read_end = -1
-            await trio.to_thread.run_sync(self._store_log, job.drv_path, log.data)
             name = _drv_name(job.drv_path)
+            if why or code != 0:
+                await trio.to_thread.run_sync(self._store_log, job.drv_path, log.data)
             if why:
                 raise BuildError(f"builder for '{name}' {why}{log.tail()}", cause, code)
             if code != 0:
@@ -504,7 +579,13 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
-            await finish(built, closure)
+
+            def log_and_finish() -> None:
+                self._store_log(job.drv_path, log.data)
+                finish(built, closure)
+
+            await trio.to_thread.run_sync(log_and_finish)
+            finished()
         except BuildError as e:
             if opts.keep_failed_for is not None:
                 kept = await trio.to_thread.run_sync(
