@@ -83,6 +83,11 @@ def test_failures_are_reported_with_the_log_tail(graph: Graph) -> None:
     (fail,) = graph.build(failing)
     assert "failed with exit code 3" in fail["message"]
     assert "the last line" in fail["message"] and "some output" in fail["message"]
+    # The logs of failed builds are kept too, whatever the failure.
+    for drv, text in ((failing, b"some output\nthe last line\n"), (lazy, b"not making")):
+        log = bytearray()
+        graph.client.download("log", log.extend, path=drv.path)
+        assert log.startswith(text), log
 
 
 def test_timeout_and_silence_kill_the_builder(graph: Graph) -> None:
