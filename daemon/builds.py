@@ -16,6 +16,7 @@ When a build may start, and whether a failed one is tried again, is the schedule
 the retry policy's business (`scheduler.py`, `retrying.py`; docs/scheduling.md).
 """
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -85,6 +86,14 @@ class Job:
     run: Running | None = None
     attempts: int = 0
     flaky: bool = False
+    # Called once a builder runs (the daemon waits then, with time for what comes next).
+    on_spawn: list[Callable[[], None]] = field(default_factory=list)
+    spawned: bool = False
+
+    def running(self) -> None:
+        self.spawned = True
+        for call in self.on_spawn:
+            call()
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,16 @@ class BuildOptions:
 
 def _drv_name(drv_path: str) -> str:
     return os.path.basename(drv_path).split("-", 1)[1].removesuffix(".drv")
+
+
+def _owner(drv_path: str) -> str:
+    """The owner of a build's output locks: one per derivation, whichever request builds it,
+    so that a request's locks taken ahead (`Builder._reserve`) serve another's build."""
+    return f"build:{drv_path}"
+
+
+def _lock_files(drv: Derivation) -> list[str]:
+    return [f"{o.path}.lock" for o in drv.outputs.values()]
 
 
 def _inputs(drvs: dict[str, Derivation], path: str) -> list[str]:
@@ -214,68 +233,89 @@ class Builder:
         )
         results: dict[str, dict[str, object]] = {}
         finished = {p: trio.Event() for p in order}
+        # Set once a derivation's builder runs (or it is settled without one).
+        started = {p: trio.Event() for p in order}
         request_jobs = trio.CapacityLimiter(max(1, opts.max_jobs))
         stop = trio.Event()
 
         async def one(path: str) -> None:
-            drv = drvs[path]
             try:
-                for dep in drv.input_drvs:
-                    await finished[dep].wait()
-                failed = [
-                    d
-                    for d in drv.input_drvs
-                    if results[d]["status"] not in ("built", "valid", "checked")
-                ]
-                if failed:
-                    results[path] = {
-                        "status": "dependency-failed",
-                        "message": f"dependency failed: {_drv_name(failed[0])}",
-                    }
-                elif path not in missing and opts.check and path in roots:
-                    results[path] = await self.check(path, drv, _inputs(drvs, path), opts, listener)
-                elif path not in missing:
-                    results[path] = {"status": "valid"}
-                else:
-                    # Dependents go on, and so does the request's next build, once the
-                    # outputs are registered: the history record and the cleaning up of
-                    # the build slot follow off their path.
-                    borrower = object()
-                    await request_jobs.acquire_on_behalf_of(borrower)
-
-                    def registered() -> None:
-                        if borrower in request_jobs.statistics().borrowers:
-                            request_jobs.release_on_behalf_of(borrower)
-                        results[path] = {"status": "built"}
-                        finished[path].set()
-
-                    try:
-                        if stop.is_set():
-                            results[path] = {
-                                "status": "cancelled",
-                                "message": "an earlier build failed",
-                            }
-                            return
-                        job = await self._shared_build(
-                            path, drv, _inputs(drvs, path), opts, listener, nursery, registered
-                        )
-                    finally:
-                        if borrower in request_jobs.statistics().borrowers:
-                            request_jobs.release_on_behalf_of(borrower)
-                    tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
-                    if job.error is None:
-                        results[path] = {"status": "built", **tries}
-                        done = sum(r["status"] == "built" for r in results.values())
-                        note = f" on attempt {job.attempts}" if job.attempts > 1 else ""
-                        note += " (flaky)" if job.flaky else ""
-                        await listener(f"built {_drv_name(path)}{note}", (done, len(missing)))
-                    else:
-                        results[path] = {"status": "failed", "message": job.error, **tries}
-                        if not opts.keep_going:
-                            stop.set()
+                async with contextlib.AsyncExitStack() as stack:
+                    reserved = False
+                    if path in missing and drvs[path].input_drvs:
+                        reserved = await self._reserve(stack, path, drvs[path], started)
+                    await settle(path, reserved)
+            except LockError as e:
+                # The locker died while the outputs were locked ahead.
+                results.setdefault(path, {"status": "failed", "message": str(e)})
             finally:
                 results.setdefault(path, {"status": "cancelled"})
+                started[path].set()
                 finished[path].set()
+
+        async def settle(path: str, reserved: bool) -> None:
+            drv = drvs[path]
+            for dep in drv.input_drvs:
+                await finished[dep].wait()
+            failed = [
+                d
+                for d in drv.input_drvs
+                if results[d]["status"] not in ("built", "valid", "checked")
+            ]
+            if failed:
+                results[path] = {
+                    "status": "dependency-failed",
+                    "message": f"dependency failed: {_drv_name(failed[0])}",
+                }
+            elif path not in missing and opts.check and path in roots:
+                results[path] = await self.check(path, drv, _inputs(drvs, path), opts, listener)
+            elif path not in missing:
+                results[path] = {"status": "valid"}
+            else:
+                # Dependents go on, and so does the request's next build, once the
+                # outputs are registered: the history record and the cleaning up of
+                # the build slot follow off their path.
+                borrower = object()
+                await request_jobs.acquire_on_behalf_of(borrower)
+
+                def registered() -> None:
+                    if borrower in request_jobs.statistics().borrowers:
+                        request_jobs.release_on_behalf_of(borrower)
+                    results[path] = {"status": "built"}
+                    finished[path].set()
+
+                try:
+                    if stop.is_set():
+                        results[path] = {
+                            "status": "cancelled",
+                            "message": "an earlier build failed",
+                        }
+                        return
+                    job = await self._shared_build(
+                        path,
+                        drv,
+                        _inputs(drvs, path),
+                        opts,
+                        listener,
+                        nursery,
+                        registered,
+                        reserved,
+                        started[path].set,
+                    )
+                finally:
+                    if borrower in request_jobs.statistics().borrowers:
+                        request_jobs.release_on_behalf_of(borrower)
+                tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
+                if job.error is None:
+                    results[path] = {"status": "built", **tries}
+                    done = sum(r["status"] == "built" for r in results.values())
+                    note = f" on attempt {job.attempts}" if job.attempts > 1 else ""
+                    note += " (flaky)" if job.flaky else ""
+                    await listener(f"built {_drv_name(path)}{note}", (done, len(missing)))
+                else:
+                    results[path] = {"status": "failed", "message": job.error, **tries}
+                    if not opts.keep_going:
+                        stop.set()
 
         async with trio.open_nursery() as nursery:
             for path in order:
@@ -294,15 +334,18 @@ class Builder:
         listener: Listener,
         tails: trio.Nursery,
         registered: Callable[[], None],
+        reserved: bool = False,
+        spawned: Callable[[], None] = lambda: None,
     ) -> Job:
         """Build `path`, or wait for the build another request already started.
 
         `registered` is called once the outputs are in the store (not for a build another
         request runs); what follows a build (clearing its slot, releasing its locks) goes
-        on in `tails`."""
+        on in `tails`.  `reserved`: the outputs are locked already, by this owner.
+        `spawned` is called once the builder runs (at once if it does already)."""
         job = self.jobs.get(path)
         if job is None:
-            job = self.jobs[path] = Job(path)
+            job = self.jobs[path] = Job(path, on_spawn=[spawned])
             job.listeners.append(listener)
             await listener(f"building {_drv_name(path)}", None)
 
@@ -310,7 +353,7 @@ class Builder:
                 job.run = run
                 limits = dataclasses.replace(opts, timeout=timeout, max_silent_time=silence)
                 try:
-                    await tails.start(self._run, job, drv, inputs, limits)
+                    await tails.start(self._run, job, drv, inputs, limits, reserved)
                 except BuildError as e:
                     return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0)
                 except (SpawnError, LockError, StoreError) as e:
@@ -344,6 +387,10 @@ class Builder:
                 job.done.set()
         else:
             job.listeners.append(listener)
+            if job.spawned:
+                spawned()
+            else:
+                job.on_spawn.append(spawned)
             await listener(f"waiting for {_drv_name(path)}, which another client is building", None)
             await job.done.wait()
         return job
@@ -356,13 +403,13 @@ class Builder:
         drv: Derivation,
         inputs: list[str],
         opts: BuildOptions,
+        reserved: bool = False,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """One attempt; `task_status.started()` once the outputs are registered, before the
         slot is cleared and the locks released."""
         outs = [o.path for o in drv.outputs.values()]
-        owner = f"build:{job.drv_path}"
-        locks = [f"{o}.lock" for o in outs]
+        owner = _owner(job.drv_path)
         name = _drv_name(job.drv_path)
         expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
 
@@ -396,7 +443,12 @@ class Builder:
             task_status.started()
 
         try:
-            async with self.locks.exclusive(locks, owner, delete=True):
+            locked = (
+                contextlib.nullcontext()
+                if reserved
+                else self.locks.exclusive(_lock_files(drv), owner, delete=True)
+            )
+            async with locked:
                 await self._in_slot(job, drv, inputs, opts, register, registered, needed)
             if present:
                 await _tell(job, f"{name}: content already in the store as {present[0]}")
@@ -436,7 +488,6 @@ class Builder:
     ) -> dict[str, object]:
         """Build a valid derivation again and compare, bit for bit, with what is registered."""
         job = Job(path, listeners=[listener])
-        outs = [o.path for o in drv.outputs.values()]
         differs: list[str] = []
 
         def compare(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
@@ -450,7 +501,7 @@ class Builder:
         try:
             async with (
                 self.scheduler.slot(path) as job.run,
-                self.locks.exclusive([f"{o}.lock" for o in outs], f"check:{path}", delete=True),
+                self.locks.exclusive(_lock_files(drv), f"check:{path}", delete=True),
             ):
                 await self._in_slot(job, drv, inputs, opts, compare)
         except BuildError as e:
@@ -489,7 +540,7 @@ class Builder:
             job = Job(drv_path, listeners=[listener])
             async with (
                 self.scheduler.slot(drv_path) as job.run,
-                self.locks.exclusive([f"{o}.lock" for o in outs], str(owner), delete=True),
+                self.locks.exclusive(_lock_files(drv), str(owner), delete=True),
             ):
                 await self._in_slot(job, drv, inputs, BuildOptions(max_jobs=1), replace)
         except (BuildError, SpawnError, LockError, StoreError, DerivationError) as e:
@@ -497,6 +548,28 @@ class Builder:
         finally:
             self.store.pins.release(owner)
         return None
+
+    async def _reserve(
+        self,
+        stack: contextlib.AsyncExitStack,
+        path: str,
+        drv: Derivation,
+        started: dict[str, trio.Event],
+    ) -> bool:
+        """Lock `path`'s outputs while its inputs build, held until `stack` closes: on a
+        chain, each build then starts without the locker's round trip.  Only once every
+        input's builder runs (the daemon has time then, and no lock is held long for
+        nothing), and only without waiting: if another owner holds one, the build locks
+        the usual way."""
+        for dep in drv.input_drvs:
+            await started[dep].wait()
+        try:
+            await stack.enter_async_context(
+                self.locks.exclusive(_lock_files(drv), _owner(path), wait=False, delete=True)
+            )
+        except LockError:
+            return False
+        return True
 
     async def _take_slot(self) -> int:
         while not self._free_slots:
@@ -559,6 +632,7 @@ class Builder:
                 proc = await self.spawner.spawn(request, write_end)
             finally:
                 os.close(write_end)
+            job.running()
             freeze = None
             if freezer is not None and freezer.contains(slot, proc.pid):
                 freeze = functools.partial(freezer.freeze, slot)

@@ -191,6 +191,9 @@ class LockService(HelperConnection):
             del state.keys[held.key]
         if not state.keys and not state.scopes:
             del self._owners[owner]
+        # Not while the owner holds it again (a build and the same build's lock taken
+        # ahead, say): the next locker would make a new file and lock that.
+        delete = delete and held.key not in state.keys
         if delete:
             await trio.to_thread.run_sync(_unlink_quietly, held.path)
         await self._send({"op": "unlock", "owner": owner, "key": list(held.key), "delete": delete})

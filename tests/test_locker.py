@@ -253,6 +253,21 @@ async def test_stale_lock_file_is_taken_again(tmp_path: Path) -> None:
         assert st.st_size == 0
 
 
+async def test_lock_file_stays_while_its_owner_holds_it_again(tmp_path: Path) -> None:
+    # A build's outputs locked ahead by one request and again by the build itself: the
+    # first release must not delete the file the second hold still protects.
+    path = str(tmp_path / "out.lock")
+    async with locker() as svc:
+        async with svc.exclusive([path], "build:x", delete=True):
+            async with svc.exclusive([path], "build:x", wait=False, delete=True):
+                pass
+            assert os.path.exists(path)
+            with pytest.raises(WouldBlock):
+                async with svc.exclusive([path], "check:x", wait=False):
+                    pass
+        assert not os.path.exists(path)
+
+
 async def test_clobbering_sequence_keeps_the_lock_and_bounded_fds(tmp_path: Path) -> None:
     """The thread's sequence: open twice, lock both, close one, open again, lock, close
     the older, ...  Here each lock is a new open by the daemon, sent and closed at once."""
