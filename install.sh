@@ -13,6 +13,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The spare program (the sandbox's last steps and the builder's exec), static: an exec
+# without the dynamic loader.
+if [ ! -x spawner/weft-spare ] || [ spawner/spare.c -nt spawner/weft-spare ]; then
+  cc -O2 -Wall -Wextra -Werror -static -o spawner/weft-spare.tmp spawner/spare.c
+  mv spawner/weft-spare.tmp spawner/weft-spare
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

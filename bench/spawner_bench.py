@@ -2,7 +2,7 @@
 sandboxed builders per second; with and without a network namespace; back to back (the
 spawner is still making its spare when the next request comes) and 10 ms apart.
 
-Builders are children of the spawner's parent (`CLONE_PARENT`), reaped by its process
+Builders are adopted by the spawner's parent (a subreaper), reaped by its process
 monitor, so the measurement runs in a process of its own (`python -m bench.spawner_bench`),
 as the daemon would.
 """

@@ -1,8 +1,8 @@
 """Child processes of the daemon and the one task that reaps them all.
 
-The daemon is a child subreaper (`PR_SET_CHILD_SUBREAPER`): builders, which the spawner
-clones as the daemon's own children (`CLONE_PARENT`), and anything they leave behind come
-back to it.
+The daemon is a child subreaper (`PR_SET_CHILD_SUBREAPER`): builders (spares the
+spawner's spare program orphans as soon as it makes them) and anything they leave behind
+come back to it.
 `ProcessMonitor.run` is the only code in the daemon that calls `waitpid`: on every
 SIGCHLD it reaps every exited child with `waitpid(-1, WNOHANG)` (signals coalesce, so it
 loops until none is left) and hands each status to the `Process` registered for that pid.

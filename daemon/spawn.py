@@ -3,8 +3,8 @@
 The spawner is started before trio (and restarted from within it, by posix_spawn, if it
 dies).  A request carries the sandbox description and the write end of the build's log
 pipe; the reply names the builder's pid, which the process monitor then owns: the
-spawner clones builders with `CLONE_PARENT`, so they are the daemon's children, by
-design.  If the spawner dies, requests in flight fail with `SpawnerDied` and a new
+spawner's spares are orphaned as soon as they are made, and the daemon, a subreaper,
+adopts them, by design.  If the spawner dies, requests in flight fail with `SpawnerDied` and a new
 spawner serves the next ones.
 """
 

@@ -5,25 +5,22 @@ mount on, `/etc` with its three files, `/dev` with its placeholders and links.  
 costs only the files `prepare_root` creates (as the daemon's user) in the build slot's
 store dir: one mount point per input, on a disk that is sometimes slow at creating files.
 
-A builder is set up in two halves.  `settle` runs in a spare process that waits, in fresh
-namespaces, for the next request: it mounts what every sandbox has (the skeleton
-read-only, devices, `/tmp`, `/dev/shm`, `/dev/pts`, `/proc`), names the host and brings
-`lo` up.  `enter` runs once the request came: it binds the slot's store dir, the inputs
-and the build dir, pivots into the skeleton, drops to the build user and execs.  Both only
-mount, never create: in a user namespace whose root is not mapped, creating files would
-fail, so everything to mount on is made beforehand.
+A builder is set up in two halves, by the spare program (`spare.c`).  Its `settle` runs in
+a spare process that waits, in fresh namespaces, for the next request: it mounts what
+every sandbox has (the skeleton read-only, devices, `/tmp`, `/dev/shm`, `/dev/pts`,
+`/proc`), names the host and brings `lo` up.  The rest runs once the request came: it
+binds the slot's store dir, the inputs and the build dir, pivots into the skeleton, drops
+to the build user and execs.  Both only mount, never create: in a user namespace whose
+root is not mapped, creating files would fail, so everything to mount on is made here
+beforehand.
 """
 
 import contextlib
 import errno
 import os
-import resource
-import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-from spawner import linux
 
 BUILD_UID = 1000
 BUILD_GID = 100
@@ -162,7 +159,7 @@ def make_skeleton(where: str) -> str:
     return root
 
 
-def _store_dir_of(req: SpawnRequest) -> str:
+def store_dir_of(req: SpawnRequest) -> str:
     """The build slot's store dir, on disk: what the builder writes its outputs into."""
     return _inside(req.root, req.store_dir)
 
@@ -172,7 +169,7 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
     paths and the store dir itself in the skeleton (they stay there for the next builds).
     The daemon empties the slot's store dir but for the mount points of the request's
     inputs, so that only the input closure is visible there."""
-    store = _store_dir_of(req)
+    store = store_dir_of(req)
     with _step("prepare root", req.root):
         _directory(store)
         st = os.stat(store)
@@ -190,76 +187,3 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
         for p in req.sandbox_paths:
             # One in the store dir is mounted on through the slot's store dir, bound there.
             _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p))
-
-
-def _bind(source: str, target: str, read_only: bool, recursive: bool = True) -> None:
-    with _step("bind mount", source):
-        linux.mount(source, target, None, linux.MS_BIND | (linux.MS_REC if recursive else 0))
-        if read_only:
-            flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
-            linux.mount(None, target, None, flags | linux.locked_mount_flags(target))
-
-
-def settle(skeleton: str, network: bool) -> None:
-    """In the spare process (pid 1 of its namespaces), before any request: what every
-    sandbox has.  Its mounts live in its own mount namespace only."""
-    with _step("make / private"):
-        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    # A mount of its own (pivot_root needs one), read-only: the builder changes nothing
-    # of its root but what is mounted on it.
-    _bind(skeleton, skeleton, read_only=True, recursive=False)
-    for dev in DEVICES:
-        _bind(f"/dev/{dev}", _inside(skeleton, f"dev/{dev}"), read_only=False, recursive=False)
-    nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
-    for source, fstype, where, flags, data in (
-        ("tmpfs", "tmpfs", "tmp", nosuid_nodev, "mode=1777"),
-        ("shm", "tmpfs", "dev/shm", nosuid_nodev, "mode=1777"),
-        (
-            "devpts",
-            "devpts",
-            "dev/pts",
-            linux.MS_NOSUID | linux.MS_NOEXEC,
-            "newinstance,ptmxmode=0666,mode=0620",
-        ),
-        ("proc", "proc", "proc", nosuid_nodev | linux.MS_NOEXEC, None),
-    ):
-        with _step(f"mount /{where}"):
-            linux.mount(source, _inside(skeleton, where), fstype, flags, data)
-    with _step("hostname"):
-        socket.sethostname("localhost")
-    if not network:
-        with _step("loopback"):
-            linux.loopback_up()
-
-
-def enter(req: SpawnRequest, skeleton: str, log_fd: int, status_fd: int) -> None:
-    """In the spare, once its request came: bind, pivot, drop privileges, exec."""
-    _bind(_store_dir_of(req), _inside(skeleton, req.store_dir), read_only=False)
-    for p in [*req.inputs, *req.sandbox_paths]:
-        if not os.path.islink(p):
-            _bind(p, _inside(skeleton, p), read_only=True)
-    _bind(req.build_dir, _inside(skeleton, BUILD_DIR), read_only=False)
-    with _step("pivot_root", skeleton):
-        # pivot_root(".", ".") stacks the old root on the new one; detaching it leaves
-        # nothing of the host reachable, and needs no directory to put it in.
-        os.chdir(skeleton)
-        linux.pivot_root(".", ".")
-        linux.umount2(".", linux.MNT_DETACH)
-        os.chdir("/")
-    with _step("drop privileges"):
-        os.setgid(BUILD_GID)
-        os.setuid(BUILD_UID)
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        linux.forbid_setuid_chmod()
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.umask(0o022)
-        os.chdir(BUILD_DIR)
-    with _step("set up stdio"):
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.closerange(3, status_fd)
-        os.closerange(status_fd + 1, 1 << 20)
-    with _step("exec", req.builder):
-        os.execve(req.builder, [req.builder, *req.args], req.env)

@@ -1,16 +1,16 @@
 """The spawner process: clones each builder into fresh namespaces, on the daemon's word.
 
-Started by the daemon before trio starts, it is single-threaded, so cloning it is cheap
-and safe.  It keeps a spare ready: a clone of itself in new user, mount, pid, ipc, uts
-and (unless the request shares the host's) network namespaces, pid 1 of the new pid
-namespace and, by `CLONE_PARENT`, a child of the daemon, whose process monitor reaps it.
-The spare mounts what every sandbox has (`sandbox.settle`) and waits on a socket of its
-own.
+Started by the daemon before trio starts.  It keeps a spare ready: the spare program
+(`spare.c`, started by posix_spawn) clones itself into new user, mount, pid, ipc, uts and
+(unless the request shares the host's) network namespaces and exits; its clone, pid 1 of
+the new pid namespace and orphaned, is adopted by the nearest subreaper, the daemon, whose
+process monitor reaps it.  The spare mounts what every sandbox has and waits on a socket
+of its own.
 
 For each request (a msgpack map on a SEQPACKET socket, the log pipe's write end in
 SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gid maps
 (only a process outside the new user namespace may) and passes it the request and the
-log pipe; the spare binds the inputs, pivots and execs (`sandbox.enter`).  A setup error
+log pipe; the spare binds the inputs, pivots and execs.  A setup error
 comes back on a close-on-exec pipe (EOF with no data means the exec happened), and the
 spawner answers the daemon with the builder's pid or the error: the step, errno and
 path.  Once no request has come for a few milliseconds (the new builder and the daemon
@@ -21,40 +21,34 @@ cost, are off the path from request to exec.
 import contextlib
 import ctypes
 import errno
-import gc
 import os
 import select
 import signal
 import socket
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from daemon.packets import recv_packet, rights
-from spawner import linux
 from spawner.sandbox import (
     BUILD_GID,
     BUILD_UID,
     SetupError,
     SpawnRequest,
-    enter,
     make_skeleton,
     prepare_root,
-    settle,
+    store_dir_of,
 )
 
 # How long the spawner waits for another request before it makes its next spare.
 SPARE_DELAY = 0.003
-NAMESPACES = (
-    linux.CLONE_NEWUSER
-    | linux.CLONE_NEWNS
-    | linux.CLONE_NEWPID
-    | linux.CLONE_NEWIPC
-    | linux.CLONE_NEWUTS
-)
+# The program a spare execs into, built by install.sh from spare.c.
+SPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weft-spare")
+SPARE_MAGIC = "weft-spare-1"
+PR_SET_PDEATHSIG = 1
 
 
 def _error(step: str, err: int, path: str, message: str) -> dict[str, Any]:
@@ -76,48 +70,17 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _default_signals() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ (and the spawner SIGINT); a builder must start
-    with every default.  Handled signals are reset by exec; ignored ones are not."""
-    for sig in signal.valid_signals():
-        if signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
-def _keep_only(*fds: int) -> None:
-    """Close every inherited descriptor but stdio and `fds`: a spare must not hold the
-    sockets of other spares (they would not see EOF when the spawner drops them)."""
-    low = 3
-    for fd in sorted(fds):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
-
-
-def _spare_main(skeleton: str, network: bool, ctl: int, status: int) -> None:
-    """The spare, pid 1 of its namespaces: settle, wait for the request, enter.  Never
-    returns: it is a copy of the spawner, whose code must not run on in it."""
-    # A collection would write to every object, copying the spawner's pages one by one.
-    gc.disable()
-    try:
-        _keep_only(ctl, status)
-        _default_signals()
-        os.setsid()
-        settle(skeleton, network)
-        with socket.socket(fileno=ctl) as sock:
-            data, fds, truncated = recv_packet(sock)
-        if not data:
-            # The spawner dropped this spare (or died): nothing to build.
-            os._exit(0)
-        if truncated or len(fds) != 1:
-            raise SetupError("request", errno.EINVAL, "", "a request carries one log fd")
-        enter(_request(data), skeleton, fds[0], status)
-    except BaseException as e:
-        with contextlib.suppress(BaseException):
-            os.write(status, msgpack.packb(_error_of(e)))
-    finally:
-        os._exit(127)
+def _for_spare(req: SpawnRequest) -> bytes:
+    """The request as the spare reads it (spare.c): NUL-terminated strings."""
+    binds = [p for p in [*req.inputs, *req.sandbox_paths] if not os.path.islink(p)]
+    env = [f"{k}={v}" for k, v in req.env.items()]
+    parts = [SPARE_MAGIC, req.builder, req.build_dir, store_dir_of(req), req.store_dir]
+    for part in (req.args, env, binds):
+        parts.append(str(len(part)))
+        parts.extend(part)
+    if any("\0" in p for p in parts):
+        raise SetupError("request", errno.EINVAL, "", "a NUL byte in the request")
+    return b"".join(p.encode() + b"\0" for p in parts)
 
 
 @dataclass
@@ -151,7 +114,7 @@ class Spare:
             with contextlib.suppress(OSError), open(req.cgroup, "w") as f:
                 f.write(str(self.pid))
         try:
-            self.ctl.sendmsg([msgpack.packb(asdict(req))], rights(log_fd))
+            self.ctl.sendmsg([_for_spare(req)], rights(log_fd))
         except OSError as e:
             # The spare died before its request: its status pipe may say why.
             failure = _read_all(self.status)
@@ -177,29 +140,59 @@ class Spare:
 
 
 def make_spare(skeleton: str, network: bool) -> Spare:
+    """Start the spare program, which clones the spare and reports its pid (spare.c)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    flags = NAMESPACES | (0 if network else linux.CLONE_NEWNET)
     try:
-        # CLONE_PARENT: the spare is the daemon's child, like every process it reaps.
-        pid = linux.clone(flags | linux.CLONE_PARENT | signal.SIGCHLD)
-    except OSError as e:
+        try:
+            launcher = os.posix_spawn(
+                SPARE,
+                [SPARE, skeleton, "1" if network else "0"],
+                {},
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, pid_w, 1),
+                    (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
+                    (os.POSIX_SPAWN_DUP2, status_w, 4),
+                ],
+            )
+        except OSError as e:
+            raise SetupError("start spare", e.errno or 0, SPARE, e.strerror or str(e)) from e
+        finally:
+            theirs.close()
+            os.close(status_w)
+            os.close(pid_w)
+        reported = _read_all(pid_r)
+        os.waitpid(launcher, 0)
+        if not reported:
+            failure = _read_all(status_r)
+            raise (
+                _setup_error(failure)
+                if failure
+                else SetupError("start spare", 0, SPARE, "the spare program reported no spare")
+            )
+        pid = int(reported)
+        try:
+            proc_dir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise SetupError("clone", e.errno or 0, f"/proc/{pid}", e.strerror or str(e)) from e
+    except BaseException:
         ours.close()
-        theirs.close()
         os.close(status_r)
-        os.close(status_w)
-        raise SetupError("clone", e.errno or 0, "", e.strerror or str(e)) from e
-    if pid == 0:
-        _spare_main(skeleton, network, theirs.fileno(), status_w)
-    theirs.close()
-    os.close(status_w)
-    try:
-        proc_dir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        ours.close()
-        os.close(status_r)
-        raise SetupError("clone", e.errno or 0, f"/proc/{pid}", e.strerror or str(e)) from e
+        raise
+    finally:
+        os.close(pid_r)
     return Spare(pid, proc_dir, ours, status_r)
+
+
+def _setup_error(failure: bytes) -> SetupError:
+    msg = msgpack.unpackb(failure)
+    return SetupError(
+        str(msg.get("step")),
+        int(msg.get("errno") or 0),
+        str(msg.get("path") or ""),
+        str(msg.get("message")),
+    )
 
 
 class Spawner:
@@ -277,7 +270,7 @@ def serve(sock: socket.socket, spawner: Spawner) -> None:
 
 def main(fd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     with tempfile.TemporaryDirectory(prefix="weft-sandbox-") as where:

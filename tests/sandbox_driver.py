@@ -1,6 +1,6 @@
 """Runs builders through a real spawner, as the daemon does, in a process of its own.
 
-The builder is a child of the spawner's parent (`CLONE_PARENT`), so this runs in a
+The builder is adopted by the spawner's parent (a subreaper), so this runs in a
 separate process (a child subreaper, as the daemon is), with the process monitor reaping
 every child.
 
@@ -26,6 +26,7 @@ import trio
 from daemon.processes import ProcessMonitor
 from daemon.spawn import SpawnError, SpawnerService, start_spawner_process, wait_or_kill
 from spawner.sandbox import SpawnRequest
+from spawner.server import SPARE
 from store.store import Store
 
 
@@ -45,12 +46,15 @@ def _cmdline(pid: int | str) -> bytes:
         return f.read()
 
 
-def sandboxed_processes(uid: int, spawner_pid: int) -> list[int]:
-    """Processes of `uid` living in another pid namespace than ours: a builder's.  The
-    spawner's spare (still the spawner's command line: it has not exec'd) waits for the
-    next build, in namespaces of its own; it is nothing a builder left."""
+def _is_spare(pid: int | str) -> bool:
+    return _cmdline(pid).split(b"\0")[0] == SPARE.encode()
+
+
+def sandboxed_processes(uid: int) -> list[int]:
+    """Processes of `uid` living in another pid namespace than ours: a builder's.  A spare
+    (still the spare program: it has not exec'd) waits for the next build, in namespaces
+    of its own; it is nothing a builder left."""
     ours = os.readlink("/proc/self/ns/pid")
-    spawner = _cmdline(spawner_pid)
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -58,7 +62,7 @@ def sandboxed_processes(uid: int, spawner_pid: int) -> list[int]:
                 if (
                     os.stat(f"/proc/{pid}").st_uid == uid
                     and os.readlink(f"/proc/{pid}/ns/pid") != ours
-                    and _cmdline(pid) != spawner
+                    and not _is_spare(pid)
                 ):
                     found.append(int(pid))
             except OSError:
@@ -66,15 +70,14 @@ def sandboxed_processes(uid: int, spawner_pid: int) -> list[int]:
     return found
 
 
-def spares(spawner_pid: int) -> list[int]:
-    """The spawner's spares: its command line, in a pid namespace of their own."""
+def spares() -> list[int]:
+    """The spares waiting: the spare program, in a pid namespace of their own."""
     ours = os.readlink("/proc/self/ns/pid")
-    spawner = _cmdline(spawner_pid)
     found = []
     for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != spawner_pid:
+        if pid.isdigit():
             try:
-                if _cmdline(pid) == spawner and os.readlink(f"/proc/{pid}/ns/pid") != ours:
+                if _is_spare(pid) and os.readlink(f"/proc/{pid}/ns/pid") != ours:
                     found.append(int(pid))
             except OSError:
                 continue
@@ -154,7 +157,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             return result
         if args.kill_spare:
             # Its first spare is made as the spawner starts.
-            while not (found := spares(spawner.spawner_pid)):
+            while not (found := spares()):
                 await trio.sleep(0.01)
             for pid in found:
                 os.kill(pid, signal.SIGKILL)
@@ -170,7 +173,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             os.close(r)
             result["cancelled"] = scope.cancelled_caught
             await trio.sleep(0.5)
-            result["left_running"] = sandboxed_processes(args.uid, spawner.spawner_pid)
+            result["left_running"] = sandboxed_processes(args.uid)
             await spawner.aclose()
             n.cancel_scope.cancel()
             return result
@@ -198,7 +201,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result["code"] = await wait_or_kill(builder, args.timeout, grace=0.5)
         result["elapsed"] = time.monotonic() - t
         await trio.sleep(0.3)
-        result["left_running"] = sandboxed_processes(args.uid, spawner.spawner_pid)
+        result["left_running"] = sandboxed_processes(args.uid)
         if args.kill_spawner_after is not None:
             # The replacement spawner serves the next build.
             root2 = work / "root2"
