@@ -163,8 +163,6 @@ class Builder:
         self.freezer = Freezer.find(tag)
         self._free_slots = deque(range(settings.build_slots))
         self._slot_lot = trio.lowlevel.ParkingLot()
-        # Logs of builds that ended, until their slot's cleaning writes them (one a slot).
-        self._unsaved_logs: dict[str, bytes] = {}
         self.builds_dir = state.root / "var" / "builds"
 
     def close(self) -> None:
@@ -588,8 +586,9 @@ class Builder:
         needed: Callable[[], bool],
     ) -> None:
         """Run the builder, unless `needed` (called first, in the worker thread that prepares
-        the build) says otherwise; hand what it left to `finish` (in a worker thread) and say
-        so to `finished`; store the log and clean up (or keep, if failed)."""
+        the build) says otherwise; hand what it left to `finish` (in a worker thread, which
+        then stores the log and empties the slot) and say so to `finished`; or, if it failed,
+        keep the build dir if asked, store the log and empty the slot."""
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         freezer = self.freezer
@@ -626,7 +625,27 @@ class Builder:
         )
         read_end, write_end = os.pipe()
         log = _LogTail()
-        logged: bytes | None = None
+        ran = cleared = False
+
+        def wrap_up() -> None:
+            # The log, then the slot emptied (it keeps its directories and the mount points
+            # of this build's inputs for the next build).
+            try:
+                if ran:
+                    self._store_log(job.drv_path, log.data)
+            finally:
+                _clear_workdir(work, self.store.store_dir, mount_points)
+
+        def finish_and_wrap_up() -> None:
+            # One trip, nothing else running beside it: a build's dependents wait for it.
+            nonlocal cleared
+            finish(built, closure)
+            cleared = True
+            try:
+                wrap_up()
+            except OSError as e:
+                logger.warning("%s: after the build: %s", job.drv_path, e)
+
         try:
             try:
                 proc = await self.spawner.spawn(request, write_end)
@@ -638,9 +657,7 @@ class Builder:
                 freeze = functools.partial(freezer.freeze, slot)
             code, why, cause = await self._supervise(job, proc, read_end, log, opts, freeze)
             read_end = -1
-            # Written to `var/log` with the slot's cleaning, off the path of dependents;
-            # until then `read_log` finds it here.
-            logged = self._unsaved_logs[job.drv_path] = log.data
+            ran = True
             name = _drv_name(job.drv_path)
             if why:
                 raise BuildError(f"builder for '{name}' {why}{log.tail()}", cause, code)
@@ -657,7 +674,7 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
-            await trio.to_thread.run_sync(finish, built, closure)
+            await trio.to_thread.run_sync(finish_and_wrap_up)
             finished()
         except BuildError as e:
             if opts.keep_failed_for is not None:
@@ -675,18 +692,9 @@ class Builder:
         finally:
             if read_end >= 0:
                 os.close(read_end)
-
-            def wrap_up() -> None:
-                try:
-                    if logged is not None:
-                        self._store_log(job.drv_path, logged)
-                finally:
-                    if logged is not None and self._unsaved_logs.get(job.drv_path) is logged:
-                        del self._unsaved_logs[job.drv_path]
-                    _clear_workdir(work, self.store.store_dir, mount_points)
-
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(wrap_up)
+            if not cleared:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(wrap_up)
 
     async def _supervise(
         self,
@@ -768,9 +776,6 @@ class Builder:
         os.replace(tmp, path)
 
     def read_log(self, drv_path: str) -> bytes:
-        unsaved = self._unsaved_logs.get(drv_path)
-        if unsaved is not None:
-            return unsaved
         path = self.state.log_dir / f"{os.path.basename(drv_path)}.gz"
         with gzip.open(path, "rb") as f:
             return f.read()
