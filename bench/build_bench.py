@@ -27,7 +27,7 @@ Row = tuple[str, str, str]
 INDEPENDENT = 200
 CHAIN = 50
 JOBS = 2
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _weft(work: Path, nonce: str) -> tuple[float, float]:
