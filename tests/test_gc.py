@@ -1,5 +1,6 @@
 """Garbage collection and upkeep on a real store: roots, marking, deletion, races, optimise."""
 
+import errno
 import os
 import threading
 import time
@@ -275,6 +276,38 @@ def test_optimise_links_identical_files_once(store: Store, tmp_path: Path) -> No
     result = _collect(store)
     assert result.links_removed >= 1
     assert os.listdir(store.state.links_dir) == []
+
+
+@pytest.mark.parametrize("err", [errno.EMLINK, errno.ENOSPC])
+@pytest.mark.parametrize("refused", ["the shared entry", "a store file's new link"])
+def test_optimise_leaves_a_file_it_cannot_link(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, refused: str
+) -> None:
+    payload = os.urandom(10_000)
+    paths = []
+    for i in range(2):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(payload)
+        paths.append(store.add_path(f).path)
+    links = str(store.state.links_dir)
+    real_link = os.link
+
+    def link(src: str, dst: str) -> None:
+        # The kernel's answer for a file with too many links, or a directory that is full.
+        if str(dst).startswith(links) == (refused == "the shared entry"):
+            raise OSError(err, os.strerror(err), str(dst))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    assert store.optimise().bytes_saved == 0
+    monkeypatch.undo()
+    assert os.stat(paths[0]).st_ino != os.stat(paths[1]).st_ino
+    assert [Path(p).read_bytes() for p in paths] == [payload, payload]
+    assert store.verify().ok
+    assert os.listdir(store.tmp.path) == []
+    # Once the kernel allows it, the same files are linked.
+    assert store.optimise().bytes_saved == len(payload)
+    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
 
 
 def test_auto_optimise_links_new_paths(tmp_path: Path) -> None:

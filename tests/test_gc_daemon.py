@@ -186,6 +186,9 @@ def test_repair_rebuilds_corrupt_and_missing_outputs(
     Path(source).write_text("changed")
     orphan = graph.client.call("add-text", name="orphan", text="o")["path"]
     os.unlink(orphan)
+    needed = graph.client.call("add-text", name="needed", text="n")["path"]
+    graph.client.call("add-text", name="needing", text=needed, references=[needed])
+    os.unlink(needed)
 
     check = cmd(d, "store-verify", "--check-contents")
     assert check.returncode == 1
@@ -194,14 +197,18 @@ def test_repair_rebuilds_corrupt_and_missing_outputs(
     report = json.loads(repair.stdout)
     assert sorted(report["repaired"]) == sorted([tree.out, flat.out])
     assert report["removed"] == [orphan]
-    assert [p for p, _ in report["unrepairable"]] == [source]
-    assert "corrupted source" in report["unrepairable"][0][1]
+    unrepairable = dict(report["unrepairable"])
+    assert sorted(unrepairable) == sorted([source, needed])
+    assert "corrupted source" in unrepairable[source]
+    # A missing path another path refers to is not forgotten: that would break a closure.
+    assert "missing, and cannot be forgotten" in unrepairable[needed]
     assert repair.returncode == 1  # the source could not be repaired
     assert Path(f"{tree.out}/file").read_text() == "original\n"
     assert Path(flat.out).read_text() == "flat\n"
     assert os.stat(tree.out).st_mode & 0o777 == 0o555
     with BlockingClient(d.socket) as c:
         assert c.call("is-valid", paths=[orphan]) == []
+        assert c.call("is-valid", paths=[needed]) == [needed]
         after = c.call("verify", paths=[tree.out, flat.out], check_contents=True)
         assert not after["missing"] and not after["mismatched"]
         try:
