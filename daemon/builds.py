@@ -147,6 +147,7 @@ class Builder:
         self.spawner = spawner
         self.jobs: dict[str, Job] = {}
         self.max_jobs = settings.max_jobs or os.cpu_count() or 1
+        self._cores = str(settings.cores or os.cpu_count() or 1)
         limits = Limits.from_settings(settings, os.cpu_count() or 1)
         self.load = LoadMonitor(
             ProcReader(settings.load_proc_dir),
@@ -230,6 +231,7 @@ class Builder:
             (0, len(missing)),
         )
         results: dict[str, dict[str, object]] = {}
+        built: list[str] = []
         finished = {p: trio.Event() for p in order}
         # Set once a derivation's builder runs (or it is settled without one).
         started = {p: trio.Event() for p in order}
@@ -306,10 +308,10 @@ class Builder:
                 tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
                 if job.error is None:
                     results[path] = {"status": "built", **tries}
-                    done = sum(r["status"] == "built" for r in results.values())
+                    built.append(path)
                     note = f" on attempt {job.attempts}" if job.attempts > 1 else ""
                     note += " (flaky)" if job.flaky else ""
-                    await listener(f"built {_drv_name(path)}{note}", (done, len(missing)))
+                    await listener(f"built {_drv_name(path)}{note}", (len(built), len(missing)))
                 else:
                     results[path] = {"status": "failed", "message": job.error, **tries}
                     if not opts.keep_going:
@@ -417,12 +419,21 @@ class Builder:
             except Exception as e:
                 cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
                 raise BuildError(f"outputs of '{name}' refused: {e}", cause) from None
+            unlink_lock_files()
+
+        def unlink_lock_files() -> None:
+            # As Nix does, once the outputs are valid and while still locked, here in the
+            # worker thread already at work: the release then has no file to delete.
+            for lock_file in _lock_files(drv):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_file)
 
         present: list[str] = []
 
         def needed() -> bool:
             # Under the locks: another process may have made the outputs meanwhile.
             if self.store.valid_paths(outs) == set(outs):
+                unlink_lock_files()
                 return False
             if drv.is_fixed_output:
                 found = self.store.path_with_hash(expected["out"])
@@ -758,7 +769,7 @@ class Builder:
             "HOME": "/homeless-shelter",
             "NIX_STORE": self.store.store_dir,
             "NIX_BUILD_TOP": "/build",
-            "NIX_BUILD_CORES": str(self.settings.cores or os.cpu_count() or 1),
+            "NIX_BUILD_CORES": self._cores,
             "TMPDIR": "/build",
             "TEMPDIR": "/build",
             "TMP": "/build",

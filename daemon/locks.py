@@ -192,8 +192,9 @@ class LockService(HelperConnection):
         if not state.keys and not state.scopes:
             del self._owners[owner]
         # Not while the owner holds it again (a build and the same build's lock taken
-        # ahead, say): the next locker would make a new file and lock that.
-        delete = delete and held.key not in state.keys
+        # ahead, say): the next locker would make a new file and lock that.  Nor if it is
+        # gone already, or another file now: its holder deleted it, or another's it is.
+        delete = delete and held.key not in state.keys and _still_current(held.path, held.key)
         if delete:
             await trio.to_thread.run_sync(_unlink_quietly, held.path)
         await self._send({"op": "unlock", "owner": owner, "key": list(held.key), "delete": delete})

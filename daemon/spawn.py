@@ -11,7 +11,6 @@ spawner serves the next ones.
 import os
 import signal
 import socket
-from dataclasses import asdict
 
 import trio
 
@@ -50,7 +49,7 @@ class SpawnerService(HelperConnection):
 
     async def spawn(self, request: SpawnRequest, log_fd: int) -> Process:
         """Start a builder; its stdout and stderr go to `log_fd` (which stays ours)."""
-        reply = await self._call(dict(asdict(request)), log_fd)
+        reply = await self._call(vars(request), log_fd)
         if reply["status"] == "died":
             raise SpawnerDied("spawner", 0, "", "the spawner died while setting up the sandbox")
         if reply["status"] != "ok":
