@@ -89,10 +89,17 @@ class Job:
     # Called once a builder runs (the daemon waits then, with time for what comes next).
     on_spawn: list[Callable[[], None]] = field(default_factory=list)
     spawned: bool = False
+    # Called once the builder is done and left its outputs: the build's place among the
+    # running ones (`-j`) goes to the next while the outputs go into the store.
+    on_built: list[Callable[[], None]] = field(default_factory=list)
 
     def running(self) -> None:
         self.spawned = True
         for call in self.on_spawn:
+            call()
+
+    def built(self) -> None:
+        for call in self.on_built:
             call()
 
 
@@ -278,9 +285,12 @@ class Builder:
                 borrower = object()
                 await request_jobs.acquire_on_behalf_of(borrower)
 
-                def registered() -> None:
+                def release() -> None:
                     if borrower in request_jobs.statistics().borrowers:
                         request_jobs.release_on_behalf_of(borrower)
+
+                def registered() -> None:
+                    release()
                     results[path] = {"status": "built"}
                     finished[path].set()
 
@@ -301,10 +311,10 @@ class Builder:
                         registered,
                         reserved,
                         started[path].set,
+                        release,
                     )
                 finally:
-                    if borrower in request_jobs.statistics().borrowers:
-                        request_jobs.release_on_behalf_of(borrower)
+                    release()
                 tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
                 if job.error is None:
                     results[path] = {"status": "built", **tries}
@@ -336,16 +346,18 @@ class Builder:
         registered: Callable[[], None],
         reserved: bool = False,
         spawned: Callable[[], None] = lambda: None,
+        built: Callable[[], None] = lambda: None,
     ) -> Job:
         """Build `path`, or wait for the build another request already started.
 
         `registered` is called once the outputs are in the store (not for a build another
         request runs); what follows a build (clearing its slot, releasing its locks) goes
         on in `tails`.  `reserved`: the outputs are locked already, by this owner.
-        `spawned` is called once the builder runs (at once if it does already)."""
+        `spawned` is called once the builder runs (at once if it does already), `built`
+        (for a build of this request's) once the builder is done and left its outputs."""
         job = self.jobs.get(path)
         if job is None:
-            job = self.jobs[path] = Job(path, on_spawn=[spawned])
+            job = self.jobs[path] = Job(path, on_spawn=[spawned], on_built=[built])
             job.listeners.append(listener)
             await listener(f"building {_drv_name(path)}", None)
 
@@ -685,6 +697,10 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
+            # The builder's place goes to the next build while the outputs go in.
+            if job.run is not None:
+                self.scheduler.release(job.run)
+            job.built()
             await trio.to_thread.run_sync(finish_and_wrap_up)
             finished()
         except BuildError as e:
