@@ -676,7 +676,7 @@ class Builder:
                 os.close(write_end)
             job.running()
             freeze = None
-            if freezer is not None and freezer.contains(slot, proc.pid):
+            if freezer is not None and proc.in_cgroup:
                 freeze = functools.partial(freezer.freeze, slot)
             code, why, cause = await self._supervise(job, proc, read_end, log, opts, freeze)
             read_end = -1

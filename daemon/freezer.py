@@ -73,13 +73,6 @@ class Freezer:
         self.freeze(slot, False)
         return str(path / "cgroup.procs")
 
-    def contains(self, slot: int, pid: int) -> bool:
-        try:
-            with open(self.base / str(slot) / "cgroup.procs") as f:
-                return str(pid) in f.read().split()
-        except OSError:
-            return False
-
     def freeze(self, slot: int, frozen: bool) -> None:
         path = self.base / str(slot)
         if self.version == 2:

@@ -69,6 +69,17 @@ def peak(a: LoadSample, b: LoadSample) -> LoadSample:
     )
 
 
+def _field(text: str | None, name: str) -> int:
+    """The number after `name` at the start of a line of a /proc file, 0 if none: found
+    with one search, not by splitting the file (/proc/vmstat has over a hundred lines)."""
+    text = "\n" + (text or "")
+    at = text.find(f"\n{name} ")
+    if at < 0:
+        return 0
+    value = text[at + len(name) + 2 :].split(None, 1)
+    return int(value[0]) if value and value[0].isdigit() else 0
+
+
 def _parse_pressure(text: str) -> tuple[float, float | None]:
     """The `some` line of a pressure file: (avg10, total in µs or None)."""
     for line in text.splitlines():
@@ -120,14 +131,8 @@ class ProcReader:
         now = time.monotonic()
         cpu, memory, io = (self._pressure(r, now, keep) for r in RESOURCES)
         load = (self._read("loadavg") or "0 0 0").split()
-        available = 0
-        for line in (self._read("meminfo") or "").splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-        oom = 0
-        for line in (self._read("vmstat") or "").splitlines():
-            if line.startswith("oom_kill "):
-                oom = int(line.split()[1])
+        available = _field(self._read("meminfo"), "MemAvailable:") * 1024
+        oom = _field(self._read("vmstat"), "oom_kill")
         return LoadSample(now, cpu, memory, io, float(load[0]), float(load[1]), available, oom)
 
 

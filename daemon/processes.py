@@ -34,6 +34,8 @@ class Process:
         self.pid = pid
         self.argv = list(argv)
         self.returncode: int | None = None
+        # A builder: whether it runs in the cgroup its spawn named (for the freezer).
+        self.in_cgroup = False
         self._exited = trio.Event()
 
     async def wait(self) -> int:

@@ -59,10 +59,12 @@ class SpawnerService(HelperConnection):
                 str(reply.get("path") or ""),
                 str(reply.get("message")),
             )
-        return self._monitor.register(
+        proc = self._monitor.register(
             int(reply["pid"]),  # type: ignore[call-overload]
             [request.builder, *request.args],
         )
+        proc.in_cgroup = bool(reply.get("cgroup"))
+        return proc
 
     async def _unclaimed(self, reply: Reply) -> None:
         """A builder whose requester was cancelled before the reply came: nobody would

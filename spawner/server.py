@@ -108,11 +108,13 @@ class Spare:
             self._write_maps(req)
         except OSError as e:
             return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
+        joined = False
         if req.cgroup:
             # Before the builder execs, so that all it starts is in the cgroup too.  A
-            # failure is no build failure: the daemon checks, and pauses with signals.
+            # failure is no build failure: the daemon is told, and pauses with signals.
             with contextlib.suppress(OSError), open(req.cgroup, "w") as f:
                 f.write(str(self.pid))
+                joined = True
         try:
             self.ctl.sendmsg([_for_spare(req)], rights(log_fd))
         except OSError as e:
@@ -124,7 +126,7 @@ class Spare:
         failure = _read_all(self.status)
         if failure:
             return dict(msgpack.unpackb(failure))
-        return {"status": "ok", "pid": self.pid}
+        return {"status": "ok", "pid": self.pid, "cgroup": joined}
 
     def _write_maps(self, req: SpawnRequest) -> None:
         for name, text in (
