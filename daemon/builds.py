@@ -699,7 +699,7 @@ class Builder:
                 built[out_name] = (str(left), out.path)
             # The builder's place goes to the next build while the outputs go in.
             if job.run is not None:
-                self.scheduler.release(job.run)
+                self.scheduler.release(job.run, succeeded=True)
             job.built()
             await trio.to_thread.run_sync(finish_and_wrap_up)
             finished()

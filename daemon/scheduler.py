@@ -138,15 +138,17 @@ class Scheduler:
         finally:
             self.release(run)
 
-    def release(self, run: Running) -> None:
-        """Give up a build's place: its builder is done (its outputs may still be going
+    def release(self, run: Running, succeeded: bool = False) -> None:
+        """Give up a build's place: its builder succeeded (its outputs may still be going
         into the store, which takes no builder's place), or the build is over."""
         if run.released:
             return
         run.released = True
-        # A build shorter than the sampling interval would otherwise have no sample of
-        # its own load.
-        run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))
+        if not succeeded:
+            # A build shorter than the sampling interval would otherwise have no sample of
+            # its own load, which the retry policy weighs.  (A success's load is only
+            # history: not worth the six /proc files a build.)
+            run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))
         run.ended = time.time()
         self.running.remove(run)
         self._lot.unpark_all()
