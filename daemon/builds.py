@@ -76,6 +76,19 @@ class BuildError(Exception):
         self.exit_code = exit_code
 
 
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class Hooks:
+    """What a request hears of a build it runs, as it goes (on the loop)."""
+
+    spawned: Callable[[], None] = _nothing  # the builder runs
+    built: Callable[[], None] = _nothing  # the builder is done and left its outputs
+    registered: Callable[[], None] = _nothing  # the outputs are in the store
+
+
 @dataclass
 class Job:
     drv_path: str
@@ -86,20 +99,16 @@ class Job:
     run: Running | None = None
     attempts: int = 0
     flaky: bool = False
-    # Called once a builder runs (the daemon waits then, with time for what comes next).
+    # The requester's; and, once a builder runs, what the requests waiting for this build
+    # call (the daemon waits then, with time for what comes next).
+    hooks: Hooks = field(default_factory=Hooks)
     on_spawn: list[Callable[[], None]] = field(default_factory=list)
     spawned: bool = False
-    # Called once the builder is done and left its outputs: the build's place among the
-    # running ones (`-j`) goes to the next while the outputs go into the store.
-    on_built: list[Callable[[], None]] = field(default_factory=list)
 
     def running(self) -> None:
         self.spawned = True
+        self.hooks.spawned()
         for call in self.on_spawn:
-            call()
-
-    def built(self) -> None:
-        for call in self.on_built:
             call()
 
 
@@ -279,9 +288,8 @@ class Builder:
             elif path not in missing:
                 results[path] = {"status": "valid"}
             else:
-                # Dependents go on, and so does the request's next build, once the
-                # outputs are registered: the history record and the cleaning up of
-                # the build slot follow off their path.
+                # Dependents go on once the outputs are registered: the locks' release
+                # and the history record follow off their path.
                 borrower = object()
                 await request_jobs.acquire_on_behalf_of(borrower)
 
@@ -294,6 +302,10 @@ class Builder:
                     results[path] = {"status": "built"}
                     finished[path].set()
 
+                # The builder done, its place (`-j`) goes to the next build while its
+                # outputs go into the store.
+                hooks = Hooks(spawned=started[path].set, built=release, registered=registered)
+
                 try:
                     if stop.is_set():
                         results[path] = {
@@ -302,16 +314,7 @@ class Builder:
                         }
                         return
                     job = await self._shared_build(
-                        path,
-                        drv,
-                        _inputs(drvs, path),
-                        opts,
-                        listener,
-                        nursery,
-                        registered,
-                        reserved,
-                        started[path].set,
-                        release,
+                        path, drv, _inputs(drvs, path), opts, listener, nursery, hooks, reserved
                     )
                 finally:
                     release()
@@ -343,21 +346,18 @@ class Builder:
         opts: BuildOptions,
         listener: Listener,
         tails: trio.Nursery,
-        registered: Callable[[], None],
+        hooks: Hooks,
         reserved: bool = False,
-        spawned: Callable[[], None] = lambda: None,
-        built: Callable[[], None] = lambda: None,
     ) -> Job:
         """Build `path`, or wait for the build another request already started.
 
-        `registered` is called once the outputs are in the store (not for a build another
-        request runs); what follows a build (clearing its slot, releasing its locks) goes
-        on in `tails`.  `reserved`: the outputs are locked already, by this owner.
-        `spawned` is called once the builder runs (at once if it does already), `built`
-        (for a build of this request's) once the builder is done and left its outputs."""
+        `hooks` hear of a build this request runs; of another's, only `spawned` is called
+        (at once if its builder runs already).  What follows a build (releasing its locks,
+        its history record) goes on in `tails`.  `reserved`: the outputs are locked
+        already, by this owner."""
         job = self.jobs.get(path)
         if job is None:
-            job = self.jobs[path] = Job(path, on_spawn=[spawned], on_built=[built])
+            job = self.jobs[path] = Job(path, hooks=hooks)
             job.listeners.append(listener)
             await listener(f"building {_drv_name(path)}", None)
 
@@ -372,7 +372,7 @@ class Builder:
                     # The sandbox could not be made, the locker died under the build, or the
                     # store refused (an input gone, say): this build fails, the daemon goes on.
                     return Failure(Cause.SETUP, str(e))
-                registered()
+                hooks.registered()
                 return None
 
             async def tell(message: str) -> None:
@@ -400,9 +400,9 @@ class Builder:
         else:
             job.listeners.append(listener)
             if job.spawned:
-                spawned()
+                hooks.spawned()
             else:
-                job.on_spawn.append(spawned)
+                job.on_spawn.append(hooks.spawned)
             await listener(f"waiting for {_drv_name(path)}, which another client is building", None)
             await job.done.wait()
         return job
@@ -700,7 +700,7 @@ class Builder:
             # The builder's place goes to the next build while the outputs go in.
             if job.run is not None:
                 self.scheduler.release(job.run, succeeded=True)
-            job.built()
+            job.hooks.built()
             await trio.to_thread.run_sync(finish_and_wrap_up)
             finished()
         except BuildError as e:
