@@ -85,7 +85,6 @@ class Hooks:
     """What a request hears of a build it runs, as it goes (on the loop)."""
 
     spawned: Callable[[], None] = _nothing  # the builder runs
-    built: Callable[[], None] = _nothing  # the builder is done and left its outputs
     registered: Callable[[], None] = _nothing  # the outputs are in the store
 
 
@@ -302,9 +301,7 @@ class Builder:
                     results[path] = {"status": "built"}
                     finished[path].set()
 
-                # The builder done, its place (`-j`) goes to the next build while its
-                # outputs go into the store.
-                hooks = Hooks(spawned=started[path].set, built=release, registered=registered)
+                hooks = Hooks(spawned=started[path].set, registered=registered)
 
                 try:
                     if stop.is_set():
@@ -697,11 +694,9 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
-            # The builder's place goes to the next build while the outputs go in.
-            if job.run is not None:
-                self.scheduler.release(job.run, succeeded=True)
-            job.hooks.built()
             await trio.to_thread.run_sync(finish_and_wrap_up)
+            if job.run is not None:
+                job.run.succeeded = True
             finished()
         except BuildError as e:
             if opts.keep_failed_for is not None:

@@ -35,7 +35,7 @@ class Running:
     parallelism: int
     ended: float = 0.0
     spawned: bool = False  # a builder ran (an attempt may find its outputs there already)
-    released: bool = False  # its place given up (the builder done), see `Scheduler.release`
+    succeeded: bool = False  # its outputs registered
     proc: Process | None = None
     deadlines: list[trio.CancelScope] = field(default_factory=list)
     # Freezes (True) or thaws the build's cgroup; None: SIGSTOP and SIGCONT of its tree.
@@ -136,22 +136,14 @@ class Scheduler:
         try:
             yield run
         finally:
-            self.release(run)
-
-    def release(self, run: Running, succeeded: bool = False) -> None:
-        """Give up a build's place: its builder succeeded (its outputs may still be going
-        into the store, which takes no builder's place), or the build is over."""
-        if run.released:
-            return
-        run.released = True
-        if not succeeded:
-            # A build shorter than the sampling interval would otherwise have no sample of
-            # its own load, which the retry policy weighs.  (A success's load is only
-            # history: not worth the six /proc files a build.)
-            run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))
-        run.ended = time.time()
-        self.running.remove(run)
-        self._lot.unpark_all()
+            if not run.succeeded:
+                # A build shorter than the sampling interval would otherwise have no
+                # sample of its own load, which the retry policy weighs.  (A success's
+                # load is only history: not worth six /proc files a build.)
+                run.load_peak = peak(run.load_peak, self.monitor.reader.sample(keep=False))
+            run.ended = time.time()
+            self.running.remove(run)
+            self._lot.unpark_all()
 
     def on_sample(self, sample: LoadSample) -> None:
         for r in self.running:
