@@ -5,12 +5,15 @@ their output paths are the ones their inputs give, and walks the graph inputs fi
 most `max-jobs` builds run at once in the daemon (and at most the request's `-j` for one
 request).  A build several requests need runs once: later requests wait for the first.
 
-One build: lock the outputs (through the locker), check again that they are missing,
-take a build slot (a host uid for the sandbox), lay out `var/builds/<slot>/` (0700, the
-daemon's), spawn the builder in its sandbox with the input closure, stream its log (to
-the waiting clients, and compressed to `var/log/`), kill it on timeout or silence, then
-hand the outputs to `Store.add_outputs` (canonical copy, hash, reference scan, one
-transaction), and release everything.
+One build: lock the outputs (through the locker; a derivation whose inputs are being
+built locks them ahead, `_reserve`), take a build slot (a host uid for the sandbox), then
+in one worker-thread trip check again that they are missing and lay out
+`var/builds/<slot>/` (0700, the daemon's); spawn the builder in its sandbox with the
+input closure, stream its log to the waiting clients, kill it on timeout or silence; then
+in one more trip hand the outputs to `Store.add_outputs` (canonical copy, hash, reference
+scan, one transaction), store the log compressed in `var/log/` and empty the slot.  The
+build's dependents go on from there; the locks are released and the attempt recorded
+after, off their path.
 
 When a build may start, and whether a failed one is tried again, is the scheduler's and
 the retry policy's business (`scheduler.py`, `retrying.py`; docs/scheduling.md).
@@ -416,7 +419,7 @@ class Builder:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """One attempt; `task_status.started()` once the outputs are registered, before the
-        slot is cleared and the locks released."""
+        locks are released."""
         outs = [o.path for o in drv.outputs.values()]
         owner = _owner(job.drv_path)
         name = _drv_name(job.drv_path)
@@ -473,8 +476,8 @@ class Builder:
         except (LockError, OSError) as e:
             if not done:
                 raise
-            # The outputs are registered: a locker lost or a slot left uncleared (the next
-            # build in it clears it) costs the build nothing.
+            # The outputs are registered: a locker lost, or a lock file that would not go,
+            # costs the build nothing now.
             logger.warning("%s: after the build: %s", owner, e)
 
     async def _in_slot(
@@ -484,7 +487,7 @@ class Builder:
         inputs: list[str],
         opts: BuildOptions,
         finish: Finish,
-        finished: Callable[[], None] = lambda: None,
+        finished: Callable[[], None] = _nothing,
         needed: Callable[[], bool] = lambda: True,
     ) -> None:
         slot = await self._take_slot()
