@@ -1,4 +1,5 @@
-"""The spawner process: clones each builder into fresh namespaces, on the daemon's word.
+"""The spawner process: starts each builder from a spare in fresh namespaces, on the
+daemon's word.
 
 Started by the daemon before trio starts.  It keeps a spare ready: the spare program
 (`spare.c`, started by posix_spawn) clones itself into new user, mount, pid, ipc, uts and

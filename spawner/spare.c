@@ -110,19 +110,16 @@ static unsigned long locked_flags(const char *target, const char *source) {
     struct statvfs st;
     if (statvfs(target, &st) != 0)
         fail("bind mount", errno, source);
+    static const struct {
+        unsigned long st, ms;
+    } locked[] = {
+        {ST_NOSUID, MS_NOSUID},     {ST_NODEV, MS_NODEV},           {ST_NOEXEC, MS_NOEXEC},
+        {ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME}, {ST_RELATIME, MS_RELATIME},
+    };
     unsigned long flags = 0;
-    if (st.f_flag & ST_NOSUID)
-        flags |= MS_NOSUID;
-    if (st.f_flag & ST_NODEV)
-        flags |= MS_NODEV;
-    if (st.f_flag & ST_NOEXEC)
-        flags |= MS_NOEXEC;
-    if (st.f_flag & ST_NOATIME)
-        flags |= MS_NOATIME;
-    if (st.f_flag & ST_NODIRATIME)
-        flags |= MS_NODIRATIME;
-    if (st.f_flag & ST_RELATIME)
-        flags |= MS_RELATIME;
+    for (size_t i = 0; i < sizeof locked / sizeof *locked; i++)
+        if (st.f_flag & locked[i].st)
+            flags |= locked[i].ms;
     return flags;
 }
 
