@@ -35,6 +35,7 @@ from pathlib import Path
 import trio
 
 from daemon.admission import Admission, Limits
+from daemon.closures import Closures
 from daemon.collector import Collector
 from daemon.freezer import Freezer
 from daemon.keepfailed import keep_failed
@@ -147,6 +148,15 @@ def _inputs(drvs: dict[str, Derivation], path: str) -> list[str]:
     return [drvs[d].outputs[n].path for d, names in drvs[path].input_drvs.items() for n in names]
 
 
+@dataclass
+class Inputs:
+    """What a build's sandbox shows: the outputs of its input derivations that it uses and
+    its sources, with what its request knows of their closures."""
+
+    paths: list[str]
+    closures: Closures
+
+
 class Builder:
     def __init__(
         self,
@@ -182,6 +192,12 @@ class Builder:
         self.freezer = Freezer.find(tag)
         self._free_slots = deque(range(settings.build_slots))
         self._slot_lot = trio.lowlevel.ParkingLot()
+        # Slots their last build left ready for the next (laid out, emptied but for its
+        # inputs' mount points), with their cgroup's `cgroup.procs` ("" without a freezer).
+        self._ready: dict[int, str] = {}
+        # Derivations whose outputs a request found missing under the locks it took ahead,
+        # with its token (`_reserve`); dropped when any build of one ends.
+        self._found_missing: dict[str, object] = {}
         self.builds_dir = state.root / "var" / "builds"
 
     def close(self) -> None:
@@ -255,11 +271,15 @@ class Builder:
         started = {p: trio.Event() for p in order}
         request_jobs = trio.CapacityLimiter(max(1, opts.max_jobs))
         stop = trio.Event()
+        closures = Closures(self.store)
+
+        def inputs_of(path: str) -> Inputs:
+            return Inputs([*_inputs(drvs, path), *drvs[path].input_srcs], closures)
 
         async def one(path: str) -> None:
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    reserved = False
+                    reserved = None
                     if path in missing and drvs[path].input_drvs:
                         reserved = await self._reserve(stack, path, drvs[path], started)
                     await settle(path, reserved)
@@ -271,7 +291,7 @@ class Builder:
                 started[path].set()
                 finished[path].set()
 
-        async def settle(path: str, reserved: bool) -> None:
+        async def settle(path: str, reserved: object | None) -> None:
             drv = drvs[path]
             for dep in drv.input_drvs:
                 await finished[dep].wait()
@@ -286,7 +306,7 @@ class Builder:
                     "message": f"dependency failed: {_drv_name(failed[0])}",
                 }
             elif path not in missing and opts.check and path in roots:
-                results[path] = await self.check(path, drv, _inputs(drvs, path), opts, listener)
+                results[path] = await self.check(path, drv, inputs_of(path), opts, listener)
             elif path not in missing:
                 results[path] = {"status": "valid"}
             else:
@@ -314,7 +334,7 @@ class Builder:
                         }
                         return
                     job = await self._shared_build(
-                        path, drv, _inputs(drvs, path), opts, listener, nursery, hooks, reserved
+                        path, drv, inputs_of(path), opts, listener, nursery, hooks, reserved
                     )
                 finally:
                     release()
@@ -342,19 +362,19 @@ class Builder:
         self,
         path: str,
         drv: Derivation,
-        inputs: list[str],
+        inputs: Inputs,
         opts: BuildOptions,
         listener: Listener,
         tails: trio.Nursery,
         hooks: Hooks,
-        reserved: bool = False,
+        reserved: object | None = None,
     ) -> Job:
         """Build `path`, or wait for the build another request already started.
 
         `hooks` hear of a build this request runs; of another's, only `spawned` is called
         (at once if its builder runs already).  What follows a build (releasing its locks,
         its history record) goes on in `tails`.  `reserved`: the outputs are locked
-        already, by this owner."""
+        already, by this owner (`_reserve`'s token)."""
         job = self.jobs.get(path)
         if job is None:
             job = self.jobs[path] = Job(path, hooks=hooks)
@@ -396,6 +416,9 @@ class Builder:
                 raise
             finally:
                 del self.jobs[path]
+                # A request that found the outputs missing before this build ended must
+                # look again.
+                self._found_missing.pop(path, None)
                 job.done.set()
         else:
             job.listeners.append(listener)
@@ -413,9 +436,9 @@ class Builder:
         self,
         job: Job,
         drv: Derivation,
-        inputs: list[str],
+        inputs: Inputs,
         opts: BuildOptions,
-        reserved: bool = False,
+        reserved: object | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """One attempt; `task_status.started()` once the outputs are registered, before the
@@ -427,10 +450,11 @@ class Builder:
 
         def register(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
             try:
-                self.store.add_outputs(job.drv_path, built, closure, expected)
+                infos = self.store.add_outputs(job.drv_path, built, closure, expected)
             except Exception as e:
                 cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
                 raise BuildError(f"outputs of '{name}' refused: {e}", cause) from None
+            inputs.closures.add_outputs(infos)
             unlink_lock_files()
 
         def unlink_lock_files() -> None:
@@ -463,14 +487,18 @@ class Builder:
             done = True
             task_status.started()
 
+        # Outputs found missing under the locks taken ahead need no second look.
+        checked = reserved is not None and self._found_missing.get(job.drv_path) is reserved
         try:
             locked = (
                 contextlib.nullcontext()
-                if reserved
+                if reserved is not None
                 else self.locks.exclusive(_lock_files(drv), owner, delete=True)
             )
             async with locked:
-                await self._in_slot(job, drv, inputs, opts, register, registered, needed)
+                await self._in_slot(
+                    job, drv, inputs, opts, register, registered, None if checked else needed
+                )
             if present:
                 await _tell(job, f"{name}: content already in the store as {present[0]}")
         except (LockError, OSError) as e:
@@ -484,11 +512,11 @@ class Builder:
         self,
         job: Job,
         drv: Derivation,
-        inputs: list[str],
+        inputs: Inputs,
         opts: BuildOptions,
         finish: Finish,
         finished: Callable[[], None] = _nothing,
-        needed: Callable[[], bool] = lambda: True,
+        needed: Callable[[], bool] | None = None,
     ) -> None:
         slot = await self._take_slot()
         try:
@@ -503,7 +531,7 @@ class Builder:
         self,
         path: str,
         drv: Derivation,
-        inputs: list[str],
+        inputs: Inputs,
         opts: BuildOptions,
         listener: Listener,
     ) -> dict[str, object]:
@@ -544,12 +572,11 @@ class Builder:
             await self._pin(owner, [drv_path])
             drvs, _ = await trio.to_thread.run_sync(self._load, [drv_path])
             drv = drvs[drv_path]
-            inputs = _inputs(drvs, drv_path)
+            inputs = Inputs([*_inputs(drvs, drv_path), *drv.input_srcs], Closures(self.store))
             outs = [o.path for o in drv.outputs.values()]
-            await self._pin(owner, [*inputs, *drv.input_srcs, *outs])
-            needed = [*inputs, *drv.input_srcs]
-            present = await trio.to_thread.run_sync(self.store.valid_paths, needed)
-            absent = [p for p in needed if p not in present]
+            await self._pin(owner, [*inputs.paths, *outs])
+            present = await trio.to_thread.run_sync(self.store.valid_paths, inputs.paths)
+            absent = [p for p in inputs.paths if p not in present]
             if absent:
                 return f"its input {absent[0]} is not valid: build it first"
             expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
@@ -576,12 +603,14 @@ class Builder:
         path: str,
         drv: Derivation,
         started: dict[str, trio.Event],
-    ) -> bool:
-        """Lock `path`'s outputs while its inputs build, held until `stack` closes: on a
-        chain, each build then starts without the locker's round trip.  Only once every
-        input's builder runs (the daemon has time then, and no lock is held long for
-        nothing), and only without waiting: if another owner holds one, the build locks
-        the usual way."""
+    ) -> object | None:
+        """Lock `path`'s outputs while its inputs build, held until `stack` closes, and
+        look whether they are still missing: on a chain, each build then starts without
+        the locker's round trip or a look at the database.  Only once every input's
+        builder runs (the daemon has time then, and no lock is held long for nothing), and
+        only without waiting: if another owner holds one, the build locks the usual way
+        (None is returned).  Else a token: `_found_missing` has it while what was found
+        still holds."""
         for dep in drv.input_drvs:
             await started[dep].wait()
         try:
@@ -589,8 +618,23 @@ class Builder:
                 self.locks.exclusive(_lock_files(drv), _owner(path), wait=False, delete=True)
             )
         except LockError:
-            return False
-        return True
+            return None
+        token = object()
+        if drv.is_fixed_output:
+            # Its content may be in the store under another name: the build looks.
+            return token
+
+        def forget() -> None:
+            if self._found_missing.get(path) is token:
+                del self._found_missing[path]
+
+        # Set before looking, so that a build of it ending meanwhile clears it.
+        self._found_missing[path] = token
+        stack.callback(forget)
+        outs = [o.path for o in drv.outputs.values()]
+        if len(await trio.to_thread.run_sync(self.store.valid_paths, outs)) == len(outs):
+            forget()
+        return token
 
     async def _take_slot(self) -> int:
         while not self._free_slots:
@@ -601,37 +645,46 @@ class Builder:
         self,
         job: Job,
         drv: Derivation,
-        inputs: list[str],
+        inputs: Inputs,
         opts: BuildOptions,
         slot: int,
         finish: Finish,
         finished: Callable[[], None],
-        needed: Callable[[], bool],
+        needed: Callable[[], bool] | None,
     ) -> None:
-        """Run the builder, unless `needed` (called first, in the worker thread that prepares
-        the build) says otherwise; hand what it left to `finish` (in a worker thread, which
-        then stores the log and empties the slot) and say so to `finished`; or, if it failed,
-        keep the build dir if asked, store the log and empty the slot."""
+        """Run the builder, unless `needed` (if given, called first, in a worker thread)
+        says otherwise; hand what it left to `finish` (in a worker thread, which then
+        stores the log and readies the slot for the next build) and say so to `finished`;
+        or, if it failed, keep the build dir if asked, store the log and ready the slot."""
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         freezer = self.freezer
+        ready = self._ready.pop(slot, None)
+        closure = inputs.closures.known(inputs.paths)
 
-        def prepare() -> tuple[list[str], set[str], str] | None:
-            # One worker-thread trip for all of it: on a chain of builds, each trip is
-            # latency.  The mount points of the inputs stay from build to build in the
-            # slot's store dir.
-            if not needed():
+        def prepare() -> tuple[list[str], str] | None:
+            # One worker-thread trip for all of it, and none when the slot is ready, the
+            # closure known and the outputs known missing: on a chain, each trip is
+            # latency.
+            if needed is not None and not needed():
                 return None
-            closure = self.store.closure([*inputs, *drv.input_srcs])
-            mount_points = {os.path.basename(p) for p in closure}
-            _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
-            return closure, mount_points, freezer.slot(slot) if freezer else ""
+            closure = inputs.closures.compute(inputs.paths)
+            if ready is not None:
+                return closure, ready
+            _prepare_workdir(work, self.store.store_dir, uid, gid, _mount_points(closure))
+            return closure, freezer.slot(slot) if freezer else ""
 
-        prepared = await trio.to_thread.run_sync(prepare)
-        if prepared is None:
-            finished()
-            return
-        closure, mount_points, cgroup = prepared
+        if needed is None and ready is not None and closure is not None:
+            cgroup = ready
+        else:
+            prepared = await trio.to_thread.run_sync(prepare)
+            if prepared is None:
+                if ready is not None:
+                    self._ready[slot] = ready
+                finished()
+                return
+            closure, cgroup = prepared
+        mount_points = _mount_points(closure)
         request = SpawnRequest(
             builder=drv.builder,
             args=list(drv.args),
@@ -651,13 +704,14 @@ class Builder:
         ran = cleared = False
 
         def wrap_up() -> None:
-            # The log, then the slot emptied (it keeps its directories and the mount points
-            # of this build's inputs for the next build).
+            # The log, then the slot readied for the next build: emptied but for the mount
+            # points of this build's inputs, which the next build may share.
             try:
                 if ran:
                     self._store_log(job.drv_path, log.data)
             finally:
-                _clear_workdir(work, self.store.store_dir, mount_points)
+                _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
+                self._ready[slot] = freezer.slot(slot) if freezer else ""
 
         def finish_and_wrap_up() -> None:
             # One trip, nothing else running beside it: a build's dependents wait for it.
@@ -845,6 +899,10 @@ class _LogTail:
         return f"; last {len(lines[-LOG_TAIL:])} log lines:\n" + "\n".join(
             f"  {line}" for line in lines[-LOG_TAIL:]
         )
+
+
+def _mount_points(closure: list[str]) -> set[str]:
+    return {os.path.basename(p) for p in closure}
 
 
 def _prepare_workdir(

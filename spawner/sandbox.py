@@ -167,9 +167,10 @@ def store_dir_of(req: SpawnRequest) -> str:
 def prepare_root(req: SpawnRequest, skeleton: str) -> None:
     """Mount points for this request: its inputs in the slot's store dir, its sandbox
     paths and the store dir itself in the skeleton (they stay there for the next builds).
-    The daemon empties the slot's store dir but for the mount points of the request's
-    inputs, so that only the input closure is visible there."""
+    Whatever else is in the slot's store dir goes (the daemon leaves the mount points of
+    the last build's inputs there), so that only the input closure is visible."""
     store = store_dir_of(req)
+    in_store = req.store_dir.rstrip("/") + "/"
     with _step("prepare root", req.root):
         _directory(store)
         st = os.stat(store)
@@ -182,8 +183,16 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
         for p in req.inputs:
             if os.path.dirname(p) != req.store_dir.rstrip("/"):
                 raise SetupError("prepare root", errno.EINVAL, p, "an input is not a store path")
+        wanted = {os.path.basename(p) for p in req.inputs}
+        wanted.update(
+            p[len(in_store) :].split("/")[0] for p in req.sandbox_paths if p.startswith(in_store)
+        )
+        with os.scandir(store) as entries:
+            stale = [e.path for e in entries if e.name not in wanted]
+        for path in stale:
+            _remove(path)
+        for p in req.inputs:
             _mount_point_for(p, _inside(req.root, p))
-        in_store = req.store_dir.rstrip("/") + "/"
         for p in req.sandbox_paths:
             # One in the store dir is mounted on through the slot's store dir, bound there.
             _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p))

@@ -1,5 +1,6 @@
 """Real builders (Debian's static busybox, from the store) in real namespaces."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -220,3 +221,30 @@ def test_mount_points_are_kept_only_while_they_are_still_mount_points(tmp_path: 
     prepare_root(request, skeleton)
     assert os.listdir(slot_store / "aaa-tree") == []
     assert sorted(os.listdir(slot_store)) == ["aaa-tree", "bbb-text", "ccc-link"]
+
+
+def test_what_an_earlier_build_left_in_the_slot_store_dir_goes(tmp_path: Path) -> None:
+    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "aaa-input").write_text("x")
+    (store / "eee-other").write_text("y")
+    root = tmp_path / "root"
+    slot_store = root / str(store).lstrip("/")
+    skeleton = make_skeleton(str(tmp_path / "spawner"))
+    earlier = SpawnRequest(
+        builder="/bin/true",
+        root=str(root),
+        build_dir=str(tmp_path / "build"),
+        store_dir=str(store),
+        host_uid=os.geteuid(),
+        host_gid=os.getegid(),
+        inputs=[str(store / "eee-other"), str(store / "aaa-input")],
+    )
+    prepare_root(earlier, skeleton)
+    # The daemon leaves an earlier build's mount points; a crash may leave its outputs.
+    (slot_store / "fff-output" / "bin").mkdir(parents=True)
+    (slot_store / "fff-output" / "bin").chmod(0o500)
+    prepare_root(dataclasses.replace(earlier, inputs=[str(store / "aaa-input")]), skeleton)
+    assert os.listdir(slot_store) == ["aaa-input"]
