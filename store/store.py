@@ -404,6 +404,7 @@ class Store:
                 refs = tuple(sorted(by_hash_part[h] for h in found))
                 ca = f"fixed:out:{want}" if want is not None else None
                 entries[-1] = NewPath(entry, path, got.nar_hash, got.nar_size, refs, ca, drv_path)
+            _refuse_cycles(entries)
             if repair:
                 return self._replace(entries)
             outputs = [(drv_path, output, path) for output, (_, path) in built.items()]
@@ -725,6 +726,21 @@ def _ids(conn: apsw.Connection, paths: Sequence[str]) -> list[int]:
     if missing:
         raise InvalidReference(f"reference {missing[0]!r} is not a valid path")
     return [rows[p] for p in paths]
+
+
+def _refuse_cycles(new: Sequence[NewPath]) -> None:
+    """A build's outputs may refer to themselves, but not to each other in a cycle: no
+    order would put each after its references (Nix refuses them too)."""
+    index = {n.path: i for i, n in enumerate(new)}
+    refs = {
+        i: [index[r] for r in n.references if r in index and r != n.path]
+        for i, n in enumerate(new)
+    }
+    try:
+        _references_first(refs)
+    except StoreError:
+        names = ", ".join(sorted(n.path for n in new))
+        raise StoreError(f"the outputs refer to each other in a cycle: {names}") from None
 
 
 def _references_first(refs: dict[int, list[int]]) -> list[int]:

@@ -19,7 +19,7 @@ def test_closures_of_new_outputs_match_the_database(
 
     sd = store.store_dir
     out_path, doc_path = f"{sd}/{'1' * 32}-thing", f"{sd}/{'2' * 32}-thing-doc"
-    (tmp_path / "out").write_text(f"{dep.path} {doc_path}")
+    (tmp_path / "out").write_text(f"{dep.path} {out_path}")
     (tmp_path / "doc").write_text(f"see {out_path}")
     infos = store.add_outputs(
         f"{sd}/{'3' * 32}-thing.drv",

@@ -13,6 +13,7 @@ from store.db import SCHEMA_VERSION, SchemaTooNew
 from store.hashing import hash_path
 from store.nar import UnsupportedFileType
 from store.paths import InvalidPath
+from store.store import StoreError
 from tests.conftest import tree_listing
 
 
@@ -306,6 +307,24 @@ def test_add_outputs_registers_references_and_deriver(store: Store, tmp_path: Pa
         )
     assert rows == [("doc", doc_path), ("out", out_path)]
     assert store.verify().ok
+    assert os.listdir(store.tmp.path) == []
+
+
+def test_outputs_referring_to_each_other_in_a_cycle_are_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    sd = store.store_dir
+    out_path, doc_path = f"{sd}/{'1' * 32}-thing", f"{sd}/{'2' * 32}-thing-doc"
+    (tmp_path / "out").write_text(f"{out_path} {doc_path}")
+    (tmp_path / "doc").write_text(f"see {out_path}")
+    with pytest.raises(StoreError, match="cycle"):
+        store.add_outputs(
+            f"{sd}/{'3' * 32}-thing.drv",
+            {"out": (str(tmp_path / "out"), out_path), "doc": (str(tmp_path / "doc"), doc_path)},
+            [],
+        )
+    assert store.valid_paths([out_path, doc_path]) == set()
+    assert not os.path.lexists(out_path) and not os.path.lexists(doc_path)
     assert os.listdir(store.tmp.path) == []
 
 
