@@ -14,9 +14,8 @@ SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gi
 log pipe; the spare binds the inputs, pivots and execs.  A setup error
 comes back on a close-on-exec pipe (EOF with no data means the exec happened), and the
 spawner answers the daemon with the builder's pid or the error: the step, errno and
-path.  Once no request has come for a few milliseconds (the new builder and the daemon
-go first), it makes the next spare: the clone and the namespaces, most of a spawn's
-cost, are off the path from request to exec.
+path.  Then, unless another request waits, it makes the next spare: the clone and the
+namespaces, most of a spawn's cost, are off the path from request to exec.
 """
 
 import contextlib
@@ -44,8 +43,6 @@ from spawner.sandbox import (
     store_dir_of,
 )
 
-# How long the spawner waits for another request before it makes its next spare.
-SPARE_DELAY = 0.003
 # The program a spare execs into, built by install.sh from spare.c.
 SPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weft-spare")
 SPARE_MAGIC = "weft-spare-1"
@@ -265,9 +262,10 @@ def serve(sock: socket.socket, spawner: Spawner) -> None:
         sock.send(msgpack.packb({"id": rid, **reply}))
         if req is not None:
             spawner.last_network = req.network
-        # The builder just started and the daemon has the reply to handle: the next spare
-        # waits until no request has come for a moment.
-        if not select.select([sock], [], [], SPARE_DELAY)[0]:
+        # The next spare is made now, while the builder just started runs, unless a
+        # request waits already: on a chain of builds the next request comes once this
+        # builder is done, and would otherwise wait for the spare to be made.
+        if not select.select([sock], [], [], 0)[0]:
             spawner.keep_spare(spawner.last_network)
 
 
