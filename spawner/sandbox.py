@@ -106,10 +106,11 @@ def _is_mount_point_for(source: str, kind: int, target: str) -> bool:
     return st.st_size == 0
 
 
-def _mount_point_for(source: str, target: str) -> None:
+def _mount_point_for(source: str, target: str, reusable: list[str] | None = None) -> None:
     """An empty file or directory at `target` to bind `source` on (a symlink is copied).
-    One left by an earlier build is kept if it still is one: creating files is what is
-    slow here, not looking at them."""
+    One left by an earlier build is kept if it still is one, or one of `reusable` (left
+    for other paths) renamed: creating and deleting files is what is slow here, not
+    looking at them."""
     kind = stat.S_IFMT(os.lstat(source).st_mode)
     if os.path.lexists(target):
         if _is_mount_point_for(source, kind, target):
@@ -118,7 +119,13 @@ def _mount_point_for(source: str, target: str) -> None:
     _directory(os.path.dirname(target))
     if stat.S_ISLNK(kind):
         os.symlink(os.readlink(source), target)
-    elif stat.S_ISDIR(kind):
+        return
+    for old in reusable if reusable is not None else []:
+        if _is_mount_point_for(source, kind, old):
+            reusable.remove(old)
+            os.rename(old, target)
+            return
+    if stat.S_ISDIR(kind):
         os.mkdir(target)
     else:
         with open(target, "a"):
@@ -189,10 +196,10 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
         )
         with os.scandir(store) as entries:
             stale = [e.path for e in entries if e.name not in wanted]
+        for p in req.inputs:
+            _mount_point_for(p, _inside(req.root, p), stale)
         for path in stale:
             _remove(path)
-        for p in req.inputs:
-            _mount_point_for(p, _inside(req.root, p))
         for p in req.sandbox_paths:
             # One in the store dir is mounted on through the slot's store dir, bound there.
             _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p))

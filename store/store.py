@@ -733,8 +733,7 @@ def _refuse_cycles(new: Sequence[NewPath]) -> None:
     order would put each after its references (Nix refuses them too)."""
     index = {n.path: i for i, n in enumerate(new)}
     refs = {
-        i: [index[r] for r in n.references if r in index and r != n.path]
-        for i, n in enumerate(new)
+        i: [index[r] for r in n.references if r in index and r != n.path] for i, n in enumerate(new)
     }
     try:
         _references_first(refs)

@@ -248,3 +248,36 @@ def test_what_an_earlier_build_left_in_the_slot_store_dir_goes(tmp_path: Path) -
     (slot_store / "fff-output" / "bin").chmod(0o500)
     prepare_root(dataclasses.replace(earlier, inputs=[str(store / "aaa-input")]), skeleton)
     assert os.listdir(slot_store) == ["aaa-input"]
+
+
+def test_a_mount_point_left_for_another_path_is_renamed_rather_than_made_anew(
+    tmp_path: Path,
+) -> None:
+    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "aaa-file").write_text("a")
+    (store / "bbb-file").write_text("b")
+    (store / "ccc-dir").mkdir()
+    root = tmp_path / "root"
+    slot_store = root / str(store).lstrip("/")
+    skeleton = make_skeleton(str(tmp_path / "spawner"))
+    request = SpawnRequest(
+        builder="/bin/true",
+        root=str(root),
+        build_dir=str(tmp_path / "build"),
+        store_dir=str(store),
+        host_uid=os.geteuid(),
+        host_gid=os.getegid(),
+        inputs=[str(store / "aaa-file")],
+    )
+    prepare_root(request, skeleton)
+    first = (slot_store / "aaa-file").stat().st_ino
+    prepare_root(
+        dataclasses.replace(request, inputs=[str(store / "bbb-file"), str(store / "ccc-dir")]),
+        skeleton,
+    )
+    assert sorted(os.listdir(slot_store)) == ["bbb-file", "ccc-dir"]
+    assert (slot_store / "bbb-file").stat().st_ino == first
+    assert (slot_store / "ccc-dir").is_dir()
