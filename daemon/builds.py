@@ -139,6 +139,14 @@ def _owner(drv_path: str) -> str:
     return f"build:{drv_path}"
 
 
+def _movable(drv: Derivation) -> bool:
+    """Whether a build's outputs may be moved into the store rather than copied.  Once
+    the builder is reaped no process of its sandbox is left; but a fixed-output build
+    shares the host's network, through which it could have handed a descriptor of its
+    output to a process outside, to write into the store later."""
+    return not drv.is_fixed_output
+
+
 def _lock_files(drv: Derivation) -> list[str]:
     return [f"{o.path}.lock" for o in drv.outputs.values()]
 
@@ -450,7 +458,9 @@ class Builder:
 
         def register(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
             try:
-                infos = self.store.add_outputs(job.drv_path, built, closure, expected)
+                infos = self.store.add_outputs(
+                    job.drv_path, built, closure, expected, move=_movable(drv)
+                )
             except Exception as e:
                 cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
                 raise BuildError(f"outputs of '{name}' refused: {e}", cause) from None
@@ -582,7 +592,9 @@ class Builder:
             expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
 
             def replace(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
-                self.store.add_outputs(drv_path, built, closure, expected, repair=True)
+                self.store.add_outputs(
+                    drv_path, built, closure, expected, repair=True, move=_movable(drv)
+                )
 
             await listener(f"repairing {_drv_name(drv_path)}", None)
             job = Job(drv_path, listeners=[listener])

@@ -8,6 +8,7 @@ walked through directory fds with O_NOFOLLOW, so a source that changes under us 
 the add fail but never makes it read outside the tree it was given.
 """
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ _SMALL = 256 << 10
 _CHUNK = 4 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Extended attributes a file system may put on every file, which cannot be removed (Nix
+# leaves them too).
+_KEPT_XATTRS = ("security.selinux", "system.nfs4_acl")
 
 
 class SourceChanged(OSError):
@@ -85,9 +90,7 @@ class _Copier:
 
     def file(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes) -> None:
         # O_NONBLOCK: if the entry was swapped for a fifo since we looked, open must not hang.
-        sfd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir
-        )
+        sfd = os.open(name, _READ, dir_fd=src_dir)
         try:
             st = os.fstat(sfd)
             if not stat.S_ISREG(st.st_mode):
@@ -125,6 +128,76 @@ class _Copier:
             left -= n
         if os.read(sfd, 1):
             raise SourceChanged(f"{os.fsdecode(name)}: grew while being added")
+
+
+class _Settler:
+    """Makes a tree canonical where it lies (owner, modes, mtime 1, no extended
+    attributes), feeding its archive serialisation to the hasher as `_Copier` does."""
+
+    def __init__(self) -> None:
+        self.hasher = blake3.blake3()
+        self.size = 0
+        self._ids = os.geteuid(), os.getegid()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def node(self, dir_fd: int, name: bytes, mode: int) -> None:
+        if stat.S_ISREG(mode):
+            self.file(dir_fd, name)
+        elif stat.S_ISLNK(mode):
+            self.feed(nar.symlink_node(os.readlink(name, dir_fd=dir_fd)))
+            os.chown(name, *self._ids, dir_fd=dir_fd, follow_symlinks=False)
+            os.utime(name, (1, 1), dir_fd=dir_fd, follow_symlinks=False)
+        elif stat.S_ISDIR(mode):
+            self.directory(dir_fd, name)
+        else:
+            raise UnsupportedFileType(
+                f"{os.fsdecode(name)}: not a regular file, symlink or directory "
+                f"(type {stat.filemode(mode)[0]!r})"
+            )
+
+    def directory(self, dir_fd: int, name: bytes) -> None:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            self.feed(nar.DIRECTORY)
+            for child in nar.sorted_names(fd):
+                child_mode = os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode
+                self.feed(nar.entry_start(child))
+                self.node(fd, child, child_mode)
+                self.feed(nar.ENTRY_END)
+            self.feed(nar.DIRECTORY_END)
+            self._settle(fd, 0o555)
+        finally:
+            os.close(fd)
+
+    def file(self, dir_fd: int, name: bytes) -> None:
+        fd = os.open(name, _READ, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            executable = nar.is_executable(st.st_mode)
+            self.feed(nar.file_header(executable, st.st_size))
+            left = st.st_size
+            while left:
+                data = os.read(fd, min(left, _CHUNK))
+                if not data:
+                    raise SourceChanged(f"{os.fsdecode(name)}: shrank while being added")
+                self.feed(data)
+                left -= len(data)
+            self.feed(nar.file_trailer(st.st_size))
+            self._settle(fd, 0o555 if executable else 0o444)
+        finally:
+            os.close(fd)
+
+    def _settle(self, fd: int, mode: int) -> None:
+        # The owner first: a chown clears setuid and setgid bits, the chmod the rest.
+        os.fchown(fd, *self._ids)
+        for attr in os.listxattr(fd):
+            if attr not in _KEPT_XATTRS:
+                os.removexattr(fd, attr)
+        os.fchmod(fd, mode)
+        os.utime(fd, (1, 1))
 
 
 def _read_exactly(fd: int, size: int, name: bytes) -> bytes:
@@ -171,6 +244,32 @@ def _copy_into(src: str | os.PathLike[str], dest_dir: int, dest_name: bytes) -> 
     finally:
         os.close(spfd)
     return Ingested(format_hash(copier.hasher.digest()), copier.size)
+
+
+def take_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Ingested:
+    """Move `src` to `dest`, which must not exist, and make it canonical there; or, on
+    another file system, copy it.
+
+    Only for a tree nothing else can reach any more, such as a finished build's output:
+    its builder's processes are all dead, and none of them could pass a descriptor of it
+    to a process outside the sandbox.  No file is made anew, where the disk is slowest.
+    Returns the BLAKE3 hash and size of its archive.
+    """
+    try:
+        os.rename(src, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        return copy_tree(src, dest)
+    parent, name = os.path.split(os.path.abspath(os.fsencode(dest)))
+    pfd = os.open(parent, _DIR_FLAGS)
+    try:
+        settler = _Settler()
+        settler.feed(nar.HEADER)
+        settler.node(pfd, name, os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode)
+    finally:
+        os.close(pfd)
+    return Ingested(format_hash(settler.hasher.digest()), settler.size)
 
 
 def copy_tree_as(

@@ -24,7 +24,7 @@ import blake3
 from store import nar
 from store.db import Database
 from store.hashing import format_hash, hash_path
-from store.ingest import copy_tree, copy_tree_as
+from store.ingest import copy_tree, copy_tree_as, take_tree
 from store.layout import StateDir
 from store.optimise import OptimiseStats, optimise_paths
 from store.paths import PathKind, StorePath, make_store_path, validate_name
@@ -377,13 +377,16 @@ class Store:
         candidates: Iterable[str],
         expected_hashes: Mapping[str, str] | None = None,
         repair: bool = False,
+        move: bool = False,
     ) -> list[PathInfo]:
         """Register a build's outputs, {output name: (where the builder left it, store path)}.
 
         Each is copied canonical into the temporary area (so nothing the builder can still
-        touch lands in the store), hashed, checked against its expected hash if it has one,
-        and scanned for references to `candidates` and to the outputs themselves; then all
-        are renamed into place and registered in one transaction, with their deriver.
+        touch lands in the store), or with `move` (outputs no process can reach any more)
+        moved there and made canonical in place; hashed, checked against its expected hash
+        if it has one, and scanned for references to `candidates` and to the outputs
+        themselves; then all are renamed into place and registered in one transaction, with
+        their deriver.
         With `repair`, they replace registered paths that are corrupt or missing.
         """
         expected_hashes = expected_hashes or {}
@@ -394,7 +397,7 @@ class Store:
             for output, (src, path) in sorted(built.items()):
                 entry = self.tmp.new_entry()
                 entries.append(NewPath(entry, path, "", 0, ()))
-                got = copy_tree(src, entry)
+                got = take_tree(src, entry) if move else copy_tree(src, entry)
                 want = expected_hashes.get(output)
                 if want is not None and got.nar_hash != want:
                     raise HashMismatch(

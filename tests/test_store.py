@@ -1,6 +1,7 @@
 import io
 import os
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from store.hashing import hash_path
 from store.nar import UnsupportedFileType
 from store.paths import InvalidPath
 from store.store import StoreError
-from tests.conftest import tree_listing
+from tests.conftest import make_varied_tree, tree_listing
 
 
 def test_add_path_is_canonical_and_registered(store: Store, varied_tree: Path) -> None:
@@ -369,3 +370,62 @@ def test_migration_from_version_1(tmp_path: Path) -> None:
                 )
             )
             assert "IndexHash" in plan
+
+
+def _builder_like_tree(root: Path) -> Path:
+    """What a builder may leave: odd modes and owners, setuid bits, extended attributes."""
+    make_varied_tree(root, large_size=1 << 20)
+    (root / "script.sh").chmod(0o4775)
+    (root / "text").chmod(0o666)
+    os.setxattr(root / "text", "user.origin", b"builder")
+    os.setxattr(root / "sub", "user.origin", b"builder")
+    (root / "sub" / "deeper").chmod(0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), 30000, 30000, follow_symlinks=False)
+    os.chown(root, 30000, 30000)
+    return root
+
+
+def test_taking_a_tree_moves_it_and_makes_it_canonical_as_a_copy_would(tmp_path: Path) -> None:
+    from store.ingest import copy_tree, take_tree
+
+    src = _builder_like_tree(tmp_path / "out")
+    copied = copy_tree(src, tmp_path / "copy")
+    inode = os.stat(src / "text").st_ino
+    taken = take_tree(src, tmp_path / "taken")
+    assert taken == copied
+    assert not os.path.lexists(src)
+    assert os.stat(tmp_path / "taken" / "text").st_ino == inode
+    assert tree_listing(tmp_path / "taken") == tree_listing(tmp_path / "copy")
+    assert hash_path(tmp_path / "taken") == (taken.nar_hash, taken.nar_size)
+    for dirpath, dirnames, filenames in os.walk(tmp_path / "taken"):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in [*dirnames, *filenames])]:
+            st = os.lstat(name)
+            assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()), name
+            assert st.st_mtime == 1, name
+            if not stat.S_ISLNK(st.st_mode):
+                assert stat.S_IMODE(st.st_mode) in (0o444, 0o555), name
+                assert os.listxattr(name) == [], name
+
+
+def test_taking_a_tree_with_a_fifo_fails(tmp_path: Path) -> None:
+    from store.ingest import take_tree
+
+    src = tmp_path / "out"
+    src.mkdir()
+    os.mkfifo(src / "pipe")
+    with pytest.raises(UnsupportedFileType):
+        take_tree(src, tmp_path / "taken")
+
+
+def test_taking_a_tree_from_another_file_system_copies_it(tmp_path: Path) -> None:
+    from store.ingest import copy_tree, take_tree
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = _builder_like_tree(Path(other) / "out")
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.fail("/dev/shm is on the same file system as the test's directory")
+        taken = take_tree(src, tmp_path / "taken")
+        assert taken == copy_tree(src, tmp_path / "copy")
+    assert tree_listing(tmp_path / "taken") == tree_listing(tmp_path / "copy")
