@@ -195,14 +195,14 @@ class Builder:
         self.retrier = RetryRunner(
             self.scheduler, self.history, limits, RetrySettings.from_settings(settings)
         )
-        # Per-slot freezer cgroups, named after the state dir so a restart reuses them.
+        # The builds' freezer cgroups, under one named after the state dir.
         tag = hashlib.sha256(str(state.root).encode()).hexdigest()[:16]
         self.freezer = Freezer.find(tag)
         self._free_slots = deque(range(settings.build_slots))
         self._slot_lot = trio.lowlevel.ParkingLot()
         # Slots their last build left ready for the next (laid out, emptied but for its
-        # inputs' mount points), with their cgroup's `cgroup.procs` ("" without a freezer).
-        self._ready: dict[int, str] = {}
+        # inputs' mount points).
+        self._ready: set[int] = set()
         # Derivations whose outputs a request found missing under the locks it took ahead,
         # with its token (`_reserve`); dropped when any build of one ends.
         self._found_missing: dict[str, object] = {}
@@ -671,31 +671,28 @@ class Builder:
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         freezer = self.freezer
-        ready = self._ready.pop(slot, None)
+        ready = slot in self._ready
+        self._ready.discard(slot)
         closure = inputs.closures.known(inputs.paths)
 
-        def prepare() -> tuple[list[str], str] | None:
+        def prepare() -> list[str] | None:
             # One worker-thread trip for all of it, and none when the slot is ready, the
             # closure known and the outputs known missing: on a chain, each trip is
             # latency.
             if needed is not None and not needed():
                 return None
             closure = inputs.closures.compute(inputs.paths)
-            if ready is not None:
-                return closure, ready
-            _prepare_workdir(work, self.store.store_dir, uid, gid, _mount_points(closure))
-            return closure, freezer.slot(slot) if freezer else ""
+            if not ready:
+                _prepare_workdir(work, self.store.store_dir, uid, gid, _mount_points(closure))
+            return closure
 
-        if needed is None and ready is not None and closure is not None:
-            cgroup = ready
-        else:
-            prepared = await trio.to_thread.run_sync(prepare)
-            if prepared is None:
-                if ready is not None:
-                    self._ready[slot] = ready
+        if needed is not None or not ready or closure is None:
+            closure = await trio.to_thread.run_sync(prepare)
+            if closure is None:
+                if ready:
+                    self._ready.add(slot)
                 finished()
                 return
-            closure, cgroup = prepared
         mount_points = _mount_points(closure)
         request = SpawnRequest(
             builder=drv.builder,
@@ -709,11 +706,12 @@ class Builder:
             inputs=closure,
             sandbox_paths=list(self.settings.sandbox_paths),
             network=drv.is_fixed_output,
-            cgroup=cgroup,
+            cgroup=str(freezer.base) if freezer else "",
         )
         read_end, write_end = os.pipe()
         log = _LogTail()
         ran = cleared = False
+        proc: Process | None = None
 
         def wrap_up() -> None:
             # The log, then the slot readied for the next build: emptied but for the mount
@@ -723,7 +721,9 @@ class Builder:
                     self._store_log(job.drv_path, log.data)
             finally:
                 _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
-                self._ready[slot] = freezer.slot(slot) if freezer else ""
+                self._ready.add(slot)
+                if freezer and proc is not None and proc.cgroup and proc.returncode is not None:
+                    freezer.remove(proc.cgroup)
 
         def finish_and_wrap_up() -> None:
             # One trip, nothing else running beside it: a build's dependents wait for it.
@@ -742,8 +742,8 @@ class Builder:
                 os.close(write_end)
             job.running()
             freeze = None
-            if freezer is not None and proc.in_cgroup:
-                freeze = functools.partial(freezer.freeze, slot)
+            if freezer is not None and proc.cgroup:
+                freeze = functools.partial(freezer.freeze, proc.cgroup)
             code, why, cause = await self._supervise(job, proc, read_end, log, opts, freeze)
             read_end = -1
             ran = True

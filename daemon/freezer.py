@@ -1,11 +1,11 @@
-"""A freezer cgroup per build slot: pausing a whole sandbox at once.
+"""A freezer cgroup per build: pausing a whole sandbox at once.
 
 With cgroup v2 (`cgroup.freeze`, any non-root cgroup) or the v1 freezer hierarchy
-(`freezer.state`), the daemon makes `weft-<tag>/<slot>` under its own cgroup, and the
-spawner puts the waiting spare sandbox in the slot's cgroup before it becomes the builder,
-so the builder and everything it starts are in it from their first instruction.  Freezing
-the cgroup stops them all at once, which SIGSTOP of a tree walked through /proc
-(`pause.py`, the fallback) can only approach.
+(`freezer.state`), the daemon makes `weft-<tag>/` under its own cgroup.  The spawner makes
+each spare sandbox in a cgroup of its own there (`spawner/server.py`), so a builder and
+everything it starts are in it from their first instruction; the daemon removes it once
+the build is over.  Freezing the cgroup stops them all at once, which SIGSTOP of a tree
+walked through /proc (`pause.py`, the fallback) can only approach.
 
 Without a usable hierarchy (no permission, no freezer), `find` returns None; a builder
 that did not end up in its cgroup (the join is best effort) is paused with signals.
@@ -66,19 +66,17 @@ class Freezer:
                 continue
         return None
 
-    def slot(self, slot: int) -> str:
-        """The slot's cgroup, thawed, made if need be: the path of its `cgroup.procs`."""
-        path = self.base / str(slot)
-        path.mkdir(exist_ok=True)
-        self.freeze(slot, False)
-        return str(path / "cgroup.procs")
-
-    def freeze(self, slot: int, frozen: bool) -> None:
-        path = self.base / str(slot)
+    def freeze(self, cgroup: str, frozen: bool) -> None:
+        path = Path(cgroup)
         if self.version == 2:
             (path / "cgroup.freeze").write_text("1" if frozen else "0")
         else:
             (path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+
+    def remove(self, cgroup: str) -> None:
+        """A build's cgroup, once its builder is reaped (else `close` removes it)."""
+        with contextlib.suppress(OSError):
+            os.rmdir(cgroup)
 
     def close(self) -> None:
         """Remove the cgroups (they are empty once every builder is reaped)."""

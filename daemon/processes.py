@@ -34,8 +34,8 @@ class Process:
         self.pid = pid
         self.argv = list(argv)
         self.returncode: int | None = None
-        # A builder: whether it runs in the cgroup its spawn named (for the freezer).
-        self.in_cgroup = False
+        # A builder: the cgroup of its own it runs in, for the freezer ("" if none).
+        self.cgroup = ""
         self._exited = trio.Event()
 
     async def wait(self) -> int:

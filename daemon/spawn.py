@@ -63,7 +63,7 @@ class SpawnerService(HelperConnection):
             int(reply["pid"]),  # type: ignore[call-overload]
             [request.builder, *request.args],
         )
-        proc.in_cgroup = bool(reply.get("cgroup"))
+        proc.cgroup = str(reply.get("cgroup") or "")
         return proc
 
     async def _unclaimed(self, reply: Reply) -> None:

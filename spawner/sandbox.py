@@ -56,7 +56,8 @@ class SpawnRequest:
     inputs: list[str] = field(default_factory=list)  # store paths, bound read-only
     sandbox_paths: list[str] = field(default_factory=list)  # host paths, bound read-only
     network: bool = False  # True: share the host's network (fixed-output builds)
-    # A `cgroup.procs` file the builder's tree joins (best effort), for the freezer.
+    # The daemon's freezer directory: the builder's tree runs in a cgroup of its own in
+    # it (best effort: the reply names it, or "").
     cgroup: str = ""
 
 

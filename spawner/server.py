@@ -8,6 +8,10 @@ the new pid namespace and orphaned, is adopted by the nearest subreaper, the dae
 process monitor reaps it.  The spare mounts what every sandbox has and waits on a socket
 of its own.
 
+Given a freezer directory (`SpawnRequest.cgroup`, learnt from the requests), each spare
+is made in a cgroup of its own in it, where its builder's whole tree will be: the daemon
+freezes that cgroup to pause the build, and removes it after.
+
 For each request (a msgpack map on a SEQPACKET socket, the log pipe's write end in
 SCM_RIGHTS) the spawner lays out the mount points, writes the spare's uid and gid maps
 (only a process outside the new user namespace may) and passes it the request and the
@@ -21,6 +25,7 @@ namespaces, most of a spawn's cost, are off the path from request to exec.
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import select
 import signal
@@ -89,6 +94,8 @@ class Spare:
     proc_dir: int  # /proc/<pid>: pins this very process for the uid and gid maps
     ctl: socket.socket  # the request and the log pipe go to it here
     status: int  # close-on-exec pipe: EOF = exec happened; data = a setup error
+    freezer: str  # the freezer directory it was made for ("" for none)
+    cgroup: str  # its own cgroup in that directory, if it could be made there
 
     def waiting(self) -> bool:
         """Still alive and waiting: it never writes to its socket, it only closes it by
@@ -101,18 +108,17 @@ class Spare:
         os.close(self.proc_dir)
         os.close(self.status)
 
+    def discard(self) -> None:
+        """Drop a spare that will never be a builder, and its cgroup (once it is empty:
+        else the daemon removes it when it stops)."""
+        self.close()
+        _remove_cgroup(self.cgroup)
+
     def start(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
         try:
             self._write_maps(req)
         except OSError as e:
             return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
-        joined = False
-        if req.cgroup:
-            # Before the builder execs, so that all it starts is in the cgroup too.  A
-            # failure is no build failure: the daemon is told, and pauses with signals.
-            with contextlib.suppress(OSError), open(req.cgroup, "w") as f:
-                f.write(str(self.pid))
-                joined = True
         try:
             self.ctl.sendmsg([_for_spare(req)], rights(log_fd))
         except OSError as e:
@@ -124,7 +130,7 @@ class Spare:
         failure = _read_all(self.status)
         if failure:
             return dict(msgpack.unpackb(failure))
-        return {"status": "ok", "pid": self.pid, "cgroup": joined}
+        return {"status": "ok", "pid": self.pid, "cgroup": self.cgroup}
 
     def _write_maps(self, req: SpawnRequest) -> None:
         for name, text in (
@@ -139,21 +145,70 @@ class Spare:
                 os.close(fd)
 
 
-def make_spare(skeleton: str, network: bool) -> Spare:
-    """Start the spare program, which clones the spare and reports its pid (spare.c)."""
+_cgroup_names = itertools.count()
+
+
+def _new_cgroup(freezer: str) -> str:
+    """A cgroup of its own for the next spare, in the freezer directory; "" if none can
+    be made (the build then runs outside, and the daemon pauses it with signals)."""
+    if not freezer:
+        return ""
+    path = os.path.join(freezer, f"{os.getpid()}-{next(_cgroup_names)}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return ""
+    return path
+
+
+def make_spare(skeleton: str, network: bool, freezer: str = "") -> Spare:
+    """Start the spare program, which clones the spare (in a cgroup of its own, in
+    `freezer`) and reports its pid (spare.c)."""
+    cgroup = _new_cgroup(freezer)
+    try:
+        try:
+            spare = _start_spare(skeleton, network, cgroup)
+        except SetupError:
+            if not cgroup:
+                raise
+            # A cgroup v1 freezer, or a kernel without clone3's CLONE_INTO_CGROUP: the
+            # spare is moved there instead, while it waits.
+            spare = _start_spare(skeleton, network, "")
+            try:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(spare.pid))
+            except OSError:
+                _remove_cgroup(cgroup)
+                cgroup = ""
+    except BaseException:
+        _remove_cgroup(cgroup)
+        raise
+    spare.freezer, spare.cgroup = freezer, cgroup
+    return spare
+
+
+def _remove_cgroup(path: str) -> None:
+    if path:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+def _start_spare(skeleton: str, network: bool, cgroup: str) -> Spare:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if cgroup else -1
     try:
         try:
             launcher = os.posix_spawn(
                 SPARE,
-                [SPARE, skeleton, "1" if network else "0"],
+                [SPARE, skeleton, "1" if network else "0", *(["5"] if cgroup else [])],
                 {},
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, pid_w, 1),
                     (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
                     (os.POSIX_SPAWN_DUP2, status_w, 4),
+                    *([(os.POSIX_SPAWN_DUP2, cgroup_fd, 5)] if cgroup else []),
                 ],
             )
         except OSError as e:
@@ -162,6 +217,8 @@ def make_spare(skeleton: str, network: bool) -> Spare:
             theirs.close()
             os.close(status_w)
             os.close(pid_w)
+            if cgroup:
+                os.close(cgroup_fd)
         reported = _read_all(pid_r)
         os.waitpid(launcher, 0)
         if not reported:
@@ -182,7 +239,7 @@ def make_spare(skeleton: str, network: bool) -> Spare:
         raise
     finally:
         os.close(pid_r)
-    return Spare(pid, proc_dir, ours, status_r)
+    return Spare(pid, proc_dir, ours, status_r, "", "")
 
 
 def _setup_error(failure: bytes) -> SetupError:
@@ -200,33 +257,41 @@ class Spawner:
         self.skeleton = skeleton
         self.spares: dict[bool, Spare] = {}
         self.last_network = False
+        self.freezer = ""  # the last request's
 
     def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+        self.freezer = req.cgroup
         try:
             prepare_root(req, self.skeleton)
             spare = self.spares.pop(req.network, None)
-            if spare is not None and not spare.waiting():
-                spare.close()
+            if spare is not None and (spare.freezer != req.cgroup or not spare.waiting()):
+                spare.discard()
                 spare = None
             if spare is None:
-                spare = make_spare(self.skeleton, req.network)
+                spare = make_spare(self.skeleton, req.network, req.cgroup)
         except SetupError as e:
             return _error_of(e)
+        reply: dict[str, Any] = {"status": "error"}
         try:
-            return spare.start(req, log_fd)
+            reply = spare.start(req, log_fd)
         finally:
-            spare.close()
+            # A builder's cgroup is the daemon's to remove.
+            if reply["status"] == "ok":
+                spare.close()
+            else:
+                spare.discard()
+        return reply
 
     def keep_spare(self, network: bool) -> None:
         """Make a spare for the next request like the last one, if there is none."""
         if network not in self.spares:
             # A failure here comes back to the request that needs the spare.
             with contextlib.suppress(SetupError):
-                self.spares[network] = make_spare(self.skeleton, network)
+                self.spares[network] = make_spare(self.skeleton, network, self.freezer)
 
     def close(self) -> None:
         for spare in self.spares.values():
-            spare.close()
+            spare.discard()
         self.spares.clear()
 
 

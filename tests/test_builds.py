@@ -47,6 +47,23 @@ def test_parallelism_is_bounded_by_max_jobs(graph: Graph) -> None:
     assert most == 2
 
 
+def test_each_builder_runs_in_a_freezer_cgroup_of_its_own_removed_after(graph: Graph) -> None:
+    from daemon.freezer import _mount
+
+    script = "cat /proc/self/cgroup > $out; sleep 0.3"
+    drvs = [graph.sh(f"cg{i}", script, env={"I": str(i)}) for i in range(3)]
+    assert [r["status"] for r in graph.build(*drvs, max_jobs=3)] == ["built"] * 3
+    cgroups = []
+    for d in drvs:
+        (line,) = [x for x in Path(d.out).read_text().splitlines() if x.startswith("0::")]
+        cgroups.append(line.removeprefix("0::"))
+    assert len(set(cgroups)) == 3
+    for cgroup in cgroups:
+        assert os.path.basename(os.path.dirname(cgroup)).startswith("weft-"), cgroup
+        assert not os.path.exists(f"{_mount(2)}{cgroup}")
+    assert os.path.isdir(f"{_mount(2)}{os.path.dirname(cgroups[0])}")
+
+
 def test_two_clients_one_build(graph: Graph, builder_daemon: DaemonProc) -> None:
     slow = graph.sh("slow", "sleep 1; echo done > $out")
     seen: list[list[str]] = []
