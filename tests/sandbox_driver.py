@@ -84,6 +84,12 @@ def spares() -> list[int]:
     return found
 
 
+def held_mount_namespaces(pid: int) -> int:
+    """How many mount namespaces `pid` holds open (other than its own)."""
+    fd_dir = f"/proc/{pid}/fd"
+    return sum(os.readlink(f"{fd_dir}/{fd}").startswith("mnt:") for fd in os.listdir(fd_dir))
+
+
 def zombies() -> int:
     """Our children that died and were never reaped."""
     count = 0
@@ -152,6 +158,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             result["codes"] = await repeat(spawner, request, work, args.repeat)
             await trio.sleep(0.3)
             result["zombies"] = zombies()
+            result["held_mount_namespaces"] = held_mount_namespaces(spawner.spawner_pid)
             await spawner.aclose()
             n.cancel_scope.cancel()
             return result
