@@ -707,7 +707,7 @@ class Builder:
             inputs=closure,
             sandbox_paths=list(self.settings.sandbox_paths),
             network=drv.is_fixed_output,
-            cgroup=str(freezer.base) if freezer else "",
+            freezer=str(freezer.base) if freezer else "",
         )
         read_end, write_end = os.pipe()
         log = _LogTail()
@@ -721,10 +721,10 @@ class Builder:
                 if ran:
                     self._store_log(job.drv_path, log.data)
             finally:
-                _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
-                self._ready.add(slot)
                 if freezer and proc is not None and proc.cgroup and proc.returncode is not None:
                     freezer.remove(proc.cgroup)
+                _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
+                self._ready.add(slot)
 
         def finish_and_wrap_up() -> None:
             # One trip, nothing else running beside it: a build's dependents wait for it.

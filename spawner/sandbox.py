@@ -58,7 +58,7 @@ class SpawnRequest:
     network: bool = False  # True: share the host's network (fixed-output builds)
     # The daemon's freezer directory: the builder's tree runs in a cgroup of its own in
     # it (best effort: the reply names it, or "").
-    cgroup: str = ""
+    freezer: str = ""
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ the new pid namespace and orphaned, is adopted by the nearest subreaper, the dae
 process monitor reaps it.  The spare mounts what every sandbox has and waits on a socket
 of its own.
 
-Given a freezer directory (`SpawnRequest.cgroup`, learnt from the requests), each spare
+Given a freezer directory (`SpawnRequest.freezer`, learnt from the requests), each spare
 is made in a cgroup of its own in it, where its builder's whole tree will be: the daemon
 freezes that cgroup to pause the build, and removes it after.
 
@@ -201,21 +201,33 @@ def _remove_cgroup(path: str) -> None:
 
 
 def _start_spare(skeleton: str, network: bool, cgroup: str) -> Spare:
+    try:
+        cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if cgroup else -1
+    except OSError as e:
+        raise SetupError("start spare", e.errno or 0, cgroup, e.strerror or str(e)) from e
+    try:
+        return _launch(skeleton, network, cgroup_fd)
+    finally:
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)
+
+
+def _launch(skeleton: str, network: bool, cgroup_fd: int) -> Spare:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if cgroup else -1
+    into_cgroup = cgroup_fd >= 0
     try:
         try:
             launcher = os.posix_spawn(
                 SPARE,
-                [SPARE, skeleton, "1" if network else "0", *(["5"] if cgroup else [])],
+                [SPARE, skeleton, "1" if network else "0", *(["5"] if into_cgroup else [])],
                 {},
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, pid_w, 1),
                     (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
                     (os.POSIX_SPAWN_DUP2, status_w, 4),
-                    *([(os.POSIX_SPAWN_DUP2, cgroup_fd, 5)] if cgroup else []),
+                    *([(os.POSIX_SPAWN_DUP2, cgroup_fd, 5)] if into_cgroup else []),
                 ],
             )
         except OSError as e:
@@ -224,8 +236,6 @@ def _start_spare(skeleton: str, network: bool, cgroup: str) -> Spare:
             theirs.close()
             os.close(status_w)
             os.close(pid_w)
-            if cgroup:
-                os.close(cgroup_fd)
         reported = _read_all(pid_r)
         os.waitpid(launcher, 0)
         if not reported:
@@ -269,15 +279,15 @@ class Spawner:
         self.held: list[int] = []
 
     def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
-        self.freezer = req.cgroup
+        self.freezer = req.freezer
         try:
             prepare_root(req, self.skeleton)
             spare = self.spares.pop(req.network, None)
-            if spare is not None and (spare.freezer != req.cgroup or not spare.waiting()):
+            if spare is not None and (spare.freezer != req.freezer or not spare.waiting()):
                 spare.discard()
                 spare = None
             if spare is None:
-                spare = make_spare(self.skeleton, req.network, req.cgroup)
+                spare = make_spare(self.skeleton, req.network, req.freezer)
         except SetupError as e:
             return _error_of(e)
         reply: dict[str, Any] = {"status": "error"}

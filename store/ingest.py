@@ -11,6 +11,7 @@ the add fail but never makes it read outside the tree it was given.
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -42,15 +43,42 @@ class Ingested:
     nar_size: int
 
 
-class _Copier:
+class _Archiver:
+    """Feeds the archive serialisation of a tree, as it is walked, to the hasher."""
+
     def __init__(self) -> None:
         self.hasher = blake3.blake3()
         self.size = 0
-        self._buf: bytearray | None = None
 
     def feed(self, data: bytes | memoryview) -> None:
         self.hasher.update(data)
         self.size += len(data)
+
+    def ingested(self) -> Ingested:
+        return Ingested(format_hash(self.hasher.digest()), self.size)
+
+    def entries(self, fd: int, visit: Callable[[bytes, int], None]) -> None:
+        """A directory's framing, with `visit(name, mode)` for each entry, in order."""
+        self.feed(nar.DIRECTORY)
+        for child in nar.sorted_names(fd):
+            mode = os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode
+            self.feed(nar.entry_start(child))
+            visit(child, mode)
+            self.feed(nar.ENTRY_END)
+        self.feed(nar.DIRECTORY_END)
+
+
+def _unsupported(name: bytes, mode: int) -> UnsupportedFileType:
+    return UnsupportedFileType(
+        f"{os.fsdecode(name)}: not a regular file, symlink or directory "
+        f"(type {stat.filemode(mode)[0]!r})"
+    )
+
+
+class _Copier(_Archiver):
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf: bytearray | None = None
 
     def node(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes, mode: int) -> None:
         if stat.S_ISREG(mode):
@@ -63,10 +91,7 @@ class _Copier:
         elif stat.S_ISDIR(mode):
             self.directory(src_dir, name, dst_dir, dst_name)
         else:
-            raise UnsupportedFileType(
-                f"{os.fsdecode(name)}: not a regular file, symlink or directory "
-                f"(type {stat.filemode(mode)[0]!r})"
-            )
+            raise _unsupported(name, mode)
 
     def directory(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes) -> None:
         sfd = os.open(name, _DIR_FLAGS, dir_fd=src_dir)
@@ -74,13 +99,7 @@ class _Copier:
             os.mkdir(dst_name, 0o700, dir_fd=dst_dir)
             dfd = os.open(dst_name, _DIR_FLAGS, dir_fd=dst_dir)
             try:
-                self.feed(nar.DIRECTORY)
-                for child in nar.sorted_names(sfd):
-                    child_mode = os.stat(child, dir_fd=sfd, follow_symlinks=False).st_mode
-                    self.feed(nar.entry_start(child))
-                    self.node(sfd, child, dfd, child, child_mode)
-                    self.feed(nar.ENTRY_END)
-                self.feed(nar.DIRECTORY_END)
+                self.entries(sfd, lambda child, mode: self.node(sfd, child, dfd, child, mode))
                 os.fchmod(dfd, 0o555)
                 os.utime(dfd, (1, 1))
             finally:
@@ -130,18 +149,13 @@ class _Copier:
             raise SourceChanged(f"{os.fsdecode(name)}: grew while being added")
 
 
-class _Settler:
+class _Settler(_Archiver):
     """Makes a tree canonical where it lies (owner, modes, mtime 1, no extended
     attributes), feeding its archive serialisation to the hasher as `_Copier` does."""
 
     def __init__(self) -> None:
-        self.hasher = blake3.blake3()
-        self.size = 0
+        super().__init__()
         self._ids = os.geteuid(), os.getegid()
-
-    def feed(self, data: bytes | memoryview) -> None:
-        self.hasher.update(data)
-        self.size += len(data)
 
     def node(self, dir_fd: int, name: bytes, mode: int) -> None:
         if stat.S_ISREG(mode):
@@ -153,21 +167,12 @@ class _Settler:
         elif stat.S_ISDIR(mode):
             self.directory(dir_fd, name)
         else:
-            raise UnsupportedFileType(
-                f"{os.fsdecode(name)}: not a regular file, symlink or directory "
-                f"(type {stat.filemode(mode)[0]!r})"
-            )
+            raise _unsupported(name, mode)
 
     def directory(self, dir_fd: int, name: bytes) -> None:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
-            self.feed(nar.DIRECTORY)
-            for child in nar.sorted_names(fd):
-                child_mode = os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode
-                self.feed(nar.entry_start(child))
-                self.node(fd, child, child_mode)
-                self.feed(nar.ENTRY_END)
-            self.feed(nar.DIRECTORY_END)
+            self.entries(fd, lambda child, mode: self.node(fd, child, mode))
             self._settle(fd, 0o555)
         finally:
             os.close(fd)
@@ -243,7 +248,7 @@ def _copy_into(src: str | os.PathLike[str], dest_dir: int, dest_name: bytes) -> 
         copier.node(spfd, src_name, dest_dir, dest_name, mode)
     finally:
         os.close(spfd)
-    return Ingested(format_hash(copier.hasher.digest()), copier.size)
+    return copier.ingested()
 
 
 def take_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Ingested:
@@ -269,7 +274,7 @@ def take_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Inge
         settler.node(pfd, name, os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode)
     finally:
         os.close(pfd)
-    return Ingested(format_hash(settler.hasher.digest()), settler.size)
+    return settler.ingested()
 
 
 def copy_tree_as(

@@ -1,6 +1,5 @@
 """Real builders (Debian's static busybox, from the store) in real namespaces."""
 
-import dataclasses
 import errno
 import json
 import os
@@ -10,7 +9,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -186,27 +185,37 @@ def test_build_slots_map_to_their_own_host_ids() -> None:
         build_ids(0, 0, 64)
 
 
-def test_mount_points_are_kept_only_while_they_are_still_mount_points(tmp_path: Path) -> None:
+def _slot_preparer(tmp_path: Path) -> tuple[Path, Path, Callable[[list[Path]], None]]:
+    """A store dir, a build slot's store dir, and `prepare_root` for requests of inputs."""
     from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
 
     store = tmp_path / "store"
+    store.mkdir()
+    root = tmp_path / "root"
+    skeleton = make_skeleton(str(tmp_path / "spawner"))
+
+    def prepare(inputs: list[Path]) -> None:
+        request = SpawnRequest(
+            builder="/bin/true",
+            root=str(root),
+            build_dir=str(tmp_path / "build"),
+            store_dir=str(store),
+            host_uid=os.geteuid(),
+            host_gid=os.getegid(),
+            inputs=[str(p) for p in inputs],
+        )
+        prepare_root(request, skeleton)
+
+    return store, root / str(store).lstrip("/"), prepare
+
+
+def test_mount_points_are_kept_only_while_they_are_still_mount_points(tmp_path: Path) -> None:
+    store, slot_store, prepare = _slot_preparer(tmp_path)
     tree, text, link = store / "aaa-tree", store / "bbb-text", store / "ccc-link"
     (tree / "bin").mkdir(parents=True)
     text.write_text("x")
     link.symlink_to("aaa-tree")
-    root = tmp_path / "root"
-    slot_store = root / str(store).lstrip("/")
-    request = SpawnRequest(
-        builder="/bin/true",
-        root=str(root),
-        build_dir=str(tmp_path / "build"),
-        store_dir=str(store),
-        host_uid=os.geteuid(),
-        host_gid=os.getegid(),
-        inputs=[str(tree), str(text), str(link)],
-    )
-    skeleton = make_skeleton(str(tmp_path / "spawner"))
-    prepare_root(request, skeleton)
+    prepare([tree, text, link])
     kept = (slot_store / "aaa-tree").stat().st_ino
     # What a builder could leave under the names of inputs (after a crash of the daemon,
     # which otherwise empties the slot's store dir but for mount points): a full directory,
@@ -214,72 +223,39 @@ def test_mount_points_are_kept_only_while_they_are_still_mount_points(tmp_path: 
     (slot_store / "bbb-text").write_text("left by a builder")
     (slot_store / "ccc-link").unlink()
     (slot_store / "ccc-link").symlink_to("/etc")
-    prepare_root(request, skeleton)
+    prepare([tree, text, link])
     assert (slot_store / "aaa-tree").stat().st_ino == kept
     assert (slot_store / "bbb-text").read_text() == ""
     assert os.readlink(slot_store / "ccc-link") == "aaa-tree"
     (slot_store / "aaa-tree" / "junk").mkdir()
     (slot_store / "aaa-tree" / "junk").chmod(0o500)
-    prepare_root(request, skeleton)
+    prepare([tree, text, link])
     assert os.listdir(slot_store / "aaa-tree") == []
     assert sorted(os.listdir(slot_store)) == ["aaa-tree", "bbb-text", "ccc-link"]
 
 
 def test_what_an_earlier_build_left_in_the_slot_store_dir_goes(tmp_path: Path) -> None:
-    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
-
-    store = tmp_path / "store"
-    store.mkdir()
+    store, slot_store, prepare = _slot_preparer(tmp_path)
     (store / "aaa-input").write_text("x")
     (store / "eee-other").write_text("y")
-    root = tmp_path / "root"
-    slot_store = root / str(store).lstrip("/")
-    skeleton = make_skeleton(str(tmp_path / "spawner"))
-    earlier = SpawnRequest(
-        builder="/bin/true",
-        root=str(root),
-        build_dir=str(tmp_path / "build"),
-        store_dir=str(store),
-        host_uid=os.geteuid(),
-        host_gid=os.getegid(),
-        inputs=[str(store / "eee-other"), str(store / "aaa-input")],
-    )
-    prepare_root(earlier, skeleton)
+    prepare([store / "eee-other", store / "aaa-input"])
     # The daemon leaves an earlier build's mount points; a crash may leave its outputs.
     (slot_store / "fff-output" / "bin").mkdir(parents=True)
     (slot_store / "fff-output" / "bin").chmod(0o500)
-    prepare_root(dataclasses.replace(earlier, inputs=[str(store / "aaa-input")]), skeleton)
+    prepare([store / "aaa-input"])
     assert os.listdir(slot_store) == ["aaa-input"]
 
 
 def test_a_mount_point_left_for_another_path_is_renamed_rather_than_made_anew(
     tmp_path: Path,
 ) -> None:
-    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
-
-    store = tmp_path / "store"
-    store.mkdir()
+    store, slot_store, prepare = _slot_preparer(tmp_path)
     (store / "aaa-file").write_text("a")
     (store / "bbb-file").write_text("b")
     (store / "ccc-dir").mkdir()
-    root = tmp_path / "root"
-    slot_store = root / str(store).lstrip("/")
-    skeleton = make_skeleton(str(tmp_path / "spawner"))
-    request = SpawnRequest(
-        builder="/bin/true",
-        root=str(root),
-        build_dir=str(tmp_path / "build"),
-        store_dir=str(store),
-        host_uid=os.geteuid(),
-        host_gid=os.getegid(),
-        inputs=[str(store / "aaa-file")],
-    )
-    prepare_root(request, skeleton)
+    prepare([store / "aaa-file"])
     first = (slot_store / "aaa-file").stat().st_ino
-    prepare_root(
-        dataclasses.replace(request, inputs=[str(store / "bbb-file"), str(store / "ccc-dir")]),
-        skeleton,
-    )
+    prepare([store / "bbb-file", store / "ccc-dir"])
     assert sorted(os.listdir(slot_store)) == ["bbb-file", "ccc-dir"]
     assert (slot_store / "bbb-file").stat().st_ino == first
     assert (slot_store / "ccc-dir").is_dir()
