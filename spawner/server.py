@@ -201,33 +201,25 @@ def _remove_cgroup(path: str) -> None:
 
 
 def _start_spare(skeleton: str, network: bool, cgroup: str) -> Spare:
-    try:
-        cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if cgroup else -1
-    except OSError as e:
-        raise SetupError("start spare", e.errno or 0, cgroup, e.strerror or str(e)) from e
-    try:
-        return _launch(skeleton, network, cgroup_fd)
-    finally:
-        if cgroup_fd >= 0:
-            os.close(cgroup_fd)
-
-
-def _launch(skeleton: str, network: bool, cgroup_fd: int) -> Spare:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    into_cgroup = cgroup_fd >= 0
+    cgroup_fd = -1
     try:
         try:
+            if cgroup:
+                # Opened last, its number is above those posix_spawn's actions move fds
+                # to (in order: one moved onto a number still to be read would be lost).
+                cgroup_fd = _open_cgroup(cgroup)
             launcher = os.posix_spawn(
                 SPARE,
-                [SPARE, skeleton, "1" if network else "0", *(["5"] if into_cgroup else [])],
+                [SPARE, skeleton, "1" if network else "0", *(["5"] if cgroup else [])],
                 {},
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, pid_w, 1),
                     (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
                     (os.POSIX_SPAWN_DUP2, status_w, 4),
-                    *([(os.POSIX_SPAWN_DUP2, cgroup_fd, 5)] if into_cgroup else []),
+                    *([(os.POSIX_SPAWN_DUP2, cgroup_fd, 5)] if cgroup else []),
                 ],
             )
         except OSError as e:
@@ -236,6 +228,8 @@ def _launch(skeleton: str, network: bool, cgroup_fd: int) -> Spare:
             theirs.close()
             os.close(status_w)
             os.close(pid_w)
+            if cgroup_fd >= 0:
+                os.close(cgroup_fd)
         reported = _read_all(pid_r)
         os.waitpid(launcher, 0)
         if not reported:
@@ -257,6 +251,13 @@ def _launch(skeleton: str, network: bool, cgroup_fd: int) -> Spare:
     finally:
         os.close(pid_r)
     return Spare(pid, proc_dir, ours, status_r, "", "")
+
+
+def _open_cgroup(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SetupError("start spare", e.errno or 0, path, e.strerror or str(e)) from e
 
 
 def _setup_error(failure: bytes) -> SetupError:

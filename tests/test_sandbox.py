@@ -9,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -259,3 +260,28 @@ def test_a_mount_point_left_for_another_path_is_renamed_rather_than_made_anew(
     assert sorted(os.listdir(slot_store)) == ["bbb-file", "ccc-dir"]
     assert (slot_store / "bbb-file").stat().st_ino == first
     assert (slot_store / "ccc-dir").is_dir()
+
+
+def test_a_spare_is_cloned_right_into_its_cgroup(tmp_path: Path) -> None:
+    """Not moved there once cloned (which takes locks that sometimes wait long): that is
+    `make_spare`'s fallback, for kernels without clone3's CLONE_INTO_CGROUP."""
+    from daemon.freezer import Freezer
+    from spawner.sandbox import make_skeleton
+    from spawner.server import _start_spare
+
+    freezer = Freezer.find(f"test-{os.getpid()}")
+    assert freezer is not None and freezer.version == 2
+    cgroup = freezer.base / "spare"
+    cgroup.mkdir()
+    try:
+        spare = _start_spare(make_skeleton(str(tmp_path / "spawner")), False, str(cgroup))
+        try:
+            assert (cgroup / "cgroup.procs").read_text().split() == [str(spare.pid)]
+        finally:
+            spare.close()
+            os.kill(spare.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (cgroup / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        freezer.close()
