@@ -21,23 +21,25 @@ from store.layout import Settings
 
 @dataclass(frozen=True)
 class Limits:
+    """The load limits in force, from the settings (whose defaults are the defaults)."""
+
     # Pressure (% of time some task stalled) per resource; 0 turns a limit off.
-    cpu: float = 60.0
-    memory: float = 20.0
-    io: float = 80.0
+    cpu: float
+    memory: float
+    io: float
     # 1-minute load average per core; 0: off.
-    load_per_core: float = 0.0
+    load_per_core: float
     # Bytes of MemAvailable below which no build starts; 0: off.
-    min_available: int = 0
+    min_available: int
     # Under this share of every limit, the load counts as relieved.
-    resume_fraction: float = 0.5
+    resume_fraction: float
     # Memory pressure at which the newest builds are paused; resumed under
     # resume_fraction of it.  0: never pause.
-    pause_memory: float = 50.0
-    cores: int = 1
+    pause_memory: float
+    cores: int
 
     @classmethod
-    def from_settings(cls, s: Settings, cores: int) -> "Limits":
+    def from_settings(cls, s: Settings, cores: int = 1) -> "Limits":
         return cls(
             cpu=s.max_cpu_pressure,
             memory=s.max_memory_pressure,

@@ -1,11 +1,17 @@
 """The scheduling and retry policy cores, without a daemon: load files, admission, retries."""
 
+import dataclasses
 from pathlib import Path
 
 from daemon.admission import Admission, Limits
 from daemon.loadsignals import IDLE, ProcReader, peak
 from daemon.retry import Cause, Failed, RetrySettings, classify, decide
 from store.layout import Settings
+
+
+def limits(**changed: float) -> Limits:
+    """The default limits, `changed` as given."""
+    return dataclasses.replace(Limits.from_settings(Settings()), **changed)
 
 
 def write_proc(root: Path, cpu: str, memory: str = "", io: str = "") -> None:
@@ -41,11 +47,11 @@ def test_proc_reader_rates_from_totals_and_avg10_without(tmp_path: Path, monkeyp
 def test_no_pressure_files_is_no_pressure(tmp_path: Path) -> None:
     sample = ProcReader(str(tmp_path)).sample()
     assert sample.cpu is None and sample.memory is None and sample.load1 == 0.0
-    assert not Limits().over(sample)
+    assert not limits().over(sample)
 
 
 def test_admission_backs_off_under_pressure_and_recovers_with_hysteresis() -> None:
-    adm = Admission(Limits(cpu=60.0, resume_fraction=0.5), max_jobs=4)
+    adm = Admission(limits(cpu=60.0, resume_fraction=0.5), max_jobs=4)
     hot, warm, cool = (IDLE.__class__(0, c, 0, 0, 0, 0, 0, 0) for c in (80.0, 45.0, 10.0))
     adm.on_sample(hot, running=4)
     assert adm.limit == 3 and adm.held_back == ["cpu pressure 80% > 60%"]
@@ -65,7 +71,7 @@ def test_admission_backs_off_under_pressure_and_recovers_with_hysteresis() -> No
 
 
 def test_retries_go_first_and_cap_parallelism() -> None:
-    adm = Admission(Limits(), max_jobs=4)
+    adm = Admission(limits(), max_jobs=4)
     assert adm.may_start(2, [], None, retry_waiting=False)
     assert not adm.may_start(2, [], None, retry_waiting=True)  # a retry waits to drain
     assert not adm.may_start(2, [], cap=2, retry_waiting=True)
@@ -74,7 +80,7 @@ def test_retries_go_first_and_cap_parallelism() -> None:
 
 
 def test_pause_and_resume_follow_memory_pressure() -> None:
-    adm = Admission(Limits(pause_memory=50.0, resume_fraction=0.5), max_jobs=4)
+    adm = Admission(limits(pause_memory=50.0, resume_fraction=0.5), max_jobs=4)
     high, mid, low = (IDLE.__class__(0, 0, m, 0, 0, 0, 0, 0) for m in (70.0, 40.0, 10.0))
     assert adm.to_pause(high, unpaused=2)
     assert not adm.to_pause(high, unpaused=1)  # one build always runs
