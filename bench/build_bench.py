@@ -1,6 +1,8 @@
 """Builds side by side with nix-daemon (sandbox on, same machine, same run), busybox as the
 builder: 200 independent trivial derivations, and a chain of 50, in alternated rounds (the
-median of each round's weft/nix ratio is reported).  Also reference scanning.
+median of each round's weft/nix ratio is reported).  Before each timed graph the machine
+is let settle (`bench.measure.settle`): the kernel tears the namespaces of the last
+graph's sandboxes down for a while after it, whoever built it.  Also reference scanning.
 
 The Nix column needs Debian's nix-bin (install.sh installs it); this bench starts its own
 nix-daemon with a scratch configuration, and says so when it cannot.
@@ -48,6 +50,7 @@ def _weft(work: Path, nonce: str) -> tuple[float, float]:
             results = client.call("build", drvs=[x.path for x in flat], max_jobs=JOBS)
             flat_time = time.perf_counter() - t
             assert all(r["status"] == "built" for r in results), results[:3]
+            settle()
             t = time.perf_counter()
             (last,) = client.call("build", drvs=[chain[-1].path], max_jobs=JOBS)
             chain_time = time.perf_counter() - t
@@ -86,6 +89,7 @@ in {{
             t = time.perf_counter()
             nix("nix-store", "--realise", "--max-jobs", str(JOBS), *flat)
             flat_time = time.perf_counter() - t
+            settle()
             t = time.perf_counter()
             nix("nix-store", "--realise", "--max-jobs", str(JOBS), *last)
             chain_time = time.perf_counter() - t

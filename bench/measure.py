@@ -17,10 +17,28 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def settle() -> None:
-    """Flush dirty pages so one run's writeback does not land in the next run's time."""
+def _busy(interval: float) -> float:
+    """The share of the machine's CPU time that was not idle over `interval` seconds."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle and iowait; all
+
+    idle0, all0 = read()
+    time.sleep(interval)
+    idle1, all1 = read()
+    return 1 - (idle1 - idle0) / max(1, all1 - all0)
+
+
+def settle(patience: float = 5.0) -> None:
+    """Flush dirty pages, then wait (at most `patience` seconds) until the machine is
+    quiet: one run's writeback, and the kernel's teardown of the namespaces of its
+    sandboxes, which goes on for a while after it, must not land in the next run's time."""
     os.sync()
-    time.sleep(0.2)
+    deadline = time.monotonic() + patience
+    while _busy(0.2) > 0.1 and time.monotonic() < deadline:
+        pass
 
 
 def timed(fn: Callable[[], object]) -> float:
