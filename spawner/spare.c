@@ -10,12 +10,12 @@
  * network namespaces, and with CGROUP_FD (an open cgroup v2 directory) right into that
  * cgroup: a clone into a cgroup takes none of the locks that moving a process there later
  * takes, whose wait for other CPUs sometimes lasts milliseconds.  It writes the spare's
- * pid and exits: the spare, orphaned, becomes the
- * child of the nearest subreaper, the daemon, whose process monitor reaps it.  The spare
- * mounts what every sandbox has (settle), then waits on fd 3 for one request and the log
- * pipe (SCM_RIGHTS); it binds the slot's store dir, the inputs and /build, pivots into
- * the skeleton, drops to the build user and execs the builder.  In C, so that a spare
- * costs no copy of a Python process and its exec no teardown of one.
+ * pid and exits: the spare, orphaned, becomes the child of the nearest subreaper, the
+ * daemon, whose process monitor reaps it.  The spare mounts what every sandbox has
+ * (settle), then waits on fd 3 for one request and the log pipe (SCM_RIGHTS); it binds
+ * the slot's store dir, the inputs and /build, pivots into the skeleton, drops to the
+ * build user and execs the builder.  In C, so that a spare costs no copy of a Python
+ * process and its exec no teardown of one.
  * spawner/sandbox.py describes the sandbox; this mirrors it step by step.
  *
  * The request is a list of NUL-terminated strings:
