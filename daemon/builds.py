@@ -38,6 +38,7 @@ import trio
 from daemon.admission import Admission, Limits
 from daemon.closures import Closures
 from daemon.collector import Collector
+from daemon.cpus import UNSHARED, Cpus
 from daemon.freezer import Freezer
 from daemon.keepfailed import keep_failed
 from daemon.loadsignals import LoadMonitor, ProcReader
@@ -175,8 +176,10 @@ class Builder:
         locks: LockService,
         spawner: SpawnerService,
         collector: Collector | None = None,
+        cpus: Cpus = UNSHARED,
     ) -> None:
         self.state = state
+        self.cpus = cpus
         self.collector = collector
         self.store = store
         self.settings = settings
@@ -764,7 +767,7 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
-            await trio.to_thread.run_sync(finish_and_wrap_up)
+            await trio.to_thread.run_sync(self.cpus.spread(finish_and_wrap_up))
             if job.run is not None:
                 job.run.succeeded = True
             finished()

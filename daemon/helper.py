@@ -11,11 +11,12 @@ import itertools
 import logging
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import msgpack
 import trio
 
+from daemon.cpus import place
 from daemon.packets import rights
 from daemon.processes import Process, ProcessMonitor
 
@@ -24,8 +25,11 @@ _CHILD_FD = 3
 Reply = dict[str, object]
 
 
-def start_helper(monitor: ProcessMonitor, module: str) -> tuple[Process, socket.socket]:
-    """`python -m <module> 3`, with fd 3 its end of a new socketpair; ours is returned."""
+def start_helper(
+    monitor: ProcessMonitor, module: str, cpus: Collection[int] | None = None
+) -> tuple[Process, socket.socket]:
+    """`python -m <module> 3`, with fd 3 its end of a new socketpair, on `cpus` if given
+    (`daemon.cpus`); ours is returned."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = monitor.spawn(
@@ -33,6 +37,7 @@ def start_helper(monitor: ProcessMonitor, module: str) -> tuple[Process, socket.
         )
     finally:
         theirs.close()
+    place(proc.pid, cpus)
     return proc, ours
 
 

@@ -19,10 +19,11 @@ them in between), they fail cleanly instead.
 """
 
 import contextlib
+import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -70,8 +71,10 @@ class _Owner:
     lost: bool = False
 
 
-def start_locker_process(monitor: ProcessMonitor) -> tuple[Process, socket.socket]:
-    return start_helper(monitor, "locker")
+def start_locker_process(
+    monitor: ProcessMonitor, cpus: Collection[int] | None = None
+) -> tuple[Process, socket.socket]:
+    return start_helper(monitor, "locker", cpus)
 
 
 def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
@@ -110,8 +113,9 @@ class LockService(HelperConnection):
         sock: socket.socket,
         daemon_lock: str | None = None,
         on_daemon_lock_lost: Callable[[], object] = lambda: None,
+        cpus: Collection[int] | None = None,
     ) -> None:
-        super().__init__(monitor, start_locker_process, proc, sock)
+        super().__init__(monitor, functools.partial(start_locker_process, cpus=cpus), proc, sock)
         self._abandoned_locks: dict[int, str] = {}  # request -> owner, for unawaited grants
         self._owners: dict[str, _Owner] = {}
         self._daemon_lock = daemon_lock

@@ -21,6 +21,7 @@ import trio
 
 from daemon import auth
 from daemon.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.cpus import Cpus
 from daemon.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.ops import OPERATIONS
 from daemon.processes import ProcessMonitor
@@ -37,7 +38,9 @@ class AlreadyRunning(RuntimeError):
     pass
 
 
-def take_daemon_lock(state: StateDir, monitor: ProcessMonitor) -> tuple[LockService, trio.Event]:
+def take_daemon_lock(
+    state: StateDir, monitor: ProcessMonitor, cpus: Cpus
+) -> tuple[LockService, trio.Event]:
     """Start the locker and have it hold `var/daemon.lock`: one daemon per state dir.
 
     The daemon's pid goes to `var/daemon.pid`, not into the lock file: a lock file with
@@ -45,7 +48,7 @@ def take_daemon_lock(state: StateDir, monitor: ProcessMonitor) -> tuple[LockServ
     """
     lock_path = str(state.root / "var" / "daemon.lock")
     pid_path = state.root / "var" / "daemon.pid"
-    proc, sock = start_locker_process(monitor)
+    proc, sock = start_locker_process(monitor, cpus.for_helper(shares=True))
     try:
         granted = lock_file_blocking(sock, lock_path, DAEMON_OWNER)
     except BaseException:
@@ -60,7 +63,10 @@ def take_daemon_lock(state: StateDir, monitor: ProcessMonitor) -> tuple[LockServ
         raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})")
     pid_path.write_text(f"{os.getpid()}\n")
     lost = trio.Event()
-    return LockService(monitor, proc, sock, lock_path, lost.set), lost
+    return (
+        LockService(monitor, proc, sock, lock_path, lost.set, cpus.for_helper(shares=True)),
+        lost,
+    )
 
 
 def bind_socket(path: str) -> socket.socket:
@@ -208,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         monitor = ProcessMonitor()
         monitor.become_subreaper()
-        locks, lock_lost = take_daemon_lock(state, monitor)
+        cpus = Cpus.plan(settings.share_cpu)
+        locks, lock_lost = take_daemon_lock(state, monitor, cpus)
         # Forked and exec'd now, while the daemon has one thread and no event loop.
-        spawner = SpawnerService(monitor, *start_spawner_process(monitor))
+        builders = cpus.for_helper(shares=False)
+        spawner = SpawnerService(monitor, *start_spawner_process(monitor, builders), builders)
         store = Store(state, auto_optimise=settings.auto_optimise)
         sock = bind_socket(path)
         if os.path.dirname(path) == str(state.root / "var"):
@@ -227,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
     try:
-        daemon = Daemon(state, store, settings, OPERATIONS, locks, spawner)
+        daemon = Daemon(state, store, settings, OPERATIONS, locks, spawner, cpus)
+        # Before trio starts its threads: they follow the thread that starts them.
+        cpus.settle()
         trio.run(run, daemon, monitor, locks, spawner, lock_lost, sock, path, args.grace)
     finally:
         store.close()

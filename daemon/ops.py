@@ -100,7 +100,7 @@ async def add(ctx: RequestContext) -> dict[str, Any]:
     read = ctx.upload().blocking_reader()
     store = ctx.daemon.store
     info = await trio.to_thread.run_sync(
-        lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn)
+        ctx.daemon.cpus.spread(lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn))
     )
     return _info(info)
 
@@ -123,7 +123,7 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
         reader = Reader(peer.uid, peer.gid, tuple(groups))
     store = ctx.daemon.store
     info = await trio.to_thread.run_sync(
-        lambda: store.add_path(src, name, refs, reader, pin=ctx.conn)
+        ctx.daemon.cpus.spread(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
     )
     return _info(info)
 
@@ -173,7 +173,7 @@ async def verify(ctx: RequestContext) -> dict[str, Any]:
         raise OpError(Code.PERMISSION, "only trusted users may repair the store")
     store = ctx.daemon.store
     await ctx.log("verifying " + ("all paths" if paths is None else f"{len(paths)} paths"))
-    report = await trio.to_thread.run_sync(store.verify, paths, contents)
+    report = await trio.to_thread.run_sync(ctx.daemon.cpus.spread(store.verify), paths, contents)
     result: dict[str, Any] = {
         "checked": report.checked,
         "missing": report.missing,
@@ -274,7 +274,7 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
 
 async def optimise(ctx: RequestContext) -> dict[str, int]:
     await ctx.log("optimising the store")
-    stats = await trio.to_thread.run_sync(ctx.daemon.store.optimise)
+    stats = await trio.to_thread.run_sync(ctx.daemon.cpus.spread(ctx.daemon.store.optimise))
     return {
         "paths": stats.paths,
         "files_linked": stats.files_linked,

@@ -21,6 +21,7 @@ from daemon import protocol as p
 from daemon.auth import Peer, identify, peer_credentials
 from daemon.builds import Builder
 from daemon.collector import Collector
+from daemon.cpus import UNSHARED, Cpus
 from daemon.errors import OpError, error_for
 from daemon.locks import LockService
 from daemon.spawn import SpawnerService
@@ -385,13 +386,15 @@ class Daemon:
         operations: dict[str, Operation],
         locks: LockService | None = None,
         spawner: SpawnerService | None = None,
+        cpus: Cpus = UNSHARED,
     ) -> None:
         self.state = state
         self.locks = locks
         self.spawner = spawner
+        self.cpus = cpus
         self.collector = Collector(store, settings)
         self.builder = (
-            Builder(state, store, settings, locks, spawner, self.collector)
+            Builder(state, store, settings, locks, spawner, self.collector, self.cpus)
             if locks is not None and spawner is not None
             else None
         )

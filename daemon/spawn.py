@@ -8,9 +8,11 @@ adopts them, by design.  If the spawner dies, requests in flight fail with `Spaw
 spawner serves the next ones.
 """
 
+import functools
 import os
 import signal
 import socket
+from collections.abc import Collection
 
 import trio
 
@@ -33,15 +35,23 @@ class SpawnerDied(SpawnError):
     pass
 
 
-def start_spawner_process(monitor: ProcessMonitor) -> tuple[Process, socket.socket]:
-    return start_helper(monitor, "spawner")
+def start_spawner_process(
+    monitor: ProcessMonitor, cpus: Collection[int] | None = None
+) -> tuple[Process, socket.socket]:
+    return start_helper(monitor, "spawner", cpus)
 
 
 class SpawnerService(HelperConnection):
     name = "spawner"
 
-    def __init__(self, monitor: ProcessMonitor, proc: Process, sock: socket.socket) -> None:
-        super().__init__(monitor, start_spawner_process, proc, sock)
+    def __init__(
+        self,
+        monitor: ProcessMonitor,
+        proc: Process,
+        sock: socket.socket,
+        cpus: Collection[int] | None = None,
+    ) -> None:
+        super().__init__(monitor, functools.partial(start_spawner_process, cpus=cpus), proc, sock)
 
     @property
     def spawner_pid(self) -> int:

@@ -48,6 +48,8 @@ class Settings:
     max_free: int = 0
     # Hard-link identical files of every new path through store/.links.
     auto_optimise: bool = False
+    # The daemon's threads and the locker share one CPU (daemon/cpus.py).
+    share_cpu: bool = True
     # Load-adaptive scheduling (docs/scheduling.md).  Pressure limits are the % of time
     # some task stalled on the resource; 0 turns a limit off.
     max_cpu_pressure: float = 60.0

@@ -1,0 +1,87 @@
+"""The one CPU the daemon's threads and the locker share, and the work that leaves it.
+
+The daemon's Python runs one thread at a time, and on each build it hands work back and
+forth between the event loop, worker threads and the locker a dozen times.  A hand-off
+to a thread on another CPU costs that CPU an interrupt and, when it is idle (on a virtual
+machine: halted), a wake-up first: 30-140 µs measured on the 2-core VM of
+`bench/RESULTS.md`, against 4 µs on the same CPU.  So, unless `share-cpu = false`, the
+daemon's threads and the locker run on one CPU, the one the daemon started on; the
+spawner, and so every builder, keeps all the CPUs the daemon was allowed.  Work that
+reads or writes store contents at length (a build's outputs, an upload, `verify`,
+`optimise`) spreads to all of them while it runs (`Cpus.spread`): it then neither waits
+for the loop nor makes the loop wait.  Affinity is only a hint here: a call the kernel
+refuses (a CPU taken offline, say) changes nothing else.
+"""
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cpus:
+    allowed: frozenset[int] = frozenset()  # what the daemon was allowed when it started
+    home: int | None = None  # the CPU its threads and the locker share; None: no sharing
+
+    @classmethod
+    def plan(cls, share: bool) -> "Cpus":
+        allowed = frozenset(os.sched_getaffinity(0))
+        if not share or len(allowed) < 2:
+            return cls(allowed)
+        here = current_cpu()
+        return cls(allowed, here if here in allowed else min(allowed))
+
+    def settle(self) -> None:
+        """Move the calling thread home, before it starts the threads that will follow it."""
+        if self.home is not None:
+            _set_affinity(0, {self.home})
+
+    def for_helper(self, shares: bool) -> frozenset[int] | None:
+        """Where a helper runs: the locker shares the daemon's CPU, the spawner gets all of
+        them (None: wherever it was started)."""
+        if self.home is None:
+            return None
+        return frozenset({self.home}) if shares else self.allowed
+
+    def spread(self, fn: Callable[P, T]) -> Callable[P, T]:
+        """`fn`, run by a worker thread on all allowed CPUs, and back home after."""
+        if self.home is None:
+            return fn
+        home = {self.home}
+
+        @functools.wraps(fn)
+        def spread_out(*args: P.args, **kwargs: P.kwargs) -> T:
+            _set_affinity(0, self.allowed)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _set_affinity(0, home)
+
+        return spread_out
+
+
+# Every thread anywhere: for library users, tests and the daemon with `share-cpu = false`.
+UNSHARED = Cpus()
+
+
+def place(pid: int, cpus: Collection[int] | None) -> None:
+    """Set a started process's CPUs, if given."""
+    if cpus is not None:
+        _set_affinity(pid, cpus)
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on (field 39 of its stat line)."""
+    with open("/proc/thread-self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[36])
+
+
+def _set_affinity(pid: int, cpus: Collection[int]) -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(pid, cpus)
