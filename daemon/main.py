@@ -48,7 +48,8 @@ def take_daemon_lock(
     """
     lock_path = str(state.root / "var" / "daemon.lock")
     pid_path = state.root / "var" / "daemon.pid"
-    proc, sock = start_locker_process(monitor, cpus.for_helper(shares=True))
+    locker_cpus = cpus.for_helper(shares=True)
+    proc, sock = start_locker_process(monitor, locker_cpus)
     try:
         granted = lock_file_blocking(sock, lock_path, DAEMON_OWNER)
     except BaseException:
@@ -63,10 +64,7 @@ def take_daemon_lock(
         raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})")
     pid_path.write_text(f"{os.getpid()}\n")
     lost = trio.Event()
-    return (
-        LockService(monitor, proc, sock, lock_path, lost.set, cpus.for_helper(shares=True)),
-        lost,
-    )
+    return LockService(monitor, proc, sock, lock_path, lost.set, locker_cpus), lost
 
 
 def bind_socket(path: str) -> socket.socket:
