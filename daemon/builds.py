@@ -59,12 +59,16 @@ from store.derivation import (
 from store.hashing import hash_path
 from store.history import History
 from store.layout import Settings, StateDir
+from store.lru import Lru
+from store.paths import InvalidPath
 from store.pins import PinOwner
 from store.store import HashMismatch, Store, StoreError
 from store.tmparea import remove_tree
 
 logger = logging.getLogger("weft.builds")
 LOG_TAIL = 25
+# Derivations (and hashes modulo) kept from one request to the next: a few tens of MB.
+KNOWN_DERIVATIONS = 8192
 # Called with a message and, for progress, (built, to build); None marks a log line.
 Listener = Callable[[str, tuple[int, int] | None], Awaitable[None]]
 # What to do with a finished build's outputs, {output: (where left, store path)}, given
@@ -129,6 +133,10 @@ class BuildOptions:
     max_log_size: int = 64 << 20
     # None: the daemon's retry policy; 0: no retries; N: N retries, flakiness expected.
     retries: int | None = None
+
+
+def _not_a_derivation(path: str) -> DerivationError:
+    return DerivationError(f"{path} is not a valid derivation in the store")
 
 
 def _drv_name(drv_path: str) -> str:
@@ -210,6 +218,9 @@ class Builder:
         # Derivations whose outputs a request found missing under the locks it took ahead,
         # with its token (`_reserve`); dropped when any build of one ends.
         self._found_missing: dict[str, object] = {}
+        # Derivations read and checked, and their hashes modulo, for the next requests.
+        self._checked = Lru[str, Derivation](KNOWN_DERIVATIONS)
+        self._hashes = Lru[str, str](KNOWN_DERIVATIONS)
         self.builds_dir = state.root / "var" / "builds"
 
     def close(self) -> None:
@@ -219,21 +230,35 @@ class Builder:
     # -- loading ------------------------------------------------------------------------
 
     def _load(self, roots: list[str]) -> tuple[dict[str, Derivation], list[str]]:
+        """The derivations of `roots`' closure, read and checked, inputs first.  Each
+        must be valid in the store, which one query asks; those checked before come from
+        `_checked`, as a `.drv` path's contents never change."""
         drvs: dict[str, Derivation] = {}
+        read: list[str] = []
 
         def resolve(path: str) -> Derivation:
-            drv = drvs.get(path)
+            drv = drvs.get(path) or self._checked.get(path)
             if drv is None:
-                if not path.endswith(".drv") or not self.store.is_valid(path):
-                    raise DerivationError(f"{path} is not a valid derivation in the store")
-                drv = Derivation.from_json(Path(path).read_text())
-                drvs[path] = drv
+                try:
+                    self.store.parse(path)
+                    if not path.endswith(".drv"):
+                        raise InvalidPath(path)
+                    drv = Derivation.from_json(Path(path).read_text())
+                except (InvalidPath, OSError):
+                    raise _not_a_derivation(path) from None
+                read.append(path)
+            drvs[path] = drv
             return drv
 
         order = closure_order(roots, resolve)
-        hashes = HashModulo(resolve)
+        valid = self.store.valid_paths(order)
         for path in order:
+            if path not in valid:
+                raise _not_a_derivation(path)
+        hashes = HashModulo(resolve, self._hashes)
+        for path in read:
             check_output_paths(drvs[path], self.store.store_dir, hashes)
+            self._checked.put(path, drvs[path])
         return drvs, order
 
     # -- the graph ----------------------------------------------------------------------

@@ -9,12 +9,12 @@ depends only on its name and expected hash.  See docs/derivations.md.
 """
 
 import json
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import blake3
 
+from store.lru import Lru
 from store.paths import PathKind, make_store_path
 
 FORMAT = 1
@@ -95,22 +95,19 @@ Resolver = Callable[[str], Derivation]
 
 
 class HashModulo:
-    """Hashes of derivations modulo fixed-output inputs, with a bounded memo by path."""
+    """Hashes of derivations modulo fixed-output inputs, with a bounded memo by path (its
+    own, or `memo`, which may outlive it: a `.drv` path's hash never changes)."""
 
-    def __init__(self, resolve: Resolver, max_entries: int = _CACHE_SIZE) -> None:
+    def __init__(self, resolve: Resolver, memo: Lru[str, str] | None = None) -> None:
         self._resolve = resolve
-        self._memo: OrderedDict[str, str] = OrderedDict()
-        self._max = max_entries
+        self._memo = memo if memo is not None else Lru[str, str](_CACHE_SIZE)
 
     def of_path(self, drv_path: str) -> str:
         known = self._memo.get(drv_path)
         if known is not None:
-            self._memo.move_to_end(drv_path)
             return known
         value = self.of(self._resolve(drv_path))
-        self._memo[drv_path] = value
-        while len(self._memo) > self._max:
-            self._memo.popitem(last=False)
+        self._memo.put(drv_path, value)
         return value
 
     def of(self, drv: Derivation) -> str:

@@ -11,11 +11,11 @@ timestamp newer than a few seconds is not cached at all.
 
 import os
 import stat
-import threading
 import time
-from collections import OrderedDict
 
 import blake3
+
+from store.lru import Lru
 
 RACY_SECONDS = 2.0
 MAX_ENTRIES = 1024
@@ -71,20 +71,10 @@ class SourceCache:
     """A bounded LRU map from (source, name, references, signature) to a store path."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._max = max_entries
-        self._map: OrderedDict[tuple[Key, bytes], str] = OrderedDict()
-        self._lock = threading.Lock()
+        self._map = Lru[tuple[Key, bytes], str](max_entries)
 
     def get(self, key: Key, sig: bytes) -> str | None:
-        with self._lock:
-            path = self._map.get((key, sig))
-            if path is not None:
-                self._map.move_to_end((key, sig))
-            return path
+        return self._map.get((key, sig))
 
     def put(self, key: Key, sig: bytes, path: str) -> None:
-        with self._lock:
-            self._map[(key, sig)] = path
-            self._map.move_to_end((key, sig))
-            while len(self._map) > self._max:
-                self._map.popitem(last=False)
+        self._map.put((key, sig), path)

@@ -255,3 +255,26 @@ def test_auto_gc_before_builds_keeps_the_build_going(tmp_path: Path) -> None:
     finally:
         stop_daemon(d)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_a_derivation_read_by_an_earlier_request_must_still_be_valid(
+    builder_daemon: DaemonProc,
+) -> None:
+    # The daemon keeps the derivations it has read and checked; each request still asks
+    # the database whether they are valid.
+    d = builder_daemon
+    g = Graph(d)
+    drv = g.sh("once", "echo once > $out")
+    assert [r["status"] for r in g.build(drv)] == ["built"]
+    assert [r["status"] for r in g.build(drv)] == ["valid"]
+    g.close()  # its connection's pins go with it
+    deleted = cmd(d, "store-gc", "--json", "--delete", drv.out, drv.path)
+    assert deleted.returncode == 0, deleted.stderr
+    assert sorted(json.loads(deleted.stdout)["deleted"]) == sorted([drv.out, drv.path])
+    with BlockingClient(d.socket) as client:
+        try:
+            client.call("build", drvs=[drv.path])
+        except DaemonError as e:
+            assert "is not a valid derivation in the store" in str(e)
+        else:
+            raise AssertionError("a deleted derivation was built")
