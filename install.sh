@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev util-linux)
+apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev musl-tools util-linux)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -14,9 +14,21 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The spare program (the sandbox's last steps and the builder's exec), static: an exec
-# without the dynamic loader.
+# without the dynamic loader.  With musl where there is one: glibc's start-up asks the CPU
+# for its features dozens of times, and on a virtual machine each question traps to the
+# hypervisor (a spare started 0.43 ms before its exit with glibc, 0.13 ms with musl).
 if [ ! -x spawner/weft-spare ] || [ spawner/spare.c -nt spawner/weft-spare ]; then
-  cc -O2 -Wall -Wextra -Werror -static -o spawner/weft-spare.tmp spawner/spare.c
+  flags=(-O2 -Wall -Wextra -Werror -static -o spawner/weft-spare.tmp spawner/spare.c)
+  if command -v musl-gcc >/dev/null; then
+    # musl brings no kernel headers: only those are taken from the system's.
+    kernel_headers=$(mktemp -d)
+    ln -s /usr/include/linux /usr/include/asm-generic "$kernel_headers"/
+    ln -s "/usr/include/$(gcc -print-multiarch)/asm" "$kernel_headers"/asm
+    musl-gcc -idirafter "$kernel_headers" "${flags[@]}"
+    rm -rf "$kernel_headers"
+  else
+    cc "${flags[@]}"
+  fi
   mv spawner/weft-spare.tmp spawner/weft-spare
 fi
 
