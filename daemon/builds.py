@@ -239,13 +239,7 @@ class Builder:
         def resolve(path: str) -> Derivation:
             drv = drvs.get(path) or self._checked.get(path)
             if drv is None:
-                try:
-                    self.store.parse(path)
-                    if not path.endswith(".drv"):
-                        raise InvalidPath(path)
-                    drv = Derivation.from_json(Path(path).read_text())
-                except (InvalidPath, OSError):
-                    raise _not_a_derivation(path) from None
+                drv = self._read(path)
                 read.append(path)
             drvs[path] = drv
             return drv
@@ -260,6 +254,30 @@ class Builder:
             check_output_paths(drvs[path], self.store.store_dir, hashes)
             self._checked.put(path, drvs[path])
         return drvs, order
+
+    def _read(self, path: str) -> Derivation:
+        try:
+            self.store.parse(path)
+            if not path.endswith(".drv"):
+                raise InvalidPath(path)
+            return Derivation.from_json(Path(path).read_text())
+        except (InvalidPath, OSError):
+            raise _not_a_derivation(path) from None
+
+    def learn(self, path: str, text: str) -> None:
+        """A `.drv` just added (as `text`), checked in the adding worker thread as Nix
+        checks a derivation it registers: a build of it then finds it in `_checked`.  One
+        that does not check out is left for the build to refuse."""
+
+        def resolve(p: str) -> Derivation:
+            return drv if p == path else self._checked.get(p) or self._read(p)
+
+        try:
+            drv = Derivation.from_json(text)
+            check_output_paths(drv, self.store.store_dir, HashModulo(resolve, self._hashes))
+        except DerivationError:
+            return
+        self._checked.put(path, drv)
 
     # -- the graph ----------------------------------------------------------------------
 

@@ -314,8 +314,15 @@ async def add_text(ctx: RequestContext) -> dict[str, Any]:
         raise OpError(Code.BAD_REQUEST, "'text' must be a string")
     refs = _strs(ctx, "references", [])
     store = ctx.daemon.store
-    info = await trio.to_thread.run_sync(lambda: store.add_text(name, text, refs, pin=ctx.conn))
-    return _info(info)
+    builder = ctx.daemon.builder
+
+    def add() -> PathInfo:
+        info = store.add_text(name, text, refs, pin=ctx.conn)
+        if builder is not None and info.path.endswith(".drv"):
+            builder.learn(info.path, text)
+        return info
+
+    return _info(await trio.to_thread.run_sync(add))
 
 
 async def build(ctx: RequestContext) -> list[dict[str, object]]:

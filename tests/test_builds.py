@@ -1,5 +1,6 @@
 """Builds through a real daemon: real sandboxes, real busybox, real locks."""
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.blocking import BlockingClient
+from daemon.blocking import BlockingClient, DaemonError
+from store.derivation import Output
 from store.recipe import derivation
 from tests.daemon_fixtures import DaemonProc, Graph
 
@@ -263,3 +265,27 @@ def test_a_sandbox_that_cannot_be_made_fails_the_build_not_the_daemon(graph: Gra
     assert by_drv[broken.path]["status"] == "failed"
     assert "sandbox setup failed at exec" in by_drv[broken.path]["message"]
     assert by_drv[fine.path]["status"] == "built"
+
+
+def test_a_derivation_whose_outputs_do_not_follow_from_its_inputs_is_refused(
+    graph: Graph,
+) -> None:
+    # Added through the daemon, it is checked as it is added, and not remembered as
+    # checked: the build still refuses it.
+    honest = graph.sh("honest", "echo honest > $out")
+    other = graph.sh("other", "echo other > $out")
+    forged = dataclasses.replace(
+        honest.drv,
+        outputs={"out": Output(other.out)},
+        env={**honest.drv.env, "out": other.out},
+    )
+    path = graph.client.call(
+        "add-text", name="honest.drv", text=forged.to_json(), references=forged.references()
+    )["path"]
+    try:
+        graph.client.call("build", drvs=[path])
+    except DaemonError as e:
+        assert "output paths do not match the derivation" in str(e)
+    else:
+        raise AssertionError("a forged derivation was built")
+    assert not os.path.exists(other.out)
