@@ -577,12 +577,19 @@ class Builder:
     ) -> None:
         slot = await self._take_slot()
         try:
-            await self._run_in_slot(job, drv, inputs, opts, slot, finish, finished, needed)
+            log = await self._run_in_slot(job, drv, inputs, opts, slot, finish, finished, needed)
         finally:
             # The slot freed last is taken first: its directories and mount points are
             # there already, where a slot not used for a while would have them made anew.
             self._free_slots.appendleft(slot)
             self._slot_lot.unpark()
+        if log is not None:
+            # A successful build's log is stored once its dependents went on and its slot
+            # is free: making a file is sometimes slow on a busy disk.
+            try:
+                await trio.to_thread.run_sync(self._store_log, job.drv_path, log)
+            except OSError as e:
+                logger.warning("%s: storing the log: %s", job.drv_path, e)
 
     async def check(
         self,
@@ -710,11 +717,12 @@ class Builder:
         finish: Finish,
         finished: Callable[[], None],
         needed: Callable[[], bool] | None,
-    ) -> None:
+    ) -> bytes | None:
         """Run the builder, unless `needed` (if given, called first, in a worker thread)
         says otherwise; hand what it left to `finish` (in a worker thread, which then
-        stores the log and readies the slot for the next build) and say so to `finished`;
-        or, if it failed, keep the build dir if asked, store the log and ready the slot."""
+        readies the slot for the next build), say so to `finished` and return its log, to
+        be stored; or, if it failed, keep the build dir if asked, store the log and ready
+        the slot."""
         uid, gid = build_ids(slot, self.settings.build_uid_base, self.settings.build_slots)
         work = self.builds_dir / str(slot)
         freezer = self.freezer
@@ -739,7 +747,7 @@ class Builder:
                 if ready:
                     self._ready.add(slot)
                 finished()
-                return
+                return None
         mount_points = _mount_points(closure)
         request = SpawnRequest(
             builder=drv.builder,
@@ -760,25 +768,28 @@ class Builder:
         ran = cleared = False
         proc: Process | None = None
 
+        def ready_slot() -> None:
+            # Emptied but for the mount points of this build's inputs, which the next
+            # build may share.
+            if freezer and proc is not None and proc.cgroup and proc.returncode is not None:
+                freezer.remove(proc.cgroup)
+            _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
+            self._ready.add(slot)
+
         def wrap_up() -> None:
-            # The log, then the slot readied for the next build: emptied but for the mount
-            # points of this build's inputs, which the next build may share.
             try:
                 if ran:
                     self._store_log(job.drv_path, log.data)
             finally:
-                if freezer and proc is not None and proc.cgroup and proc.returncode is not None:
-                    freezer.remove(proc.cgroup)
-                _prepare_workdir(work, self.store.store_dir, uid, gid, mount_points)
-                self._ready.add(slot)
+                ready_slot()
 
-        def finish_and_wrap_up() -> None:
+        def finish_and_ready_slot() -> None:
             # One trip, nothing else running beside it: a build's dependents wait for it.
             nonlocal cleared
             finish(built, closure)
             cleared = True
             try:
-                wrap_up()
+                ready_slot()
             except OSError as e:
                 logger.warning("%s: after the build: %s", job.drv_path, e)
 
@@ -810,10 +821,11 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
-            await trio.to_thread.run_sync(self.cpus.spread(finish_and_wrap_up))
+            await trio.to_thread.run_sync(self.cpus.spread(finish_and_ready_slot))
             if job.run is not None:
                 job.run.succeeded = True
             finished()
+            return log.data
         except BuildError as e:
             if opts.keep_failed_for is not None:
                 kept = await trio.to_thread.run_sync(
