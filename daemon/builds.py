@@ -48,6 +48,7 @@ from daemon.retry import Cause, RetrySettings
 from daemon.retrying import Failure, RetryRunner
 from daemon.scheduler import Running, Scheduler
 from daemon.spawn import SpawnError, SpawnerService, build_ids
+from daemon.wakeups import QuickWakeups
 from spawner.sandbox import SpawnRequest
 from store.derivation import (
     Derivation,
@@ -188,6 +189,7 @@ class Builder:
     ) -> None:
         self.state = state
         self.cpus = cpus
+        self.wakeups = QuickWakeups(settings.quick_wakeups)
         self.collector = collector
         self.store = store
         self.settings = settings
@@ -405,9 +407,10 @@ class Builder:
                     if not opts.keep_going:
                         stop.set()
 
-        async with trio.open_nursery() as nursery:
-            for path in order:
-                nursery.start_soon(one, path)
+        with self.wakeups.held() if missing else contextlib.nullcontext():
+            async with trio.open_nursery() as nursery:
+                for path in order:
+                    nursery.start_soon(one, path)
         return [
             {"drv": p, "outputs": {k: o.path for k, o in drvs[p].outputs.items()}, **results[p]}
             for p in roots

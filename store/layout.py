@@ -50,6 +50,8 @@ class Settings:
     auto_optimise: bool = False
     # The daemon's threads and the locker share one CPU (daemon/cpus.py).
     share_cpu: bool = True
+    # While builds run, idle CPUs poll for work instead of halting (daemon/wakeups.py).
+    quick_wakeups: bool = True
     # Load-adaptive scheduling (docs/scheduling.md).  Pressure limits are the % of time
     # some task stalled on the resource; 0 turns a limit off.
     max_cpu_pressure: float = 60.0
