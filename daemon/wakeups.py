@@ -9,10 +9,11 @@ and 9.5 µs while the CPUs polled for work instead of halting.
 
 So while a request has derivations to build, the daemon holds a CPU latency request of
 0 µs (`/dev/cpu_dma_latency`, the kernel's PM QoS interface, as latency-bound programs
-use it): idle CPUs poll rather than halt.  It costs power, only while builds run, and no
-CPU time that anything else could use: a polling CPU runs whatever becomes runnable at
-once.  `quick-wakeups = false` in `weft.toml` turns it off.  Without the device, or the
-right to open it (a daemon not run as root), nothing changes.
+use it): idle CPUs poll rather than halt.  It costs power (on a virtual machine, host CPU
+time too), only while builds run, and no CPU time that anything else on the machine could
+use: a polling CPU runs whatever becomes runnable at once.  `quick-wakeups = false` in
+`weft.toml` turns it off.  Without the device, or the right to open it (a daemon not run
+as root), nothing changes.
 """
 
 import contextlib
