@@ -207,7 +207,7 @@ class Builder:
         self.scheduler = Scheduler(Admission(limits, self.max_jobs), self.load)
         self.history = History(store.db)
         self.retrier = RetryRunner(
-            self.scheduler, self.history, limits, RetrySettings.from_settings(settings)
+            self.scheduler, self.history, limits, RetrySettings.from_settings(settings), cpus
         )
         # The builds' freezer cgroups, under one named after the state dir.
         tag = hashlib.sha256(str(state.root).encode()).hexdigest()[:16]
@@ -590,7 +590,9 @@ class Builder:
             # A successful build's log is stored once its dependents went on and its slot
             # is free: making a file is sometimes slow on a busy disk.
             try:
-                await trio.to_thread.run_sync(self._store_log, job.drv_path, log)
+                await trio.to_thread.run_sync(
+                    self.cpus.background(self._store_log), job.drv_path, log
+                )
             except OSError as e:
                 logger.warning("%s: storing the log: %s", job.drv_path, e)
 

@@ -9,25 +9,35 @@ daemon's threads and the locker run on one CPU, the one the daemon started on; t
 spawner, and so every builder, keeps all the CPUs the daemon was allowed.  Work that
 reads or writes store contents at length (a build's outputs, an upload, `verify`,
 `optimise`) spreads to all of them while it runs (`Cpus.spread`): it then neither waits
-for the loop nor makes the loop wait.  Affinity is only a hint here: a call the kernel
-refuses (a CPU taken offline, say) changes nothing else.
+for the loop nor makes the loop wait.  Work off the path of any build (a build's log
+stored, its history record) runs at the lowest priority while it lasts
+(`Cpus.background`): on the shared CPU, the loop takes the CPU back from it as soon as it
+has work, where at the same priority it would wait for the worker's time slice to end.
+Affinity and priority are only hints here: a call the kernel refuses (a CPU taken
+offline, say) changes nothing else.
 """
 
 import contextlib
 import functools
 import os
+import resource
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
+LOWEST = 19  # nice
 
 
 @dataclass(frozen=True)
 class Cpus:
     allowed: frozenset[int] = frozenset()  # what the daemon was allowed when it started
     home: int | None = None  # the CPU its threads and the locker share; None: no sharing
+    # Whether a worker thread may lower its priority and take it back after (root may,
+    # and whoever RLIMIT_NICE lets): else `background` leaves it alone.
+    renice: bool = False
 
     @classmethod
     def plan(cls, share: bool) -> "Cpus":
@@ -35,7 +45,10 @@ class Cpus:
         if not share or len(allowed) < 2:
             return cls(allowed)
         here = current_cpu()
-        return cls(allowed, here if here in allowed else min(allowed))
+        renice = os.geteuid() == 0 or (
+            resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(os.PRIO_PROCESS, 0)
+        )
+        return cls(allowed, here if here in allowed else min(allowed), renice)
 
     def settle(self) -> None:
         """Move the calling thread home, before it starts the threads that will follow it."""
@@ -65,6 +78,23 @@ class Cpus:
 
         return spread_out
 
+    def background(self, fn: Callable[P, T]) -> Callable[P, T]:
+        """`fn`, run by a worker thread at the lowest priority, and at its own after."""
+        if self.home is None or not self.renice:
+            return fn
+
+        @functools.wraps(fn)
+        def yielding(*args: P.args, **kwargs: P.kwargs) -> T:
+            thread = threading.get_native_id()
+            own = os.getpriority(os.PRIO_PROCESS, thread)
+            _set_nice(thread, LOWEST)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _set_nice(thread, own)
+
+        return yielding
+
 
 # Every thread anywhere: for library users, tests and the daemon with `share-cpu = false`.
 UNSHARED = Cpus()
@@ -85,3 +115,8 @@ def current_cpu() -> int:
 def _set_affinity(pid: int, cpus: Collection[int]) -> None:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(pid, cpus)
+
+
+def _set_nice(thread: int, nice: int) -> None:
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, thread, nice)

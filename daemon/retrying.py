@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import trio
 
 from daemon.admission import Limits
+from daemon.cpus import UNSHARED, Cpus
 from daemon.retry import Cause, Failed, RetrySettings, classify, decide
 from daemon.scheduler import Running, Scheduler
 from store.history import AttemptRecord, History
@@ -44,8 +45,14 @@ def _flag(value: str | None) -> bool:
 
 class RetryRunner:
     def __init__(
-        self, scheduler: Scheduler, history: History, limits: Limits, settings: RetrySettings
+        self,
+        scheduler: Scheduler,
+        history: History,
+        limits: Limits,
+        settings: RetrySettings,
+        cpus: Cpus = UNSHARED,
     ) -> None:
+        self.cpus = cpus
         self.scheduler = scheduler
         self.history = history
         self.limits = limits
@@ -91,7 +98,9 @@ class RetryRunner:
                 )
             # An attempt that found its outputs already there ran nothing: not history.
             if run.spawned or failure is not None:
-                outcome.flaky = await trio.to_thread.run_sync(self._record, run, failure)
+                outcome.flaky = await trio.to_thread.run_sync(
+                    self.cpus.background(self._record), run, failure
+                )
             if failure is None:
                 outcome.flaky = outcome.flaky or n > 1
                 return outcome

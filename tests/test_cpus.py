@@ -17,16 +17,21 @@ ALL = frozenset(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(ALL) < 2, reason="one CPU: nothing to share")
 
 
-def test_a_thread_settles_home_and_spreads_for_long_work() -> None:
+def test_a_thread_settles_home_spreads_for_long_work_and_yields_for_background_work() -> None:
     cpus = Cpus.plan(share=True)
-    assert cpus.home in ALL and cpus.allowed == ALL
+    assert cpus.home in ALL and cpus.allowed == ALL and cpus.renice
     seen: dict[str, object] = {}
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     def thread() -> None:
         cpus.settle()
         seen["home"] = (os.sched_getaffinity(0), current_cpu())
         seen["spread"] = cpus.spread(lambda: os.sched_getaffinity(0))()
         seen["after"] = os.sched_getaffinity(0)
+        seen["background"] = cpus.background(nice)()
+        seen["nice after"] = nice()
 
     t = threading.Thread(target=thread)
     t.start()
@@ -34,9 +39,10 @@ def test_a_thread_settles_home_and_spreads_for_long_work() -> None:
     assert seen["home"] == ({cpus.home}, cpus.home)
     assert seen["spread"] == ALL
     assert seen["after"] == {cpus.home}
+    assert (seen["background"], seen["nice after"]) == (19, os.getpriority(os.PRIO_PROCESS, 0))
     unshared = Cpus.plan(share=False)
     assert unshared.home is None and unshared.for_helper(shares=True) is None
-    assert unshared.spread(len) is len
+    assert unshared.spread(len) is len and unshared.background(len) is len
 
 
 def test_the_daemon_and_locker_share_a_cpu_the_spawner_and_builders_use_all(
