@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -67,6 +68,7 @@ from store.store import HashMismatch, Store, StoreError
 from store.tmparea import remove_tree
 
 logger = logging.getLogger("weft.builds")
+T = TypeVar("T")
 LOG_TAIL = 25
 # Derivations (and hashes modulo) kept from one request to the next: a few tens of MB.
 KNOWN_DERIVATIONS = 8192
@@ -294,19 +296,24 @@ class Builder:
         finally:
             self.store.pins.release(owner)
 
-    async def _pin(self, owner: PinOwner, paths: list[str]) -> None:
-        await trio.to_thread.run_sync(self.store.pins.pin, owner, paths)
+    async def _pinned(self, owner: PinOwner, paths: list[str], then: Callable[[], T]) -> T:
+        """`then()`, once `paths` are pinned for `owner`: one worker-thread trip for both."""
+
+        def pin_then() -> T:
+            self.store.pins.pin(owner, paths)
+            return then()
+
+        return await trio.to_thread.run_sync(pin_then)
 
     async def _build(
         self, roots: list[str], opts: BuildOptions, listener: Listener, owner: PinOwner
     ) -> list[dict[str, object]]:
-        await self._pin(owner, roots)
-        drvs, order = await trio.to_thread.run_sync(self._load, roots)
+        drvs, order = await self._pinned(owner, roots, functools.partial(self._load, roots))
         outputs = {p: [o.path for o in d.outputs.values()] for p, d in drvs.items()}
         srcs = [s for d in drvs.values() for s in d.input_srcs]
-        await self._pin(owner, [*order, *srcs, *(o for outs in outputs.values() for o in outs)])
-        valid = await trio.to_thread.run_sync(
-            self.store.valid_paths, [o for outs in outputs.values() for o in outs]
+        produced = [o for outs in outputs.values() for o in outs]
+        valid = await self._pinned(
+            owner, [*order, *srcs, *produced], functools.partial(self.store.valid_paths, produced)
         )
         missing = {p for p in order if not set(outputs[p]) <= valid}
         if missing and self.collector is not None:
@@ -638,13 +645,13 @@ class Builder:
         (corrupt or missing).  Returns why it could not, or None."""
         owner = PinOwner(f"repair of {_drv_name(drv_path)}")
         try:
-            await self._pin(owner, [drv_path])
-            drvs, _ = await trio.to_thread.run_sync(self._load, [drv_path])
+            load = functools.partial(self._load, [drv_path])
+            drvs, _ = await self._pinned(owner, [drv_path], load)
             drv = drvs[drv_path]
             inputs = Inputs([*_inputs(drvs, drv_path), *drv.input_srcs], Closures(self.store))
             outs = [o.path for o in drv.outputs.values()]
-            await self._pin(owner, [*inputs.paths, *outs])
-            present = await trio.to_thread.run_sync(self.store.valid_paths, inputs.paths)
+            valid = functools.partial(self.store.valid_paths, inputs.paths)
+            present = await self._pinned(owner, [*inputs.paths, *outs], valid)
             absent = [p for p in inputs.paths if p not in present]
             if absent:
                 return f"its input {absent[0]} is not valid: build it first"
