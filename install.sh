@@ -22,10 +22,10 @@ if [ ! -x spawner/weft-spare ] || [ spawner/spare.c -nt spawner/weft-spare ]; th
   if command -v musl-gcc >/dev/null; then
     # musl brings no kernel headers: only those are taken from the system's.
     kernel_headers=$(mktemp -d)
+    trap 'rm -rf "$kernel_headers"' EXIT
     ln -s /usr/include/linux /usr/include/asm-generic "$kernel_headers"/
     ln -s "/usr/include/$(gcc -print-multiarch)/asm" "$kernel_headers"/asm
     musl-gcc -idirafter "$kernel_headers" "${flags[@]}"
-    rm -rf "$kernel_headers"
   else
     cc "${flags[@]}"
   fi
