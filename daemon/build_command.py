@@ -6,14 +6,12 @@ the daemon (sources and `.drv` files are added through it), and the daemon build
 """
 
 import os
-import re
 import runpy
 import sys
 
 from daemon.blocking import BlockingClient
 from daemon.commands import UsageError, connect, parse
 from daemon.protocol import Log
-from store import recipe
 
 
 class DaemonRecipeStore:
@@ -41,6 +39,10 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
     file, _, name = target.partition(":")
     if not file.endswith(".py"):
         return [target]
+    # Only here: the recipe machinery (the store's hashing and paths) takes longer to
+    # import than a build of a `.drv` path takes, start to finish.
+    from store import recipe
+
     with recipe.using(DaemonRecipeStore(client, _store_dir(client))):
         module = runpy.run_path(os.path.abspath(file), run_name="__recipe__")
     made = {k: v for k, v in module.items() if isinstance(v, recipe.Derivation)}
@@ -55,7 +57,13 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
     return [d.path for d in made.values()]
 
 
-_LOG_LINE = re.compile(r"[A-Za-z0-9+\-._?=]+> ")
+# What a derivation's name may hold (store path names): a log line is "<name>> <line>".
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-._?=")
+
+
+def _is_log_line(message: str) -> bool:
+    name, sep, _ = message.partition("> ")
+    return bool(sep and name) and _NAME_CHARS.issuperset(name)
 
 
 class Progress:
@@ -80,7 +88,7 @@ class Progress:
 
     def update(self, event: Log) -> None:
         message = event.message
-        if _LOG_LINE.match(message):
+        if _is_log_line(message):
             if self.show_logs:
                 self._line(message)
         else:
