@@ -6,7 +6,6 @@ the daemon (sources and `.drv` files are added through it), and the daemon build
 """
 
 import os
-import runpy
 import sys
 
 from daemon.blocking import BlockingClient
@@ -41,6 +40,8 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
         return [target]
     # Only here: the recipe machinery (the store's hashing and paths) takes longer to
     # import than a build of a `.drv` path takes, start to finish.
+    import runpy
+
     from store import recipe
 
     with recipe.using(DaemonRecipeStore(client, _store_dir(client))):
