@@ -45,10 +45,7 @@ class Cpus:
         if not share or len(allowed) < 2:
             return cls(allowed)
         here = current_cpu()
-        renice = os.geteuid() == 0 or (
-            resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(os.PRIO_PROCESS, 0)
-        )
-        return cls(allowed, here if here in allowed else min(allowed), renice)
+        return cls(allowed, here if here in allowed else min(allowed), _may_renice())
 
     def settle(self) -> None:
         """Move the calling thread home, before it starts the threads that will follow it."""
@@ -115,6 +112,15 @@ def current_cpu() -> int:
 def _set_affinity(pid: int, cpus: Collection[int]) -> None:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(pid, cpus)
+
+
+def _may_renice() -> bool:
+    """Whether this process may take back its priority once lowered: root may, others as
+    far as RLIMIT_NICE lets them (down to nice 20 - limit)."""
+    if os.geteuid() == 0:
+        return True
+    limit = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return limit == resource.RLIM_INFINITY or 20 - limit <= os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def _set_nice(thread: int, nice: int) -> None:
