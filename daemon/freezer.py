@@ -8,7 +8,10 @@ the build is over.  Freezing the cgroup stops them all at once, which SIGSTOP of
 walked through /proc (`pause.py`, the fallback) can only approach.
 
 Without a usable hierarchy (no permission, no freezer), `find` returns None; a builder
-that did not end up in its cgroup (the join is best effort) is paused with signals.
+that did not end up in its cgroup (the join is best effort) is paused with signals.  The
+tag names the state dir, which one daemon serves at a time: what a killed predecessor
+left in `weft-<tag>/` is removed when the next one finds it (but the cgroups of its
+builders still running, which cannot be).
 """
 
 import contextlib
@@ -60,7 +63,9 @@ class Freezer:
                 usable = (probe / control).exists()
                 probe.rmdir()
                 if usable:
-                    return cls(base, version)
+                    freezer = cls(base, version)
+                    freezer._remove_empty_cgroups()
+                    return freezer
                 base.rmdir()
             except OSError:
                 continue
@@ -80,9 +85,13 @@ class Freezer:
 
     def close(self) -> None:
         """Remove the cgroups (they are empty once every builder is reaped)."""
+        self._remove_empty_cgroups()
         with contextlib.suppress(OSError):
-            for entry in os.scandir(self.base):
+            self.base.rmdir()
+
+    def _remove_empty_cgroups(self) -> None:
+        with contextlib.suppress(OSError), os.scandir(self.base) as entries:
+            for entry in entries:
                 if entry.is_dir():
                     with contextlib.suppress(OSError):
                         os.rmdir(entry.path)
-            self.base.rmdir()

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from daemon.blocking import BlockingClient, DaemonError
 from store.derivation import Output
 from store.recipe import derivation
-from tests.daemon_fixtures import DaemonProc, Graph
+from tests.daemon_fixtures import DaemonProc, Graph, start_daemon, stop_daemon
 
 ROOT = Path(__file__).parent.parent
 
@@ -64,6 +65,28 @@ def test_each_builder_runs_in_a_freezer_cgroup_of_its_own_removed_after(graph: G
         assert os.path.basename(os.path.dirname(cgroup)).startswith("weft-"), cgroup
         assert not os.path.exists(f"{_mount(2)}{cgroup}")
     assert os.path.isdir(f"{_mount(2)}{os.path.dirname(cgroups[0])}")
+
+
+def test_what_a_killed_daemon_left_in_its_cgroup_goes_when_the_next_starts() -> None:
+    from daemon.freezer import _mount
+
+    where = Path(tempfile.mkdtemp(prefix="weft-cgroups-", dir="/var/tmp"))
+    d = start_daemon(where / "state")
+    try:
+        graph = Graph(d)
+        drv = graph.sh("where", "cat /proc/self/cgroup > $out")
+        assert [r["status"] for r in graph.build(drv)] == ["built"]
+        graph.close()
+        (line,) = [x for x in Path(drv.out).read_text().splitlines() if x.startswith("0::")]
+        base = Path(f"{_mount(2)}{os.path.dirname(line.removeprefix('0::'))}")
+        d.proc.kill()
+        d.proc.wait()
+        (base / "left-behind").mkdir()
+        d = start_daemon(where / "state")
+        assert base.is_dir() and not (base / "left-behind").exists()
+    finally:
+        stop_daemon(d)
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def test_two_clients_one_build(graph: Graph, builder_daemon: DaemonProc) -> None:
