@@ -83,6 +83,9 @@ def test_what_a_killed_daemon_left_in_its_cgroup_goes_when_the_next_starts() -> 
         d.proc.wait()
         (base / "left-behind").mkdir()
         d = start_daemon(where / "state")
+        # Its socket may listen before it is ready: a request served means it is.
+        with BlockingClient(d.socket) as client:
+            client.call("store-dir")
         assert base.is_dir() and not (base / "left-behind").exists()
     finally:
         stop_daemon(d)
