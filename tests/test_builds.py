@@ -236,9 +236,12 @@ def test_check_rebuilds_and_compares(graph: Graph) -> None:
 
 
 def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
+    # It tries a setuid file and hard links to root-owned files (an input, /etc/passwd).
     script = (
         "echo data > kept; mkdir open; chmod 777 open; mkfifo pipe; "
-        "chmod 4755 kept 2>/dev/null; exit 1"
+        "chmod 4755 kept 2>/dev/null; "
+        f"ln {graph.bb}/bin/busybox stolen 2>/dev/null; ln /etc/passwd passwd 2>/dev/null; "
+        "exit 1"
     )
     failing = graph.sh("keepme", script)
     (r,) = graph.build(failing, keep_failed=True)
@@ -251,6 +254,11 @@ def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
             st = p.lstat()
             assert st.st_uid == os.geteuid()
             assert not st.st_mode & 0o7022, (p, oct(st.st_mode))
+            assert p.is_dir() or st.st_nlink == 1, p
+        bb = Path(f"{graph.bb}/bin/busybox").stat()
+        assert all(
+            (p.lstat().st_dev, p.lstat().st_ino) != (bb.st_dev, bb.st_ino) for p in kept.rglob("*")
+        )
         assert (kept.parent.stat().st_mode & 0o777) == 0o700
     finally:
         shutil.rmtree(kept.parent)
