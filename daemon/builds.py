@@ -64,7 +64,7 @@ from store.layout import Settings, StateDir
 from store.lru import Lru
 from store.paths import InvalidPath
 from store.pins import PinOwner
-from store.store import HashMismatch, Store, StoreError
+from store.store import HashMismatch, PathInfo, Store, StoreError
 from store.tmparea import remove_tree
 
 logger = logging.getLogger("weft.builds")
@@ -93,12 +93,22 @@ def _nothing() -> None:
     pass
 
 
+async def _no_objection() -> str | None:
+    return None
+
+
 @dataclass
 class Hooks:
     """What a request hears of a build it runs, as it goes (on the loop)."""
 
     spawned: Callable[[], None] = _nothing  # the builder runs
-    registered: Callable[[], None] = _nothing  # the outputs are in the store
+    # The outputs are in the store, their registration not yet committed: builds that
+    # need them may start.
+    placed: Callable[[], None] = _nothing
+    registered: Callable[[], None] = _nothing  # the outputs are valid
+    # Asked before the outputs are registered: why they must not be (an input whose
+    # registration failed after it was placed), or None once all inputs are valid.
+    may_register: Callable[[], Awaitable[str | None]] = _no_objection
 
 
 @dataclass
@@ -331,6 +341,8 @@ class Builder:
         results: dict[str, dict[str, object]] = {}
         built: list[str] = []
         finished = {p: trio.Event() for p in order}
+        # Set once a derivation's outputs are in the store, registered or not yet.
+        in_place = {p: trio.Event() for p in order}
         # Set once a derivation's builder runs (or it is settled without one).
         started = {p: trio.Event() for p in order}
         request_jobs = trio.CapacityLimiter(max(1, opts.max_jobs))
@@ -353,17 +365,22 @@ class Builder:
             finally:
                 results.setdefault(path, {"status": "cancelled"})
                 started[path].set()
+                in_place[path].set()
                 finished[path].set()
+
+        def failed_inputs(path: str) -> list[str]:
+            # Those still registering are not failed yet.
+            return [
+                d
+                for d in drvs[path].input_drvs
+                if d in results and results[d]["status"] not in ("built", "valid", "checked")
+            ]
 
         async def settle(path: str, reserved: object | None) -> None:
             drv = drvs[path]
             for dep in drv.input_drvs:
-                await finished[dep].wait()
-            failed = [
-                d
-                for d in drv.input_drvs
-                if results[d]["status"] not in ("built", "valid", "checked")
-            ]
+                await in_place[dep].wait()
+            failed = failed_inputs(path)
             if failed:
                 results[path] = {
                     "status": "dependency-failed",
@@ -383,12 +400,22 @@ class Builder:
                     if borrower in request_jobs.statistics().borrowers:
                         request_jobs.release_on_behalf_of(borrower)
 
-                def registered() -> None:
+                def placed() -> None:
                     release()
+                    in_place[path].set()
+
+                def registered() -> None:
+                    placed()
                     results[path] = {"status": "built"}
                     finished[path].set()
 
-                hooks = Hooks(spawned=started[path].set, registered=registered)
+                async def may_register() -> str | None:
+                    for dep in drv.input_drvs:
+                        await finished[dep].wait()
+                    failed = failed_inputs(path)
+                    return f"dependency failed: {_drv_name(failed[0])}" if failed else None
+
+                hooks = Hooks(started[path].set, placed, registered, may_register)
 
                 try:
                     if stop.is_set():
@@ -403,7 +430,12 @@ class Builder:
                 finally:
                     release()
                 tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
-                if job.error is None:
+                if job.error is not None and failed_inputs(path):
+                    results[path] = {
+                        "status": "dependency-failed",
+                        "message": f"dependency failed: {_drv_name(failed_inputs(path)[0])}",
+                    }
+                elif job.error is None:
                     results[path] = {"status": "built", **tries}
                     built.append(path)
                     note = f" on attempt {job.attempts}" if job.attempts > 1 else ""
@@ -512,11 +544,17 @@ class Builder:
         owner = _owner(job.drv_path)
         name = _drv_name(job.drv_path)
         expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
+        loop = trio.lowlevel.current_trio_token()
+
+        def placed(infos: list[PathInfo]) -> None:
+            # Dependents start while the registration commits: they register after it.
+            inputs.closures.add_outputs(infos)
+            loop.run_sync_soon(job.hooks.placed)
 
         def register(built: dict[str, tuple[str, str]], closure: list[str]) -> None:
             try:
                 infos = self.store.add_outputs(
-                    job.drv_path, built, closure, expected, move=_movable(drv)
+                    job.drv_path, built, closure, expected, move=_movable(drv), placed=placed
                 )
             except Exception as e:
                 cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
@@ -833,6 +871,8 @@ class Builder:
                         Cause.MISSING_OUTPUT,
                     )
                 built[out_name] = (str(left), out.path)
+            if (objection := await job.hooks.may_register()) is not None:
+                raise BuildError(f"outputs of '{name}' refused: {objection}", Cause.DEPENDENCY)
             await trio.to_thread.run_sync(self.cpus.spread(finish_and_ready_slot))
             if job.run is not None:
                 job.run.succeeded = True

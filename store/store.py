@@ -378,6 +378,7 @@ class Store:
         expected_hashes: Mapping[str, str] | None = None,
         repair: bool = False,
         move: bool = False,
+        placed: Callable[[list[PathInfo]], None] | None = None,
     ) -> list[PathInfo]:
         """Register a build's outputs, {output name: (where the builder left it, store path)}.
 
@@ -388,6 +389,9 @@ class Store:
         themselves; then all are renamed into place and registered in one transaction, with
         their deriver.
         With `repair`, they replace registered paths that are corrupt or missing.
+        `placed` hears of the outputs this call puts in place (not those valid already)
+        once they are there, before their registration commits: a build that needs them
+        may start then, if it registers only after this call returned.
         """
         expected_hashes = expected_hashes or {}
         own = {p for _, p in built.values()}
@@ -411,13 +415,16 @@ class Store:
             if repair:
                 return self._replace(entries)
             outputs = [(drv_path, output, path) for output, (_, path) in built.items()]
-            return self._install(entries, outputs)
+            return self._install(entries, outputs, placed)
         finally:
             for new in entries:
                 remove_tree(new.entry)
 
     def _install(
-        self, new: Sequence[NewPath], drv_outputs: Sequence[tuple[str, str, str]] = ()
+        self,
+        new: Sequence[NewPath],
+        drv_outputs: Sequence[tuple[str, str, str]] = (),
+        placed: Callable[[list[PathInfo]], None] | None = None,
     ) -> list[PathInfo]:
         """Rename entries into place and register them, all in one transaction.
 
@@ -443,7 +450,6 @@ class Store:
             batch = {n.path for n in new}
             external = sorted({r for n in new for r in n.references} - batch)
             ids = dict(zip(external, _ids(conn, external), strict=True))
-            infos: list[PathInfo] = []
             try:
                 fresh = []
                 for n in new:
@@ -467,6 +473,14 @@ class Store:
                         os.chmod(final, 0o555)
                     fresh.append(n)
                 reg_time = int(time.time())
+                infos = [
+                    PathInfo(
+                        n.path, n.nar_hash, n.nar_size, n.references, reg_time, n.deriver, n.ca
+                    )
+                    for n in fresh
+                ]
+                if placed is not None and infos:
+                    placed(infos)
                 for n in fresh:
                     conn.execute(
                         "INSERT INTO ValidPaths (path, hash, nar_size, registration_time, "
@@ -478,11 +492,6 @@ class Store:
                     conn.executemany(
                         "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)",
                         [(ids[n.path], ids[r]) for r in n.references],
-                    )
-                    infos.append(
-                        PathInfo(
-                            n.path, n.nar_hash, n.nar_size, n.references, reg_time, n.deriver, n.ca
-                        )
                     )
                 conn.executemany(
                     "INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) "

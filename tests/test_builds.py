@@ -10,6 +10,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import apsw
 import pytest
 
 from daemon.blocking import BlockingClient, DaemonError
@@ -290,6 +291,38 @@ def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None
     out = "".join(written)
     assert "[0/2 built] running: a" in out and "a> compiling\n" in out
     assert out.endswith("\r\x1b[K")
+
+
+def test_a_dependent_started_before_its_input_registered_fails_if_that_registration_does(
+    graph: Graph,
+) -> None:
+    # Dependents start once an input's outputs are in place, while their registration
+    # commits.  Here a trigger fails that registration, slowly, after the dependent ran.
+    victim = graph.sh("victim", "echo victim > $out")
+    dependent = graph.sh("dependent", f"cat {victim} > $out")
+    db = apsw.Connection(str(graph.daemon.state / "var" / "db" / "db.sqlite"))
+    db.execute(
+        "CREATE TRIGGER refuse_victim BEFORE INSERT ON ValidPaths WHEN NEW.path = ? "
+        "BEGIN SELECT RAISE(ABORT, 'refused by the test') "
+        "WHERE length(hex(randomblob(40000000))) > 0; END".replace("?", f"'{victim.out}'")
+    )
+    by_drv = {r["drv"]: r for r in graph.build(victim, dependent)}
+    assert by_drv[victim.path]["status"] == "failed"
+    assert "refused by the test" in by_drv[victim.path]["message"]
+    assert by_drv[dependent.path] == {
+        "drv": dependent.path,
+        "outputs": {"out": dependent.out},
+        "status": "dependency-failed",
+        "message": "dependency failed: victim",
+    }
+    assert ("building dependent", None) in graph.logs
+    assert not os.path.exists(victim.out)
+    assert not os.path.exists(dependent.out)
+    assert graph.client.call("is-valid", paths=[victim.out, dependent.out]) == []
+    db.execute("DROP TRIGGER refuse_victim")
+    db.close()
+    assert [r["status"] for r in graph.build(dependent)] == ["built"]
+    assert Path(dependent.out).read_text() == "victim\n"
 
 
 def test_a_sandbox_that_cannot_be_made_fails_the_build_not_the_daemon(graph: Graph) -> None:
