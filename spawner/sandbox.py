@@ -107,30 +107,32 @@ def _is_mount_point_for(source: str, kind: int, target: str) -> bool:
     return st.st_size == 0
 
 
-def _mount_point_for(source: str, target: str, reusable: list[str] | None = None) -> None:
-    """An empty file or directory at `target` to bind `source` on (a symlink is copied).
-    One left by an earlier build is kept if it still is one, or one of `reusable` (left
-    for other paths) renamed: creating and deleting files is what is slow here, not
-    looking at them."""
+def _mount_point_for(source: str, target: str, reusable: list[str] | None = None) -> bool:
+    """An empty file or directory at `target` to bind `source` on, or a copy of its
+    symlink (then False is returned: nothing to bind).  One left by an earlier build is
+    kept if it still is one, or one of `reusable` (left for other paths) renamed:
+    creating and deleting files is what is slow here, not looking at them."""
     kind = stat.S_IFMT(os.lstat(source).st_mode)
+    to_bind = not stat.S_ISLNK(kind)
     if os.path.lexists(target):
         if _is_mount_point_for(source, kind, target):
-            return
+            return to_bind
         _remove(target)
     _directory(os.path.dirname(target))
-    if stat.S_ISLNK(kind):
+    if not to_bind:
         os.symlink(os.readlink(source), target)
-        return
+        return False
     for old in reusable if reusable is not None else []:
         if _is_mount_point_for(source, kind, old):
             reusable.remove(old)
             os.rename(old, target)
-            return
+            return True
     if stat.S_ISDIR(kind):
         os.mkdir(target)
     else:
         with open(target, "a"):
             pass
+    return True
 
 
 def make_skeleton(where: str) -> str:
@@ -172,16 +174,21 @@ def store_dir_of(req: SpawnRequest) -> str:
     return _inside(req.root, req.store_dir)
 
 
-def prepare_root(req: SpawnRequest, skeleton: str) -> None:
+def prepare_root(req: SpawnRequest, skeleton: str) -> list[str]:
     """Mount points for this request: its inputs in the slot's store dir, its sandbox
     paths and the store dir itself in the skeleton (they stay there for the next builds).
     Whatever else is in the slot's store dir goes (the daemon leaves the mount points of
-    the last build's inputs there), so that only the input closure is visible."""
+    the last build's inputs there), so that only the input closure is visible.  Returns
+    the paths to bind (symlinks are copied instead)."""
     store = store_dir_of(req)
     in_store = req.store_dir.rstrip("/") + "/"
+    binds: list[str] = []
     with _step("prepare root", req.root):
-        _directory(store)
-        st = os.stat(store)
+        try:
+            st = os.stat(store)
+        except FileNotFoundError:
+            os.makedirs(store)
+            st = os.stat(store)
         # The store dir is the build user's, so it can create its outputs there.
         if (st.st_uid, st.st_gid) != (req.host_uid, req.host_gid):
             os.chown(store, req.host_uid, req.host_gid)
@@ -198,9 +205,12 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> None:
         with os.scandir(store) as entries:
             stale = [e.path for e in entries if e.name not in wanted]
         for p in req.inputs:
-            _mount_point_for(p, _inside(req.root, p), stale)
+            if _mount_point_for(p, _inside(req.root, p), stale):
+                binds.append(p)
         for path in stale:
             _remove(path)
         for p in req.sandbox_paths:
             # One in the store dir is mounted on through the slot's store dir, bound there.
-            _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p))
+            if _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p)):
+                binds.append(p)
+    return binds

@@ -73,9 +73,8 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _for_spare(req: SpawnRequest) -> bytes:
+def _for_spare(req: SpawnRequest, binds: list[str]) -> bytes:
     """The request as the spare reads it (spare.c): NUL-terminated strings."""
-    binds = [p for p in [*req.inputs, *req.sandbox_paths] if not os.path.islink(p)]
     env = [f"{k}={v}" for k, v in req.env.items()]
     parts = [SPARE_MAGIC, req.builder, req.build_dir, store_dir_of(req), req.store_dir]
     for part in (req.args, env, binds):
@@ -114,13 +113,13 @@ class Spare:
         self.close()
         _remove_cgroup(self.cgroup)
 
-    def start(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
+    def start(self, req: SpawnRequest, binds: list[str], log_fd: int) -> dict[str, Any]:
         try:
             self._write_maps(req)
         except OSError as e:
             return _error("uid map", e.errno or 0, e.filename or "", e.strerror or "")
         try:
-            self.ctl.sendmsg([_for_spare(req)], rights(log_fd))
+            self.ctl.sendmsg([_for_spare(req, binds)], rights(log_fd))
         except OSError as e:
             # The spare died before its request: its status pipe may say why.
             failure = _read_all(self.status)
@@ -139,17 +138,20 @@ class Spare:
         except OSError:
             return None
 
+    def deny_setgroups(self) -> None:
+        """Before the gid map, and the same for every builder: done as the spare is made."""
+        self._write("setgroups", "deny\n")
+
     def _write_maps(self, req: SpawnRequest) -> None:
-        for name, text in (
-            ("uid_map", f"{BUILD_UID} {req.host_uid} 1\n"),
-            ("setgroups", "deny\n"),
-            ("gid_map", f"{BUILD_GID} {req.host_gid} 1\n"),
-        ):
-            fd = os.open(name, os.O_WRONLY, dir_fd=self.proc_dir)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+        self._write("uid_map", f"{BUILD_UID} {req.host_uid} 1\n")
+        self._write("gid_map", f"{BUILD_GID} {req.host_gid} 1\n")
+
+    def _write(self, name: str, text: str) -> None:
+        fd = os.open(name, os.O_WRONLY, dir_fd=self.proc_dir)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
 
 
 _cgroup_names = itertools.count()
@@ -191,6 +193,11 @@ def make_spare(skeleton: str, network: bool, freezer: str = "") -> Spare:
         _remove_cgroup(cgroup)
         raise
     spare.freezer, spare.cgroup = freezer, cgroup
+    try:
+        spare.deny_setgroups()
+    except OSError as e:
+        spare.discard()
+        raise SetupError("uid map", e.errno or 0, "setgroups", e.strerror or str(e)) from e
     return spare
 
 
@@ -282,7 +289,7 @@ class Spawner:
     def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
         self.freezer = req.freezer
         try:
-            prepare_root(req, self.skeleton)
+            binds = prepare_root(req, self.skeleton)
             spare = self.spares.pop(req.network, None)
             if spare is not None and (spare.freezer != req.freezer or not spare.waiting()):
                 spare.discard()
@@ -293,7 +300,7 @@ class Spawner:
             return _error_of(e)
         reply: dict[str, Any] = {"status": "error"}
         try:
-            reply = spare.start(req, log_fd)
+            reply = spare.start(req, binds, log_fd)
             if reply["status"] == "ok" and (held := spare.hold_mounts()) is not None:
                 self.held.append(held)
         finally:
@@ -328,8 +335,7 @@ class Spawner:
         self.held.clear()
 
 
-def _request(data: bytes) -> SpawnRequest:
-    msg = msgpack.unpackb(data)
+def _request(msg: dict[str, Any]) -> SpawnRequest:
     fields = {k: v for k, v in msg.items() if k in SpawnRequest.__dataclass_fields__}
     return SpawnRequest(**fields)
 
@@ -346,11 +352,12 @@ def serve(sock: socket.socket, spawner: Spawner) -> None:
         rid = None
         req = None
         try:
-            rid = msgpack.unpackb(data).get("id")
+            msg = msgpack.unpackb(data)
+            rid = msg.get("id")
             if truncated or len(fds) != 1:
                 reply = _error("request", errno.EINVAL, "", "a request carries one log fd")
             else:
-                req = _request(data)
+                req = _request(msg)
                 reply = spawner.spawn(req, fds[0])
         except Exception as e:
             reply = _error_of(e)
