@@ -816,6 +816,7 @@ class Builder:
             inputs=closure,
             sandbox_paths=list(self.settings.sandbox_paths),
             network=drv.is_fixed_output,
+            reuse_network=self.settings.reuse_network_namespaces,
             freezer=str(freezer.base) if freezer else "",
         )
         read_end, write_end = os.pipe()

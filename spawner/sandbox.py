@@ -56,6 +56,9 @@ class SpawnRequest:
     inputs: list[str] = field(default_factory=list)  # store paths, bound read-only
     sandbox_paths: list[str] = field(default_factory=list)  # host paths, bound read-only
     network: bool = False  # True: share the host's network (fixed-output builds)
+    # False: a network namespace made for this build alone, never one a finished build
+    # left (spawner/networks.py).
+    reuse_network: bool = True
     # The daemon's freezer directory: the builder's tree runs in a cgroup of its own in
     # it (best effort: the reply names it, or "").
     freezer: str = ""

@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 
 from daemon.packets import recv_packet, rights
+from spawner.networks import Networks
 from spawner.sandbox import (
     BUILD_GID,
     BUILD_UID,
@@ -51,6 +52,8 @@ from spawner.sandbox import (
 # The program a spare execs into, built by install.sh from spare.c.
 SPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weft-spare")
 SPARE_MAGIC = "weft-spare-1"
+# Where the spare program finds a network namespace to join.
+_NETNS_FD = 6
 PR_SET_PDEATHSIG = 1
 
 
@@ -95,6 +98,7 @@ class Spare:
     status: int  # close-on-exec pipe: EOF = exec happened; data = a setup error
     freezer: str  # the freezer directory it was made for ("" for none)
     cgroup: str  # its own cgroup in that directory, if it could be made there
+    kept_network: bool = False  # its network namespace is one `Networks` lends
 
     def waiting(self) -> bool:
         """Still alive and waiting: it never writes to its socket, it only closes it by
@@ -170,19 +174,22 @@ def _new_cgroup(freezer: str) -> str:
     return path
 
 
-def make_spare(skeleton: str, network: bool, freezer: str = "") -> Spare:
+def make_spare(
+    skeleton: str, network: bool, freezer: str = "", networks: Networks | None = None
+) -> Spare:
     """Start the spare program, which clones the spare (in a cgroup of its own, in
-    `freezer`) and reports its pid (spare.c)."""
+    `freezer`, and unless `network` in a network namespace from `networks`, or of its own)
+    and reports its pid (spare.c)."""
     cgroup = _new_cgroup(freezer)
     try:
         try:
-            spare = _start_spare(skeleton, network, cgroup)
+            spare = _start_networked(skeleton, network, cgroup, networks)
         except SetupError:
             if not cgroup:
                 raise
             # A cgroup v1 freezer, or a kernel without clone3's CLONE_INTO_CGROUP: the
             # spare is moved there instead, while it waits.
-            spare = _start_spare(skeleton, network, "")
+            spare = _start_networked(skeleton, network, "", networks)
             try:
                 with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                     f.write(str(spare.pid))
@@ -207,7 +214,38 @@ def _remove_cgroup(path: str) -> None:
             os.rmdir(path)
 
 
-def _start_spare(skeleton: str, network: bool, cgroup: str) -> Spare:
+def _start_networked(skeleton: str, network: bool, cgroup: str, networks: Networks | None) -> Spare:
+    if network:
+        return _start_spare(skeleton, "host", cgroup)
+    if networks is None or not networks.shared:
+        return _start_spare(skeleton, "own", cgroup)
+    netns = networks.take()
+    if netns is None:
+        try:
+            spare = _start_spare(skeleton, "new", cgroup)
+        except SetupError as e:
+            if e.step != "network namespace":
+                raise
+            # None of the host's user namespace can be made here (a container, say):
+            # each spare makes its own from now on.
+            networks.shared = False
+            return _start_spare(skeleton, "own", cgroup)
+        try:
+            netns = os.open("ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=spare.proc_dir)
+        except OSError:
+            return spare  # its namespace goes with it
+    else:
+        try:
+            spare = _start_spare(skeleton, f"join={_NETNS_FD}", cgroup, netns)
+        except BaseException:
+            os.close(netns)
+            raise
+    networks.lend(netns, spare.pid)
+    spare.kept_network = True
+    return spare
+
+
+def _start_spare(skeleton: str, network: str, cgroup: str, netns: int = -1) -> Spare:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -220,13 +258,14 @@ def _start_spare(skeleton: str, network: bool, cgroup: str) -> Spare:
                 cgroup_fd = _open_cgroup(cgroup)
             launcher = os.posix_spawn(
                 SPARE,
-                [SPARE, skeleton, "1" if network else "0", *(["5"] if cgroup else [])],
+                [SPARE, skeleton, network, *(["5"] if cgroup else [])],
                 {},
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, pid_w, 1),
                     (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
                     (os.POSIX_SPAWN_DUP2, status_w, 4),
                     *([(os.POSIX_SPAWN_DUP2, cgroup_fd, 5)] if cgroup else []),
+                    *([(os.POSIX_SPAWN_DUP2, netns, _NETNS_FD)] if netns >= 0 else []),
                 ],
             )
         except OSError as e:
@@ -283,19 +322,25 @@ class Spawner:
         self.spares: dict[bool, Spare] = {}
         self.last_network = False
         self.freezer = ""  # the last request's
+        self.reuse_network = True  # the last request's
         # Mount namespaces of the latest builders, held open (`release_mounts`).
         self.held: list[int] = []
+        self.networks = Networks()
 
     def spawn(self, req: SpawnRequest, log_fd: int) -> dict[str, Any]:
-        self.freezer = req.freezer
+        self.freezer, self.reuse_network = req.freezer, req.reuse_network
         try:
             binds = prepare_root(req, self.skeleton)
             spare = self.spares.pop(req.network, None)
-            if spare is not None and (spare.freezer != req.freezer or not spare.waiting()):
+            if spare is not None and (
+                spare.freezer != req.freezer
+                or (spare.kept_network and not req.reuse_network)
+                or not spare.waiting()
+            ):
                 spare.discard()
                 spare = None
             if spare is None:
-                spare = make_spare(self.skeleton, req.network, req.freezer)
+                spare = make_spare(self.skeleton, req.network, req.freezer, self._networks())
         except SetupError as e:
             return _error_of(e)
         reply: dict[str, Any] = {"status": "error"}
@@ -311,6 +356,9 @@ class Spawner:
                 spare.discard()
         return reply
 
+    def _networks(self) -> Networks | None:
+        return self.networks if self.reuse_network else None
+
     def release_mounts(self) -> None:
         """Let go of the mount namespaces of all builders but the newest.  A builder whose
         namespace is held exits without unmounting its sandbox, which waits for every
@@ -324,12 +372,15 @@ class Spawner:
         if network not in self.spares:
             # A failure here comes back to the request that needs the spare.
             with contextlib.suppress(SetupError):
-                self.spares[network] = make_spare(self.skeleton, network, self.freezer)
+                self.spares[network] = make_spare(
+                    self.skeleton, network, self.freezer, self._networks()
+                )
 
     def close(self) -> None:
         for spare in self.spares.values():
             spare.discard()
         self.spares.clear()
+        self.networks.close()
         for fd in self.held:
             os.close(fd)
         self.held.clear()

@@ -6,8 +6,15 @@
  *
  *     weft-spare SKELETON NETWORK [CGROUP_FD]
  *
- * It clones the spare into new user, mount, pid, ipc, uts and (unless NETWORK is 1)
- * network namespaces, and with CGROUP_FD (an open cgroup v2 directory) right into that
+ * NETWORK says which network namespace the spare gets: "host" the host's (fixed-output
+ * builds); "own" a new one it makes with its user namespace (a daemon that is not root);
+ * "new" a new one this program makes first, as root, with lo up and no TIME_WAIT sockets
+ * kept, which the spawner keeps for later builds; "join=FD" that one, kept from an earlier
+ * build whose processes are all gone (a new network namespace costs more than the rest of
+ * the spare together).
+ *
+ * It clones the spare into new user, mount, pid, ipc and uts namespaces (and network, for
+ * "own"), and with CGROUP_FD (an open cgroup v2 directory) right into that
  * cgroup: a clone into a cgroup takes none of the locks that moving a process there later
  * takes, whose wait for other CPUs sometimes lasts milliseconds.  It writes the spare's
  * pid and exits: the spare, orphaned, becomes the child of the nearest subreaper, the
@@ -143,8 +150,37 @@ static void bind_mount(const char *source, const char *target, int read_only, in
     }
 }
 
+/* Bring lo up in the current network namespace. */
+static void loopback_up(void) {
+    struct ifreq req;
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        fail("loopback", errno, "");
+    memset(&req, 0, sizeof req);
+    strcpy(req.ifr_name, "lo");
+    if (ioctl(s, SIOCGIFFLAGS, &req) != 0)
+        fail("loopback", errno, "");
+    req.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &req) != 0)
+        fail("loopback", errno, "");
+    close(s);
+}
+
+/* A network namespace of its own for this process, to be lent to build after build: lo
+ * up, and no TCP connection lingering in TIME_WAIT once its sockets are closed, so that
+ * a build finds none of an earlier one's ports taken. */
+static void new_network(void) {
+    if (unshare(CLONE_NEWNET) != 0)
+        fail("network namespace", errno, "");
+    loopback_up();
+    int fd = open("/proc/sys/net/ipv4/tcp_max_tw_buckets", O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, "0\n", 2) != 2)
+        fail("network namespace", errno, "tcp_max_tw_buckets");
+    close(fd);
+}
+
 /* What every sandbox has, before any request. */
-static void settle(int network) {
+static void settle(int own_network) {
     static const char *devices[] = {"null", "zero", "full", "random", "urandom", "tty"};
     static const struct {
         const char *source, *fstype, *where, *step, *data;
@@ -174,20 +210,8 @@ static void settle(int network) {
     }
     if (sethostname("localhost", 9) != 0)
         fail("hostname", errno, "");
-    if (!network) {
-        struct ifreq req;
-        int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-        if (s < 0)
-            fail("loopback", errno, "");
-        memset(&req, 0, sizeof req);
-        strcpy(req.ifr_name, "lo");
-        if (ioctl(s, SIOCGIFFLAGS, &req) != 0)
-            fail("loopback", errno, "");
-        req.ifr_flags |= IFF_UP;
-        if (ioctl(s, SIOCSIFFLAGS, &req) != 0)
-            fail("loopback", errno, "");
-        close(s);
-    }
+    if (own_network)
+        loopback_up();
 }
 
 /* The request and its one descriptor, the log pipe; exits quietly on EOF (the spawner
@@ -292,10 +316,19 @@ int main(int argc, char **argv) {
         fail("start spare", errno, "");
     if (snprintf(skeleton, sizeof skeleton, "%s", argv[1]) >= (int)sizeof skeleton)
         fail("start spare", ENAMETOOLONG, argv[1]);
-    int network = strcmp(argv[2], "1") == 0;
+    const char *network = argv[2];
+    int own_network = strcmp(network, "own") == 0;
+    if (strcmp(network, "new") == 0) {
+        new_network();
+    } else if (strncmp(network, "join=", 5) == 0) {
+        if (setns(atoi(network + 5), CLONE_NEWNET) != 0)
+            fail("network namespace", errno, network);
+    } else if (!own_network && strcmp(network, "host") != 0) {
+        fail("start spare", EINVAL, network);
+    }
     struct clone3_args how = {
         .flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS |
-                 (network ? 0 : CLONE_NEWNET),
+                 (own_network ? CLONE_NEWNET : 0),
         .exit_signal = SIGCHLD,
     };
     if (argc == 4) {
@@ -321,7 +354,7 @@ int main(int argc, char **argv) {
         for (int fd = STATUS_FD + 1; fd < 1 << 16; fd++)
             close(fd);
     default_signals();
-    settle(network);
+    settle(own_network);
 
     int ctl = CTL_FD;
     char *buf = malloc(MAX_REQUEST);

@@ -52,6 +52,8 @@ class Settings:
     share_cpu: bool = True
     # While builds run, idle CPUs poll for work instead of halting (daemon/wakeups.py).
     quick_wakeups: bool = True
+    # A sandbox may get a network namespace a finished build left (docs/sandbox.md).
+    reuse_network_namespaces: bool = True
     # Load-adaptive scheduling (docs/scheduling.md).  Pressure limits are the % of time
     # some task stalled on the resource; 0 turns a limit off.
     max_cpu_pressure: float = 60.0

@@ -325,6 +325,54 @@ def test_a_dependent_started_before_its_input_registered_fails_if_that_registrat
     assert Path(dependent.out).read_text() == "victim\n"
 
 
+# A build notes its network namespace, the TCP sockets it finds at its start and whether
+# TIME_WAIT is kept, then makes a loopback connection whose server closes first (which
+# leaves the server's port in TIME_WAIT, if it is kept).
+NETWORK_SCRIPT = (
+    "readlink /proc/self/ns/net > $out; tail -n +2 /proc/net/tcp | wc -l >> $out; "
+    "cat /proc/sys/net/ipv4/tcp_max_tw_buckets >> $out; "
+    "nc -l -p 5555 -e true & sleep 0.2; nc 127.0.0.1 5555 </dev/null; wait"
+)
+
+
+def test_network_namespaces_are_reused_one_build_at_a_time_and_clean(graph: Graph) -> None:
+    chain = [graph.sh("net0", NETWORK_SCRIPT)]
+    for i in range(1, 5):
+        chain.append(graph.sh(f"net{i}", f": {chain[-1]}; {NETWORK_SCRIPT}"))
+    (result,) = graph.build(chain[-1])
+    assert result["status"] == "built"
+    seen = [Path(d.out).read_text().split() for d in chain]
+    namespaces = [ns for ns, _, _ in seen]
+    assert len(set(namespaces)) < len(namespaces), namespaces  # some were reused
+    assert all(sockets == "0" and tw == "0" for _, sockets, tw in seen), seen
+    # Builds running at once never share one.
+    script = "readlink /proc/self/ns/net > $out; sleep 0.5"
+    apart = [graph.sh(f"apart{i}", script, env={"I": str(i)}) for i in range(3)]
+    assert [r["status"] for r in graph.build(*apart, max_jobs=3)] == ["built"] * 3
+    assert len({Path(d.out).read_text() for d in apart}) == 3
+
+
+def test_reuse_network_namespaces_false_gives_every_build_a_new_one(tmp_path: Path) -> None:
+    state = Path(tempfile.mkdtemp(prefix="weft-build-", dir="/var/tmp")) / "state"
+    state.mkdir()
+    (state / "weft.toml").write_text("reuse-network-namespaces = false\n")
+    d = start_daemon(state)
+    graph = Graph(d)
+    try:
+        # As in the test above; here the TIME_WAIT sockets are kept, but in namespaces
+        # no later build gets.
+        chain = [graph.sh("fresh0", NETWORK_SCRIPT)]
+        for i in range(1, 5):
+            chain.append(graph.sh(f"fresh{i}", f": {chain[-1]}; {NETWORK_SCRIPT}"))
+        assert [r["status"] for r in graph.build(chain[-1])] == ["built"]
+        seen = [Path(d.out).read_text().split() for d in chain]
+        assert all(sockets == "0" and tw != "0" for _, sockets, tw in seen), seen
+    finally:
+        graph.close()
+        stop_daemon(d)
+        shutil.rmtree(state.parent, ignore_errors=True)
+
+
 def test_a_sandbox_that_cannot_be_made_fails_the_build_not_the_daemon(graph: Graph) -> None:
     broken = derivation("broken", "/nonexistent/builder", [])
     fine = graph.sh("fine-after", "echo ok > $out")

@@ -274,7 +274,7 @@ def test_a_spare_is_cloned_right_into_its_cgroup(tmp_path: Path) -> None:
     cgroup = freezer.base / "spare"
     cgroup.mkdir()
     try:
-        spare = _start_spare(make_skeleton(str(tmp_path / "spawner")), False, str(cgroup))
+        spare = _start_spare(make_skeleton(str(tmp_path / "spawner")), "own", str(cgroup))
         try:
             assert (cgroup / "cgroup.procs").read_text().split() == [str(spare.pid)]
         finally:
