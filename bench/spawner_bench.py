@@ -100,8 +100,8 @@ async def _measure(work: Path) -> list[Row]:
         await nursery.start(monitor.run)
         await nursery.start(spawner.run)
         for network, pause, label in (
-            (False, 0.0, "new network namespace, back to back"),
-            (False, PAUSE, f"new network namespace, {PAUSE * 1e3:.0f} ms apart"),
+            (False, 0.0, "own network namespace, back to back"),
+            (False, PAUSE, f"own network namespace, {PAUSE * 1e3:.0f} ms apart"),
             (True, 0.0, "host network, back to back"),
             (True, PAUSE, f"host network, {PAUSE * 1e3:.0f} ms apart"),
         ):
