@@ -391,8 +391,9 @@ class Builder:
             elif path not in missing:
                 results[path] = {"status": "valid"}
             else:
-                # Dependents go on once the outputs are registered: the locks' release
-                # and the history record follow off their path.
+                # Dependents go on once the outputs are in place, while their
+                # registration commits: the locks' release and the history record follow
+                # off their path.
                 borrower = object()
                 try:
                     # No checkpoint when a place is free: on a chain, each is latency.
@@ -435,10 +436,11 @@ class Builder:
                 finally:
                     release()
                 tries = {"attempts": job.attempts, "flaky": job.flaky} if job.attempts else {}
-                if job.error is not None and failed_inputs(path):
+                failed = failed_inputs(path) if job.error is not None else []
+                if failed:
                     results[path] = {
                         "status": "dependency-failed",
-                        "message": f"dependency failed: {_drv_name(failed_inputs(path)[0])}",
+                        "message": f"dependency failed: {_drv_name(failed[0])}",
                     }
                 elif job.error is None:
                     results[path] = {"status": "built", **tries}

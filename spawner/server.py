@@ -2,11 +2,12 @@
 daemon's word.
 
 Started by the daemon before trio starts.  It keeps a spare ready: the spare program
-(`spare.c`, started by posix_spawn) clones itself into new user, mount, pid, ipc, uts and
-(unless the request shares the host's) network namespaces and exits; its clone, pid 1 of
-the new pid namespace and orphaned, is adopted by the nearest subreaper, the daemon, whose
-process monitor reaps it.  The spare mounts what every sandbox has and waits on a socket
-of its own.
+(`spare.c`, started by posix_spawn) clones itself into new user, mount, pid, ipc and uts
+namespaces and exits; its clone, pid 1 of the new pid namespace and orphaned, is adopted
+by the nearest subreaper, the daemon, whose process monitor reaps it.  The spare mounts
+what every sandbox has and waits on a socket of its own.  Unless the request shares the
+host's network, the spare has a network namespace of its own: as root, one a finished
+build left, or a new one the spawner then keeps for later builds (`networks.py`).
 
 Given a freezer directory (`SpawnRequest.freezer`, learnt from the requests), each spare
 is made in a cgroup of its own in it, where its builder's whole tree will be: the daemon
