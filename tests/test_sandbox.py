@@ -285,3 +285,25 @@ def test_a_spare_is_cloned_right_into_its_cgroup(tmp_path: Path) -> None:
             time.sleep(0.01)
     finally:
         freezer.close()
+
+
+def test_a_network_namespace_is_lent_again_only_once_its_holder_has_exited() -> None:
+    from spawner.networks import Networks
+
+    networks = Networks(shared=True)
+    holder = subprocess.Popen(["sleep", "30"])
+    netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        networks.lend(netns, holder.pid)
+        assert networks.take() is None
+        holder.kill()
+        holder.wait()
+        assert networks.take() == netns
+        assert networks.take() is None
+        networks.give_back(netns)
+    finally:
+        holder.kill()
+        holder.wait()
+        networks.close()
+    with pytest.raises(OSError):
+        os.fstat(netns)
