@@ -56,7 +56,10 @@ class Networks:
     def _reclaim(self) -> None:
         if not self._lent:
             return
-        gone, _, _ = select.select([lent.holder for lent in self._lent], [], [], 0)
+        poll = select.poll()
+        for lent in self._lent:
+            poll.register(lent.holder, select.POLLIN)
+        gone = {fd for fd, _ in poll.poll(0)}
         if not gone:
             return
         still = []
