@@ -9,7 +9,7 @@ builder was pid 1 of its pid namespace: when it has exited, every process of the
 has, and with them every socket.  The namespace belongs to the host's user namespace,
 where no builder has any capability: none can change its interfaces, routes or settings.
 A spawner that is not root cannot make or join such a namespace; each of its spares
-makes its own, in its user namespace, as before.
+makes its own, in its user namespace.
 """
 
 import os
@@ -34,14 +34,10 @@ class Networks:
         self._free: list[int] = []
 
     def take(self) -> int | None:
-        """A namespace no process is in any more, now the caller's to `lend` or `give_back`;
+        """A namespace no process is in any more, now the caller's (to `lend`, or close);
         None: the spare program must make a new one."""
         self._reclaim()
         return self._free.pop() if self._free else None
-
-    def give_back(self, netns: int) -> None:
-        """One taken but not lent (its spare could not be made)."""
-        self._keep(netns)
 
     def lend(self, netns: int, pid: int) -> None:
         """`netns` is process `pid`'s until it exits."""
