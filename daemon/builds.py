@@ -566,7 +566,9 @@ class Builder:
             except Exception as e:
                 cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
                 raise BuildError(f"outputs of '{name}' refused: {e}", cause) from None
-            inputs.closures.add_outputs(infos)
+            # Those placed are known already; only outputs valid before need adding.
+            if inputs.closures.known(i.path for i in infos) is None:
+                inputs.closures.add_outputs(infos)
             unlink_lock_files()
 
         def unlink_lock_files() -> None:

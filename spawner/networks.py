@@ -43,9 +43,12 @@ class Networks:
         """`netns` is process `pid`'s until it exits."""
         try:
             holder = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._keep(netns)  # gone already: it is free again
+            return
         except OSError:
-            # Gone already (or no pidfds): it is free again.
-            self._keep(netns)
+            # No pidfds here: nothing would tell when it is free, so it is never lent again.
+            os.close(netns)
             return
         self._lent.append(_Lent(netns, holder))
 
