@@ -49,9 +49,16 @@ def _default_log(event: p.Log) -> None:
     os.write(2, f"{event.message}\n".encode())
 
 
+def _nothing() -> None:
+    pass
+
+
 class BlockingClient:
     def __init__(self, sock_path: str, on_log: Callable[[p.Log], None] = _default_log) -> None:
         self.on_log = on_log
+        # Called before each wait for the daemon: what `on_log` gathered is written then,
+        # once per batch of events the daemon sent together rather than once per event.
+        self.on_idle: Callable[[], None] = _nothing
         self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self._sock.connect(sock_path)
@@ -89,6 +96,7 @@ class BlockingClient:
             event = self._proto.next_event()
             if event is not None:
                 return event
+            self.on_idle()
             data = self._sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionError("the daemon closed the connection")

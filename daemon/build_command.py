@@ -77,9 +77,18 @@ class Progress:
         self.done = self.total = 0
         self.running: list[str] = []
         self._status = False
+        self._pending: list[str] = []
 
     def _write(self, text: str) -> None:
-        os.write(2, text.encode())
+        self._pending.append(text)
+
+    def flush(self) -> None:
+        """Write what was gathered: called when the client is about to wait."""
+        if self._pending:
+            data = "".join(self._pending).encode()
+            self._pending.clear()
+            while data:
+                data = data[os.write(2, data) :]
 
     def _line(self, text: str) -> None:
         if self._status:
@@ -114,6 +123,7 @@ class Progress:
         if self._status:
             self._write("\r\x1b[K")
             self._status = False
+        self.flush()
 
 
 def _link(client: BlockingClient, link: str, target: str) -> None:
@@ -156,7 +166,7 @@ def main(argv: list[str]) -> int:
 
     progress = Progress(show_logs, os.isatty(2))
     with connect(opts) as client:
-        client.on_log = progress.update
+        client.on_log, client.on_idle = progress.update, progress.flush
         drvs = [d for t in targets for d in evaluate(t, client)]
         args: dict[str, object] = {
             "drvs": drvs,
@@ -168,8 +178,10 @@ def main(argv: list[str]) -> int:
             args["max_jobs"] = int(str(jobs))
         if retries is not None or "--no-retry" in opts:
             args["retries"] = int(str(retries or 0))
-        results = client.call("build", **args)
-        progress.finish()
+        try:
+            results = client.call("build", **args)
+        finally:
+            progress.finish()
         failed = 0
         printed: list[str] = []
         for r in results:

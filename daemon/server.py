@@ -33,6 +33,12 @@ log = logging.getLogger("weft.daemon")
 MAX_IN_FLIGHT = 1024
 # Queued output above this makes the tasks that produce it wait for the socket.
 HIGH_WATER = 4 << 20
+# Log lines (progress, builders' output) wait this long for company, unless a reply or
+# 64 KiB of them are queued: a client following a chain of quick builds then wakes once
+# per batch rather than twice per build, which on a small machine takes CPU the builds
+# need.  A person watching sees no difference.
+LOG_DELAY = 0.025
+LOG_BATCH = 64 << 10
 RECEIVE_SIZE = 1 << 20
 AGENT = "weft-daemon/0.1"
 T = TypeVar("T")
@@ -166,6 +172,7 @@ class ClientConnection:
         self.uploads: dict[int, Upload] = {}
         self._out: list[bytes] = []
         self._out_size = 0
+        self._urgent = False  # something queued that is not a log line: send at once
         self._have_output = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
         self._credit = trio.lowlevel.ParkingLot()
@@ -183,7 +190,11 @@ class ClientConnection:
         frame = self.proto.send(event)
         self._out.append(frame)
         self._out_size += len(frame)
-        self._have_output.unpark_all()
+        if not isinstance(event, p.Log) or self._out_size >= LOG_BATCH:
+            self._urgent = True
+            self._have_output.unpark_all()
+        elif len(self._out) == 1:
+            self._have_output.unpark_all()  # the writer then waits for company
 
     async def send(self, event: p.Event) -> None:
         """Queue a frame, then wait while too much output is queued: backpressure."""
@@ -226,9 +237,13 @@ class ClientConnection:
             while True:
                 while not self._out:
                     await self._have_output.park()
+                if not self._urgent:
+                    with trio.move_on_after(LOG_DELAY):
+                        await self._have_output.park()
                 data = b"".join(self._out)
                 self._out.clear()
                 self._out_size = 0
+                self._urgent = False
                 self._drained.unpark_all()
                 await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import apsw
@@ -265,6 +266,32 @@ def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
         shutil.rmtree(kept.parent)
 
 
+def test_log_lines_come_live_and_together(graph: Graph) -> None:
+    # Lines that come close together reach the client in one batch, so that a client
+    # following quick builds is not woken twice per build; none waits for the reply.
+    quick = [graph.sh("quick0", "echo 0 > $out")]
+    for i in range(1, 10):
+        quick.append(graph.sh(f"quick{i}", f"cat {quick[-1]} > $out; echo {i} >> $out"))
+    slow = graph.sh("slow", f"sleep 0.5; cat {quick[-1]} > $out")
+    seen: list[tuple[str, int, float]] = []
+    waits = 0
+
+    def idle() -> None:
+        nonlocal waits
+        waits += 1
+
+    graph.client.on_log = lambda e: seen.append((e.message, waits, time.monotonic()))
+    graph.client.on_idle = idle
+    (result,) = graph.build(slow)
+    replied = time.monotonic()
+    assert result["status"] == "built"
+    lines = [(m, w) for m, w, _ in seen if m.split()[-1].startswith("quick")]
+    assert len(lines) == 20  # building and built, for each
+    assert len({w for _, w in lines}) <= 10
+    (started,) = [t for m, _, t in seen if m == "building slow"]
+    assert replied - started > 0.4
+
+
 def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from daemon.build_command import Progress
     from daemon.protocol import Log
@@ -280,9 +307,9 @@ def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None
     plain = Progress(show_logs=False, terminal=False)
     for e in events:
         plain.update(e)
-    assert "".join(written) == (
-        "[0/2] 2 derivations to build, 0 present\nbuilding a\n[1/2] built a\n"
-    )
+    assert written == []  # gathered until the client waits for the daemon again
+    plain.flush()
+    assert written == ["[0/2] 2 derivations to build, 0 present\nbuilding a\n[1/2] built a\n"]
     written.clear()
     term = Progress(show_logs=True, terminal=True)
     for e in events[:3]:
