@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench.measure import settle
 from bench.nixdaemon import NixUnavailable, scratch_nix
-from daemon.blocking import BlockingClient
-from daemon.build_command import DaemonRecipeStore
+from daemon.cli.blocking import BlockingClient
+from daemon.cli.build import DaemonRecipeStore
 from store import base32
 from store.recipe import busybox, derivation, using
 from store.refscan import ReferenceScanner

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.loadgen import run_load
 from bench.measure import Alternating, percentile
-from daemon.blocking import BlockingClient, chunk_reader
+from daemon.cli.blocking import BlockingClient, chunk_reader
 from store import Store, nar
 from store.tmparea import remove_tree
 from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon

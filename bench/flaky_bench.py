@@ -26,8 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
-from daemon.blocking import BlockingClient
-from daemon.build_command import DaemonRecipeStore
+from daemon.cli.blocking import BlockingClient
+from daemon.cli.build import DaemonRecipeStore
 from store.recipe import busybox, derivation, using
 from tests.daemon_fixtures import start_daemon, stop_daemon
 

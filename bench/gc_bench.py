@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.measure import percentile, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
-from daemon.blocking import BlockingClient
+from daemon.cli.blocking import BlockingClient
 from store import gc
 from store.layout import StateDir
 from store.store import Store

@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 
-from daemon import protocol as p
+from daemon.wire import protocol as p
 
 _LEN = struct.Struct(">I")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 
 from bench.measure import percentile
-from daemon.locks import EXCLUSIVE, running_locker
+from daemon.proc.locks import EXCLUSIVE, running_locker
 
 Row = tuple[str, str, str]
 ROUND_TRIPS = 20_000

@@ -19,8 +19,8 @@ from pathlib import Path
 import trio
 
 from bench.measure import percentile
-from daemon.processes import ProcessMonitor
-from daemon.spawn import SpawnerService, start_spawner_process
+from daemon.proc.processes import ProcessMonitor
+from daemon.proc.spawner import SpawnerService, start_spawner_process
 from spawner.sandbox import SpawnRequest
 from store.store import Store
 

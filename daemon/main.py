@@ -20,14 +20,14 @@ import time
 
 import trio
 
-from daemon import auth
-from daemon.blocking import BlockingClient, DaemonError, NoDaemon
-from daemon.cpus import Cpus
-from daemon.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
-from daemon.ops import OPERATIONS
-from daemon.processes import ProcessMonitor
-from daemon.server import Daemon
-from daemon.spawn import SpawnerService, start_spawner_process
+from daemon.cli.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.proc.cpus import Cpus
+from daemon.proc.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
+from daemon.proc.processes import ProcessMonitor
+from daemon.proc.spawner import SpawnerService, start_spawner_process
+from daemon.rpc import auth
+from daemon.rpc.ops import OPERATIONS
+from daemon.rpc.server import Daemon
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store

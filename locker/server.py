@@ -21,7 +21,7 @@ import sys
 
 import msgpack
 
-from daemon.packets import recv_packet
+from daemon.wire.packets import recv_packet
 from locker.table import EXCLUSIVE, SHARED, Key, LockTable, Outcome
 
 # How long the head of a queue waits before asking the kernel again, when another process

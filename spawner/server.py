@@ -38,7 +38,7 @@ from typing import Any
 
 import msgpack
 
-from daemon.packets import recv_packet, rights
+from daemon.wire.packets import recv_packet, rights
 from spawner.networks import Networks
 from spawner.sandbox import (
     BUILD_GID,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.blocking import BlockingClient
-from daemon.build_command import DaemonRecipeStore
+from daemon.cli.blocking import BlockingClient
+from daemon.cli.build import DaemonRecipeStore
 from store import nar
 from store.recipe import Derivation, busybox, derivation, using
 

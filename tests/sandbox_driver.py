@@ -23,8 +23,8 @@ from pathlib import Path
 
 import trio
 
-from daemon.processes import ProcessMonitor
-from daemon.spawn import SpawnError, SpawnerService, start_spawner_process, wait_or_kill
+from daemon.proc.processes import ProcessMonitor
+from daemon.proc.spawner import SpawnError, SpawnerService, start_spawner_process, wait_or_kill
 from spawner.sandbox import SpawnRequest
 from spawner.server import SPARE
 from store.store import Store

@@ -14,7 +14,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from daemon.blocking import BlockingClient, DaemonError
+from daemon.cli.blocking import BlockingClient, DaemonError
 from store.derivation import Output
 from store.recipe import derivation
 from tests.daemon_fixtures import DaemonProc, Graph, start_daemon, stop_daemon
@@ -53,7 +53,7 @@ def test_parallelism_is_bounded_by_max_jobs(graph: Graph) -> None:
 
 
 def test_each_builder_runs_in_a_freezer_cgroup_of_its_own_removed_after(graph: Graph) -> None:
-    from daemon.freezer import _mount
+    from daemon.sched.freezer import _mount
 
     script = "cat /proc/self/cgroup > $out; sleep 0.3"
     drvs = [graph.sh(f"cg{i}", script, env={"I": str(i)}) for i in range(3)]
@@ -70,7 +70,7 @@ def test_each_builder_runs_in_a_freezer_cgroup_of_its_own_removed_after(graph: G
 
 
 def test_what_a_killed_daemon_left_in_its_cgroup_goes_when_the_next_starts() -> None:
-    from daemon.freezer import _mount
+    from daemon.sched.freezer import _mount
 
     where = Path(tempfile.mkdtemp(prefix="weft-cgroups-", dir="/var/tmp"))
     d = start_daemon(where / "state")
@@ -293,8 +293,8 @@ def test_log_lines_come_live_and_together(graph: Graph) -> None:
 
 
 def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.build_command import Progress
-    from daemon.protocol import Log
+    from daemon.cli.build import Progress
+    from daemon.wire.protocol import Log
 
     written: list[str] = []
     monkeypatch.setattr(os, "write", lambda fd, data: written.append(data.decode()) or len(data))

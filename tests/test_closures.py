@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.closures import Closures
+from daemon.build.closures import Closures
 from store.store import Store
 
 

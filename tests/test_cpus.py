@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cpus import Cpus, current_cpu
+from daemon.proc.cpus import Cpus, current_cpu
 from tests.daemon_fixtures import DaemonProc, Graph, start_daemon, stop_daemon
 
 ALL = frozenset(os.sched_getaffinity(0))

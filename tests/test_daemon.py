@@ -19,9 +19,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.blocking import BlockingClient, DaemonError
-from daemon.client import connect
-from daemon.protocol import MAX_FRAME
+from daemon.cli.blocking import BlockingClient, DaemonError
+from daemon.rpc.client import connect
+from daemon.wire.protocol import MAX_FRAME
 from store import nar
 from store.hashing import hash_path
 from tests.daemon_fixtures import (
@@ -161,7 +161,7 @@ def test_large_add_uses_bounded_memory_on_both_sides(daemon: DaemonProc) -> None
     size = 1 << 30
     client = textwrap.dedent(f"""
         import resource, sys
-        from daemon.blocking import BlockingClient, chunk_reader
+        from daemon.cli.blocking import BlockingClient, chunk_reader
         from store import nar
         size = {size}
         def archive():
@@ -185,7 +185,7 @@ def test_large_add_uses_bounded_memory_on_both_sides(daemon: DaemonProc) -> None
 def test_client_killed_mid_add_leaves_nothing(daemon: DaemonProc) -> None:
     client = textwrap.dedent(f"""
         import os, signal
-        from daemon.blocking import BlockingClient
+        from daemon.cli.blocking import BlockingClient
         from store import nar
         size = 64 << 20
         sent = 0
@@ -279,7 +279,7 @@ def test_other_users_are_refused_trusted_operations(open_state: Path) -> None:
         readable.write_text("anyone")
         readable.chmod(0o644)
         code = textwrap.dedent(f"""
-            from daemon.blocking import BlockingClient, DaemonError
+            from daemon.cli.blocking import BlockingClient, DaemonError
             with BlockingClient({d.socket!r}) as c:
                 print("valid", c.call("is-valid", paths=[]))
                 print("public", c.call("add-from-path", path={str(readable)!r})["path"])
@@ -312,7 +312,7 @@ def test_allowed_users_is_enforced(open_state: Path) -> None:
     try:
         assert (open_state / "var").stat().st_mode & 0o777 == 0o700
         code = f"""
-from daemon.blocking import BlockingClient
+from daemon.cli.blocking import BlockingClient
 try:
     BlockingClient({d.socket!r})
     print("connected")
@@ -422,8 +422,8 @@ def test_stop_command_and_embedded_default_start(tmp_path: Path) -> None:
 
 
 async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> None:
-    from daemon.ops import OPERATIONS
-    from daemon.server import Daemon
+    from daemon.rpc.ops import OPERATIONS
+    from daemon.rpc.server import Daemon
     from store.layout import Settings, StateDir
     from store.store import Store
 

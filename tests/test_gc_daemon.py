@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.blocking import BlockingClient, DaemonError
+from daemon.cli.blocking import BlockingClient, DaemonError
 from tests.daemon_fixtures import DaemonProc, Graph, start_daemon, stop_daemon
 
 BIN = Path(sys.executable).parent

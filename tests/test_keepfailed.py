@@ -5,7 +5,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from daemon.keepfailed import keep_failed
+from daemon.build.keepfailed import keep_failed
 
 BUILDER = 30042
 USER = 65534

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.locks import (
+from daemon.proc.locks import (
     EXCLUSIVE,
     SHARED,
     LockerDied,

@@ -8,7 +8,7 @@ import textwrap
 
 import trio
 
-from daemon.processes import ProcessMonitor
+from daemon.proc.processes import ProcessMonitor
 
 
 def run_script(script: str) -> list[int]:
@@ -45,7 +45,7 @@ async def test_status_arriving_before_registration_is_kept() -> None:
     script = textwrap.dedent("""
         import os, sys, trio
         sys.path.insert(0, os.getcwd())
-        from daemon.processes import ProcessMonitor
+        from daemon.proc.processes import ProcessMonitor
         async def main():
             monitor = ProcessMonitor()
             monitor.become_subreaper()
@@ -72,7 +72,7 @@ async def test_status_arriving_before_registration_is_kept() -> None:
 def test_no_zombies_left_by_a_reap_all_monitor() -> None:
     script = textwrap.dedent("""
         import os, sys, trio
-        from daemon.processes import ProcessMonitor
+        from daemon.proc.processes import ProcessMonitor
         async def main():
             monitor = ProcessMonitor()
             monitor.become_subreaper()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.protocol import (
+from daemon.wire.protocol import (
     MAX_FRAME,
     BadRequest,
     Connection,

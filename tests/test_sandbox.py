@@ -176,7 +176,7 @@ def test_a_thousand_builds_leave_no_zombie(state: Path) -> None:
 
 
 def test_build_slots_map_to_their_own_host_ids() -> None:
-    from daemon.spawn import build_ids
+    from daemon.proc.spawner import build_ids
 
     assert build_ids(0, 30000, 64) == (30000, 30000)
     assert build_ids(5, 30000, 64) == (30005, 30005)
@@ -265,7 +265,7 @@ def test_a_mount_point_left_for_another_path_is_renamed_rather_than_made_anew(
 def test_a_spare_is_cloned_right_into_its_cgroup(tmp_path: Path) -> None:
     """Not moved there once cloned (which takes locks that sometimes wait long): that is
     `make_spare`'s fallback, for kernels without clone3's CLONE_INTO_CGROUP."""
-    from daemon.freezer import Freezer
+    from daemon.sched.freezer import Freezer
     from spawner.sandbox import make_skeleton
     from spawner.server import _start_spare
 

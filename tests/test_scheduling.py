@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.blocking import BlockingClient
+from daemon.cli.blocking import BlockingClient
 from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon
 from tests.test_builds import Graph
 
@@ -271,8 +271,8 @@ def _state(pid: int) -> str:
 def _paused(pid: int) -> bool:
     """Whether the daemon has paused `pid`: its freezer cgroup frozen, or it and all its
     descendants stopped."""
-    from daemon.freezer import _mount
-    from daemon.pause import tree
+    from daemon.sched.freezer import _mount
+    from daemon.sched.sigstop import tree
 
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
@@ -322,7 +322,7 @@ def test_build_paused_under_memory_pressure_resumes_and_completes(env: Env, grap
 
 
 def test_stopping_a_process_tree_with_signals() -> None:
-    from daemon.pause import continue_tree, stop_tree, tree
+    from daemon.sched.sigstop import continue_tree, stop_tree, tree
 
     proc = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
     try:

@@ -3,9 +3,9 @@
 import dataclasses
 from pathlib import Path
 
-from daemon.admission import Admission, Limits
-from daemon.loadsignals import IDLE, ProcReader, peak
-from daemon.retry import Cause, Failed, RetrySettings, classify, decide
+from daemon.sched.admission import Admission, Limits
+from daemon.sched.loadsignals import IDLE, ProcReader, peak
+from daemon.sched.retry import Cause, Failed, RetrySettings, classify, decide
 from store.layout import Settings
 
 
@@ -29,7 +29,7 @@ def test_proc_reader_rates_from_totals_and_avg10_without(tmp_path: Path, monkeyp
     write_proc(tmp_path, line.format(0), "some avg10=33.00 avg60=0 avg300=0\n")
     reader = ProcReader(str(tmp_path))
     clock = iter([100.0, 101.0])
-    monkeypatch.setattr("daemon.loadsignals.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("daemon.sched.loadsignals.time.monotonic", lambda: next(clock))
     first = reader.sample()
     assert first.cpu == 12.5  # no earlier total yet: the kernel's average
     assert first.memory == 33.0 and first.io is None

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.wakeups import DEVICE, QuickWakeups
+from daemon.proc.wakeups import DEVICE, QuickWakeups
 from store.recipe import Derivation
 from tests.daemon_fixtures import Graph, start_daemon, stop_daemon
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import trio
 
-from daemon.admission import Limits
-from daemon.cpus import UNSHARED, Cpus
-from daemon.retry import Cause, Failed, RetrySettings, classify, decide
-from daemon.scheduler import Running, Scheduler
+from daemon.proc.cpus import UNSHARED, Cpus
+from daemon.sched.admission import Limits
+from daemon.sched.retry import Cause, Failed, RetrySettings, classify, decide
+from daemon.sched.scheduler import Running, Scheduler
 from store.history import AttemptRecord, History
 
 

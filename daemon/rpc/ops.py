@@ -6,11 +6,11 @@ from typing import Any
 import blake3
 import trio
 
-from daemon.builds import BuildOptions
-from daemon.errors import OpError
-from daemon.ops_scheduling import SCHEDULING_OPERATIONS
-from daemon.protocol import Code
-from daemon.server import Operation, RequestContext
+from daemon.build.builder import BuildOptions
+from daemon.rpc.errors import OpError
+from daemon.rpc.ops_scheduling import SCHEDULING_OPERATIONS
+from daemon.rpc.server import Operation, RequestContext
+from daemon.wire.protocol import Code
 from store import base32, gc, nar
 from store.derivation import DerivationError
 from store.store import PathInfo, Reader, Store, StoreError

@@ -10,7 +10,7 @@ Imports are kept to the protocol and msgpack: every invocation pays for them.
 import os
 import sys
 
-from daemon.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.cli.blocking import BlockingClient, DaemonError, NoDaemon
 from store.defaults import default_state_dir, socket_path
 
 USAGE = {
@@ -305,19 +305,19 @@ def store_optimise(argv: list[str]) -> int:
 
 def store_build(argv: list[str]) -> int:
     # Recipes need the store package and more: only store-build pays for importing them.
-    from daemon.build_command import main
+    from daemon.cli.build import main
 
     return main(argv)
 
 
 def store_status(argv: list[str]) -> int:
-    from daemon.sched_commands import store_status
+    from daemon.cli.sched import store_status
 
     return store_status(argv)
 
 
 def store_history(argv: list[str]) -> int:
-    from daemon.sched_commands import store_history
+    from daemon.cli.sched import store_history
 
     return store_history(argv)
 

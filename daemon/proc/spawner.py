@@ -16,8 +16,8 @@ from collections.abc import Collection
 
 import trio
 
-from daemon.helper import HelperConnection, Reply, start_helper
-from daemon.processes import Process, ProcessMonitor
+from daemon.proc.helper import HelperConnection, Reply, start_helper
+from daemon.proc.processes import Process, ProcessMonitor
 from spawner.sandbox import SpawnRequest
 
 

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from daemon.protocol import Code
+from daemon.wire.protocol import Code
 from store.gc import StillAlive
 from store.nar import NarError, UnsupportedFileType
 from store.paths import InvalidPath

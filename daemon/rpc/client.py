@@ -14,8 +14,8 @@ from typing import Any
 
 import trio
 
-from daemon import protocol as p
-from daemon.blocking import DaemonError
+from daemon.cli.blocking import DaemonError
+from daemon.wire import protocol as p
 
 RECEIVE_SIZE = 256 << 10
 

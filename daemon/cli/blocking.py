@@ -8,7 +8,7 @@ import _socket
 import os
 from collections.abc import Callable, Iterable
 
-from daemon import protocol as p
+from daemon.wire import protocol as p
 
 RECV_SIZE = 256 << 10
 

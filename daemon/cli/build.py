@@ -8,9 +8,9 @@ the daemon (sources and `.drv` files are added through it), and the daemon build
 import os
 import sys
 
-from daemon.blocking import BlockingClient
-from daemon.commands import UsageError, connect, parse
-from daemon.protocol import Log
+from daemon.cli.blocking import BlockingClient
+from daemon.cli.commands import UsageError, connect, parse
+from daemon.wire.protocol import Log
 
 
 class DaemonRecipeStore:

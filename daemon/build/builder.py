@@ -36,20 +36,20 @@ from typing import TypeVar
 
 import trio
 
-from daemon.admission import Admission, Limits
-from daemon.closures import Closures
-from daemon.collector import Collector
-from daemon.cpus import UNSHARED, Cpus
-from daemon.freezer import Freezer
-from daemon.keepfailed import keep_failed
-from daemon.loadsignals import LoadMonitor, ProcReader
-from daemon.locks import LockError, LockService
-from daemon.processes import Process
-from daemon.retry import Cause, RetrySettings
-from daemon.retrying import Failure, RetryRunner
-from daemon.scheduler import Running, Scheduler
-from daemon.spawn import SpawnError, SpawnerService, build_ids
-from daemon.wakeups import QuickWakeups
+from daemon.build.closures import Closures
+from daemon.build.keepfailed import keep_failed
+from daemon.gc.collector import Collector
+from daemon.proc.cpus import UNSHARED, Cpus
+from daemon.proc.locks import LockError, LockService
+from daemon.proc.processes import Process
+from daemon.proc.spawner import SpawnError, SpawnerService, build_ids
+from daemon.proc.wakeups import QuickWakeups
+from daemon.sched.admission import Admission, Limits
+from daemon.sched.freezer import Freezer
+from daemon.sched.loadsignals import LoadMonitor, ProcReader
+from daemon.sched.retry import Cause, RetrySettings
+from daemon.sched.retrying import Failure, RetryRunner
+from daemon.sched.scheduler import Running, Scheduler
 from spawner.sandbox import SpawnRequest
 from store.derivation import (
     Derivation,

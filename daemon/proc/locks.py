@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-from daemon.helper import HelperConnection, start_helper
-from daemon.packets import rights
-from daemon.processes import Process, ProcessMonitor
+from daemon.proc.helper import HelperConnection, start_helper
+from daemon.proc.processes import Process, ProcessMonitor
+from daemon.wire.packets import rights
 
 log = logging.getLogger("weft.locks")
 SHARED = "shared"

@@ -5,9 +5,9 @@ from typing import Any
 
 import trio
 
-from daemon.errors import OpError
-from daemon.protocol import Code
-from daemon.server import Operation, RequestContext
+from daemon.rpc.errors import OpError
+from daemon.rpc.server import Operation, RequestContext
+from daemon.wire.protocol import Code
 
 
 def _builder(ctx: RequestContext):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ drained below it, ahead of every new build, and while it runs nothing starts pas
 
 from dataclasses import dataclass
 
-from daemon.loadsignals import RESOURCES, LoadSample
+from daemon.sched.loadsignals import RESOURCES, LoadSample
 from store.layout import Settings
 
 

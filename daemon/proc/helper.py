@@ -16,9 +16,9 @@ from collections.abc import Callable, Collection
 import msgpack
 import trio
 
-from daemon.cpus import place
-from daemon.packets import rights
-from daemon.processes import Process, ProcessMonitor
+from daemon.proc.cpus import place
+from daemon.proc.processes import Process, ProcessMonitor
+from daemon.wire.packets import rights
 
 log = logging.getLogger("weft.helpers")
 _CHILD_FD = 3
@@ -29,7 +29,7 @@ def start_helper(
     monitor: ProcessMonitor, module: str, cpus: Collection[int] | None = None
 ) -> tuple[Process, socket.socket]:
     """`python -m <module> 3`, with fd 3 its end of a new socketpair, on `cpus` if given
-    (`daemon.cpus`); ours is returned."""
+    (`daemon.proc.cpus`); ours is returned."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = monitor.spawn(

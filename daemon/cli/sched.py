@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from daemon.commands import UsageError, _abs, _lines, _print_json, connect, parse
+from daemon.cli.commands import UsageError, _abs, _lines, _print_json, connect, parse
 
 
 def _pct(value: object) -> str:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from daemon import pause
-from daemon.admission import Admission
-from daemon.loadsignals import LoadMonitor, LoadSample, peak
-from daemon.processes import Process
+from daemon.proc.processes import Process
+from daemon.sched import sigstop as pause
+from daemon.sched.admission import Admission
+from daemon.sched.loadsignals import LoadMonitor, LoadSample, peak
 
 
 @dataclass

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 
 import trio
 
-from daemon import protocol as p
-from daemon.auth import Peer, identify, peer_credentials
-from daemon.builds import Builder
-from daemon.collector import Collector
-from daemon.cpus import UNSHARED, Cpus
-from daemon.errors import OpError, error_for
-from daemon.locks import LockService
-from daemon.spawn import SpawnerService
+from daemon.build.builder import Builder
+from daemon.gc.collector import Collector
+from daemon.proc.cpus import UNSHARED, Cpus
+from daemon.proc.locks import LockService
+from daemon.proc.spawner import SpawnerService
+from daemon.rpc.auth import Peer, identify, peer_credentials
+from daemon.rpc.errors import OpError, error_for
+from daemon.wire import protocol as p
 from store.layout import Settings, StateDir
 from store.store import Store
 
