@@ -1,0 +1,149 @@
+"""Store paths: queries, adds, dumps and roots (docs/protocol.md)."""
+
+import os
+from typing import Any
+
+import blake3
+import trio
+
+from daemon.rpc.errors import OpError
+from daemon.rpc.ops.args import (
+    arg_str,
+    arg_strs,
+    encode_info,
+    keep_alive,
+    opt_str_arg,
+    str_arg,
+    strs_arg,
+)
+from daemon.rpc.server import RequestContext
+from daemon.wire.protocol import Code
+from store import base32, nar
+from store.store import PathInfo, Reader, Store
+
+
+def path_info(store: Store, args: dict[str, Any]) -> dict[str, Any]:
+    path = arg_str(args, "path")
+    info = store.path_info(path)
+    if info is None:
+        raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
+    return encode_info(info)
+
+
+def is_valid(store: Store, args: dict[str, Any]) -> list[str]:
+    paths = arg_strs(args, "paths")
+    valid = store.valid_paths(paths)
+    return [p for p in paths if p in valid]
+
+
+def references(store: Store, args: dict[str, Any]) -> list[str]:
+    return store.references(arg_str(args, "path"))
+
+
+def referrers(store: Store, args: dict[str, Any]) -> list[str]:
+    return store.referrers(arg_str(args, "path"))
+
+
+async def closure(ctx: RequestContext) -> list[str]:
+    paths = strs_arg(ctx, "paths")
+    return await trio.to_thread.run_sync(ctx.daemon.store.closure, paths)
+
+
+async def add(ctx: RequestContext) -> dict[str, Any]:
+    name = str_arg(ctx, "name")
+    refs = strs_arg(ctx, "references", [])
+    expected = opt_str_arg(ctx, "hash")
+    read = ctx.upload().blocking_reader()
+    store = ctx.daemon.store
+    info = await trio.to_thread.run_sync(
+        ctx.daemon.cpus.spread(lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn))
+    )
+    return encode_info(info)
+
+
+async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
+    src = str_arg(ctx, "path")
+    if not os.path.isabs(src):
+        raise OpError(Code.BAD_REQUEST, f"path {src!r} is not absolute")
+    name = opt_str_arg(ctx, "name")
+    refs = strs_arg(ctx, "references", [])
+    peer = ctx.peer
+    reader: Reader | None = None
+    if peer.uid != os.geteuid():
+        if os.geteuid() != 0:
+            raise OpError(Code.PERMISSION, "this daemon can read paths only for its own user")
+        try:
+            groups = os.getgrouplist(peer.user, peer.gid)
+        except (KeyError, OSError):
+            groups = [peer.gid]
+        reader = Reader(peer.uid, peer.gid, tuple(groups))
+    store = ctx.daemon.store
+    info = await trio.to_thread.run_sync(
+        ctx.daemon.cpus.spread(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
+    )
+    return encode_info(info)
+
+
+async def dump(ctx: RequestContext) -> dict[str, int]:
+    path = str_arg(ctx, "path")
+    store = ctx.daemon.store
+    if not await trio.to_thread.run_sync(store.is_valid, path):
+        raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
+    chunks = nar.dump(path)
+    total = 0
+    try:
+        while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
+            await ctx.send_data(chunk)
+            total += len(chunk)
+    finally:
+        chunks.close()
+    await ctx.end_data()
+    return {"nar_size": total}
+
+
+async def add_temp_root(ctx: RequestContext) -> None:
+    path = str_arg(ctx, "path")
+    ctx.daemon.store.parse(path)
+    await keep_alive(ctx, [path])
+
+
+async def add_root(ctx: RequestContext) -> str:
+    """Register an indirect root: `gcroots/auto/<hash of link>` -> the client's link."""
+    link = str_arg(ctx, "link")
+    if not os.path.isabs(link):
+        raise OpError(Code.BAD_REQUEST, f"root link {link!r} is not absolute")
+    auto = ctx.daemon.state.gcroots_dir / "auto"
+    name = base32.encode(blake3.blake3(os.fsencode(link)).digest(length=20))
+    entry = auto / name
+    tmp = auto / f".{name}.tmp"
+
+    def make() -> None:
+        tmp.unlink(missing_ok=True)
+        os.symlink(link, tmp)
+        os.rename(tmp, entry)
+
+    await trio.to_thread.run_sync(make)
+    return str(entry)
+
+
+async def add_text(ctx: RequestContext) -> dict[str, Any]:
+    name = str_arg(ctx, "name")
+    text = ctx.args.get("text")
+    if not isinstance(text, str):
+        raise OpError(Code.BAD_REQUEST, "'text' must be a string")
+    refs = strs_arg(ctx, "references", [])
+    store = ctx.daemon.store
+    builder = ctx.daemon.builder
+
+    def add() -> PathInfo:
+        info = store.add_text(name, text, refs, pin=ctx.conn)
+        if builder is not None and info.path.endswith(".drv"):
+            builder.learn(info.path, text)
+        return info
+
+    return encode_info(await trio.to_thread.run_sync(add))
+
+
+def store_dir(store: Store, args: dict[str, Any]) -> str:
+    return store.store_dir
+
