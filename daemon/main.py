@@ -20,7 +20,9 @@ import time
 
 import trio
 
+from daemon.build.builder import Builder
 from daemon.cli.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.gc.collector import Collector
 from daemon.proc.cpus import Cpus
 from daemon.proc.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.proc.processes import ProcessMonitor
@@ -28,6 +30,7 @@ from daemon.proc.spawner import SpawnerService, start_spawner_process
 from daemon.rpc import auth
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
+from daemon.rpc.services import Services
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store
@@ -115,8 +118,8 @@ async def run(
         stop_accepting()
         await spawner.aclose()
         await locks.aclose()
-        if daemon.builder is not None:
-            daemon.builder.close()
+        if daemon.services.builder is not None:
+            daemon.services.builder.close()
         nursery.cancel_scope.cancel()
 
 
@@ -234,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
     try:
-        daemon = Daemon(state, store, settings, OPERATIONS, locks, spawner, cpus)
+        collector = Collector(store, settings)
+        builder = Builder(state, store, settings, locks, spawner, collector, cpus)
+        services = Services(state, store, settings, collector, builder, cpus)
+        daemon = Daemon(services, OPERATIONS)
         # Before trio starts its threads: they follow the thread that starts them.
         cpus.settle()
         # Each build makes thousands of short-lived objects (tasks, frames, messages, the

@@ -422,14 +422,17 @@ def test_stop_command_and_embedded_default_start(tmp_path: Path) -> None:
 
 
 async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> None:
+    from daemon.gc.collector import Collector
     from daemon.rpc.ops import OPERATIONS
     from daemon.rpc.server import Daemon
+    from daemon.rpc.services import Services
     from store.layout import Settings, StateDir
     from store.store import Store
 
     state = StateDir.at(tmp_path / "state")
     store = Store(state)
-    daemon = Daemon(state, store, Settings(), OPERATIONS)
+    services = Services(state, store, Settings(), Collector(store, Settings()))
+    daemon = Daemon(services, OPERATIONS)
     sock_path = str(tmp_path / "s.sock")
     listener = trio.SocketListener(await _bound(sock_path))
     src = tmp_path / "src"

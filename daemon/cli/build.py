@@ -9,7 +9,7 @@ import os
 import sys
 
 from daemon.cli.blocking import BlockingClient
-from daemon.cli.commands import UsageError, connect, parse
+from daemon.cli.common import UsageError, connect, parse
 from daemon.wire.protocol import Log
 
 

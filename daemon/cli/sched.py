@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from daemon.cli.commands import UsageError, _abs, _lines, _print_json, connect, parse
+from daemon.cli.common import UsageError, absolute, connect, lines, parse, print_json
 
 
 def _pct(value: object) -> str:
@@ -27,7 +27,7 @@ def store_status(argv: list[str]) -> int:
     with connect(opts) as client:
         status = client.call("status")
     if "--json" in opts:
-        _print_json(status)
+        print_json(status)
         return 0
     load = status["load"]
     out = [
@@ -42,7 +42,7 @@ def store_status(argv: list[str]) -> int:
     for r in status["running"]:
         state = ", paused" if r["paused"] else ""
         out.append(f"  {_name(r['drv'])} (attempt {r['attempt']}, {r['seconds']:g} s{state})")
-    _lines(out)
+    lines(out)
     return 0
 
 
@@ -58,16 +58,16 @@ def store_history(argv: list[str]) -> int:
         with connect(opts) as client:
             flaky = client.call("history", flaky=True)["flaky"]
         if "--json" in opts:
-            _print_json(flaky)
+            print_json(flaky)
         else:
-            _lines([f"{f['drv']}\tfailed {f['failed']}\tbuilt {f['built']}" for f in flaky])
+            lines([f"{f['drv']}\tfailed {f['failed']}\tbuilt {f['built']}" for f in flaky])
         return 0
     if len(paths) != 1:
         raise UsageError("give one derivation or output path, or --flaky")
     with connect(opts) as client:
-        history = client.call("history", drv=_abs(paths[0]))
+        history = client.call("history", drv=absolute(paths[0]))
     if "--json" in opts:
-        _print_json(history)
+        print_json(history)
         return 0
     rows = [("attempt", "started", "secs", "outcome", "exit", "jobs", "peak cpu/mem/io", "paused")]
     for a in history["attempts"]:
@@ -85,6 +85,6 @@ def store_history(argv: list[str]) -> int:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    _lines(["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows])
+    lines(["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows])
     sys.stderr.write(f"{history['drv']}" + (" is marked flaky\n" if history["flaky"] else "\n"))
     return 0

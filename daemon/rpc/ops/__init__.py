@@ -3,13 +3,13 @@
 A handler decodes its arguments, calls one store or service method, and encodes the result.
 """
 
+from daemon.rpc.context import Operation, RequestContext
 from daemon.rpc.ops import build, maintenance, paths, scheduling
-from daemon.rpc.server import Operation, RequestContext
 
 
 async def shutdown(ctx: RequestContext) -> None:
     await ctx.log("shutting down")
-    ctx.daemon.shutdown_requested.set()
+    ctx.server.shutdown_requested.set()
 
 
 OPERATIONS: dict[str, Operation] = {

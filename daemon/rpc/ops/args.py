@@ -4,8 +4,8 @@ from typing import Any
 
 import trio
 
+from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
-from daemon.rpc.server import RequestContext
 from daemon.wire.protocol import Code
 from store.store import PathInfo
 
@@ -54,7 +54,7 @@ def encode_info(info: PathInfo) -> dict[str, Any]:
 async def keep_alive(ctx: RequestContext, paths: list[str]) -> None:
     """Paths stay alive until the client's connection closes, as in Nix.  (Adds pin
     their path themselves, before looking it up: see `store.pins`.)"""
-    await trio.to_thread.run_sync(ctx.daemon.store.pins.pin, ctx.conn, paths)
+    await trio.to_thread.run_sync(ctx.services.store.pins.pin, ctx.conn, paths)
 
 
 async def send_lines(ctx: RequestContext, lines: list[str]) -> None:

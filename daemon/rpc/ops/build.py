@@ -5,20 +5,20 @@ from typing import Any
 import trio
 
 from daemon.build.builder import BuildOptions
+from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import keep_alive, str_arg, strs_arg
-from daemon.rpc.server import RequestContext
 from daemon.wire.protocol import Code
 from store.derivation import DerivationError
 
 
 async def build(ctx: RequestContext) -> list[dict[str, object]]:
-    builder = ctx.daemon.builder
+    builder = ctx.services.builder
     if builder is None:
         raise OpError(Code.BAD_REQUEST, "this daemon does not build")
     drvs = strs_arg(ctx, "drvs")
     for d in drvs:
-        ctx.daemon.store.parse(d)
+        ctx.services.store.parse(d)
     jobs = ctx.args.get("max_jobs") or builder.max_jobs
     if type(jobs) is not int or jobs < 1:
         raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
@@ -65,12 +65,12 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
 async def build_log(ctx: RequestContext) -> dict[str, int]:
     """Stream the stored log of a derivation, or of the derivation that built an output."""
     path = str_arg(ctx, "path")
-    store = ctx.daemon.store
+    store = ctx.services.store
     info = await trio.to_thread.run_sync(store.path_info, path)
     drv = path if path.endswith(".drv") else (info.deriver if info else None)
     if drv is None:
         raise OpError(Code.NOT_VALID, f"{path} is not a derivation or a built output")
-    builder = ctx.daemon.builder
+    builder = ctx.services.builder
     if builder is None:
         raise OpError(Code.BAD_REQUEST, "this daemon does not build")
     try:

@@ -4,9 +4,9 @@ from typing import Any
 
 import trio
 
+from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import send_lines, str_arg, strs_arg
-from daemon.rpc.server import RequestContext
 from daemon.wire.protocol import Code
 from store import gc
 from store.store import StoreError
@@ -18,9 +18,9 @@ async def verify(ctx: RequestContext) -> dict[str, Any]:
     repair = bool(ctx.args.get("repair"))
     if repair and not ctx.peer.trusted:
         raise OpError(Code.PERMISSION, "only trusted users may repair the store")
-    store = ctx.daemon.store
+    store = ctx.services.store
     await ctx.log("verifying " + ("all paths" if paths is None else f"{len(paths)} paths"))
-    report = await trio.to_thread.run_sync(ctx.daemon.cpus.spread(store.verify), paths, contents)
+    report = await trio.to_thread.run_sync(ctx.services.cpus.spread(store.verify), paths, contents)
     result: dict[str, Any] = {
         "checked": report.checked,
         "missing": report.missing,
@@ -33,7 +33,7 @@ async def verify(ctx: RequestContext) -> dict[str, Any]:
 
 async def _repair(ctx: RequestContext, missing: list[str], corrupt: list[str]) -> dict[str, Any]:
     """Rebuild bad outputs from their derivations; forget missing paths nothing needs."""
-    store, builder = ctx.daemon.store, ctx.daemon.builder
+    store, builder = ctx.services.store, ctx.services.builder
     repaired: list[str] = []
     removed: list[str] = []
     failed: list[list[str]] = []
@@ -78,8 +78,8 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
         raise OpError(Code.BAD_REQUEST, "'max_freed' must be a number of bytes")
     only = strs_arg(ctx, "paths", []) or None
     for path in only or ():
-        ctx.daemon.store.parse(path)
-    collector = ctx.daemon.collector
+        ctx.services.store.parse(path)
+    collector = ctx.services.collector
     if mode == "print-roots":
         roots = await collector.roots()
         await send_lines(ctx, [f"{r.source} -> {r.path}" for r in roots])
@@ -98,7 +98,7 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
         await send_lines(ctx, sorted(plan.live))
         return {"live": len(plan.live)}
     if only is not None:
-        plan = await trio.to_thread.run_sync(gc.restrict, plan, only, ctx.daemon.store)
+        plan = await trio.to_thread.run_sync(gc.restrict, plan, only, ctx.services.store)
     dead = gc.simulate(plan, max_freed) if mode == "dry-run" else plan.dead
     await send_lines(ctx, sorted(dead))
     return {"dead": len(dead), "bytes": sum(plan.sizes[p] for p in dead)}
@@ -106,7 +106,7 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
 
 async def optimise(ctx: RequestContext) -> dict[str, int]:
     await ctx.log("optimising the store")
-    stats = await trio.to_thread.run_sync(ctx.daemon.cpus.spread(ctx.daemon.store.optimise))
+    stats = await trio.to_thread.run_sync(ctx.services.cpus.spread(ctx.services.store.optimise))
     return {
         "paths": stats.paths,
         "files_linked": stats.files_linked,

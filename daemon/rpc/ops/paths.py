@@ -6,6 +6,7 @@ from typing import Any
 import blake3
 import trio
 
+from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import (
     arg_str,
@@ -16,7 +17,6 @@ from daemon.rpc.ops.args import (
     str_arg,
     strs_arg,
 )
-from daemon.rpc.server import RequestContext
 from daemon.wire.protocol import Code
 from store import base32, nar
 from store.store import PathInfo, Reader, Store
@@ -46,7 +46,7 @@ def referrers(store: Store, args: dict[str, Any]) -> list[str]:
 
 async def closure(ctx: RequestContext) -> list[str]:
     paths = strs_arg(ctx, "paths")
-    return await trio.to_thread.run_sync(ctx.daemon.store.closure, paths)
+    return await trio.to_thread.run_sync(ctx.services.store.closure, paths)
 
 
 async def add(ctx: RequestContext) -> dict[str, Any]:
@@ -54,9 +54,9 @@ async def add(ctx: RequestContext) -> dict[str, Any]:
     refs = strs_arg(ctx, "references", [])
     expected = opt_str_arg(ctx, "hash")
     read = ctx.upload().blocking_reader()
-    store = ctx.daemon.store
+    store = ctx.services.store
     info = await trio.to_thread.run_sync(
-        ctx.daemon.cpus.spread(lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn))
+        ctx.services.cpus.spread(lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn))
     )
     return encode_info(info)
 
@@ -77,16 +77,16 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
         except (KeyError, OSError):
             groups = [peer.gid]
         reader = Reader(peer.uid, peer.gid, tuple(groups))
-    store = ctx.daemon.store
+    store = ctx.services.store
     info = await trio.to_thread.run_sync(
-        ctx.daemon.cpus.spread(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
+        ctx.services.cpus.spread(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
     )
     return encode_info(info)
 
 
 async def dump(ctx: RequestContext) -> dict[str, int]:
     path = str_arg(ctx, "path")
-    store = ctx.daemon.store
+    store = ctx.services.store
     if not await trio.to_thread.run_sync(store.is_valid, path):
         raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
     chunks = nar.dump(path)
@@ -103,7 +103,7 @@ async def dump(ctx: RequestContext) -> dict[str, int]:
 
 async def add_temp_root(ctx: RequestContext) -> None:
     path = str_arg(ctx, "path")
-    ctx.daemon.store.parse(path)
+    ctx.services.store.parse(path)
     await keep_alive(ctx, [path])
 
 
@@ -112,7 +112,7 @@ async def add_root(ctx: RequestContext) -> str:
     link = str_arg(ctx, "link")
     if not os.path.isabs(link):
         raise OpError(Code.BAD_REQUEST, f"root link {link!r} is not absolute")
-    auto = ctx.daemon.state.gcroots_dir / "auto"
+    auto = ctx.services.state.gcroots_dir / "auto"
     name = base32.encode(blake3.blake3(os.fsencode(link)).digest(length=20))
     entry = auto / name
     tmp = auto / f".{name}.tmp"
@@ -132,8 +132,8 @@ async def add_text(ctx: RequestContext) -> dict[str, Any]:
     if not isinstance(text, str):
         raise OpError(Code.BAD_REQUEST, "'text' must be a string")
     refs = strs_arg(ctx, "references", [])
-    store = ctx.daemon.store
-    builder = ctx.daemon.builder
+    store = ctx.services.store
+    builder = ctx.services.builder
 
     def add() -> PathInfo:
         info = store.add_text(name, text, refs, pin=ctx.conn)

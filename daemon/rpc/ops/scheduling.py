@@ -5,13 +5,13 @@ from typing import Any
 
 import trio
 
+from daemon.rpc.context import Operation, RequestContext
 from daemon.rpc.errors import OpError
-from daemon.rpc.server import Operation, RequestContext
 from daemon.wire.protocol import Code
 
 
 def _builder(ctx: RequestContext):  # type: ignore[no-untyped-def]
-    builder = ctx.daemon.builder
+    builder = ctx.services.builder
     if builder is None:
         raise OpError(Code.BAD_REQUEST, "this daemon does not build")
     return builder
@@ -29,7 +29,7 @@ async def history(ctx: RequestContext) -> dict[str, Any]:
     path = ctx.args.get("drv")
     if not isinstance(path, str) or not path:
         raise OpError(Code.BAD_REQUEST, "'drv' must be a non-empty string")
-    store = ctx.daemon.store
+    store = ctx.services.store
     drv = path
     if not path.endswith(".drv"):
         info = await trio.to_thread.run_sync(store.path_info, path)

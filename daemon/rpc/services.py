@@ -1,0 +1,21 @@
+"""The services the daemon's operations call, built once by the composition root
+(`daemon/compose.py`) and handed to the server."""
+
+from dataclasses import dataclass
+
+from daemon.build.builder import Builder
+from daemon.gc.collector import Collector
+from daemon.proc.cpus import UNSHARED, Cpus
+from store.layout import Settings, StateDir
+from store.store import Store
+
+
+@dataclass
+class Services:
+    state: StateDir
+    store: Store
+    settings: Settings
+    collector: Collector
+    # None: a daemon that serves the store but does not build (no locker, no spawner).
+    builder: Builder | None = None
+    cpus: Cpus = UNSHARED
