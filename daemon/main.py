@@ -22,7 +22,6 @@ import trio
 
 from daemon.build.builder import Builder
 from daemon.cli.blocking import BlockingClient, DaemonError, NoDaemon
-from daemon.gc.collector import Collector
 from daemon.proc.cpus import Cpus
 from daemon.proc.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.proc.processes import ProcessMonitor
@@ -31,6 +30,7 @@ from daemon.rpc import auth
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
 from daemon.rpc.services import Services
+from daemon.upkeep.collector import Collector
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store

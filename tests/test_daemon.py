@@ -422,10 +422,10 @@ def test_stop_command_and_embedded_default_start(tmp_path: Path) -> None:
 
 
 async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> None:
-    from daemon.gc.collector import Collector
     from daemon.rpc.ops import OPERATIONS
     from daemon.rpc.server import Daemon
     from daemon.rpc.services import Services
+    from daemon.upkeep.collector import Collector
     from store.layout import Settings, StateDir
     from store.store import Store
 

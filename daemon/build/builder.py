@@ -38,7 +38,6 @@ import trio
 
 from daemon.build.closures import Closures
 from daemon.build.keepfailed import keep_failed
-from daemon.gc.collector import Collector
 from daemon.proc.cpus import UNSHARED, Cpus
 from daemon.proc.locks import LockError, LockService
 from daemon.proc.processes import Process
@@ -50,6 +49,7 @@ from daemon.sched.loadsignals import LoadMonitor, ProcReader
 from daemon.sched.retry import Cause, RetrySettings
 from daemon.sched.retrying import Failure, RetryRunner
 from daemon.sched.scheduler import Running, Scheduler
+from daemon.upkeep.collector import Collector
 from spawner.sandbox import SpawnRequest
 from store.derivation import (
     Derivation,

@@ -4,8 +4,8 @@
 from dataclasses import dataclass
 
 from daemon.build.builder import Builder
-from daemon.gc.collector import Collector
 from daemon.proc.cpus import UNSHARED, Cpus
+from daemon.upkeep.collector import Collector
 from store.layout import Settings, StateDir
 from store.store import Store
 
