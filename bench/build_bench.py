@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.daemons import start_daemon, stop_daemon
 from bench.measure import settle
 from bench.nixdaemon import NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
@@ -28,7 +29,6 @@ from daemon.cli.build import DaemonRecipeStore
 from store import base32
 from store.recipe import busybox, derivation, using
 from store.refscan import ReferenceScanner
-from tests.daemon_fixtures import start_daemon, stop_daemon
 
 Row = tuple[str, str, str]
 INDEPENDENT = 200

@@ -12,12 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.daemons import DaemonProc, start_daemon, stop_daemon
 from bench.loadgen import run_load
 from bench.measure import Alternating, percentile
 from daemon.cli.blocking import BlockingClient, chunk_reader
 from store import Store, nar
 from store.tmparea import remove_tree
-from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon
 
 Row = tuple[str, str, str]
 SEQUENTIAL = 5_000

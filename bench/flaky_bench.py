@@ -26,10 +26,10 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.daemons import start_daemon, stop_daemon
 from daemon.cli.blocking import BlockingClient
 from daemon.cli.build import DaemonRecipeStore
 from store.recipe import busybox, derivation, using
-from tests.daemon_fixtures import start_daemon, stop_daemon
 
 Row = tuple[str, str, str]
 CHAINS, LENGTH = 20, 10

@@ -17,13 +17,13 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.daemons import DaemonProc, start_daemon, stop_daemon
 from bench.measure import percentile, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
 from store import gc
 from store.layout import StateDir
 from store.store import Store
-from tests.daemon_fixtures import DaemonProc, start_daemon, stop_daemon
 
 Row = tuple[str, str, str]
 SIDE_BY_SIDE = 5_000

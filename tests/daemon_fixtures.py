@@ -1,100 +1,21 @@
-"""A real store-daemon process on a temporary state dir, for integration tests."""
+"""A real store-daemon process on a temporary state dir, for integration tests (the process
+itself is `bench/daemons.py`'s, shared with the benchmarks)."""
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bench.daemons import DaemonProc, start_daemon, stop_daemon
 from daemon.cli.blocking import BlockingClient
 from daemon.cli.build import DaemonRecipeStore
 from store import nar
 from store.recipe import Derivation, busybox, derivation, using
-
-
-@dataclass
-class DaemonProc:
-    state: Path
-    socket: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def store_dir(self) -> str:
-        return str(self.state / "store")
-
-    def rss_kib(self, field: str = "VmRSS") -> int:
-        return rss_kib(self.proc.pid, field)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def wait_for_socket(
-    path: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}")
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(path)
-            return
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            s.close()
-    raise TimeoutError(f"no daemon on {path}")
-
-
-def start_daemon(state: Path, *extra: str) -> DaemonProc:
-    state.mkdir(parents=True, exist_ok=True)
-    log = state.parent / f"{state.name}-daemon.log"
-    sock = str(state / "var" / "daemon.sock")
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daemon.main",
-                "--foreground",
-                "--state-dir",
-                str(state),
-                *extra,
-            ],
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-        )
-    wait_for_socket(sock, proc)
-    return DaemonProc(state, sock, proc, log)
-
-
-def stop_daemon(d: DaemonProc) -> None:
-    if d.alive():
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.wait()
 
 
 @pytest.fixture
