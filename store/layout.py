@@ -50,8 +50,9 @@ class Settings:
     auto_optimise: bool = False
     # The daemon's threads and the locker share one CPU (daemon/cpus.py).
     share_cpu: bool = True
-    # While builds run, idle CPUs poll for work instead of halting (daemon/wakeups.py).
-    quick_wakeups: bool = True
+    # While builds run, idle CPUs poll for work instead of halting (daemon/proc/wakeups.py):
+    # machine-wide, so opt-in.
+    quick_wakeups: bool = False
     # A sandbox may get a network namespace a finished build left (docs/sandbox.md).
     reuse_network_namespaces: bool = True
     # Load-adaptive scheduling (docs/scheduling.md).  Pressure limits are the % of time

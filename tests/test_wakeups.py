@@ -1,4 +1,5 @@
-"""While builds run, the daemon holds a CPU latency request of 0 µs; only then."""
+"""Quick wake-ups, an opt-in: while builds run, a daemon with `quick-wakeups = true` holds a
+CPU latency request of 0 µs; only then."""
 
 import contextlib
 import os
@@ -7,6 +8,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from daemon.proc.wakeups import DEVICE, QuickWakeups
@@ -37,23 +39,29 @@ def test_off_or_without_the_device_nothing_is_opened(tmp_path: Path) -> None:
     assert device.read_bytes() == b""
 
 
-def test_the_daemon_holds_the_request_while_it_builds(graph: Graph) -> None:
-    pid = graph.daemon.proc.pid
-    assert _opened(pid, DEVICE) == 0
+def test_the_daemon_opted_in_holds_the_request_while_it_builds() -> None:
+    with _daemon("quick-wakeups = true\n") as graph:
+        pid = graph.daemon.proc.pid
+        assert _opened(pid, DEVICE) == 0
+        held, results = _during_build(graph, graph.sh("slow", "sleep 1; echo > $out"))
+        assert held and [r["status"] for r in results] == ["built"]
+        assert _opened(pid, DEVICE) == 0
+
+
+def test_by_default_the_daemon_makes_no_request(graph: Graph) -> None:
     held, results = _during_build(graph, graph.sh("slow", "sleep 1; echo > $out"))
-    assert held and [r["status"] for r in results] == ["built"]
-    assert _opened(pid, DEVICE) == 0
+    assert not held and [r["status"] for r in results] == ["built"]
 
 
-def test_quick_wakeups_false_makes_no_request() -> None:
+@contextlib.contextmanager
+def _daemon(settings: str) -> Iterator[Graph]:
     where = Path(tempfile.mkdtemp(prefix="weft-wakeups-", dir="/var/tmp"))
     (where / "state").mkdir()
-    (where / "state" / "weft.toml").write_text("quick-wakeups = false\n")
+    (where / "state" / "weft.toml").write_text(settings)
     d = start_daemon(where / "state")
     graph = Graph(d)
     try:
-        held, results = _during_build(graph, graph.sh("slow", "sleep 1; echo > $out"))
-        assert not held and [r["status"] for r in results] == ["built"]
+        yield graph
     finally:
         graph.close()
         stop_daemon(d)

@@ -7,12 +7,14 @@ virtual machine, where the wake-up goes through the hypervisor: on the 2-core VM
 `bench/RESULTS.md` a round trip between two processes on different CPUs took 89-104 µs,
 and 9.5 µs while the CPUs polled for work instead of halting.
 
-So while a request has derivations to build, the daemon holds a CPU latency request of
-0 µs (`/dev/cpu_dma_latency`, the kernel's PM QoS interface, as latency-bound programs
-use it): idle CPUs poll rather than halt.  It costs power (on a virtual machine, host CPU
-time too), only while builds run, and no CPU time that anything else on the machine could
-use: a polling CPU runs whatever becomes runnable at once.  `quick-wakeups = false` in
-`weft.toml` turns it off.  Without the device, or the right to open it (a daemon not run
+So, with `quick-wakeups = true` in `weft.toml`, while a request has derivations to
+build, the daemon holds a CPU latency request of 0 µs (`/dev/cpu_dma_latency`, the
+kernel's PM QoS interface, as latency-bound programs use it): idle CPUs poll rather than
+halt.  It is off by default: the request holds for every CPU of the machine, not just the
+daemon's, and costs power (on a virtual machine, host CPU time too) for as long as builds
+run; it takes no CPU time that anything else could use (a polling CPU runs whatever
+becomes runnable at once), and it shortens only the hand-offs, which builds of seconds
+or hours never feel (bench/RESULTS.md has what it gains on a chain of trivial builds).  Without the device, or the right to open it (a daemon not run
 as root), nothing changes.
 """
 
