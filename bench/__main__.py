@@ -16,6 +16,7 @@ from bench import (
     locker_bench,
     spawner_bench,
     store_bench,
+    tricks_bench,
 )
 
 BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
@@ -26,6 +27,7 @@ BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "build": build_bench.run,
     "gc": gc_bench.run,
     "flaky": flaky_bench.run,
+    "tricks": tricks_bench.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.daemons import start_daemon, stop_daemon
+from bench.daemons import start_daemon, stop_daemon, tree_env
 from bench.measure import settle
 from bench.nixdaemon import NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
@@ -38,8 +38,15 @@ ROUNDS = 5
 STORE_BUILD = str(Path(sys.executable).parent / "store-build")
 
 
-def _weft(work: Path, nonce: str) -> tuple[float, float]:
-    d = start_daemon(work / "weft-state")
+def weft_graphs(
+    work: Path, nonce: str, settings: str = "", tree: Path | None = None
+) -> tuple[float, float]:
+    """The times `store-build` takes for the 200 and the chain of 50, on a fresh daemon
+    with `settings` (weft.toml lines), run from `tree` (None: this checkout)."""
+    state = work / "weft-state"
+    state.mkdir(parents=True)
+    (state / "weft.toml").write_text(settings)
+    d = start_daemon(state, tree=tree)
     try:
         with BlockingClient(d.socket) as client, using(DaemonRecipeStore(client, d.store_dir)):
             bb = busybox()
@@ -51,19 +58,20 @@ def _weft(work: Path, nonce: str) -> tuple[float, float]:
             chain = [derivation("c0", sh, ["sh", "-c", f"echo {nonce} > $out"])]
             for i in range(1, CHAIN):
                 chain.append(derivation(f"c{i}", sh, ["sh", "-c", f"cat {chain[-1]} > $out"]))
-            flat_time = _store_build(d.socket, [x.path for x in flat], INDEPENDENT)
-            chain_time = _store_build(d.socket, [chain[-1].path], 1)
+            flat_time = _store_build(d.socket, [x.path for x in flat], INDEPENDENT, tree)
+            chain_time = _store_build(d.socket, [chain[-1].path], 1, tree)
     finally:
         stop_daemon(d)
     return flat_time, chain_time
 
 
-def _store_build(socket: str, drvs: list[str], outputs: int) -> float:
+def _store_build(socket: str, drvs: list[str], outputs: int, tree: Path | None) -> float:
     """The time `store-build` takes to build `drvs`, once the machine settled."""
-    command = [STORE_BUILD, "--socket", socket, "-j", str(JOBS), *drvs]
+    script = STORE_BUILD if tree is None else str(tree / "bin" / "store-build")
+    command = [sys.executable, script, "--socket", socket, "-j", str(JOBS), *drvs]
     settle()
     t = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=tree_env(tree))
     took = time.perf_counter() - t
     assert done.returncode == 0 and len(done.stdout.split()) == outputs, done.stderr[-2000:]
     return took
@@ -132,7 +140,7 @@ def run() -> list[Row]:
 
             for contender in ("weft", "nix") if round_ % 2 == 0 else ("nix", "weft"):
                 if contender == "weft":
-                    weft.append(_weft(work, nonce))
+                    weft.append(weft_graphs(work, nonce))
                 elif not skipped:
                     got = _nix(work, nonce)
                     if isinstance(got, str):

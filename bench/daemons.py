@@ -1,6 +1,7 @@
 """A real store-daemon process in the foreground on a state dir, for benchmarks and tests:
 started, waited for until its socket answers, stopped with SIGTERM."""
 
+import os
 import signal
 import socket
 import subprocess
@@ -8,6 +9,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def tree_env(tree: Path | None) -> dict[str, str] | None:
+    """The environment that runs weft's modules from `tree` (None: this checkout's)."""
+    if tree is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(tree)}
 
 
 @dataclass
@@ -54,7 +62,9 @@ def wait_for_socket(
     raise TimeoutError(f"no daemon on {path}")
 
 
-def start_daemon(state: Path, *extra: str) -> DaemonProc:
+def start_daemon(state: Path, *extra: str, tree: Path | None = None) -> DaemonProc:
+    """A daemon on `state`, run from this checkout or from the source tree `tree` (another
+    version of weft, for side-by-side benchmarks)."""
     state.mkdir(parents=True, exist_ok=True)
     log = state.parent / f"{state.name}-daemon.log"
     sock = str(state / "var" / "daemon.sock")
@@ -72,6 +82,7 @@ def start_daemon(state: Path, *extra: str) -> DaemonProc:
             stdout=out,
             stderr=out,
             stdin=subprocess.DEVNULL,
+            env=tree_env(tree),
         )
     wait_for_socket(sock, proc)
     return DaemonProc(state, sock, proc, log)
