@@ -36,6 +36,10 @@ from store.layout import ConfigError, StateDir
 from store.store import Store
 
 log = logging.getLogger("weft.daemon")
+# Connections the kernel queues before the accept loop takes them: a build farm's burst of
+# clients (bench/daemon_bench.py starts 1,000 at once) must not see ECONNREFUSED; the
+# kernel caps it at net.core.somaxconn (4,096 on Debian 12).
+LISTEN_BACKLOG = 1024
 
 
 class AlreadyRunning(RuntimeError):
@@ -78,7 +82,7 @@ def bind_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o666)
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     return sock
 
 

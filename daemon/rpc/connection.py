@@ -33,6 +33,10 @@ LOG_DELAY = 0.025
 LOG_BATCH = 64 << 10
 # One read from a client's socket: a 1 MiB upload chunk (`MAX_CHUNK`) in one call.
 RECEIVE_SIZE = 1 << 20
+# A closing connection's last frames (a protocol error's reply, say) get this long to
+# go out, polled at this interval: a client that stopped reading cannot hold the task.
+FLUSH_GRACE = 1.0
+FLUSH_POLL = 0.001
 AGENT = "weft-daemon/0.1"
 
 
@@ -100,10 +104,10 @@ class ClientConnection:
             await self.stream.aclose()
 
     async def _flush_quietly(self) -> None:
-        with trio.move_on_after(1) as scope:
+        with trio.move_on_after(FLUSH_GRACE) as scope:
             scope.shield = True
             while self._out:
-                await trio.sleep(0.001)
+                await trio.sleep(FLUSH_POLL)
 
     async def _writer(self) -> None:
         try:

@@ -9,6 +9,10 @@ from daemon.rpc.errors import OpError
 from daemon.wire.protocol import Code
 from store.store import PathInfo
 
+# Long listings go as data frames of about this size: well under a data frame's limit
+# (`MAX_CHUNK`, 1 MiB), and 2,000-odd store paths a frame, so a client prints as they come.
+LINES_CHUNK = 256 << 10
+
 
 def arg_str(args: dict[str, Any], key: str, default: str | None = None) -> str:
     value = args.get(key, default)
@@ -64,7 +68,7 @@ async def send_lines(ctx: RequestContext, lines: list[str]) -> None:
     for line in lines:
         chunk.append(line)
         size += len(line) + 1
-        if size > 256 << 10:
+        if size > LINES_CHUNK:
             await ctx.send_data(("\n".join(chunk) + "\n").encode())
             chunk, size = [], 0
     if chunk:
