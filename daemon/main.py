@@ -31,6 +31,7 @@ from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
 from daemon.rpc.services import Services
 from daemon.upkeep.collector import Collector
+from daemon.upkeep.repair import Repairer
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         collector = Collector(store, settings)
         builder = Builder(state, store, settings, locks, spawner, collector, cpus)
-        services = Services(state, store, settings, collector, builder, cpus)
+        repairer = Repairer(store, builder)
+        services = Services(state, store, settings, collector, builder, cpus, repairer)
         daemon = Daemon(services, OPERATIONS)
         # Before trio starts its threads: they follow the thread that starts them.
         cpus.settle()

@@ -13,13 +13,13 @@ _EXPORTS = {
     "PathKind": "store.paths",
     "StorePath": "store.paths",
     "make_store_path": "store.paths",
-    "HashMismatch": "store.store",
-    "InvalidReference": "store.store",
-    "NotValid": "store.store",
-    "PathInfo": "store.store",
+    "HashMismatch": "store.records",
+    "InvalidReference": "store.records",
+    "NotValid": "store.records",
+    "PathInfo": "store.records",
     "Store": "store.store",
-    "StoreError": "store.store",
-    "VerifyReport": "store.store",
+    "StoreError": "store.records",
+    "VerifyReport": "store.records",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ import pytest
 
 from store import gc
 from store.layout import StateDir
-from store.store import Store
+from store.store import Store, StoreError
 from store.tmparea import DELETION
 
 
@@ -81,6 +81,27 @@ def test_indirect_roots_follow_the_users_link_and_dangling_ones_are_dropped(
     assert {(r.source, r.path) for r in gc.find_roots(store)} == {
         (str(tmp_path / "result-kept"), kept)
     }
+
+
+def test_an_indirect_root_keeps_its_path_until_the_users_link_goes(
+    store: Store, tmp_path: Path
+) -> None:
+    kept = _text(store, "kept")
+    link = tmp_path / "result"
+    link.symlink_to(kept)
+    entry = gc.add_indirect_root(store, str(link))
+    assert entry.parent == store.state.gcroots_dir / "auto"
+    assert os.readlink(entry) == str(link)
+    # Made again, the same entry is put in place again: nothing else appears beside it.
+    assert gc.add_indirect_root(store, str(link)) == entry
+    assert os.listdir(entry.parent) == [entry.name]
+    assert not _collect(store).deleted
+    assert [(r.source, r.path) for r in gc.find_roots(store)] == [(str(link), kept)]
+    with pytest.raises(StoreError, match="not absolute"):
+        gc.add_indirect_root(store, "result")
+    link.unlink()
+    assert _collect(store).deleted == [kept]
+    assert not os.path.lexists(entry)
 
 
 def test_pins_are_roots_and_released_pins_are_not(store: Store) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-import store.store as store_module
+import store.adds as adds_module
 from store import HashMismatch, InvalidReference, NotValid, Store, nar
 from store.db import SCHEMA_VERSION, SchemaTooNew
 from store.hashing import hash_path
@@ -255,14 +255,14 @@ def test_re_adding_an_unchanged_tree_reads_nothing(
     def no_copy(*args: object) -> None:
         raise AssertionError("the tree was copied again")
 
-    real_copy = store_module.copy_tree
-    monkeypatch.setattr(store_module, "copy_tree", no_copy)
+    real_copy = adds_module.copy_tree
+    monkeypatch.setattr(adds_module, "copy_tree", no_copy)
     assert store.add_path(varied_tree) == first
     # Any change is seen, even one that keeps sizes and mtimes: ctime moves.
     (varied_tree / "text").chmod(0o644)
     Path(varied_tree / "text").write_text("HELLO\n")
     os.utime(varied_tree / "text", (old, old))
-    monkeypatch.setattr(store_module, "copy_tree", real_copy)
+    monkeypatch.setattr(adds_module, "copy_tree", real_copy)
     changed = store.add_path(varied_tree)
     assert changed.path != first.path
     assert Path(changed.path, "text").read_text() == "HELLO\n"
@@ -429,3 +429,51 @@ def test_taking_a_tree_from_another_file_system_copies_it(tmp_path: Path) -> Non
         taken = take_tree(src, tmp_path / "taken")
         assert taken == copy_tree(src, tmp_path / "copy")
     assert tree_listing(tmp_path / "taken") == tree_listing(tmp_path / "copy")
+
+
+def _output(store: Store, tmp_path: Path, drv: str, name: str) -> str:
+    """A built output of `drv` (which need not be valid), registered with it as deriver."""
+    src = tmp_path / name
+    src.write_text(f"built {name}")
+    path = f"{store.store_dir}/{store.parse(drv).hash_part}-{name}"
+    (info,) = store.add_outputs(drv, {"out": (str(src), path)}, [])
+    return info.path
+
+
+def test_a_derivation_is_its_own_deriver_and_an_output_names_the_one_that_built_it(
+    store: Store, tmp_path: Path
+) -> None:
+    drv = store.add_text("thing.drv", "{}").path
+    out = _output(store, tmp_path, drv, "thing")
+    source = store.add_text("source", "not built").path
+    assert store.resolve_deriver(drv) == drv
+    assert store.resolve_deriver(out) == drv
+    assert store.resolve_deriver(source) is None
+    # A .drv is its own even before it is added; anything else must be valid.
+    assert store.resolve_deriver(f"{store.store_dir}/{'3' * 32}-later.drv").endswith("later.drv")
+    assert store.resolve_deriver(f"{store.store_dir}/{'3' * 32}-later") is None
+    with pytest.raises(InvalidPath):
+        store.resolve_deriver("/elsewhere/thing.drv")
+
+
+def test_paths_are_grouped_by_the_valid_derivation_that_can_rebuild_them(
+    store: Store, tmp_path: Path
+) -> None:
+    drv = store.add_text("two.drv", "{}").path
+    first, second = _output(store, tmp_path, drv, "first"), _output(store, tmp_path, drv, "second")
+    gone_drv = f"{store.store_dir}/{'4' * 32}-gone.drv"
+    orphan_out = _output(store, tmp_path, gone_drv, "orphan")
+    source = store.add_text("source", "not built").path
+    unknown = f"{store.store_dir}/{'5' * 32}-unknown"
+    groups = store.by_deriver([second, source, orphan_out, first, unknown])
+    assert groups.rebuildable == {drv: [second, first]}
+    assert groups.orphans == [source, orphan_out, unknown]
+
+
+def test_a_dump_is_the_archive_of_a_valid_path_and_refused_for_others(
+    store: Store, varied_tree: Path
+) -> None:
+    info = store.add_path(varied_tree)
+    assert b"".join(store.dump(info.path)) == b"".join(nar.dump(info.path))
+    with pytest.raises(NotValid):
+        store.dump(f"{store.store_dir}/{'6' * 32}-unknown")

@@ -162,16 +162,16 @@ def store_gc(argv: list[str]) -> int:
     chunks: list[bytes] = []
     with connect(opts) as client:
         result = client.download("gc", chunks.append, **args)
-    lines = b"".join(chunks).decode().splitlines()
+    listing = b"".join(chunks).decode().splitlines()
     if "--json" in opts:
-        listed: list[object] = list(lines)
+        listed: list[object] = list(listing)
         if mode == "print-roots":
             listed = [
-                dict(zip(("source", "path"), r.rsplit(" -> ", 1), strict=True)) for r in lines
+                dict(zip(("source", "path"), r.rsplit(" -> ", 1), strict=True)) for r in listing
             ]
         print_json(result | {GC_LISTS[mode]: listed})
         return 0
-    lines(lines)
+    lines(listing)
     if mode == "collect":
         say(f"{result['deleted']} store paths deleted, {_mib(result['bytes_freed'])} freed")
     elif mode == "dry-run":

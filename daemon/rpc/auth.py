@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from store.layout import Settings
+from store.store import Reader
 
 _UCRED = struct.Struct("3i")
 
@@ -53,6 +54,21 @@ def _groups_of(user: str, gid: int) -> set[str]:
         except KeyError:
             continue
     return names
+
+
+def reader_for(peer: Peer) -> Reader | None:
+    """Whose permissions reading a source on the peer's behalf takes: the peer's (with its
+    groups), or None when the peer is the daemon's own user.  Only root can take another
+    user's permissions, so a daemon of one user refuses to read for any other."""
+    if peer.uid == os.geteuid():
+        return None
+    if os.geteuid() != 0:
+        raise PermissionError("this daemon can read paths only for its own user")
+    try:
+        groups = os.getgrouplist(peer.user, peer.gid)
+    except (KeyError, OSError):
+        groups = [peer.gid]
+    return Reader(peer.uid, peer.gid, tuple(groups))
 
 
 def matches(patterns: list[str], uid: int, gid: int, user: str) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from daemon.build.builder import Builder
 from daemon.proc.cpus import UNSHARED, Cpus
 from daemon.upkeep.collector import Collector
+from daemon.upkeep.repair import Repairer
 from store.layout import Settings, StateDir
 from store.store import Store
 
@@ -19,3 +20,5 @@ class Services:
     # None: a daemon that serves the store but does not build (no locker, no spawner).
     builder: Builder | None = None
     cpus: Cpus = UNSHARED
+    # None with no builder: nothing can rebuild what `verify --repair` finds.
+    repairer: Repairer | None = None

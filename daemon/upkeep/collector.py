@@ -1,12 +1,14 @@
 """The daemon's garbage collector: one collection at a time, all of it off the event loop.
 
 `store.gc` does the work in a worker thread; this layer serialises collections, applies
-`weft.toml`'s keep settings, and runs the automatic collection that builds ask for when
-free space is under `min-free`.
+`weft.toml`'s keep settings, answers `store-gc`'s modes, and runs the automatic collection
+that builds ask for when free space is under `min-free`.
 """
 
 import logging
 import os
+from dataclasses import dataclass
+from enum import Enum
 
 import trio
 
@@ -17,11 +19,62 @@ from store.store import Store
 log = logging.getLogger("weft.gc")
 
 
+class GCMode(Enum):
+    """What a `store-gc` request does; the values are the `mode` on the wire."""
+
+    COLLECT = "collect"
+    DRY_RUN = "dry-run"  # what COLLECT would delete, up to `max_freed` by archive size
+    PRINT_DEAD = "print-dead"
+    PRINT_LIVE = "print-live"
+    PRINT_ROOTS = "print-roots"
+
+
+@dataclass(frozen=True, slots=True)
+class RootsFound:
+    roots: list[gc.Root]
+
+
+@dataclass(frozen=True, slots=True)
+class LivePaths:
+    paths: list[str]  # sorted
+
+
+@dataclass(frozen=True, slots=True)
+class DeadPaths:
+    paths: list[str]  # sorted
+    nar_bytes: int  # their archive sizes, summed
+
+
+# What `Collector.run` answers, by mode: COLLECT deletes (`gc.GCResult`), the others list.
+GCOutcome = gc.GCResult | RootsFound | LivePaths | DeadPaths
+
+
 class Collector:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
         self._lock = trio.Lock()
+
+    async def run(
+        self, mode: GCMode, max_freed: int | None = None, only: list[str] | None = None
+    ) -> GCOutcome:
+        """One `store-gc` request: with `only`, about those paths (all of which must be
+        dead); with `max_freed`, deleting (or, for DRY_RUN, listing) until that many bytes
+        would be freed."""
+        for path in only or ():
+            self.store.parse(path)
+        if mode is GCMode.PRINT_ROOTS:
+            return RootsFound(await self.roots())
+        if mode is GCMode.COLLECT:
+            return await self.collect(max_freed, only)
+        full = await self.plan()
+        if mode is GCMode.PRINT_LIVE:
+            return LivePaths(sorted(full.live))
+        chosen = full
+        if only is not None:
+            chosen = await trio.to_thread.run_sync(gc.restrict, full, only, self.store)
+        dead = gc.simulate(chosen, max_freed) if mode is GCMode.DRY_RUN else chosen.dead
+        return DeadPaths(sorted(dead), sum(chosen.sizes[p] for p in dead))
 
     async def plan(self) -> gc.Plan:
         store, s = self.store, self.settings

@@ -3,9 +3,9 @@
 import os
 from typing import Any
 
-import blake3
 import trio
 
+from daemon.rpc.auth import reader_for
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import (
@@ -18,8 +18,8 @@ from daemon.rpc.ops.args import (
     strs_arg,
 )
 from daemon.wire.protocol import Code
-from store import base32, nar
-from store.store import PathInfo, Reader, Store
+from store import gc
+from store.store import PathInfo, Store
 
 
 def path_info(store: Store, args: dict[str, Any]) -> dict[str, Any]:
@@ -67,16 +67,7 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
         raise OpError(Code.BAD_REQUEST, f"path {src!r} is not absolute")
     name = opt_str_arg(ctx, "name")
     refs = strs_arg(ctx, "references", [])
-    peer = ctx.peer
-    reader: Reader | None = None
-    if peer.uid != os.geteuid():
-        if os.geteuid() != 0:
-            raise OpError(Code.PERMISSION, "this daemon can read paths only for its own user")
-        try:
-            groups = os.getgrouplist(peer.user, peer.gid)
-        except (KeyError, OSError):
-            groups = [peer.gid]
-        reader = Reader(peer.uid, peer.gid, tuple(groups))
+    reader = reader_for(ctx.peer)
     store = ctx.services.store
     info = await trio.to_thread.run_sync(
         ctx.services.cpus.spread(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
@@ -86,10 +77,7 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
 
 async def dump(ctx: RequestContext) -> dict[str, int]:
     path = str_arg(ctx, "path")
-    store = ctx.services.store
-    if not await trio.to_thread.run_sync(store.is_valid, path):
-        raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
-    chunks = nar.dump(path)
+    chunks = await trio.to_thread.run_sync(ctx.services.store.dump, path)
     total = 0
     try:
         while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
@@ -110,19 +98,7 @@ async def add_temp_root(ctx: RequestContext) -> None:
 async def add_root(ctx: RequestContext) -> str:
     """Register an indirect root: `gcroots/auto/<hash of link>` -> the client's link."""
     link = str_arg(ctx, "link")
-    if not os.path.isabs(link):
-        raise OpError(Code.BAD_REQUEST, f"root link {link!r} is not absolute")
-    auto = ctx.services.state.gcroots_dir / "auto"
-    name = base32.encode(blake3.blake3(os.fsencode(link)).digest(length=20))
-    entry = auto / name
-    tmp = auto / f".{name}.tmp"
-
-    def make() -> None:
-        tmp.unlink(missing_ok=True)
-        os.symlink(link, tmp)
-        os.rename(tmp, entry)
-
-    await trio.to_thread.run_sync(make)
+    entry = await trio.to_thread.run_sync(gc.add_indirect_root, ctx.services.store, link)
     return str(entry)
 
 
@@ -146,4 +122,3 @@ async def add_text(ctx: RequestContext) -> dict[str, Any]:
 
 def store_dir(store: Store, args: dict[str, Any]) -> str:
     return store.store_dir
-

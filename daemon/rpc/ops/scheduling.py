@@ -29,13 +29,9 @@ async def history(ctx: RequestContext) -> dict[str, Any]:
     path = ctx.args.get("drv")
     if not isinstance(path, str) or not path:
         raise OpError(Code.BAD_REQUEST, "'drv' must be a non-empty string")
-    store = ctx.services.store
-    drv = path
-    if not path.endswith(".drv"):
-        info = await trio.to_thread.run_sync(store.path_info, path)
-        if info is None or info.deriver is None:
-            raise OpError(Code.NOT_VALID, f"{path} is not a derivation or a built output")
-        drv = info.deriver
+    drv = await trio.to_thread.run_sync(ctx.services.store.resolve_deriver, path)
+    if drv is None:
+        raise OpError(Code.NOT_VALID, f"{path} is not a derivation or a built output")
     attempts = await trio.to_thread.run_sync(builder.history.attempts, drv)
     flaky = await trio.to_thread.run_sync(builder.history.is_flaky, drv)
     return {"drv": drv, "flaky": flaky, "attempts": [a.as_dict() for a in attempts]}

@@ -1,0 +1,160 @@
+"""Marking: from the roots, through references, every live path; the rest, ordered
+referrers first, is the plan a deletion follows.
+
+Everything a root reaches through references is live, with Nix's `keep-derivations` (the
+derivation that built a live path) and `keep-outputs` (the outputs of a live derivation).
+The graph is read in one snapshot; paths pinned or added after it are dealt with at
+deletion (`store.gc.deletion`), so a plan may be stale but never unsafe.
+"""
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from store.gc.roots import Root, find_roots
+from store.records import StoreError
+from store.store import Store
+
+
+class StillAlive(StoreError):
+    """`--delete` named a path that is still reachable from a root."""
+
+
+@dataclass(slots=True)
+class Graph:
+    """Every valid path, its references, deriver and outputs, by row id."""
+
+    paths: dict[int, str]
+    ids: dict[str, int]
+    refs: dict[int, list[int]]
+    derivers: dict[int, int]
+    outputs: dict[int, list[int]]
+    sizes: dict[int, int]
+
+
+@dataclass(slots=True)
+class Plan:
+    roots: list[Root]
+    live: set[str]
+    dead: list[str]  # referrers before references: the order to delete in
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def load_graph(store: Store) -> Graph:
+    with store.db.read() as conn:
+        rows = list(conn.execute("SELECT id, path, deriver, nar_size FROM ValidPaths"))
+        ref_rows = list(conn.execute("SELECT referrer, reference FROM Refs"))
+        out_rows = list(conn.execute("SELECT drv, path FROM DerivationOutputs"))
+    paths = {i: p for i, p, _, _ in rows}
+    ids = {p: i for i, p in paths.items()}
+    sizes = {i: s for i, _, _, s in rows}
+    derivers = {i: ids[d] for i, _, d, _ in rows if d is not None and d in ids}
+    refs: dict[int, list[int]] = {}
+    for referrer, reference in ref_rows:
+        if referrer != reference:
+            refs.setdefault(referrer, []).append(reference)
+    outputs: dict[int, list[int]] = {}
+    for drv, path in out_rows:
+        if path in ids:
+            outputs.setdefault(drv, []).append(ids[path])
+    return Graph(paths, ids, refs, derivers, outputs, sizes)
+
+
+def mark(
+    graph: Graph, roots: Iterable[str], keep_outputs: bool, keep_derivations: bool
+) -> set[int]:
+    """Row ids of every path the roots reach."""
+    live: set[int] = set()
+    todo = deque(graph.ids[p] for p in roots if p in graph.ids)
+    while todo:
+        node = todo.popleft()
+        if node in live:
+            continue
+        live.add(node)
+        todo.extend(graph.refs.get(node, ()))
+        if keep_derivations and node in graph.derivers:
+            todo.append(graph.derivers[node])
+        if keep_outputs:
+            todo.extend(graph.outputs.get(node, ()))
+    return live
+
+
+def referrers_first(graph: Graph, dead: set[int]) -> list[int]:
+    """Order dead paths so each comes before everything it references."""
+    waiting = dict.fromkeys(dead, 0)
+    for node in dead:
+        for ref in set(graph.refs.get(node, ())):
+            if ref in waiting:
+                waiting[ref] += 1
+    ready = sorted((n for n, k in waiting.items() if k == 0), reverse=True)
+    order: list[int] = []
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for ref in set(graph.refs.get(node, ())):
+            if ref in waiting:
+                waiting[ref] -= 1
+                if waiting[ref] == 0:
+                    ready.append(ref)
+    return order
+
+
+def plan(store: Store, keep_outputs: bool = False, keep_derivations: bool = True) -> Plan:
+    roots = find_roots(store)
+    graph = load_graph(store)
+    # Pins taken while the graph loaded count too; later ones are caught at deletion.
+    root_paths = {r.path for r in roots} | store.pins.pinned()
+    live = mark(graph, root_paths, keep_outputs, keep_derivations)
+    dead = referrers_first(graph, set(graph.paths) - live)
+    return Plan(
+        roots,
+        {graph.paths[i] for i in live},
+        [graph.paths[i] for i in dead],
+        {graph.paths[i]: graph.sizes[i] for i in dead},
+    )
+
+
+def restrict(full: Plan, paths: Iterable[str], store: Store) -> Plan:
+    """The plan for `--delete PATHS`: all of them dead, none needed by a dead path kept."""
+    wanted = set(paths)
+    for p in sorted(wanted):
+        if p in full.live:
+            raise StillAlive(f"cannot delete {p}: it is still alive ({_why_alive(full, p, store)})")
+        if p not in full.sizes:
+            raise StillAlive(f"cannot delete {p}: it is not a valid path")
+    for p in sorted(wanted):
+        others = [r for r in store.referrers(p) if r not in wanted and r != p]
+        if others:
+            raise StillAlive(
+                f"cannot delete {p}: {others[0]} refers to it (dead too: delete it as well)"
+            )
+    return Plan(
+        full.roots,
+        full.live,
+        [p for p in full.dead if p in wanted],
+        {p: full.sizes[p] for p in wanted},
+    )
+
+
+def _why_alive(full: Plan, path: str, store: Store) -> str:
+    for root in full.roots:
+        if root.path == path:
+            return f"a root: {root.source}"
+    live_referrers = [r for r in store.referrers(path) if r in full.live and r != path]
+    if live_referrers:
+        return f"referenced by {live_referrers[0]}"
+    return "kept by keep-derivations or keep-outputs"
+
+
+def simulate(gc_plan: Plan, max_freed: int | None) -> list[str]:
+    """What `delete` would take, judging sizes by archive size (`--dry-run`)."""
+    if max_freed is None:
+        return list(gc_plan.dead)
+    chosen: list[str] = []
+    freed = 0
+    for path in gc_plan.dead:
+        if freed >= max_freed:
+            break
+        chosen.append(path)
+        freed += gc_plan.sizes.get(path, 0)
+    return chosen
