@@ -8,7 +8,8 @@ from pathlib import Path
 import trio
 
 from bench.measure import percentile
-from daemon.proc.locks import EXCLUSIVE, running_locker
+from daemon.proc.locks import running_locker
+from daemon.wire.locker import Mode
 
 Row = tuple[str, str, str]
 ROUND_TRIPS = 20_000
@@ -23,7 +24,7 @@ async def _bench(work: Path) -> list[Row]:
         path = str(work / "one.lock")
         t = time.perf_counter()
         for _ in range(ROUND_TRIPS):
-            held = await svc.lock(path, EXCLUSIVE, "solo")
+            held = await svc.lock(path, Mode.EXCLUSIVE, "solo")
             await svc.unlock(held, "solo")
         rate = ROUND_TRIPS / (time.perf_counter() - t)
         rows.append(
@@ -37,7 +38,7 @@ async def _bench(work: Path) -> list[Row]:
         async def cycle(owner: str, n: int) -> None:
             own = str(work / f"{owner}.lock")
             for _ in range(n):
-                held = await svc.lock(own, EXCLUSIVE, owner)
+                held = await svc.lock(own, Mode.EXCLUSIVE, owner)
                 await svc.unlock(held, owner)
 
         t = time.perf_counter()
@@ -55,13 +56,13 @@ async def _bench(work: Path) -> list[Row]:
 
         latencies: list[float] = []
         clock = {"released": 0.0}
-        held = await svc.lock(path, EXCLUSIVE, "owner-0")
+        held = await svc.lock(path, Mode.EXCLUSIVE, "owner-0")
         for i in range(1, HANDOFFS + 1):
             granted = trio.Event()
 
             async def take(owner: str, granted: trio.Event) -> None:
                 nonlocal held
-                held = await svc.lock(path, EXCLUSIVE, owner)
+                held = await svc.lock(path, Mode.EXCLUSIVE, owner)
                 latencies.append(time.perf_counter() - clock["released"])
                 granted.set()
 

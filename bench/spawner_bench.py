@@ -21,7 +21,7 @@ import trio
 from bench.measure import percentile
 from daemon.proc.processes import ProcessMonitor
 from daemon.proc.spawner import SpawnerService, start_spawner_process
-from spawner.sandbox import SpawnRequest
+from daemon.wire.spawner import SpawnRequest
 from store.store import Store
 
 Row = tuple[str, str, str]

@@ -1,6 +1,7 @@
 """The locker process: one loop serving the daemon's lock requests on a SEQPACKET socket.
 
-Each packet is one msgpack map; a `lock` request carries the lock file's descriptor in
+Each packet is one request of the locker's protocol (`daemon/wire/locker.py`, the only
+thing it imports of the daemon); a `lock` request carries the lock file's descriptor in
 SCM_RIGHTS.  The locker keeps one descriptor per locked inode and holds an OFD lock on
 it (see docs/locking.md for why OFD and not classic POSIX locks); descriptors for an
 inode it already holds are closed at once, which OFD locks survive.  When the daemon's
@@ -19,15 +20,32 @@ import socket
 import struct
 import sys
 
-import msgpack
-
-from daemon.wire.packets import recv_packet
-from locker.table import EXCLUSIVE, SHARED, Key, LockTable, Outcome
+from daemon.wire.locker import (
+    MALFORMED,
+    Cancel,
+    Key,
+    Lock,
+    Malformed,
+    ReleaseOwner,
+    Reply,
+    Status,
+    Unlock,
+    decode_request,
+    encode_reply,
+)
+from daemon.wire.packets import BadMessage, pack, recv_packet, unpack
+from locker.table import LockTable, Outcome
 
 # How long the head of a queue waits before asking the kernel again, when another process
-# holds a conflicting lock; doubled up to the maximum while it stays held.
+# holds a conflicting lock (the kernel cannot tell us when it lets go: F_OFD_SETLKW would
+# block the whole loop); doubled up to the maximum while it stays held.  1 ms is about the
+# daemon's own round trip to the locker, so a lock let go is seen about as soon as one of
+# ours; 50 ms keeps a lock held for long (another daemon's build) at 20 wake-ups a second,
+# and below what a build, seconds long, would notice.
 RETRY_MIN, RETRY_MAX = 0.001, 0.05
-_FLOCK = struct.Struct("hhqqi4x")
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
+# Where the OFD lock ends and the display-only POSIX lock begins (`OfdKernel`): past the
+# end of any lock file (they stay empty), within off_t.
 _SPLIT = 1 << 62
 _PR_SET_PDEATHSIG = 1
 
@@ -124,56 +142,48 @@ class LockerServer:
             if truncated:
                 for fd in fds:
                     os.close(fd)
-                self._send({"id": None, "status": "failed", "error": "truncated packet"})
+                self._send(None, Reply(Status.FAILED, error="truncated packet"))
                 continue
             self._reply(self._handle(data, fds))
 
     def _handle(self, data: bytes, fds: list[int]) -> list[Outcome]:
+        rid = -1  # the answer's id while the request's own is unread
         try:
-            msg = msgpack.unpackb(data)
-            rid, op, owner = msg["id"], msg["op"], msg.get("owner", "")
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            read, fields = unpack(data)
+            if read is None:
+                raise Malformed(MALFORMED)
+            rid = read
+            request = decode_request(fields, len(fds))
+        except (BadMessage, Malformed) as e:
             for fd in fds:
                 os.close(fd)
-            return [Outcome(-1, "failed", "malformed request")]
-        if op == "lock":
-            mode = msg.get("mode")
-            if len(fds) != 1 or mode not in (SHARED, EXCLUSIVE):
-                for fd in fds:
-                    os.close(fd)
-                return [Outcome(rid, "failed", "lock needs one descriptor and a mode")]
+            return [Outcome(rid, Status.FAILED, str(e) if isinstance(e, Malformed) else MALFORMED)]
+        if isinstance(request, Lock):
             st = os.fstat(fds[0])
             key = (st.st_dev, st.st_ino)
             self.kernel.adopt(key, fds[0])
             self.keys[rid] = key
-            return self.table.lock(key, rid, owner, mode, bool(msg.get("wait", True)))
+            return self.table.lock(key, rid, request.owner, request.mode, request.wait)
         for fd in fds:
             os.close(fd)
-        if op == "unlock":
-            key = tuple(msg["key"])
-            if msg.get("delete"):
-                self.kernel.mark_deleted(key)  # type: ignore[arg-type]
-            # Unlocks and cancels are not answered: nobody waits for them, and the replies
-            # would cost both processes a system call and a decode per lock.
-            return self.table.unlock(key, owner)  # type: ignore[arg-type]
-        if op == "release-owner":
-            return [Outcome(rid, "released"), *self.table.release_owner(owner)]
-        if op == "cancel":
-            return self.table.cancel(msg["request"])
-        return [Outcome(rid, "failed", f"unknown op {op!r}")]
+        match request:
+            case Unlock(owner, key, delete):
+                if delete:
+                    self.kernel.mark_deleted(key)
+                # Unlocks and cancels are not answered: nobody waits for them, and the
+                # replies would cost both processes a system call and a decode per lock.
+                return self.table.unlock(key, owner)
+            case ReleaseOwner(owner):
+                return [Outcome(rid, Status.RELEASED), *self.table.release_owner(owner)]
+            case Cancel(waiting):
+                return self.table.cancel(waiting)
 
     def _reply(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:
-            key = self.keys.pop(o.request, None)
-            reply: dict[str, object] = {"id": o.request, "status": o.status}
-            if key is not None:
-                reply["key"] = list(key)
-            if o.error:
-                reply["error"] = o.error
-            self._send(reply)
+            self._send(o.request, Reply(o.status, self.keys.pop(o.request, None), o.error))
 
-    def _send(self, reply: dict[str, object]) -> None:
-        data = msgpack.packb(reply)
+    def _send(self, rid: int | None, reply: Reply) -> None:
+        data = pack(rid, encode_reply(reply))
         while True:
             try:
                 self.sock.send(data)

@@ -14,10 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-SHARED = "shared"
-EXCLUSIVE = "exclusive"
-
-Key = tuple[int, int]
+from daemon.wire.locker import Key, Mode, Status
 
 
 class Kernel(Protocol):
@@ -34,23 +31,23 @@ class Kernel(Protocol):
 class Waiter:
     request: int
     owner: str
-    mode: str
+    mode: Mode
 
 
 @dataclass
 class Inode:
-    holders: dict[str, list[str]] = field(default_factory=dict)  # owner -> modes held
+    holders: dict[str, list[Mode]] = field(default_factory=dict)  # owner -> modes held
     queue: deque[Waiter] = field(default_factory=deque)
-    kernel_mode: str | None = None
+    kernel_mode: Mode | None = None
 
     def exclusive_held(self) -> bool:
-        return any(EXCLUSIVE in modes for modes in self.holders.values())
+        return any(Mode.EXCLUSIVE in modes for modes in self.holders.values())
 
-    def compatible(self, owner: str, mode: str) -> bool:
+    def compatible(self, owner: str, mode: Mode) -> bool:
         others = {o: m for o, m in self.holders.items() if o != owner}
-        if mode == EXCLUSIVE:
+        if mode is Mode.EXCLUSIVE:
             return not others
-        return not any(EXCLUSIVE in m for m in others.values())
+        return not any(Mode.EXCLUSIVE in m for m in others.values())
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class Outcome:
     """What became of a request: granted, refused (would wait), cancelled, or failed."""
 
     request: int
-    status: str
+    status: Status
     error: str = ""
 
 
@@ -74,26 +71,28 @@ class LockTable:
     def has(self, key: Key) -> bool:
         return key in self.inodes
 
-    def lock(self, key: Key, request: int, owner: str, mode: str, wait: bool) -> list[Outcome]:
+    def lock(self, key: Key, request: int, owner: str, mode: Mode, wait: bool) -> list[Outcome]:
         inode = self.inodes.setdefault(key, Inode())
         held = inode.holders.get(owner)
         if held is not None:
             # Re-entry by a holder never queues: it would wait behind a waiter that waits
             # for this very holder.
-            if EXCLUSIVE in held or mode == SHARED:
+            if Mode.EXCLUSIVE in held or mode is Mode.SHARED:
                 self._grant(key, inode, owner, mode)
-                return [Outcome(request, "granted")]
-            return [Outcome(request, "failed", "owner already holds a shared lock; no upgrades")]
+                return [Outcome(request, Status.GRANTED)]
+            return [
+                Outcome(request, Status.FAILED, "owner already holds a shared lock; no upgrades")
+            ]
         try:
             if not inode.queue and inode.compatible(owner, mode) and self._kernel(key, inode, mode):
                 self._grant(key, inode, owner, mode)
-                return [Outcome(request, "granted")]
+                return [Outcome(request, Status.GRANTED)]
         except OSError as e:
             self._forget_if_idle(key)
-            return [Outcome(request, "failed", f"cannot lock: {e.strerror}")]
+            return [Outcome(request, Status.FAILED, f"cannot lock: {e.strerror}")]
         if not wait:
             self._forget_if_idle(key)
-            return [Outcome(request, "refused")]
+            return [Outcome(request, Status.REFUSED)]
         inode.queue.append(Waiter(request, owner, mode))
         self.waiting[request] = key
         self.by_owner.setdefault(owner, set()).add(key)
@@ -110,7 +109,7 @@ class LockTable:
         waiter = next(w for w in inode.queue if w.request == request)
         inode.queue.remove(waiter)
         self._drop_owner_key(waiter.owner, key)
-        return [Outcome(request, "cancelled"), *self._advance(key, inode)]
+        return [Outcome(request, Status.CANCELLED), *self._advance(key, inode)]
 
     def unlock(self, key: Key, owner: str) -> list[Outcome]:
         inode = self.inodes.get(key)
@@ -132,7 +131,7 @@ class LockTable:
             for w in [w for w in inode.queue if w.owner == owner]:
                 inode.queue.remove(w)
                 self.waiting.pop(w.request, None)
-                outcomes.append(Outcome(w.request, "cancelled"))
+                outcomes.append(Outcome(w.request, Status.CANCELLED))
             outcomes += self._advance(key, inode)
         return outcomes
 
@@ -165,30 +164,30 @@ class LockTable:
                 inode.queue.popleft()
                 self.waiting.pop(head.request, None)
                 self._drop_owner_key(head.owner, key)
-                granted.append(Outcome(head.request, "failed", f"cannot lock: {e.strerror}"))
+                granted.append(Outcome(head.request, Status.FAILED, f"cannot lock: {e.strerror}"))
                 continue
             inode.queue.popleft()
             self.waiting.pop(head.request, None)
             self._grant(key, inode, head.owner, head.mode)
-            granted.append(Outcome(head.request, "granted"))
+            granted.append(Outcome(head.request, Status.GRANTED))
         if not inode.holders:
             self._settle(key, inode)
-        elif not inode.exclusive_held() and inode.kernel_mode == EXCLUSIVE:
+        elif not inode.exclusive_held() and inode.kernel_mode is Mode.EXCLUSIVE:
             # Only shared holders remain: let other processes' readers in.
             self.kernel.acquire(key, exclusive=False)
-            inode.kernel_mode = SHARED
+            inode.kernel_mode = Mode.SHARED
         return granted
 
-    def _kernel(self, key: Key, inode: Inode, mode: str) -> bool:
-        want = EXCLUSIVE if mode == EXCLUSIVE or inode.exclusive_held() else SHARED
-        if inode.kernel_mode == want or inode.kernel_mode == EXCLUSIVE:
+    def _kernel(self, key: Key, inode: Inode, mode: Mode) -> bool:
+        want = Mode.EXCLUSIVE if mode is Mode.EXCLUSIVE or inode.exclusive_held() else Mode.SHARED
+        if inode.kernel_mode is want or inode.kernel_mode is Mode.EXCLUSIVE:
             return True
-        if not self.kernel.acquire(key, exclusive=want == EXCLUSIVE):
+        if not self.kernel.acquire(key, exclusive=want is Mode.EXCLUSIVE):
             return False
         inode.kernel_mode = want
         return True
 
-    def _grant(self, key: Key, inode: Inode, owner: str, mode: str) -> None:
+    def _grant(self, key: Key, inode: Inode, owner: str, mode: Mode) -> None:
         inode.holders.setdefault(owner, []).append(mode)
         self.by_owner.setdefault(owner, set()).add(key)
 

@@ -20,7 +20,8 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+
+from daemon.wire.spawner import SetupFailure, SpawnRequest
 
 BUILD_UID = 1000
 BUILD_GID = 100
@@ -39,29 +40,8 @@ class SetupError(Exception):
     """A step of the sandbox setup failed: which step, which errno, which path."""
 
     def __init__(self, step: str, err: int, path: str, message: str) -> None:
-        super().__init__(f"{step}: {message}" + (f" ({path})" if path else ""))
-        self.step, self.errno, self.path, self.message = step, err, path, message
-
-
-@dataclass
-class SpawnRequest:
-    builder: str
-    root: str  # a directory of the build slot's: <root>/<store_dir> is the store dir it sees
-    build_dir: str  # bound read-write at /build
-    store_dir: str
-    host_uid: int  # what the build user maps to outside
-    host_gid: int
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    inputs: list[str] = field(default_factory=list)  # store paths, bound read-only
-    sandbox_paths: list[str] = field(default_factory=list)  # host paths, bound read-only
-    network: bool = False  # True: share the host's network (fixed-output builds)
-    # False: a network namespace made for this build alone, never one a finished build
-    # left (spawner/networks.py).
-    reuse_network: bool = True
-    # The daemon's freezer directory: the builder's tree runs in a cgroup of its own in
-    # it (best effort: the reply names it, or "").
-    freezer: str = ""
+        self.failure = SetupFailure(step, err, path, message)
+        super().__init__(str(self.failure))
 
 
 @contextlib.contextmanager

@@ -25,8 +25,8 @@ import trio
 
 from daemon.proc.processes import ProcessMonitor
 from daemon.proc.spawner import SpawnError, SpawnerService, start_spawner_process, wait_or_kill
-from spawner.sandbox import SpawnRequest
-from spawner.server import SPARE
+from daemon.wire.spawner import SpawnRequest
+from spawner.spares import SPARE
 from store.store import Store
 
 
@@ -187,7 +187,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         try:
             builder = await spawner.spawn(request, w)
         except SpawnError as e:
-            result["setup_error"] = {"step": e.step, "errno": e.errno, "path": e.path}
+            failure = e.failure
+            result["setup_error"] = {
+                "step": failure.step,
+                "errno": failure.errno,
+                "path": failure.path,
+            }
             n.cancel_scope.cancel()
             return result
         finally:

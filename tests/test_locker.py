@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,16 +14,32 @@ import pytest
 import trio
 
 from daemon.proc.locks import (
-    EXCLUSIVE,
-    SHARED,
     LockerDied,
     LockLost,
     LockService,
     WouldBlock,
     running_locker,
 )
+from daemon.wire.locker import (
+    LOCK_NEEDS,
+    MALFORMED,
+    Cancel,
+    Lock,
+    Mode,
+    ReleaseOwner,
+    Reply,
+    Status,
+    Unlock,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
+from daemon.wire.packets import pack, rights, unpack
 from locker.table import LockTable, Outcome
 from tests.daemon_fixtures import start_daemon
+
+ROOT = Path(__file__).parent.parent
 
 
 def locker() -> "AbstractAsyncContextManager[LockService]":
@@ -67,14 +84,14 @@ class FreeKernel:
 def test_table_fifo_never_starves_an_exclusive_waiter() -> None:
     t = LockTable(FreeKernel())
     k = (1, 1)
-    assert t.lock(k, 1, "a", SHARED, True) == [Outcome(1, "granted")]
-    assert t.lock(k, 2, "x", EXCLUSIVE, True) == []
+    assert t.lock(k, 1, "a", Mode.SHARED, True) == [Outcome(1, Status.GRANTED)]
+    assert t.lock(k, 2, "x", Mode.EXCLUSIVE, True) == []
     # A later shared request queues behind the exclusive one, though it is compatible
     # with the current holder.
-    assert t.lock(k, 3, "b", SHARED, True) == []
-    assert t.unlock(k, "a") == [Outcome(2, "granted")]
-    assert t.unlock(k, "x") == [Outcome(3, "granted")]
-    assert t.lock(k, 4, "c", EXCLUSIVE, False) == [Outcome(4, "refused")]
+    assert t.lock(k, 3, "b", Mode.SHARED, True) == []
+    assert t.unlock(k, "a") == [Outcome(2, Status.GRANTED)]
+    assert t.unlock(k, "x") == [Outcome(3, Status.GRANTED)]
+    assert t.lock(k, 4, "c", Mode.EXCLUSIVE, False) == [Outcome(4, Status.REFUSED)]
     assert t.release_owner("b") == []
     assert t.inodes == {}
 
@@ -83,16 +100,93 @@ def test_table_reentry_cancel_and_release_owner() -> None:
     kernel = FreeKernel()
     t = LockTable(kernel)
     k = (1, 2)
-    assert t.lock(k, 1, "a", EXCLUSIVE, True) == [Outcome(1, "granted")]
-    assert t.lock(k, 2, "b", SHARED, True) == []
-    assert t.lock(k, 3, "a", SHARED, True) == [Outcome(3, "granted")]  # re-entry
-    assert t.lock(k, 4, "c", EXCLUSIVE, True) == []
-    assert t.cancel(4) == [Outcome(4, "cancelled")]
+    assert t.lock(k, 1, "a", Mode.EXCLUSIVE, True) == [Outcome(1, Status.GRANTED)]
+    assert t.lock(k, 2, "b", Mode.SHARED, True) == []
+    assert t.lock(k, 3, "a", Mode.SHARED, True) == [Outcome(3, Status.GRANTED)]  # re-entry
+    assert t.lock(k, 4, "c", Mode.EXCLUSIVE, True) == []
+    assert t.cancel(4) == [Outcome(4, Status.CANCELLED)]
     assert t.unlock(k, "a") == []
-    assert t.release_owner("a") == [Outcome(2, "granted")]
-    assert t.lock(k, 5, "b", EXCLUSIVE, True)[0].status == "failed"  # no upgrades
+    assert t.release_owner("a") == [Outcome(2, Status.GRANTED)]
+    assert t.lock(k, 5, "b", Mode.EXCLUSIVE, True)[0].status is Status.FAILED  # no upgrades
     assert t.unlock(k, "b") == []
     assert kernel.released == [k]
+
+
+# -- the messages, on their own ----------------------------------------------------
+
+
+def test_requests_and_replies_read_back_as_written_in_the_documented_maps() -> None:
+    requests = [
+        (Lock("build:x", Mode.SHARED, wait=False), 1),
+        (Unlock("build:x", (5, 7), delete=True), 0),
+        (ReleaseOwner("session:3"), 0),
+        (Cancel(12), 0),
+    ]
+    for request, descriptors in requests:
+        rid, fields = unpack(pack(42, encode_request(request)))
+        assert rid == 42
+        assert decode_request(fields, descriptors) == request
+    # The maps of docs/locking.md, which both ends have always written.
+    assert encode_request(Lock("o", Mode.EXCLUSIVE)) == {
+        "op": "lock",
+        "mode": "exclusive",
+        "wait": True,
+        "owner": "o",
+    }
+    assert encode_request(Unlock("o", (1, 2))) == {
+        "op": "unlock",
+        "owner": "o",
+        "key": [1, 2],
+        "delete": False,
+    }
+    for reply in (Reply(Status.GRANTED, (5, 7)), Reply(Status.FAILED, None, "cannot lock: x")):
+        assert unpack(pack(3, encode_reply(reply))) == (3, encode_reply(reply))
+        assert decode_reply(encode_reply(reply)) == reply
+    assert encode_reply(Reply(Status.RELEASED)) == {"status": "released"}
+
+
+def _raw_locker() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A locker process and our end of its socket, spoken to in raw packets."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "locker", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        cwd=ROOT,
+    )
+    theirs.close()
+    ours.settimeout(10)
+    return proc, ours
+
+
+def test_a_malformed_request_is_answered_failed_and_the_locker_serves_on(tmp_path: Path) -> None:
+    proc, sock = _raw_locker()
+    try:
+        lock_fields = encode_request(Lock("a", Mode.EXCLUSIVE, wait=False))
+        for data, answer in (
+            (b"\xc1", (-1, MALFORMED)),
+            (pack(None, lock_fields), (-1, MALFORMED)),
+            (pack(7, {"op": "unlock", "owner": "a"}), (7, MALFORMED)),
+            (pack(8, {"op": "cancel", "request": "9"}), (8, MALFORMED)),
+            (pack(9, lock_fields), (9, LOCK_NEEDS)),
+            (pack(9, {**lock_fields, "mode": ["exclusive"]}), (9, LOCK_NEEDS)),
+            (pack(10, {"op": "frob"}), (10, "unknown op 'frob'")),
+        ):
+            sock.send(data)
+            rid, fields = unpack(sock.recv(4096))
+            assert (rid, decode_reply(fields)) == (answer[0], Reply(Status.FAILED, None, answer[1]))
+        path = tmp_path / "x.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            sock.sendmsg([pack(11, lock_fields)], rights(fd))
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        rid, fields = unpack(sock.recv(4096))
+        assert (rid, decode_reply(fields)) == (11, Reply(Status.GRANTED, (st.st_dev, st.st_ino)))
+        assert not outside_can_lock(path)
+    finally:
+        sock.close()
+        assert proc.wait(timeout=10) == 0
 
 
 # -- a real locker -------------------------------------------------------------------
@@ -181,7 +275,7 @@ async def test_waits_for_an_outside_holder_without_blocking_others(tmp_path: Pat
 async def test_waiting_on_a_never_delays_b_or_the_release_of_c(tmp_path: Path) -> None:
     a, b, c = (str(tmp_path / f"{x}.lock") for x in "abc")
     async with locker() as svc, svc.exclusive([a], "holder-a"), trio.open_nursery() as n:
-        c_held = await svc.lock(c, EXCLUSIVE, "holder-c")
+        c_held = await svc.lock(c, Mode.EXCLUSIVE, "holder-c")
 
         async def wait_for_a() -> None:
             async with svc.exclusive([a], "waiter"):
@@ -234,11 +328,11 @@ async def test_would_block_and_cancelled_waiters(tmp_path: Path) -> None:
 async def test_stale_lock_file_is_taken_again(tmp_path: Path) -> None:
     path = str(tmp_path / "out.lock")
     async with locker() as svc:
-        first = await svc.lock(path, EXCLUSIVE, "builder")
+        first = await svc.lock(path, Mode.EXCLUSIVE, "builder")
         got: list[tuple[int, int]] = []
 
         async def second() -> None:
-            held = await svc.lock(path, EXCLUSIVE, "waiter")
+            held = await svc.lock(path, Mode.EXCLUSIVE, "waiter")
             got.append(held.key)
             await svc.unlock(held, "waiter")
 
@@ -274,11 +368,11 @@ async def test_clobbering_sequence_keeps_the_lock_and_bounded_fds(tmp_path: Path
     path = tmp_path / "clobber.lock"
     rounds = 100_000
     async with locker() as svc:
-        previous = await svc.lock(str(path), SHARED, "owner-0")
+        previous = await svc.lock(str(path), Mode.SHARED, "owner-0")
         start_fds = fd_count(svc.locker_pid)
         daemon_fds = fd_count(os.getpid())
         for i in range(1, rounds + 1):
-            current = await svc.lock(str(path), SHARED, f"owner-{i % 2}")
+            current = await svc.lock(str(path), Mode.SHARED, f"owner-{i % 2}")
             await svc.unlock(previous, f"owner-{(i - 1) % 2}")
             previous = current
             if i % 25_000 == 0:
@@ -316,7 +410,7 @@ async def test_locker_killed_is_replaced_and_owners_lose_cleanly(tmp_path: Path)
 
         async def waiter() -> None:
             try:
-                await svc.lock(held_path, EXCLUSIVE, "second")
+                await svc.lock(held_path, Mode.EXCLUSIVE, "second")
             except LockerDied as e:
                 outcome.append(e)
 

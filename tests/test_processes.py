@@ -1,5 +1,7 @@
-"""The process monitor: one reaper, statuses never lost, never reported as 0."""
+"""The daemon's children: one reaper, statuses never lost, never reported as 0; helpers
+that load nothing of the daemon but its wire modules."""
 
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +101,25 @@ def test_no_zombies_left_by_a_reap_all_monitor() -> None:
     zombies, reaped = run_script(script)
     assert zombies == 0
     assert reaped == 400
+
+
+def test_the_helpers_load_nothing_of_the_daemon_but_its_wire_modules() -> None:
+    """What the locker and the spawner run on: no trio, no store, of the daemon's package
+    only `daemon.wire` (each helper starts in a fresh interpreter, and what it imports it
+    carries for its whole life)."""
+    code = "import json, sys, locker.server, spawner.server; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        check=True,
+    )
+    loaded = json.loads(out.stdout)
+    assert "locker.server" in loaded and "spawner.server" in loaded
+    assert [m for m in loaded if m.split(".")[0] in ("trio", "store")] == []
+    daemon = [m for m in loaded if m.split(".")[0] == "daemon"]
+    assert "daemon.wire.locker" in daemon and "daemon.wire.spawner" in daemon
+    assert [
+        m for m in daemon if m not in ("daemon", "daemon.wire") and not m.startswith("daemon.wire.")
+    ] == []

@@ -186,9 +186,50 @@ def test_build_slots_map_to_their_own_host_ids() -> None:
         build_ids(0, 0, 64)
 
 
+def test_spawn_messages_read_back_and_both_ends_word_a_failed_step_alike() -> None:
+    from daemon.proc.spawner import SpawnError
+    from daemon.wire.packets import pack, unpack
+    from daemon.wire.spawner import (
+        SetupFailure,
+        Spawned,
+        SpawnRequest,
+        decode_reply,
+        decode_request,
+        encode_reply,
+        encode_request,
+    )
+    from spawner.sandbox import SetupError
+
+    request = SpawnRequest(
+        builder="/store/abc-sh/bin/sh",
+        root="/var/tmp/slot-0",
+        build_dir="/var/tmp/build-0",
+        store_dir="/store",
+        host_uid=30000,
+        host_gid=30000,
+        args=["-c", "true"],
+        env={"out": "/store/def-out"},
+        inputs=["/store/abc-sh"],
+        network=True,
+        freezer="/sys/fs/cgroup/weft",
+    )
+    rid, fields = unpack(pack(5, encode_request(request)))
+    assert (rid, decode_request(fields)) == (5, request)
+    failure = SetupFailure("bind mount", errno.EPERM, "/store/abc-sh", "Operation not permitted")
+    for reply in (Spawned(123, "/sys/fs/cgroup/weft/1-0"), failure):
+        assert decode_reply(unpack(pack(5, encode_reply(reply)))[1]) == reply
+    error = SetupError("bind mount", errno.EPERM, "/store/abc-sh", "Operation not permitted")
+    assert error.failure == failure
+    assert str(error) == "bind mount: Operation not permitted (/store/abc-sh)"
+    assert str(SpawnError(failure)) == (
+        "sandbox setup failed at bind mount: Operation not permitted (/store/abc-sh)"
+    )
+
+
 def _slot_preparer(tmp_path: Path) -> tuple[Path, Path, Callable[[list[Path]], None]]:
     """A store dir, a build slot's store dir, and `prepare_root` for requests of inputs."""
-    from spawner.sandbox import SpawnRequest, make_skeleton, prepare_root
+    from daemon.wire.spawner import SpawnRequest
+    from spawner.sandbox import make_skeleton, prepare_root
 
     store = tmp_path / "store"
     store.mkdir()
@@ -267,14 +308,14 @@ def test_a_spare_is_cloned_right_into_its_cgroup(tmp_path: Path) -> None:
     `make_spare`'s fallback, for kernels without clone3's CLONE_INTO_CGROUP."""
     from daemon.sched.freezer import Freezer
     from spawner.sandbox import make_skeleton
-    from spawner.server import _start_spare
+    from spawner.spares import start_spare
 
     freezer = Freezer.find(f"test-{os.getpid()}")
     assert freezer is not None and freezer.version == 2
     cgroup = freezer.base / "spare"
     cgroup.mkdir()
     try:
-        spare = _start_spare(make_skeleton(str(tmp_path / "spawner")), "own", str(cgroup))
+        spare = start_spare(make_skeleton(str(tmp_path / "spawner")), "own", str(cgroup))
         try:
             assert (cgroup / "cgroup.procs").read_text().split() == [str(spare.pid)]
         finally:

@@ -50,7 +50,7 @@ from daemon.sched.retry import Cause, RetrySettings
 from daemon.sched.retrying import Failure, RetryRunner
 from daemon.sched.scheduler import Running, Scheduler
 from daemon.upkeep.collector import Collector
-from spawner.sandbox import SpawnRequest
+from daemon.wire.spawner import SpawnRequest
 from store.derivation import (
     Derivation,
     DerivationError,

@@ -27,18 +27,29 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import msgpack
 import trio
 
-from daemon.proc.helper import HelperConnection, start_helper
+from daemon.proc.helper import MAX_REPLY, HelperConnection, start_helper
 from daemon.proc.processes import Process, ProcessMonitor
-from daemon.wire.packets import rights
+from daemon.wire.locker import (
+    Cancel,
+    Key,
+    Lock,
+    Mode,
+    ReleaseOwner,
+    Reply,
+    Request,
+    Status,
+    Unlock,
+    decode_reply,
+    encode_request,
+)
+from daemon.wire.packets import Fields, pack, rights, unpack
 
 log = logging.getLogger("weft.locks")
-SHARED = "shared"
-EXCLUSIVE = "exclusive"
 DAEMON_OWNER = "daemon"
-Key = tuple[int, int]
+# The one-daemon lock's request id, sent before any `LockService` (whose ids start at 1).
+_BLOCKING_ID = 0
 
 
 class LockError(Exception):
@@ -61,7 +72,7 @@ class WouldBlock(LockError):
 class Held:
     path: str
     key: Key
-    mode: str
+    mode: Mode
 
 
 @dataclass
@@ -81,27 +92,22 @@ def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
     """Before trio runs: one exclusive lock, without waiting (the one-daemon lock)."""
     fd = _open_lock_file(path)
     try:
-        sock.sendmsg(
-            [
-                msgpack.packb(
-                    {"id": 0, "op": "lock", "mode": EXCLUSIVE, "wait": False, "owner": owner}
-                )
-            ],
-            rights(fd),
-        )
+        request = Lock(owner, Mode.EXCLUSIVE, wait=False)
+        sock.sendmsg([pack(_BLOCKING_ID, encode_request(request))], rights(fd))
     finally:
         os.close(fd)
-    reply = msgpack.unpackb(sock.recv(65536))
-    if reply["status"] == "failed":
-        raise LockError(f"{path}: {reply.get('error')}")
-    return reply["status"] == "granted"
+    _, fields = unpack(sock.recv(MAX_REPLY))
+    reply = decode_reply(fields)
+    if reply.status is Status.FAILED:
+        raise LockError(f"{path}: {reply.error}")
+    return reply.status is Status.GRANTED
 
 
 def _open_lock_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
-class LockService(HelperConnection):
+class LockService(HelperConnection[Request, Reply]):
     """Talks to the locker, restarts it when it dies, and tracks what each owner holds."""
 
     name = "locker"
@@ -130,20 +136,26 @@ class LockService(HelperConnection):
         if self._daemon_lock is None:
             return
         try:
-            await self.lock(self._daemon_lock, EXCLUSIVE, DAEMON_OWNER, wait=False)
+            await self.lock(self._daemon_lock, Mode.EXCLUSIVE, DAEMON_OWNER, wait=False)
         except LockError as e:
             log.error("lost the one-daemon lock (%s); shutting down", e)
             self._on_daemon_lock_lost()
 
-    async def _unclaimed(self, reply: dict[str, object]) -> None:
-        owner = self._abandoned_locks.pop(reply.get("id"), None)  # type: ignore[arg-type]
-        if owner is not None and reply.get("status") == "granted":
-            await self._send({"op": "unlock", "owner": owner, "key": reply["key"]})
+    def _encode(self, request: Request) -> Fields:
+        return encode_request(request)
 
-    async def _abandoned(self, rid: int, msg: dict[str, object]) -> None:
-        if msg["op"] == "lock":
-            self._abandoned_locks[rid] = str(msg["owner"])
-            await self._send({"op": "cancel", "request": rid})
+    def _decode(self, fields: Fields) -> Reply:
+        return decode_reply(fields)
+
+    async def _unclaimed(self, rid: int | None, reply: Reply) -> None:
+        owner = self._abandoned_locks.pop(rid, None) if rid is not None else None
+        if owner is not None and reply.status is Status.GRANTED and reply.key is not None:
+            await self._send(Unlock(owner, reply.key))
+
+    async def _abandoned(self, rid: int, request: Request) -> None:
+        if isinstance(request, Lock):
+            self._abandoned_locks[rid] = request.owner
+            await self._send(Cancel(rid))
 
     def _died(self) -> None:
         self._abandoned_locks.clear()
@@ -153,37 +165,32 @@ class LockService(HelperConnection):
                 scope.cancel()
         self._owners = {k: v for k, v in self._owners.items() if v.scopes}
 
-    async def _locker_call(
-        self, msg: dict[str, object], fd: int | None = None
-    ) -> dict[str, object]:
-        reply = await self._call(msg, fd)
-        if reply["status"] == "died":
+    async def _locker_call(self, request: Request, fd: int | None = None) -> Reply:
+        reply = await self._call(request, fd)
+        if reply is None:
             raise LockerDied("the locker died; the request was not served")
         return reply
 
-    async def lock(self, path: str, mode: str, owner: str, wait: bool = True) -> Held:
+    async def lock(self, path: str, mode: Mode, owner: str, wait: bool = True) -> Held:
         """Lock one file; stale lock files (deleted or replaced meanwhile) are retried."""
         while True:
             # Creating a file can take milliseconds on a slow disk: not on the loop.  (The
             # stale check below only looks at an inode just opened, in the cache.)
             fd = await trio.to_thread.run_sync(_open_lock_file, path)
             try:
-                reply = await self._locker_call(
-                    {"op": "lock", "mode": mode, "wait": wait, "owner": owner}, fd
-                )
+                reply = await self._locker_call(Lock(owner, mode, wait), fd)
             finally:
                 os.close(fd)
-            status = reply["status"]
-            if status == "refused":
+            if reply.status is Status.REFUSED:
                 raise WouldBlock(f"{path} is locked")
-            if status != "granted":
-                raise LockError(f"{path}: {reply.get('error', status)}")
-            key: Key = tuple(reply["key"])  # type: ignore[assignment]
+            if reply.status is not Status.GRANTED or reply.key is None:
+                raise LockError(f"{path}: {reply.error or reply.status.value}")
+            key = reply.key
             if _still_current(path, key):
                 state = self._owners.setdefault(owner, _Owner())
                 state.keys[key] = state.keys.get(key, 0) + 1
                 return Held(path, key, mode)
-            await self._send({"op": "unlock", "owner": owner, "key": list(key)})
+            await self._send(Unlock(owner, key))
 
     async def unlock(self, held: Held, owner: str, delete: bool = False) -> None:
         """Release one lock; with `delete`, the lock file is removed as Nix does."""
@@ -201,15 +208,15 @@ class LockService(HelperConnection):
         delete = delete and held.key not in state.keys and _still_current(held.path, held.key)
         if delete:
             await trio.to_thread.run_sync(_unlink_quietly, held.path)
-        await self._send({"op": "unlock", "owner": owner, "key": list(held.key), "delete": delete})
+        await self._send(Unlock(owner, held.key, delete))
 
     async def release_owner(self, owner: str) -> None:
         self._owners.pop(owner, None)
-        await self._locker_call({"op": "release-owner", "owner": owner})
+        await self._locker_call(ReleaseOwner(owner))
 
     @asynccontextmanager
     async def hold(
-        self, paths: Sequence[str], mode: str, owner: str, wait: bool = True, delete: bool = False
+        self, paths: Sequence[str], mode: Mode, owner: str, wait: bool = True, delete: bool = False
     ) -> AsyncIterator[list[Held]]:
         state = self._owners.setdefault(owner, _Owner())
         scope = trio.CancelScope()
@@ -236,12 +243,12 @@ class LockService(HelperConnection):
         self, paths: Sequence[str], owner: str, wait: bool = True, delete: bool = False
     ) -> "AsyncIterator[list[Held]]":
         """Hold `paths` exclusively; with `delete`, the lock files go when released."""
-        return self.hold(paths, EXCLUSIVE, owner, wait, delete)  # type: ignore[return-value]
+        return self.hold(paths, Mode.EXCLUSIVE, owner, wait, delete)  # type: ignore[return-value]
 
     def shared(
         self, paths: Sequence[str], owner: str, wait: bool = True
     ) -> "AsyncIterator[list[Held]]":
-        return self.hold(paths, SHARED, owner, wait)  # type: ignore[return-value]
+        return self.hold(paths, Mode.SHARED, owner, wait)  # type: ignore[return-value]
 
 
 def _still_current(path: str, key: Key) -> bool:

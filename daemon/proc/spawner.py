@@ -1,11 +1,11 @@
 """The daemon's side of the spawner: start builders in sandboxes, get `Process`es back.
 
 The spawner is started before trio (and restarted from within it, by posix_spawn, if it
-dies).  A request carries the sandbox description and the write end of the build's log
-pipe; the reply names the builder's pid, which the process monitor then owns: the
-spawner's spares are orphaned as soon as they are made, and the daemon, a subreaper,
-adopts them, by design.  If the spawner dies, requests in flight fail with `SpawnerDied` and a new
-spawner serves the next ones.
+dies).  A request (`daemon/wire/spawner.py`) carries the sandbox description and the
+write end of the build's log pipe; the reply names the builder's pid, which the process
+monitor then owns: the spawner's spares are orphaned as soon as they are made, and the
+daemon, a subreaper, adopts them, by design.  If the spawner dies, requests in flight
+fail with `SpawnerDied` and a new spawner serves the next ones.
 """
 
 import functools
@@ -16,23 +16,29 @@ from collections.abc import Collection
 
 import trio
 
-from daemon.proc.helper import HelperConnection, Reply, start_helper
+from daemon.proc.helper import HelperConnection, start_helper
 from daemon.proc.processes import Process, ProcessMonitor
-from spawner.sandbox import SpawnRequest
+from daemon.wire.packets import Fields
+from daemon.wire.spawner import (
+    SetupFailure,
+    Spawned,
+    SpawnReply,
+    SpawnRequest,
+    decode_reply,
+    encode_request,
+)
 
 
 class SpawnError(Exception):
     """The sandbox could not be set up: the step, errno and path say where."""
 
-    def __init__(self, step: str, err: int, path: str, message: str) -> None:
-        super().__init__(
-            f"sandbox setup failed at {step}: {message}" + (f" ({path})" if path else "")
-        )
-        self.step, self.errno, self.path, self.message = step, err, path, message
+    def __init__(self, failure: SetupFailure) -> None:
+        super().__init__(f"sandbox setup failed at {failure}")
+        self.failure = failure
 
 
 class SpawnerDied(SpawnError):
-    pass
+    """The spawner died before it answered; a new one serves the next requests."""
 
 
 def start_spawner_process(
@@ -41,7 +47,7 @@ def start_spawner_process(
     return start_helper(monitor, "spawner", cpus)
 
 
-class SpawnerService(HelperConnection):
+class SpawnerService(HelperConnection[SpawnRequest, SpawnReply]):
     name = "spawner"
 
     def __init__(
@@ -59,29 +65,28 @@ class SpawnerService(HelperConnection):
 
     async def spawn(self, request: SpawnRequest, log_fd: int) -> Process:
         """Start a builder; its stdout and stderr go to `log_fd` (which stays ours)."""
-        reply = await self._call(vars(request), log_fd)
-        if reply["status"] == "died":
-            raise SpawnerDied("spawner", 0, "", "the spawner died while setting up the sandbox")
-        if reply["status"] != "ok":
-            raise SpawnError(
-                str(reply.get("step")),
-                int(reply.get("errno") or 0),  # type: ignore[call-overload]
-                str(reply.get("path") or ""),
-                str(reply.get("message")),
+        reply = await self._call(request, log_fd)
+        if reply is None:
+            raise SpawnerDied(
+                SetupFailure("spawner", 0, "", "the spawner died while setting up the sandbox")
             )
-        proc = self._monitor.register(
-            int(reply["pid"]),  # type: ignore[call-overload]
-            [request.builder, *request.args],
-        )
-        proc.cgroup = str(reply.get("cgroup") or "")
+        if isinstance(reply, SetupFailure):
+            raise SpawnError(reply)
+        proc = self._monitor.register(reply.pid, [request.builder, *request.args])
+        proc.cgroup = reply.cgroup
         return proc
 
-    async def _unclaimed(self, reply: Reply) -> None:
+    def _encode(self, request: SpawnRequest) -> Fields:
+        return encode_request(request)
+
+    def _decode(self, fields: Fields) -> SpawnReply:
+        return decode_reply(fields)
+
+    async def _unclaimed(self, rid: int | None, reply: SpawnReply) -> None:
         """A builder whose requester was cancelled before the reply came: nobody would
         wait for it or kill it, and it may never exit on its own."""
-        if reply.get("status") == "ok":
-            pid = int(reply["pid"])  # type: ignore[call-overload]
-            self._monitor.register(pid, ["abandoned builder"]).kill()
+        if isinstance(reply, Spawned):
+            self._monitor.register(reply.pid, ["abandoned builder"]).kill()
 
 
 async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int:
