@@ -26,6 +26,7 @@ from daemon.proc.cpus import Cpus
 from daemon.proc.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.proc.processes import ProcessMonitor
 from daemon.proc.spawner import SpawnerService, start_spawner_process
+from daemon.proc.workers import Workers
 from daemon.rpc import auth
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
@@ -242,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
     try:
-        collector = Collector(store, settings)
+        workers = Workers(cpus)
+        collector = Collector(store, settings, workers)
         builder = Builder(state, store, settings, locks, spawner, collector, cpus)
         repairer = Repairer(store, builder)
-        services = Services(state, store, settings, collector, builder, cpus, repairer)
+        services = Services(state, store, settings, collector, workers, builder, repairer)
         daemon = Daemon(services, OPERATIONS)
         # Before trio starts its threads: they follow the thread that starts them.
         cpus.settle()

@@ -422,6 +422,7 @@ def test_stop_command_and_embedded_default_start(tmp_path: Path) -> None:
 
 
 async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> None:
+    from daemon.proc.workers import Workers
     from daemon.rpc.ops import OPERATIONS
     from daemon.rpc.server import Daemon
     from daemon.rpc.services import Services
@@ -431,7 +432,8 @@ async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> No
 
     state = StateDir.at(tmp_path / "state")
     store = Store(state)
-    services = Services(state, store, Settings(), Collector(store, Settings()))
+    workers = Workers()
+    services = Services(state, store, Settings(), Collector(store, Settings(), workers), workers)
     daemon = Daemon(services, OPERATIONS)
     sock_path = str(tmp_path / "s.sock")
     listener = trio.SocketListener(await _bound(sock_path))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.proc.workers import Workers
 from daemon.upkeep.collector import Collector, DeadPaths, GCMode, LivePaths, RootsFound
 from store import gc
 from store.layout import Settings
@@ -21,7 +22,7 @@ async def test_each_gc_mode_lists_what_it_says_and_only_collect_deletes(store: S
     app = _text(store, "app", (lib,))
     dead = [_text(store, f"dead{i}") for i in range(3)]
     os.symlink(app, store.state.gcroots_dir / "app")
-    collector = Collector(store, Settings())
+    collector = Collector(store, Settings(), Workers())
 
     roots = await collector.run(GCMode.PRINT_ROOTS)
     assert roots == RootsFound([gc.Root(str(store.state.gcroots_dir / "app"), app)])
@@ -49,7 +50,7 @@ async def test_a_gc_request_naming_a_live_or_malformed_path_deletes_nothing(
     lib = _text(store, "lib")
     os.symlink(lib, store.state.gcroots_dir / "lib")
     dead = _text(store, "dead")
-    collector = Collector(store, Settings())
+    collector = Collector(store, Settings(), Workers())
     with pytest.raises(gc.StillAlive, match="a root"):
         await collector.run(GCMode.COLLECT, only=[lib, dead])
     with pytest.raises(gc.StillAlive, match="a root"):

@@ -14,8 +14,8 @@ halt.  It is off by default: the request holds for every CPU of the machine, not
 daemon's, and costs power (on a virtual machine, host CPU time too) for as long as builds
 run; it takes no CPU time that anything else could use (a polling CPU runs whatever
 becomes runnable at once), and it shortens only the hand-offs, which builds of seconds
-or hours never feel (bench/RESULTS.md has what it gains on a chain of trivial builds).  Without the device, or the right to open it (a daemon not run
-as root), nothing changes.
+or hours never feel (bench/RESULTS.md has what it gains on a chain of trivial builds).
+Without the device, or the right to open it (a daemon not run as root), nothing changes.
 """
 
 import contextlib

@@ -4,7 +4,7 @@
 from dataclasses import dataclass
 
 from daemon.build.builder import Builder
-from daemon.proc.cpus import UNSHARED, Cpus
+from daemon.proc.workers import Workers
 from daemon.upkeep.collector import Collector
 from daemon.upkeep.repair import Repairer
 from store.layout import Settings, StateDir
@@ -17,8 +17,8 @@ class Services:
     store: Store
     settings: Settings
     collector: Collector
+    workers: Workers
     # None: a daemon that serves the store but does not build (no locker, no spawner).
     builder: Builder | None = None
-    cpus: Cpus = UNSHARED
     # None with no builder: nothing can rebuild what `verify --repair` finds.
     repairer: Repairer | None = None

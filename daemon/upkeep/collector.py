@@ -1,6 +1,7 @@
 """The daemon's garbage collector: one collection at a time, all of it off the event loop.
 
-`store.gc` does the work in a worker thread; this layer serialises collections, applies
+`store.gc` does the work in a worker thread (marking and deletion are long calls:
+`daemon/proc/workers.py`); this layer serialises collections, applies
 `weft.toml`'s keep settings, answers `store-gc`'s modes, and runs the automatic collection
 that builds ask for when free space is under `min-free`.
 """
@@ -12,6 +13,7 @@ from enum import Enum
 
 import trio
 
+from daemon.proc.workers import Workers
 from store import gc
 from store.layout import Settings
 from store.store import Store
@@ -50,9 +52,10 @@ GCOutcome = gc.GCResult | RootsFound | LivePaths | DeadPaths
 
 
 class Collector:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, workers: Workers) -> None:
         self.store = store
         self.settings = settings
+        self.workers = workers
         self._lock = trio.Lock()
 
     async def run(
@@ -78,9 +81,7 @@ class Collector:
 
     async def plan(self) -> gc.Plan:
         store, s = self.store, self.settings
-        return await trio.to_thread.run_sync(
-            lambda: gc.plan(store, s.keep_outputs, s.keep_derivations)
-        )
+        return await self.workers.long(lambda: gc.plan(store, s.keep_outputs, s.keep_derivations))
 
     async def roots(self) -> list[gc.Root]:
         return await trio.to_thread.run_sync(gc.find_roots, self.store)
@@ -95,7 +96,7 @@ class Collector:
                 chosen = full
             else:
                 chosen = await trio.to_thread.run_sync(gc.restrict, full, only, self.store)
-            return await trio.to_thread.run_sync(lambda: gc.delete(self.store, chosen, max_freed))
+            return await self.workers.long(gc.delete, self.store, chosen, max_freed)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.store.store_dir)
@@ -114,7 +115,7 @@ class Collector:
             max_free = self.settings.max_free
             want = max_free - free if max_free > 0 else None
             full = await self.plan()
-            result = await trio.to_thread.run_sync(lambda: gc.delete(self.store, full, want))
+            result = await self.workers.long(gc.delete, self.store, full, want)
         log.info(
             "automatic collection: %d paths deleted, %d bytes freed",
             len(result.deleted),

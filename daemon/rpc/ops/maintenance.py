@@ -2,8 +2,6 @@
 
 from typing import Any
 
-import trio
-
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import send_lines, str_arg, strs_arg
@@ -23,7 +21,7 @@ async def verify(ctx: RequestContext) -> dict[str, Any]:
         raise OpError(Code.BAD_REQUEST, "this daemon does not build")
     store = ctx.services.store
     await ctx.log("verifying " + ("all paths" if paths is None else f"{len(paths)} paths"))
-    report = await trio.to_thread.run_sync(ctx.services.cpus.spread(store.verify), paths, contents)
+    report = await ctx.services.workers.client(store.verify, paths, contents)
     result: dict[str, Any] = {
         "checked": report.checked,
         "missing": report.missing,
@@ -73,7 +71,7 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
 
 async def optimise(ctx: RequestContext) -> dict[str, int]:
     await ctx.log("optimising the store")
-    stats = await trio.to_thread.run_sync(ctx.services.cpus.spread(ctx.services.store.optimise))
+    stats = await ctx.services.workers.client(ctx.services.store.optimise)
     return {
         "paths": stats.paths,
         "files_linked": stats.files_linked,

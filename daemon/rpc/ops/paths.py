@@ -55,8 +55,8 @@ async def add(ctx: RequestContext) -> dict[str, Any]:
     expected = opt_str_arg(ctx, "hash")
     read = ctx.upload().blocking_reader()
     store = ctx.services.store
-    info = await trio.to_thread.run_sync(
-        ctx.services.cpus.spread(lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn))
+    info = await ctx.services.workers.client(
+        lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn)
     )
     return encode_info(info)
 
@@ -69,8 +69,8 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
     refs = strs_arg(ctx, "references", [])
     reader = reader_for(ctx.peer)
     store = ctx.services.store
-    info = await trio.to_thread.run_sync(
-        ctx.services.cpus.spread(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
+    info = await ctx.services.workers.client(
+        lambda: store.add_path(src, name, refs, reader, pin=ctx.conn)
     )
     return encode_info(info)
 
@@ -80,7 +80,7 @@ async def dump(ctx: RequestContext) -> dict[str, int]:
     chunks = await trio.to_thread.run_sync(ctx.services.store.dump, path)
     total = 0
     try:
-        while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
+        while (chunk := await ctx.services.workers.client(next, chunks, None)) is not None:
             await ctx.send_data(chunk)
             total += len(chunk)
     finally:
