@@ -105,25 +105,7 @@ async def _measure(work: Path) -> list[Row]:
             (True, 0.0, "host network, back to back"),
             (True, PAUSE, f"host network, {PAUSE * 1e3:.0f} ms apart"),
         ):
-            results = [await one(network, pause) for _ in range(SPAWNS)]
-            to_exec = [a for a, _ in results]
-            to_reap = [b for _, b in results]
-            rows.append(
-                (
-                    f"spawn to first instruction, {label}",
-                    f"median {statistics.median(to_exec) * 1e3:.2f} ms, "
-                    f"p99 {percentile(to_exec, 0.99) * 1e3:.2f} ms",
-                    "target median < 10 ms",
-                )
-            )
-            rows.append(
-                (
-                    f"builder exit to reaped status, {label}",
-                    f"median {statistics.median(to_reap) * 1e3:.2f} ms, "
-                    f"p99 {percentile(to_reap, 0.99) * 1e3:.2f} ms",
-                    "target < 2 ms",
-                )
-            )
+            rows += _latency_rows(label, [await one(network, pause) for _ in range(SPAWNS)])
         t = time.perf_counter()
         async with trio.open_nursery() as group:
             for _ in range(CONCURRENT):
@@ -140,6 +122,25 @@ async def _measure(work: Path) -> list[Row]:
         nursery.cancel_scope.cancel()
     store.close()
     return rows
+
+
+def _latency_rows(label: str, results: list[tuple[float, float]]) -> list[Row]:
+    to_exec = [a for a, _ in results]
+    to_reap = [b for _, b in results]
+    return [
+        (
+            f"spawn to first instruction, {label}",
+            f"median {statistics.median(to_exec) * 1e3:.2f} ms, "
+            f"p99 {percentile(to_exec, 0.99) * 1e3:.2f} ms",
+            "target median < 10 ms",
+        ),
+        (
+            f"builder exit to reaped status, {label}",
+            f"median {statistics.median(to_reap) * 1e3:.2f} ms, "
+            f"p99 {percentile(to_reap, 0.99) * 1e3:.2f} ms",
+            "target < 2 ms",
+        ),
+    ]
 
 
 async def _many(one, n: int) -> None:  # type: ignore[no-untyped-def]

@@ -20,19 +20,15 @@ import time
 
 import trio
 
-from daemon.build.builder import Builder
 from daemon.cli.blocking import BlockingClient, DaemonError, NoDaemon
+from daemon.compose import compose
 from daemon.proc.cpus import Cpus
 from daemon.proc.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
 from daemon.proc.processes import ProcessMonitor
 from daemon.proc.spawner import SpawnerService, start_spawner_process
-from daemon.proc.workers import Workers
 from daemon.rpc import auth
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
-from daemon.rpc.services import Services
-from daemon.upkeep.collector import Collector
-from daemon.upkeep.repair import Repairer
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store
@@ -243,12 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
     try:
-        workers = Workers(cpus)
-        collector = Collector(store, settings, workers)
-        builder = Builder(state, store, settings, locks, spawner, collector, cpus)
-        repairer = Repairer(store, builder)
-        services = Services(state, store, settings, collector, workers, builder, repairer)
-        daemon = Daemon(services, OPERATIONS)
+        daemon = Daemon(compose(state, store, settings, locks, spawner, cpus), OPERATIONS)
         # Before trio starts its threads: they follow the thread that starts them.
         cpus.settle()
         # Each build makes thousands of short-lived objects (tasks, frames, messages, the

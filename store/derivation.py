@@ -179,3 +179,9 @@ def closure_order(roots: Iterable[str], resolve: Resolver) -> list[str]:
             if state.get(dep) != 2:
                 stack.append((dep, False))
     return order
+
+
+def drv_name(path: str) -> str:
+    """The name in a derivation's store path `<store dir>/<hash>-<name>.drv`: what people
+    are shown of it."""
+    return path.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(".drv")

@@ -294,15 +294,16 @@ def test_log_lines_come_live_and_together(graph: Graph) -> None:
 
 def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from daemon.cli.build import Progress
-    from daemon.wire.protocol import Log
+    from daemon.wire.protocol import Log, LogKind
 
     written: list[str] = []
     monkeypatch.setattr(os, "write", lambda fd, data: written.append(data.decode()) or len(data))
+    a = "/store/" + "a" * 32 + "-a.drv"
     events = [
-        Log(1, "2 derivations to build, 0 present", 0, 2),
-        Log(1, "building a"),
-        Log(1, "a> compiling"),
-        Log(1, "built a", 1, 2),
+        Log(1, "2 derivations to build, 0 present", 0, 2, LogKind.NOTE),
+        Log(1, "building a", kind=LogKind.STARTED, drv=a),
+        Log(1, "a> compiling", kind=LogKind.LINE, drv=a),
+        Log(1, "built a", 1, 2, LogKind.BUILT, a),
     ]
     plain = Progress(show_logs=False, terminal=False)
     for e in events:
@@ -318,6 +319,35 @@ def test_progress_lines_and_status_line(monkeypatch: pytest.MonkeyPatch) -> None
     out = "".join(written)
     assert "[0/2 built] running: a" in out and "a> compiling\n" in out
     assert out.endswith("\r\x1b[K")
+
+
+def test_the_client_tells_log_lines_from_notes_by_their_kind_not_their_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daemon.cli.build import Progress
+    from daemon.wire.protocol import Log, LogKind
+
+    written: list[str] = []
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append(data.decode()) or len(data))
+    plain = Progress(show_logs=False, terminal=False)
+    plain.update(Log(1, "a> looks like a log line", kind=LogKind.NOTE))
+    plain.update(Log(1, "says nothing of its name", kind=LogKind.LINE, drv="/store/x-a.drv"))
+    plain.finish()
+    assert written == ["a> looks like a log line\n"]
+
+
+def test_progress_reaches_the_client_as_typed_events(graph: Graph) -> None:
+    seen: list[tuple[str | None, str | None, str]] = []
+    graph.client.on_log = lambda e: seen.append((e.kind, e.drv, e.message))
+    talker = graph.sh("talker", "echo hello; echo x > $out")
+    (result,) = graph.build(talker)
+    assert result["status"] == "built"
+    assert seen == [
+        ("note", None, "1 derivations to build, 0 present"),
+        ("started", talker.path, "building talker"),
+        ("line", talker.path, "talker> hello"),
+        ("built", talker.path, "built talker"),
+    ]
 
 
 def test_a_dependent_started_before_its_input_registered_fails_if_that_registration_does(

@@ -2,6 +2,7 @@
 
 import struct
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from daemon.wire.protocol import (
     Error,
     Hello,
     Log,
+    LogKind,
     ProtocolError,
     Reply,
     Request,
@@ -171,3 +173,22 @@ def test_random_msgpack_values_never_crash_the_core(value: object) -> None:
             pass
     except ProtocolError:
         pass
+
+
+def test_a_log_frame_carries_its_kind_and_derivation_and_older_frames_still_read() -> None:
+    client, server = pair()
+    typed = Log(7, "hello> hi", None, None, LogKind.LINE, "/store/abc-hello.drv")
+    assert deliver(server, client, typed) == [typed]
+    wire = server.send(Log(7, "3 derivations to build, 0 present", 0, 3, LogKind.NOTE))
+    assert msgpack.unpackb(wire[4:]) == {
+        "t": "log",
+        "id": 7,
+        "msg": "3 derivations to build, 0 present",
+        "done": 0,
+        "total": 3,
+        "kind": "note",
+    }
+    # A frame from a daemon that knows no kinds, or with one ill-typed: a plain note.
+    client.receive_data(encode_frame({"t": "log", "id": 7, "msg": "working"}))
+    client.receive_data(encode_frame({"t": "log", "id": 7, "msg": "working", "kind": 3}))
+    assert [client.next_event(), client.next_event()] == [Log(7, "working")] * 2

@@ -3,7 +3,8 @@ built or looked at before need not ask the database again before it starts."""
 
 from collections.abc import Iterable, Sequence
 
-from store.store import PathInfo, Store
+from store.records import PathInfo
+from store.store import Store
 
 
 class Closures:

@@ -10,7 +10,7 @@ import sys
 
 from daemon.cli.blocking import BlockingClient
 from daemon.cli.common import UsageError, connect, parse
-from daemon.wire.protocol import Log
+from daemon.wire.protocol import Log, LogKind
 
 
 class DaemonRecipeStore:
@@ -58,24 +58,26 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
     return [d.path for d in made.values()]
 
 
-# What a derivation's name may hold (store path names): a log line is "<name>> <line>".
-_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-._?=")
+def _drv_names(drvs: list[str]) -> list[str]:
+    # Imported only here, where names are shown: the store's derivation module costs a
+    # command ~40 ms to import, which builds followed through a pipe (scripts, the bench)
+    # do not pay.
+    from store.derivation import drv_name
 
-
-def _is_log_line(message: str) -> bool:
-    name, sep, _ = message.partition("> ")
-    return bool(sep and name) and _NAME_CHARS.issuperset(name)
+    return [drv_name(d) for d in drvs]
 
 
 class Progress:
     """What the daemon says about a build, for people: on a terminal a status line kept
-    at the bottom (built/total and what is running), elsewhere plain lines."""
+    at the bottom (built/total and what is running), elsewhere plain lines.  The frames'
+    `kind` tells a builder's log line (shown with `-L`) and the builds that start and end
+    (the status line's) from the rest."""
 
     def __init__(self, show_logs: bool, terminal: bool) -> None:
         self.show_logs = show_logs
         self.terminal = terminal
         self.done = self.total = 0
-        self.running: list[str] = []
+        self.running: list[str] = []  # derivation paths
         self._status = False
         self._pending: list[str] = []
 
@@ -98,24 +100,22 @@ class Progress:
 
     def update(self, event: Log) -> None:
         message = event.message
-        if _is_log_line(message):
+        if event.kind == LogKind.LINE:
             if self.show_logs:
                 self._line(message)
         else:
             if event.done is not None and event.total is not None:
                 self.done, self.total = event.done, event.total
-            if message.startswith(("building ", "checking ")):
-                self.running.append(message.split(" ", 1)[1])
-            elif message.startswith("built "):
-                name = message.removeprefix("built ")
-                if name in self.running:
-                    self.running.remove(name)
+            if event.kind == LogKind.STARTED and event.drv is not None:
+                self.running.append(event.drv)
+            elif event.kind == LogKind.BUILT and event.drv in self.running:
+                self.running.remove(event.drv)
             if not self.terminal:
                 self._line(
                     message if event.done is None else f"[{self.done}/{self.total}] {message}"
                 )
         if self.terminal:
-            running = ", ".join(self.running) or "-"
+            running = ", ".join(_drv_names(self.running)) or "-"
             self._write(f"\r\x1b[K[{self.done}/{self.total} built] running: {running}")
             self._status = True
 
@@ -188,7 +188,7 @@ def main(argv: list[str]) -> int:
             if r["status"] in ("built", "valid") or r.get("identical"):
                 printed += list(r["outputs"].values())
                 if r.get("attempts", 1) > 1 or r.get("flaky"):
-                    name = os.path.basename(r["drv"]).split("-", 1)[1].removesuffix(".drv")
+                    (name,) = _drv_names([r["drv"]])
                     note = " (flaky)" if r.get("flaky") else ""
                     os.write(2, f"{name}: succeeded on attempt {r['attempts']}{note}\n".encode())
             else:

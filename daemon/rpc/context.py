@@ -97,8 +97,15 @@ class RequestContext:
         self.id = req.id
         self.args = req.args
 
-    async def log(self, message: str, done: int | None = None, total: int | None = None) -> None:
-        await self.conn.send(p.Log(self.id, message, done, total))
+    async def log(
+        self,
+        message: str,
+        done: int | None = None,
+        total: int | None = None,
+        kind: str | None = None,
+        drv: str | None = None,
+    ) -> None:
+        await self.conn.send(p.Log(self.id, message, done, total, kind, drv))
 
     def upload(self) -> Upload:
         up = Upload(self.conn, self.id)

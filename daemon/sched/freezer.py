@@ -5,7 +5,8 @@ With cgroup v2 (`cgroup.freeze`, any non-root cgroup) or the v1 freezer hierarch
 each spare sandbox in a cgroup of its own there (`spawner/server.py`), so a builder and
 everything it starts are in it from their first instruction; the daemon removes it once
 the build is over.  Freezing the cgroup stops them all at once, which SIGSTOP of a tree
-walked through /proc (`pause.py`, the fallback) can only approach.
+walked through /proc (`sigstop.py`, the fallback) can only approach.  `Freezer` is one of
+the two `Pauser`s (`pauser.py`).
 
 Without a usable hierarchy (no permission, no freezer), `find` returns None; a builder
 that did not end up in its cgroup (the join is best effort) is paused with signals.  The
@@ -17,6 +18,9 @@ builders still running, which cannot be).
 import contextlib
 import os
 from pathlib import Path
+
+from daemon.proc.processes import Process
+from daemon.sched.sigstop import SIGNALS
 
 
 def _own_cgroup(version: int) -> str | None:
@@ -71,17 +75,32 @@ class Freezer:
                 continue
         return None
 
-    def freeze(self, cgroup: str, frozen: bool) -> None:
-        path = Path(cgroup)
+    @property
+    def cgroups(self) -> str:
+        return str(self.base)
+
+    def pause(self, proc: Process) -> None:
+        self._freeze(proc, True)
+
+    def resume(self, proc: Process) -> None:
+        self._freeze(proc, False)
+
+    def _freeze(self, proc: Process, frozen: bool) -> None:
+        if not proc.cgroup:
+            # It did not join a cgroup of its own: signals reach it all the same.
+            (SIGNALS.pause if frozen else SIGNALS.resume)(proc)
+            return
+        path = Path(proc.cgroup)
         if self.version == 2:
             (path / "cgroup.freeze").write_text("1" if frozen else "0")
         else:
             (path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
 
-    def remove(self, cgroup: str) -> None:
-        """A build's cgroup, once its builder is reaped (else `close` removes it)."""
-        with contextlib.suppress(OSError):
-            os.rmdir(cgroup)
+    def reaped(self, proc: Process) -> None:
+        """A build's cgroup goes once its builder is reaped (else `close` removes it)."""
+        if proc.cgroup and proc.returncode is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(proc.cgroup)
 
     def close(self) -> None:
         """Remove the cgroups (they are empty once every builder is reaped)."""

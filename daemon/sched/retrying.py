@@ -2,7 +2,8 @@
 the history, and the retry policy's word on what follows a failure.
 
 Whoever waits for the build (its dependents, other clients) goes on waiting while a retry
-is pending: the build is finished only when it succeeds or the policy gives up.
+is pending: the build is finished only when it succeeds or the policy gives up.  They hear
+of each retry (`Retried`) and of the policy giving up (`Failed`) as the build's progress.
 """
 
 import dataclasses
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import trio
 
-from daemon.proc.cpus import UNSHARED, Cpus
+from daemon.build import events
+from daemon.proc.workers import Workers
 from daemon.sched.admission import Limits
 from daemon.sched.retry import Cause, Failed, RetrySettings, classify, decide
 from daemon.sched.scheduler import Running, Scheduler
@@ -36,7 +38,7 @@ class Outcome:
 
 # Runs one attempt in the slot it got, with the timeouts given; None on success.
 Attempt = Callable[[Running, float, float], Awaitable[Failure | None]]
-Tell = Callable[[str], Awaitable[None]]
+Tell = Callable[[events.Event], Awaitable[None]]
 
 
 def _flag(value: str | None) -> bool:
@@ -50,9 +52,9 @@ class RetryRunner:
         history: History,
         limits: Limits,
         settings: RetrySettings,
-        cpus: Cpus = UNSHARED,
+        workers: Workers,
     ) -> None:
-        self.cpus = cpus
+        self.workers = workers
         self.scheduler = scheduler
         self.history = history
         self.limits = limits
@@ -77,7 +79,6 @@ class RetryRunner:
         tell: Tell,
     ) -> Outcome:
         allowed, explicit = self.allowed(requested, env)
-        name = drv.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(".drv")
         outcome = Outcome()
         failures: list[Failed] = []
         cap: int | None = None
@@ -98,9 +99,7 @@ class RetryRunner:
                 )
             # An attempt that found its outputs already there ran nothing: not history.
             if run.spawned or failure is not None:
-                outcome.flaky = await trio.to_thread.run_sync(
-                    self.cpus.background(self._record), run, failure
-                )
+                outcome.flaky = await self.workers.background(self._record, run, failure)
             if failure is None:
                 outcome.flaky = outcome.flaky or n > 1
                 return outcome
@@ -113,17 +112,12 @@ class RetryRunner:
             if not decision.retry:
                 outcome.failure = failure
                 if n > 1 or allowed > 0:
-                    await tell(f"{name}: not retried: {decision.why}")
+                    await tell(events.Failed(drv, decision.why))
                 return outcome
-            await tell(
-                f"retrying {name} (attempt {n + 1} of {allowed + 1}) in {decision.delay:g} s, "
-                + (
-                    f"at most {decision.cap} build(s) at once: "
-                    if decision.cap
-                    else "at the same parallelism: "
-                )
-                + decision.why
+            retry = events.Retried(
+                drv, n + 1, allowed + 1, decision.delay, decision.cap, decision.why
             )
+            await tell(retry)
             await trio.sleep(decision.delay)
             cap, factor = decision.cap, decision.timeout_factor
 

@@ -6,20 +6,22 @@ notes each running build's peak load and parallelism, pauses the newest build un
 memory pressure and resumes it when the pressure falls, and wakes the waiting builds.
 
 A paused build's time limits are suspended: its timeout and silence deadlines are set
-aside when it stops and given back, whatever was left of them, when it resumes.
+aside when it stops and given back, whatever was left of them, when it resumes.  How a
+build is paused is the `Pauser`'s business (`pauser.py`): its cgroup frozen, or signals.
 """
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
 from daemon.proc.processes import Process
-from daemon.sched import sigstop as pause
 from daemon.sched.admission import Admission
 from daemon.sched.loadsignals import LoadMonitor, LoadSample, peak
+from daemon.sched.pauser import Pauser
+from daemon.sched.sigstop import SIGNALS
 
 
 @dataclass
@@ -33,28 +35,22 @@ class Running:
     load_start: LoadSample
     load_peak: LoadSample
     parallelism: int
+    # How this build is paused: the daemon's pauser, or signals once that failed it.
+    pauser: Pauser
     ended: float = 0.0
     spawned: bool = False  # a builder ran (an attempt may find its outputs there already)
     succeeded: bool = False  # its outputs registered
     proc: Process | None = None
     deadlines: list[trio.CancelScope] = field(default_factory=list)
-    # Freezes (True) or thaws the build's cgroup; None: SIGSTOP and SIGCONT of its tree.
-    freeze: Callable[[bool], None] | None = None
     paused_at: float | None = None  # trio time
     paused_total: float = 0.0
     # What each deadline had left when the build was paused.
     _left: list[float] = field(default_factory=list)
 
-    def watch(
-        self,
-        proc: Process,
-        deadlines: list[trio.CancelScope],
-        freeze: Callable[[bool], None] | None,
-    ) -> None:
+    def watch(self, proc: Process, deadlines: list[trio.CancelScope]) -> None:
         self.spawned = True
         self.proc = proc
         self.deadlines = deadlines
-        self.freeze = freeze
 
     def unwatch(self) -> None:
         """The builder is done with: nothing left to pause.  A paused tree is resumed, as
@@ -63,7 +59,6 @@ class Running:
             self.resume()
         self.proc = None
         self.deadlines = []
-        self.freeze = None
 
     def pause(self) -> None:
         assert self.proc is not None
@@ -85,20 +80,20 @@ class Running:
 
     def _hold(self, stop: bool) -> None:
         assert self.proc is not None
-        if self.freeze is not None:
-            try:
-                self.freeze(stop)
-                return
-            except OSError:
-                # The cgroup went away under us (an admin, say): signals still work.
-                self.freeze = None
-        (pause.stop_tree if stop else pause.continue_tree)(self.proc.pid)
+        try:
+            (self.pauser.pause if stop else self.pauser.resume)(self.proc)
+        except OSError:
+            # The cgroup went away under us (an admin, say): signals still work, and
+            # pause and resume this build from now on.
+            self.pauser = SIGNALS
+            (SIGNALS.pause if stop else SIGNALS.resume)(self.proc)
 
 
 class Scheduler:
-    def __init__(self, admission: Admission, monitor: LoadMonitor) -> None:
+    def __init__(self, admission: Admission, monitor: LoadMonitor, pauser: Pauser) -> None:
         self.admission = admission
         self.monitor = monitor
+        self.pauser = pauser
         self.running: list[Running] = []  # in the order they started
         self.queued = 0
         self._retry_caps: list[int] = []  # of retries waiting for the builds to drain
@@ -129,7 +124,7 @@ class Scheduler:
             if waiting is not None:
                 waiting.remove(cap)  # type: ignore[arg-type]
         now = self.latest
-        run = Running(drv, attempt, cap, time.time(), now, now, len(self.running) + 1)
+        run = Running(drv, attempt, cap, time.time(), now, now, len(self.running) + 1, self.pauser)
         self.running.append(run)
         for r in self.running:
             r.parallelism = max(r.parallelism, len(self.running))

@@ -8,13 +8,15 @@ until no new process turns up: a parent still running while we walk may fork.
 Signals from the daemon, in an ancestor pid namespace, reach the namespace's init even
 without a handler, so SIGSTOP stops the builder itself too.  A stop shows in the waitpid
 status only with WUNTRACED, which the process monitor does not ask for: stopping does not
-disturb reaping.  (A cgroup freezer would be atomic; the builders do not have a cgroup of
-their own yet.)
+disturb reaping.  A cgroup freezer is atomic (`freezer.py`); this is its fallback, and the
+pauser where no freezer hierarchy is usable (`pauser.py`).
 """
 
 import contextlib
 import os
 import signal
+
+from daemon.proc.processes import Process
 
 
 def _children(pid: int) -> list[int]:
@@ -61,3 +63,24 @@ def stop_tree(pid: int) -> None:
 def continue_tree(pid: int) -> None:
     # Children first: a parent resumed first could see them stopped and act on it.
     _signal(list(reversed(tree(pid))), signal.SIGCONT)
+
+
+class Signals:
+    """The `Pauser` by signals: nothing to make for a build, nothing to remove after."""
+
+    cgroups = ""
+
+    def pause(self, proc: Process) -> None:
+        stop_tree(proc.pid)
+
+    def resume(self, proc: Process) -> None:
+        continue_tree(proc.pid)
+
+    def reaped(self, proc: Process) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+SIGNALS = Signals()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import trio
 
 from daemon.build.builder import Builder
+from daemon.build.events import Event
 from store.store import Store, StoreError
 
 # Where the notes of a repair go (the client's log, for `store-verify`).
@@ -48,8 +49,8 @@ class Repairer:
             except StoreError as e:
                 report.unrepairable.append((path, f"missing, and cannot be forgotten: {e}"))
 
-        async def listener(message: str, progress: tuple[int, int] | None) -> None:
-            await note(message)
+        async def listener(event: Event) -> None:
+            await note(event.message)
 
         for drv, paths in groups.rebuildable.items():
             error = await self.builder.repair(drv, listener)

@@ -13,12 +13,21 @@ import struct
 
 import msgpack
 
+from daemon.wire.record import Record
+
 VERSIONS = (1,)
+# The largest frame: four data chunks' worth, so that any reply or request that is not
+# content (which moves in chunks) fits with room to spare, and a receiver's buffer is
+# bounded before it reads a body.
 MAX_FRAME = 4 << 20
 # Data frames carry at most this much, so a data frame always fits in a frame.
 MAX_CHUNK = 1 << 20
 # What a receiver grants a stream up front: with 1 MiB chunks, four in flight.
 DEFAULT_WINDOW = 4 << 20
+# Finished streams remembered, so that late data or credit for them is dropped rather than
+# taken for a protocol error: four times the requests a connection may have running
+# (`MAX_IN_FLIGHT`, 1,024); past that, the older half is forgotten.
+CLOSED_STREAMS = 4096
 _LEN = struct.Struct(">I")
 
 
@@ -50,67 +59,21 @@ class Role:
     SERVER = "server"
 
 
-class _Event:
-    """A plain record: fields in `__slots__`, defaults in `_defaults`.
-
-    Hand-rolled rather than dataclasses because every store-* command imports this module,
-    and `dataclasses` (through `inspect`) would cost each of them ~10 ms of start-up.
-    """
-
-    __slots__: tuple[str, ...] = ()
-    _defaults: dict[str, object] = {}
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        names = self.__slots__
-        if not kwargs and len(args) == len(names):
-            for name, value in zip(names, args, strict=True):
-                setattr(self, name, value)
-            return
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__} takes at most {len(names)} fields")
-        values = dict(zip(names, args, strict=False))
-        for key, value in kwargs.items():
-            if key not in names or key in values:
-                raise TypeError(f"{type(self).__name__}: bad field {key!r}")
-            values[key] = value
-        for name in names:
-            if name in values:
-                setattr(self, name, values[name])
-            elif name in self._defaults:
-                default = self._defaults[name]
-                setattr(self, name, dict(default) if isinstance(default, dict) else default)
-            else:
-                raise TypeError(f"{type(self).__name__}: missing field {name!r}")
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, n) for n in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((type(self), repr(self._values())))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-class Hello(_Event):
+class Hello(Record):
     __slots__ = ("versions", "agent")
     _defaults = {"versions": VERSIONS, "agent": "weft"}
     versions: tuple[int, ...]
     agent: str
 
 
-class Welcome(_Event):
+class Welcome(Record):
     __slots__ = ("version", "agent")
     _defaults = {"agent": "weft"}
     version: int
     agent: str
 
 
-class Request(_Event):
+class Request(Record):
     __slots__ = ("id", "op", "args")
     _defaults = {"args": {}}
     id: int
@@ -118,14 +81,14 @@ class Request(_Event):
     args: dict[str, object]
 
 
-class Reply(_Event):
+class Reply(Record):
     __slots__ = ("id", "result")
     _defaults = {"result": None}
     id: int
     result: object
 
 
-class Error(_Event):
+class Error(Record):
     __slots__ = ("id", "code", "message", "details")
     _defaults = {"details": {}}
     id: int | None
@@ -134,31 +97,45 @@ class Error(_Event):
     details: dict[str, object]
 
 
-class Log(_Event):
-    """A line of progress or diagnostics for a request still running."""
+class LogKind:
+    """What a `log` frame of a build is (docs/protocol.md); a frame without one is a note."""
 
-    __slots__ = ("id", "message", "done", "total")
-    _defaults = {"done": None, "total": None}
+    NOTE = "note"
+    STARTED = "started"
+    BUILT = "built"
+    FAILED = "failed"
+    LINE = "line"  # a builder's output
+    RETRIED = "retried"
+
+
+class Log(Record):
+    """A line of progress or diagnostics for a request still running; `kind` (a `LogKind`)
+    and `drv` (the derivation it is about) where there are."""
+
+    __slots__ = ("id", "message", "done", "total", "kind", "drv")
+    _defaults = {"done": None, "total": None, "kind": None, "drv": None}
     id: int
     message: str
     done: int | None
     total: int | None
+    kind: str | None
+    drv: str | None
 
 
-class Data(_Event):
+class Data(Record):
     __slots__ = ("id", "data")
     id: int
     data: bytes
 
 
-class End(_Event):
+class End(Record):
     """The end of a request's data stream."""
 
     __slots__ = ("id",)
     id: int
 
 
-class Credit(_Event):
+class Credit(Record):
     """The receiver of a stream allows its sender `amount` more bytes of data."""
 
     __slots__ = ("id", "amount")
@@ -166,7 +143,7 @@ class Credit(_Event):
     amount: int
 
 
-class BadRequest(_Event):
+class BadRequest(Record):
     """A well-framed request that cannot be served; it still has an id to answer."""
 
     __slots__ = ("id", "message")
@@ -174,7 +151,8 @@ class BadRequest(_Event):
     message: str
 
 
-Event = _Event
+# Every frame, as the core hands it over or takes it.
+Event = Record
 
 
 def encode_frame(message: dict[str, object]) -> bytes:
@@ -207,6 +185,10 @@ def _to_message(event: Event) -> dict[str, object]:
             msg["done"] = event.done
         if event.total is not None:
             msg["total"] = event.total
+        if event.kind is not None:
+            msg["kind"] = event.kind
+        if event.drv is not None:
+            msg["drv"] = event.drv
         return msg
     if isinstance(event, Data):
         return {"t": "data", "id": event.id, "data": event.data}
@@ -266,12 +248,14 @@ def _from_message(msg: object) -> Event:
             details if isinstance(details, dict) else {},
         )
     if t == "log":
-        done, total = msg.get("done"), msg.get("total")
+        done, total, kind, drv = (msg.get(k) for k in ("done", "total", "kind", "drv"))
         return Log(
             _int(msg, "id"),
             _str(msg, "msg"),
             done if type(done) is int else None,
             total if type(total) is int else None,
+            kind if isinstance(kind, str) else None,
+            drv if isinstance(drv, str) else None,
         )
     if t == "hello":
         versions = msg.get("versions")
@@ -400,7 +384,7 @@ class Connection:
         self._send_credit.pop(stream, None)
         self._recv_allowance.pop(stream, None)
         self._closed_streams.add(stream)
-        if len(self._closed_streams) > 4096:
+        if len(self._closed_streams) > CLOSED_STREAMS:
             # Ids only grow; forgetting the oldest finished streams keeps this bounded.
-            for old in sorted(self._closed_streams)[:2048]:
+            for old in sorted(self._closed_streams)[: CLOSED_STREAMS // 2]:
                 self._closed_streams.discard(old)

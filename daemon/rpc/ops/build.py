@@ -1,15 +1,54 @@
-"""Building derivations, and the logs builds left."""
+"""Building derivations, and the logs builds left.
 
+The build room's records are encoded here, once: its progress events as `log` frames of
+their `kind` (docs/protocol.md), its results as the reply's maps.
+"""
+
+import functools
 from typing import Any
 
 import trio
 
-from daemon.build.builder import BuildOptions
+from daemon.build.events import Built, Event, Failed, LogLine, Note, Retried, Started
+from daemon.build.request import BuildOptions, Result
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import keep_alive, str_arg, strs_arg
-from daemon.wire.protocol import Code
+from daemon.wire.protocol import Code, LogKind
 from store.derivation import DerivationError
+
+_KINDS: dict[type, str] = {
+    Note: LogKind.NOTE,
+    Started: LogKind.STARTED,
+    Built: LogKind.BUILT,
+    Failed: LogKind.FAILED,
+    LogLine: LogKind.LINE,
+    Retried: LogKind.RETRIED,
+}
+
+
+async def _progress(ctx: RequestContext, event: Event) -> None:
+    done = total = None
+    if isinstance(event, Note | Built):
+        done, total = event.done, event.total
+    await ctx.log(event.message, done, total, _KINDS[type(event)], event.drv)
+
+
+def _encode(result: Result) -> dict[str, object]:
+    outcome = result.outcome
+    encoded: dict[str, object] = {
+        "drv": result.drv,
+        "outputs": result.outputs,
+        "status": str(outcome.state),
+    }
+    if outcome.message is not None:
+        encoded["message"] = outcome.message
+    if outcome.attempts:
+        encoded["attempts"] = outcome.attempts
+        encoded["flaky"] = outcome.flaky
+    if outcome.identical is not None:
+        encoded["identical"] = outcome.identical
+    return encoded
 
 
 async def build(ctx: RequestContext) -> list[dict[str, object]]:
@@ -42,24 +81,15 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
         **limits,
     )
 
-    async def listener(message: str, progress: tuple[int, int] | None) -> None:
-        done, total = progress if progress is not None else (None, None)
-        await ctx.log(message, done, total)
-
     try:
-        results = await builder.build(drvs, opts, listener)
+        results = await builder.build(drvs, opts, functools.partial(_progress, ctx))
     except DerivationError as e:
         raise OpError(Code.BAD_REQUEST, str(e)) from None
     await keep_alive(
         ctx,
-        [
-            path
-            for r in results
-            if r["status"] in ("built", "valid", "checked")
-            for path in r["outputs"].values()  # type: ignore[attr-defined]
-        ],
+        [p for r in results if r.outcome.state.succeeded for p in r.outputs.values()],
     )
-    return results
+    return [_encode(r) for r in results]
 
 
 async def build_log(ctx: RequestContext) -> dict[str, int]:
@@ -80,4 +110,3 @@ async def build_log(ctx: RequestContext) -> dict[str, int]:
     await ctx.send_data(data)
     await ctx.end_data()
     return {"size": len(data)}
-

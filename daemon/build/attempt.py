@@ -1,0 +1,249 @@
+"""One attempt at one derivation, in a build slot: the slot laid out, the builder spawned
+in its sandbox with the input closure, watched to its end (`watch.py`), and what it left
+handed to the attempt's `Finish` (register, compare or replace: `outputs.py`).
+
+Worker-thread trips are latency on a chain of builds, so an attempt makes as few as it
+can: one before the builder (the outputs looked at again under their locks, the input
+closure, the slot laid out), none when there is nothing to do there (the outputs known
+missing, the closure known, the slot left ready); one after (the `Finish`, and the slot
+readied for the next build).  A failed attempt's build dir is handed to the user if asked
+(`keepfailed.py`); its log is stored and its slot readied in one more trip.
+"""
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from daemon.build.closures import Closures
+from daemon.build.errors import BuildError
+from daemon.build.events import LogLine
+from daemon.build.job import Job
+from daemon.build.keepfailed import keep_failed
+from daemon.build.logs import LogTail
+from daemon.build.outputs import Finish
+from daemon.build.request import BuildOptions
+from daemon.build.room import Room
+from daemon.build.slots import Slot, mount_points
+from daemon.build.watch import Ending, Watch
+from daemon.proc.processes import Process
+from daemon.sched.retry import Cause
+from daemon.wire.spawner import SpawnRequest
+from store.derivation import Derivation, drv_name
+
+logger = logging.getLogger("weft.builds")
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class Inputs:
+    """What a build's sandbox shows: the outputs of its input derivations that it uses and
+    its sources, with what its request knows of their closures."""
+
+    paths: list[str]
+    closures: Closures
+
+
+class Attempt:
+    def __init__(
+        self,
+        room: Room,
+        job: Job,
+        drv: Derivation,
+        inputs: Inputs,
+        opts: BuildOptions,
+        finish: Finish,
+    ) -> None:
+        self.room = room
+        self.job = job
+        self.drv = drv
+        self.inputs = inputs
+        self.opts = opts
+        self.finish = finish
+        self.name = drv_name(job.drv_path)
+        self.log = LogTail()
+        self.proc: Process | None = None
+        self.ran = False  # the builder ran to its end: its log is worth storing
+        self.cleared = False  # finished, and the slot readied, in one trip
+        self.done = False  # `finished` was called: the outputs are there
+
+    async def run(
+        self, needed: Callable[[], bool] | None = None, finished: Callable[[], None] = _nothing
+    ) -> None:
+        """Build in a slot, unless `needed` (if given, called first, in a worker thread)
+        says otherwise; `finished()` once the outputs are there (registered, compared,
+        replaced), before the log is stored.  BuildError if the build failed."""
+        slot = await self.room.slots.take()
+        try:
+            log = await self._in_slot(slot, needed, finished)
+        finally:
+            self.room.slots.give_back(slot)
+        if log is not None:
+            # A successful build's log is stored once its dependents went on and its slot
+            # is free: making a file is sometimes slow on a busy disk.
+            try:
+                await self.room.workers.background(self.room.logs.store, self.job.drv_path, log)
+            except OSError as e:
+                logger.warning("%s: storing the log: %s", self.job.drv_path, e)
+
+    async def _in_slot(
+        self, slot: Slot, needed: Callable[[], bool] | None, finished: Callable[[], None]
+    ) -> bytes | None:
+        """The attempt in `slot`; the log to store, if the build succeeded."""
+        closure = await self._lay_out(slot, needed)
+        if closure is None:
+            self.done = True
+            finished()
+            return None
+        keep = mount_points(closure)
+        try:
+            built = self._outputs(slot, await self._build(slot, closure))
+            if (objection := await self.job.hooks.may_register()) is not None:
+                raise BuildError(f"outputs of '{self.name}' refused: {objection}", Cause.DEPENDENCY)
+            await self.room.workers.long(self._finish_and_ready, slot, built, closure, keep)
+            if self.job.run is not None:
+                self.job.run.succeeded = True
+            self.done = True
+            finished()
+            return self.log.data
+        except BuildError as e:
+            if self.opts.keep_failed_for is not None:
+                raise await self._kept(e, slot) from None
+            raise
+        finally:
+            if not self.cleared:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._wrap_up, slot, keep)
+
+    async def _lay_out(self, slot: Slot, needed: Callable[[], bool] | None) -> list[str] | None:
+        """The input closure, the slot laid out for it; None if the build is not needed."""
+        ready = self.room.slots.take_ready(slot)
+        closure = self.inputs.closures.known(self.inputs.paths)
+        if needed is None and ready and closure is not None:
+            return closure
+        closure = await trio.to_thread.run_sync(self._prepare, slot, ready, needed)
+        if closure is None and ready:
+            self.room.slots.mark_ready(slot)
+        return closure
+
+    def _prepare(
+        self, slot: Slot, ready: bool, needed: Callable[[], bool] | None
+    ) -> list[str] | None:
+        # One worker-thread trip for all of it.
+        if needed is not None and not needed():
+            return None
+        closure = self.inputs.closures.compute(self.inputs.paths)
+        if not ready:
+            self.room.slots.lay_out(slot, mount_points(closure))
+        return closure
+
+    async def _build(self, slot: Slot, closure: list[str]) -> Ending:
+        """Spawn the builder and watch it to its end."""
+        read_end, write_end = os.pipe()
+        stream = trio.lowlevel.FdStream(read_end)
+        try:
+            try:
+                self.proc = await self.room.spawner.spawn(self._request(slot, closure), write_end)
+            finally:
+                os.close(write_end)
+            self.job.running()
+            watch = Watch(self.proc, stream, self.log, self.opts, self._line, self.job.run)
+            ending = await watch.until_exit()
+        finally:
+            stream.close()
+        self.ran = True
+        return ending
+
+    async def _line(self, line: str) -> None:
+        await self.job.tell(LogLine(self.job.drv_path, line))
+
+    def _request(self, slot: Slot, closure: list[str]) -> SpawnRequest:
+        return SpawnRequest(
+            builder=self.drv.builder,
+            args=list(self.drv.args),
+            env=self._environment(),
+            root=str(slot.work / "root"),
+            build_dir=str(slot.work / "build"),
+            store_dir=self.room.store.store_dir,
+            host_uid=slot.uid,
+            host_gid=slot.gid,
+            inputs=closure,
+            sandbox_paths=list(self.room.settings.sandbox_paths),
+            network=self.drv.is_fixed_output,
+            reuse_network=self.room.settings.reuse_network_namespaces,
+            freezer=self.room.pauser.cgroups,
+        )
+
+    def _environment(self) -> dict[str, str]:
+        env = {
+            "PATH": "/path-not-set",
+            "HOME": "/homeless-shelter",
+            "NIX_STORE": self.room.store.store_dir,
+            "NIX_BUILD_TOP": "/build",
+            "NIX_BUILD_CORES": self.room.cores,
+            "TMPDIR": "/build",
+            "TEMPDIR": "/build",
+            "TMP": "/build",
+            "TEMP": "/build",
+            "PWD": "/build",
+        }
+        env.update(self.drv.env)
+        return env
+
+    def _outputs(self, slot: Slot, ending: Ending) -> dict[str, tuple[str, str]]:
+        """What the builder left, {output: (where, store path)}; BuildError if it failed."""
+        builder = f"builder for '{self.name}'"
+        if ending.why:
+            raise BuildError(f"{builder} {ending.why}{self.log.tail()}", ending.cause, ending.code)
+        if ending.code != 0:
+            message = f"{builder} failed with exit code {ending.code}{self.log.tail()}"
+            raise BuildError(message, Cause.EXIT, ending.code)
+        built: dict[str, tuple[str, str]] = {}
+        for out_name, out in self.drv.outputs.items():
+            left = slot.work / "root" / out.path.lstrip("/")
+            if not os.path.lexists(left):
+                raise BuildError(
+                    f"{builder} did not produce output '{out_name}' ({out.path}){self.log.tail()}",
+                    Cause.MISSING_OUTPUT,
+                )
+            built[out_name] = (str(left), out.path)
+        return built
+
+    def _finish_and_ready(
+        self, slot: Slot, built: dict[str, tuple[str, str]], closure: list[str], keep: set[str]
+    ) -> None:
+        # One trip, nothing else running beside it: the build's dependents wait for it.
+        self.finish(built, closure)
+        self.cleared = True
+        try:
+            self._ready_slot(slot, keep)
+        except OSError as e:
+            logger.warning("%s: after the build: %s", self.job.drv_path, e)
+
+    def _wrap_up(self, slot: Slot, keep: set[str]) -> None:
+        """After a failure: the log stored, the slot readied (in a worker thread)."""
+        try:
+            if self.ran:
+                self.room.logs.store(self.job.drv_path, self.log.data)
+        finally:
+            self._ready_slot(slot, keep)
+
+    def _ready_slot(self, slot: Slot, keep: set[str]) -> None:
+        if self.proc is not None and self.proc.returncode is not None:
+            self.room.pauser.reaped(self.proc)
+        # Emptied but for the mount points of this build's inputs, which the next build
+        # may share.
+        self.room.slots.ready(slot, keep)
+
+    async def _kept(self, e: BuildError, slot: Slot) -> BuildError:
+        """`e`, once the failed build's dir is handed to the user who asked for it."""
+        assert self.opts.keep_failed_for is not None
+        kept = await trio.to_thread.run_sync(
+            keep_failed, slot.work / "build", slot.uid, self.name, *self.opts.keep_failed_for
+        )
+        return BuildError(f"{e}\nthe build dir is kept at {kept}", e.cause, e.exit_code)

@@ -1,0 +1,248 @@
+"""One build request's walk of its graph: what is missing, built in dependency order, in
+parallel.
+
+`GraphRun.run` pins and loads the requested derivations and everything they need
+(`derivations.py`), asks the store which outputs are missing, collects garbage first if
+space is low, then runs one task per derivation: each waits for its inputs, then for a
+place among the request's `-j`, and builds (or waits for another request's build of it,
+`shared.py`), checks it again (`--check`, `rebuild.py`), or finds it valid.  A failed
+build stops the builds not started yet, unless `keep_going`; its dependents fail as
+"dependency failed".  Everything the request reads or makes stays pinned until it is
+over, so a concurrent collection never takes an input, or an output just registered.
+
+Two latency tricks on probation take part, each in a module of its own: dependents start
+once their inputs' outputs are placed (`early.py`), and a derivation's output locks are
+taken while its inputs build (`ahead.py`).
+"""
+
+import contextlib
+import functools
+
+import trio
+
+from daemon.build.ahead import Reservation, Started
+from daemon.build.attempt import Inputs
+from daemon.build.closures import Closures
+from daemon.build.derivations import Graph, pinned
+from daemon.build.early import EarlyStart
+from daemon.build.events import Built, Listener, Note
+from daemon.build.job import Job
+from daemon.build.rebuild import check
+from daemon.build.request import BuildOptions, Outcome, Result, State
+from daemon.build.room import Room
+from daemon.build.shared import Jobs
+from daemon.proc.locks import LockError
+from store.derivation import drv_name
+from store.pins import PinOwner
+
+
+def _dependency_failed(dep: str) -> Outcome:
+    return Outcome(State.DEPENDENCY_FAILED, f"dependency failed: {drv_name(dep)}")
+
+
+class _Place:
+    """A build's place among its request's `-j`: given back once its outputs are in
+    place, or when it ends."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter = limiter
+
+    async def take(self) -> None:
+        try:
+            # No checkpoint when a place is free: on a chain, each is latency.
+            self._limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            await self._limiter.acquire_on_behalf_of(self)
+
+    def give_back(self) -> None:
+        if self in self._limiter.statistics().borrowers:
+            self._limiter.release_on_behalf_of(self)
+
+
+class _Hooks:
+    """What the request hears of one of its derivations' build (`job.Hooks`)."""
+
+    def __init__(self, run: "GraphRun", path: str, place: _Place) -> None:
+        self._run = run
+        self._path = path
+        self._place = place
+
+    def spawned(self) -> None:
+        self._run.started.set(self._path)
+
+    def placed(self) -> None:
+        self._place.give_back()
+        self._run.early.placed(self._path)
+
+    def registered(self) -> None:
+        self.placed()
+        self._run.outcomes[self._path] = Outcome(State.BUILT)
+        self._run.finished[self._path].set()
+
+    async def may_register(self) -> str | None:
+        await self._run.early.inputs_settled(self._path)
+        failed = self._run.failed_inputs(self._path)
+        return f"dependency failed: {drv_name(failed[0])}" if failed else None
+
+
+class GraphRun:
+    def __init__(
+        self, room: Room, jobs: Jobs, roots: list[str], opts: BuildOptions, listener: Listener
+    ) -> None:
+        self.room = room
+        self.jobs = jobs
+        self.roots = roots
+        self.opts = opts
+        self.listener = listener
+        self.owner = PinOwner(f"build of {', '.join(map(drv_name, roots))}")
+        self.graph = Graph({}, [])
+        self.missing: set[str] = set()
+        self.outcomes: dict[str, Outcome] = {}
+        self.built = 0
+        # Set once a derivation is settled: built and registered, failed, or given up.
+        self.finished: dict[str, trio.Event] = {}
+        self.early = EarlyStart({}, {})
+        self.started = Started([])
+        self.stop = trio.Event()  # a build failed, and not keep_going
+        self._places = trio.CapacityLimiter(max(1, opts.max_jobs))
+        self._closures = Closures(room.store)
+
+    async def run(self) -> list[Result]:
+        try:
+            await self._load()
+            await self._find_missing()
+            await self._make_room()
+            present = len(self.graph.order) - len(self.missing)
+            note = f"{len(self.missing)} derivations to build, {present} present"
+            await self.listener(Note(note, done=0, total=len(self.missing)))
+            with self.room.wakeups.held() if self.missing else contextlib.nullcontext():
+                async with trio.open_nursery() as nursery:
+                    for path in self.graph.order:
+                        nursery.start_soon(self._one, path, nursery)
+            return self._results()
+        finally:
+            self.room.store.pins.release(self.owner)
+
+    async def _load(self) -> None:
+        load = functools.partial(self.room.derivations.load, self.roots)
+        self.graph = graph = await pinned(self.room.store, self.owner, self.roots, load)
+        self.finished = {p: trio.Event() for p in graph.order}
+        inputs = {p: list(d.input_drvs) for p, d in graph.drvs.items()}
+        self.early = EarlyStart(inputs, self.finished)
+        self.started = Started(graph.order)
+
+    async def _find_missing(self) -> None:
+        drvs, store = self.graph.drvs, self.room.store
+        outputs = {p: [o.path for o in d.outputs.values()] for p, d in drvs.items()}
+        srcs = [s for d in drvs.values() for s in d.input_srcs]
+        produced = [o for outs in outputs.values() for o in outs]
+        pins = [*self.graph.order, *srcs, *produced]
+        valid = await pinned(
+            store, self.owner, pins, functools.partial(store.valid_paths, produced)
+        )
+        self.missing = {p for p in self.graph.order if not set(outputs[p]) <= valid}
+
+    async def _make_room(self) -> None:
+        """Collect garbage first if free space is low (`min-free`)."""
+        if not self.missing or self.room.collector is None:
+            return
+        freed = await self.room.collector.auto_collect()
+        if freed is not None:
+            await self.listener(
+                Note(
+                    f"free space was low: collected {len(freed.deleted)} paths, "
+                    f"{freed.bytes_freed} bytes"
+                )
+            )
+
+    async def _one(self, path: str, tails: trio.Nursery) -> None:
+        """Settle one derivation, in a task of its own; what follows its build goes on in
+        `tails`."""
+        drv = self.graph.drvs[path]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                reserved = None
+                if path in self.missing and drv.input_drvs:
+                    reserved = await self.room.ahead.take(stack, path, drv, self.started)
+                await self._settle(path, reserved, tails)
+        except LockError as e:
+            # The locker died while the outputs were locked ahead.
+            self.outcomes.setdefault(path, Outcome(State.FAILED, str(e)))
+        finally:
+            self.outcomes.setdefault(path, Outcome(State.CANCELLED))
+            self.started.set(path)
+            self.early.placed(path)
+            self.finished[path].set()
+
+    async def _settle(self, path: str, reserved: Reservation | None, tails: trio.Nursery) -> None:
+        await self.early.inputs_placed(path)
+        failed = self.failed_inputs(path)
+        if failed:
+            self.outcomes[path] = _dependency_failed(failed[0])
+        elif path not in self.missing and self.opts.check and path in self.roots:
+            inputs = self._inputs(path)
+            drv = self.graph.drvs[path]
+            self.outcomes[path] = await check(
+                self.room, path, drv, inputs, self.opts, self.listener
+            )
+        elif path not in self.missing:
+            self.outcomes[path] = Outcome(State.VALID)
+        else:
+            await self._build(path, reserved, tails)
+
+    async def _build(self, path: str, reserved: Reservation | None, tails: trio.Nursery) -> None:
+        # Dependents go on once the outputs are in place, while their registration
+        # commits: the locks' release and the history record follow off their path.
+        place = _Place(self._places)
+        await place.take()
+        try:
+            if self.stop.is_set():
+                self.outcomes[path] = Outcome(State.CANCELLED, "an earlier build failed")
+                return
+            job = await self.jobs.build(
+                path,
+                self.graph.drvs[path],
+                self._inputs(path),
+                self.opts,
+                self.listener,
+                tails,
+                _Hooks(self, path, place),
+                reserved,
+            )
+        finally:
+            place.give_back()
+        await self._built(path, job)
+
+    async def _built(self, path: str, job: Job) -> None:
+        """Settle `path` by its job's end."""
+        failed = self.failed_inputs(path) if job.error is not None else []
+        if failed:
+            self.outcomes[path] = _dependency_failed(failed[0])
+        elif job.error is None:
+            self.outcomes[path] = Outcome(State.BUILT, None, job.attempts, job.flaky)
+            self.built += 1
+            built = Built(path, job.attempts, job.flaky, self.built, len(self.missing))
+            await self.listener(built)
+        else:
+            self.outcomes[path] = Outcome(State.FAILED, job.error, job.attempts, job.flaky)
+            if not self.opts.keep_going:
+                self.stop.set()
+
+    def failed_inputs(self, path: str) -> list[str]:
+        """`path`'s inputs that failed; those still registering have not failed yet."""
+        outcomes = self.outcomes
+        return [
+            d
+            for d in self.graph.drvs[path].input_drvs
+            if d in outcomes and not outcomes[d].state.succeeded
+        ]
+
+    def _inputs(self, path: str) -> Inputs:
+        return Inputs(self.graph.inputs(path), self._closures)
+
+    def _results(self) -> list[Result]:
+        drvs = self.graph.drvs
+        return [
+            Result(p, {k: o.path for k, o in drvs[p].outputs.items()}, self.outcomes[p])
+            for p in self.roots
+        ]

@@ -1,0 +1,38 @@
+"""What every build in the daemon shares: the services the build room calls (built by the
+composition root, `daemon/compose.py`) and the room's own parts, made once by `Builder`."""
+
+from dataclasses import dataclass
+
+from daemon.build.ahead import LocksAhead
+from daemon.build.derivations import Derivations
+from daemon.build.logs import BuildLogs
+from daemon.build.slots import BuildSlots
+from daemon.proc.locks import LockService
+from daemon.proc.spawner import SpawnerService
+from daemon.proc.wakeups import QuickWakeups
+from daemon.proc.workers import Workers
+from daemon.sched.pauser import Pauser
+from daemon.sched.scheduler import Scheduler
+from daemon.upkeep.collector import Collector
+from store.layout import Settings
+from store.store import Store
+
+
+@dataclass(frozen=True)
+class Room:
+    # The services.
+    store: Store
+    settings: Settings
+    locks: LockService
+    spawner: SpawnerService
+    scheduler: Scheduler
+    pauser: Pauser
+    wakeups: QuickWakeups
+    workers: Workers
+    collector: Collector | None  # None: no collection before builds
+    # The room's own.
+    derivations: Derivations
+    slots: BuildSlots
+    logs: BuildLogs
+    ahead: LocksAhead
+    cores: str  # NIX_BUILD_CORES

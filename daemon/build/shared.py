@@ -1,0 +1,160 @@
+"""Builds shared between requests: a derivation several requests need is built once, by
+the first; the others wait for it and hear its progress.
+
+The first request's build runs attempt after attempt through the retry runner
+(`daemon/sched/retrying.py`: a scheduler slot each, the history, the retry policy), each
+attempt under the derivation's output locks (`outputs.py`), in a slot (`attempt.py`),
+its outputs registered (`outputs.Register`).  An attempt is "started", in the request's
+nursery, once its outputs are registered: what follows (the locks released, the log
+stored) goes on there, off the path of the build's dependents.
+"""
+
+import contextlib
+import dataclasses
+import logging
+
+import trio
+
+from daemon.build.ahead import Reservation
+from daemon.build.attempt import Attempt, Inputs
+from daemon.build.early import placed_callback
+from daemon.build.errors import BuildError
+from daemon.build.events import Listener, Note, Started
+from daemon.build.job import Hooks, Job
+from daemon.build.outputs import Register, build_owner, lock_files
+from daemon.build.request import BuildOptions
+from daemon.build.room import Room
+from daemon.proc.locks import LockError
+from daemon.proc.spawner import SpawnError
+from daemon.sched.retry import Cause
+from daemon.sched.retrying import Failure, RetryRunner
+from daemon.sched.scheduler import Running
+from store.derivation import Derivation, drv_name
+from store.records import StoreError
+
+logger = logging.getLogger("weft.builds")
+
+
+class Jobs:
+    """The builds running in the daemon, by derivation."""
+
+    def __init__(self, room: Room, retrier: RetryRunner) -> None:
+        self.room = room
+        self.retrier = retrier
+        self._running: dict[str, Job] = {}
+
+    async def build(
+        self,
+        path: str,
+        drv: Derivation,
+        inputs: Inputs,
+        opts: BuildOptions,
+        listener: Listener,
+        tails: trio.Nursery,
+        hooks: Hooks,
+        reserved: Reservation | None = None,
+    ) -> Job:
+        """Build `path`, or wait for the build another request already started; the job,
+        done.  `hooks` hear of a build this request runs; of another's, only `spawned` is
+        called (at once if its builder runs already).  What follows an attempt goes on in
+        `tails`.  `reserved`: the outputs are locked already (`ahead.py`)."""
+        job = self._running.get(path)
+        if job is not None:
+            job.listeners.append(listener)
+            job.when_spawned(hooks.spawned)
+            await listener(
+                Note(f"waiting for {drv_name(path)}, which another client is building", path)
+            )
+            await job.done.wait()
+            return job
+        job = self._running[path] = Job(path, hooks, [listener])
+        await listener(Started(path))
+        attempts = _Attempts(self.room, job, drv, inputs, opts, tails, reserved)
+        try:
+            outcome = await self.retrier.run(
+                path,
+                dict(drv.env),
+                opts.retries,
+                (opts.timeout, opts.max_silent_time),
+                attempts.attempt,
+                job.tell,
+            )
+            job.attempts, job.flaky = outcome.attempts, outcome.flaky
+            if outcome.failure is not None:
+                job.error = outcome.failure.message
+        except trio.Cancelled:
+            # Whoever else waits for this build must not take it for a success.
+            job.error = f"the build of {drv_name(path)} was cancelled"
+            raise
+        finally:
+            del self._running[path]
+            self.room.ahead.found.build_ended(path)
+            job.done.set()
+        return job
+
+
+class _Attempts:
+    """The attempts at one job's build, as the retry runner makes them."""
+
+    def __init__(
+        self,
+        room: Room,
+        job: Job,
+        drv: Derivation,
+        inputs: Inputs,
+        opts: BuildOptions,
+        tails: trio.Nursery,
+        reserved: Reservation | None,
+    ) -> None:
+        self.room = room
+        self.job = job
+        self.drv = drv
+        self.inputs = inputs
+        self.opts = opts
+        self.tails = tails
+        self.reserved = reserved
+
+    async def attempt(self, run: Running, timeout: float, silence: float) -> Failure | None:
+        """One attempt in the scheduler's slot `run`, within these limits; None once the
+        outputs are registered."""
+        self.job.run = run
+        limits = dataclasses.replace(self.opts, timeout=timeout, max_silent_time=silence)
+        try:
+            await self.tails.start(self._run, limits)
+        except BuildError as e:
+            return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0)
+        except (SpawnError, LockError, StoreError) as e:
+            # The sandbox could not be made, the locker died under the build, or the
+            # store refused (an input gone, say): this build fails, the daemon goes on.
+            return Failure(Cause.SETUP, str(e))
+        self.job.hooks.registered()
+        return None
+
+    async def _run(
+        self, limits: BuildOptions, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The attempt, under the output locks; `task_status.started()` once the outputs
+        are registered, before the locks are released."""
+        job, path = self.job, self.job.drv_path
+        placed = placed_callback(self.inputs.closures, job.hooks.placed)
+        register = Register(self.room.store, path, self.drv, self.inputs.closures, placed)
+        attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register)
+        # Outputs found missing under the locks taken ahead need no second look.
+        checked = self.room.ahead.found.holds(path, self.reserved)
+        locked = (
+            contextlib.nullcontext()
+            if self.reserved is not None
+            else self.room.locks.exclusive(lock_files(self.drv), build_owner(path), delete=True)
+        )
+        try:
+            async with locked:
+                await attempt.run(None if checked else register.needed, task_status.started)
+            if register.present is not None:
+                note = f"{drv_name(path)}: content already in the store as {register.present}"
+                await job.tell(Note(note, path))
+        except (LockError, OSError) as e:
+            if not attempt.done:
+                raise
+            # The outputs are registered: a locker lost, or a lock file that would not go,
+            # costs the build nothing now.
+            logger.warning("%s: after the build: %s", build_owner(path), e)

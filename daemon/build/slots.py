@@ -1,0 +1,125 @@
+"""Build slots: where a build runs.  Each slot has a host uid and gid for its sandbox
+(`build-uid-base`, `build-slots`) and a work dir kept from build to build,
+`var/builds/<slot>/` (0700, the daemon's): `root/` (the sandbox's store dir inside) and
+`build/` (its `/build`).
+
+A build takes a free slot, waiting while none is; the slot freed last is taken first,
+as its directories and its inputs' mount points are there already.  A slot whose last
+build left it ready for the next (laid out, emptied but for its inputs' mount points)
+needs no worker-thread trip before the next build starts in it.
+"""
+
+import os
+import stat
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from daemon.proc.spawner import build_ids
+from store.tmparea import remove_tree
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    uid: int
+    gid: int
+    work: Path  # var/builds/<index>/
+
+
+def mount_points(closure: Collection[str]) -> set[str]:
+    """The names in a sandbox's store dir of the input closure mounted there."""
+    return {os.path.basename(p) for p in closure}
+
+
+class BuildSlots:
+    def __init__(self, builds_dir: Path, store_dir: str, count: int, uid_base: int) -> None:
+        self.builds_dir = builds_dir
+        self.store_dir = store_dir
+        self._count = count
+        self._uid_base = uid_base
+        self._free = deque(range(count))
+        self._lot = trio.lowlevel.ParkingLot()
+        self._ready: set[int] = set()
+
+    async def take(self) -> Slot:
+        while not self._free:
+            await self._lot.park()
+        index = self._free.popleft()
+        uid, gid = build_ids(index, self._uid_base, self._count)
+        return Slot(index, uid, gid, self.builds_dir / str(index))
+
+    def give_back(self, slot: Slot) -> None:
+        # Taken first next: a slot not used for a while would have its mount points made
+        # anew.
+        self._free.appendleft(slot.index)
+        self._lot.unpark()
+
+    def take_ready(self, slot: Slot) -> bool:
+        """Whether the slot was left ready; it is not any more, until `ready` again."""
+        ready = slot.index in self._ready
+        self._ready.discard(slot.index)
+        return ready
+
+    def lay_out(self, slot: Slot, keep: Collection[str] = ()) -> None:
+        """The slot's directories as a build needs them (in a worker thread); see
+        `prepare_workdir`."""
+        prepare_workdir(slot.work, self.store_dir, slot.uid, slot.gid, keep)
+
+    def ready(self, slot: Slot, keep: Collection[str]) -> None:
+        """Lay the slot out for the next build, keeping the mount points `keep` of this
+        one's inputs, which the next may share (in a worker thread)."""
+        self.lay_out(slot, keep)
+        self._ready.add(slot.index)
+
+    def mark_ready(self, slot: Slot) -> None:
+        """The slot is as `ready` left it: nothing ran in it since."""
+        self._ready.add(slot.index)
+
+
+def prepare_workdir(
+    work: Path, store_dir: str, uid: int, gid: int, keep: Collection[str] = ()
+) -> None:
+    """A slot's directory, kept from build to build: what a build leaves (in `build/`, and
+    in the root's store dir but the mount points named `keep`) is emptied.  Only what is
+    missing or wrong is written: this disk is sometimes slow at any change of metadata."""
+    _own_dir(work.parent, 0o700)
+    _own_dir(work, 0o700)
+    _own_dir(work / "root", 0o755)
+    _clear_workdir(work, store_dir, keep)
+    build = work / "build"
+    if build.is_dir() and os.listxattr(build, follow_symlinks=False):
+        # ACLs or attributes the last builder set on its /build: not for the next one.
+        remove_tree(build)
+    _own_dir(build, 0o700, uid, gid)
+
+
+def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
+    """A directory at `path` with `mode` (and owner, if given), made or fixed if needed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        # Builds in other slots may make the same parents at the same time.
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        remove_tree(path)
+        path.mkdir(mode=mode)
+        st = os.lstat(path)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+    if (uid, gid) != (-1, -1) and (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)
+
+
+def _clear_workdir(work: Path, store_dir: str, keep: Collection[str] = ()) -> None:
+    """Empty the build dir, and the root's store dir but for the entries named `keep`: the
+    mount points of inputs (the spawner checks them before it mounts on them again)."""
+    for where, kept in ((work / "build", ()), (work / "root" / store_dir.lstrip("/"), keep)):
+        if where.is_dir() and not where.is_symlink():
+            for name in os.listdir(where):
+                if name not in kept:
+                    remove_tree(where / name)

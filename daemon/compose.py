@@ -1,0 +1,84 @@
+"""The composition root: every service the daemon's operations use, made once, here.
+
+`daemon/main.py` starts what must exist before trio (the store, the locker and its lock
+service, the spawner) and hands them to `compose`, which makes the rest and wires them
+together; no other module makes a service.  A daemon without builds (tests run one in
+process) makes `Services` with the store's alone.
+"""
+
+import hashlib
+import os
+
+from daemon.build.builder import Builder
+from daemon.proc.cpus import Cpus
+from daemon.proc.locks import LockService
+from daemon.proc.spawner import SpawnerService
+from daemon.proc.wakeups import QuickWakeups
+from daemon.proc.workers import Workers
+from daemon.rpc.services import Services
+from daemon.sched.admission import Admission, Limits
+from daemon.sched.freezer import Freezer
+from daemon.sched.loadsignals import LoadMonitor, ProcReader
+from daemon.sched.pauser import Pauser
+from daemon.sched.retry import RetrySettings
+from daemon.sched.retrying import RetryRunner
+from daemon.sched.scheduler import Scheduler
+from daemon.sched.sigstop import SIGNALS
+from daemon.upkeep.collector import Collector
+from daemon.upkeep.repair import Repairer
+from store.history import History
+from store.layout import Settings, StateDir
+from store.store import Store
+
+# Hex digits of the state dir's hash in the name of its builds' cgroup: 64 bits, so that
+# no two state dirs of a machine share one.
+STATE_TAG_LENGTH = 16
+
+
+def pauser_for(state: StateDir) -> Pauser:
+    """The builds' freezer cgroups, under one named after the state dir (one daemon serves
+    it at a time), where the machine lets the daemon make them; else signals."""
+    tag = hashlib.sha256(str(state.root).encode()).hexdigest()[:STATE_TAG_LENGTH]
+    return Freezer.find(tag) or SIGNALS
+
+
+def compose(
+    state: StateDir,
+    store: Store,
+    settings: Settings,
+    locks: LockService,
+    spawner: SpawnerService,
+    cpus: Cpus,
+) -> Services:
+    workers = Workers(cpus)
+    collector = Collector(store, settings, workers)
+    cores = os.cpu_count() or 1
+    limits = Limits.from_settings(settings, cores)
+    load = LoadMonitor(
+        ProcReader(settings.load_proc_dir),
+        settings.load_sample_interval,
+        lambda sample: scheduler.on_sample(sample),
+    )
+    pauser = pauser_for(state)
+    scheduler = Scheduler(Admission(limits, settings.max_jobs or cores), load, pauser)
+    history = History(store.db)
+    retrier = RetryRunner(
+        scheduler, history, limits, RetrySettings.from_settings(settings), workers
+    )
+    builder = Builder(
+        state,
+        store,
+        settings,
+        locks=locks,
+        spawner=spawner,
+        scheduler=scheduler,
+        load=load,
+        retrier=retrier,
+        history=history,
+        pauser=pauser,
+        wakeups=QuickWakeups(settings.quick_wakeups),
+        workers=workers,
+        collector=collector,
+    )
+    repairer = Repairer(store, builder)
+    return Services(state, store, settings, collector, workers, builder, repairer)
