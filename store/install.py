@@ -29,7 +29,6 @@ from store.tmparea import TmpArea, remove_tree
 # Hears of the paths each install put in place, once their registration has committed.
 AfterInstall = Callable[[list[str]], None]
 # Hears of the paths an install puts in place before their registration commits.
-Placed = Callable[[list[PathInfo]], None]
 
 
 class Installer:
@@ -55,7 +54,6 @@ class Installer:
         expected_hashes: Mapping[str, str] | None = None,
         repair: bool = False,
         move: bool = False,
-        placed: Placed | None = None,
     ) -> list[PathInfo]:
         """Register a build's outputs (see `Store.add_outputs`)."""
         expected_hashes = expected_hashes or {}
@@ -80,7 +78,7 @@ class Installer:
             if repair:
                 return self.replace(entries)
             outputs = [(drv_path, output, path) for output, (_, path) in built.items()]
-            return self.install(entries, outputs, placed)
+            return self.install(entries, outputs)
         finally:
             for new in entries:
                 remove_tree(new.entry)
@@ -89,7 +87,6 @@ class Installer:
         self,
         new: Sequence[NewPath],
         drv_outputs: Sequence[tuple[str, str, str]] = (),
-        placed: Placed | None = None,
     ) -> list[PathInfo]:
         """Rename entries into place and register them, all in one transaction.
 
@@ -123,8 +120,6 @@ class Installer:
                     )
                     for n in fresh
                 ]
-                if placed is not None and infos:
-                    placed(infos)
                 _register(conn, fresh, ids, reg_time, drv_outputs)
             except BaseException:
                 for n in renamed:

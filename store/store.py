@@ -24,7 +24,7 @@ import apsw
 from store import nar
 from store.adds import Adder
 from store.db import Database
-from store.install import Installer, Placed
+from store.install import Installer
 from store.layout import StateDir
 from store.optimise import OptimiseStats, optimise_paths
 from store.paths import StorePath
@@ -170,7 +170,6 @@ class Store:
         expected_hashes: Mapping[str, str] | None = None,
         repair: bool = False,
         move: bool = False,
-        placed: Placed | None = None,
     ) -> list[PathInfo]:
         """Register a build's outputs, {output name: (where the builder left it, store path)}.
 
@@ -181,12 +180,9 @@ class Store:
         themselves; then all are renamed into place and registered in one transaction, with
         their deriver.
         With `repair`, they replace registered paths that are corrupt or missing.
-        `placed` hears of the outputs this call puts in place (not those valid already)
-        once they are there, before their registration commits: a build that needs them
-        may start then, if it registers only after this call returned.
         """
         return self._installer.add_outputs(
-            drv_path, built, candidates, expected_hashes, repair, move, placed
+            drv_path, built, candidates, expected_hashes, repair, move
         )
 
     def _installed(self, paths: list[str]) -> None:

@@ -348,8 +348,8 @@ async def test_stale_lock_file_is_taken_again(tmp_path: Path) -> None:
 
 
 async def test_lock_file_stays_while_its_owner_holds_it_again(tmp_path: Path) -> None:
-    # A build's outputs locked ahead by one request and again by the build itself: the
-    # first release must not delete the file the second hold still protects.
+    # One owner holding a lock file twice: the first release must not delete the file
+    # the second hold still protects.
     path = str(tmp_path / "out.lock")
     async with locker() as svc:
         async with svc.exclusive([path], "build:x", delete=True):

@@ -103,8 +103,6 @@ class Attempt:
         keep = mount_points(closure)
         try:
             built = self._outputs(slot, await self._build(slot, closure))
-            if (objection := await self.job.hooks.may_register()) is not None:
-                raise BuildError(f"outputs of '{self.name}' refused: {objection}", Cause.DEPENDENCY)
             await self.room.workers.long(self._finish_and_ready, slot, built, closure, keep)
             if self.job.run is not None:
                 self.job.run.succeeded = True
@@ -151,7 +149,6 @@ class Attempt:
                 self.proc = await self.room.spawner.spawn(self._request(slot, closure), write_end)
             finally:
                 os.close(write_end)
-            self.job.running()
             watch = Watch(self.proc, stream, self.log, self.opts, self._line, self.job.run)
             ending = await watch.until_exit()
         finally:

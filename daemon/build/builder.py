@@ -2,14 +2,13 @@
 
 `Builder` gets the services it uses from the composition root (`daemon/compose.py`) and
 makes the room's own parts: the derivation cache, the build slots, the stored logs, the
-locks taken ahead, the builds shared between requests.  The work is done in:
+builds shared between requests.  The work is done in:
 
 - `graph.py`: one request's walk of its graph (`GraphRun`);
 - `shared.py`: a build several requests need, run once, attempt after attempt;
 - `attempt.py`: one attempt in a build slot (`slots.py`), its builder watched
   (`watch.py`), its log kept (`logs.py`), its outputs registered (`outputs.py`);
-- `rebuild.py`: `--check` and repair, building valid derivations again;
-- `early.py` and `ahead.py`: the two latency tricks on probation.
+- `rebuild.py`: `--check` and repair, building valid derivations again.
 
 When a build may start, and whether a failed one is tried again, is the scheduler's and
 the retry policy's business (`daemon/sched/`, docs/scheduling.md).
@@ -18,7 +17,6 @@ the retry policy's business (`daemon/sched/`, docs/scheduling.md).
 import os
 
 from daemon.build import rebuild
-from daemon.build.ahead import LocksAhead
 from daemon.build.derivations import Derivations
 from daemon.build.events import Listener
 from daemon.build.graph import GraphRun
@@ -81,7 +79,6 @@ class Builder:
             derivations=Derivations(store),
             slots=slots,
             logs=BuildLogs(state.log_dir),
-            ahead=LocksAhead(locks, store),
             cores=str(settings.cores or os.cpu_count() or 1),
         )
         self.jobs = Jobs(self.room, retrier)

@@ -9,10 +9,6 @@ place among the request's `-j`, and builds (or waits for another request's build
 build stops the builds not started yet, unless `keep_going`; its dependents fail as
 "dependency failed".  Everything the request reads or makes stays pinned until it is
 over, so a concurrent collection never takes an input, or an output just registered.
-
-Two latency tricks on probation take part, each in a module of its own: dependents start
-once their inputs' outputs are placed (`early.py`), and a derivation's output locks are
-taken while its inputs build (`ahead.py`).
 """
 
 import contextlib
@@ -20,18 +16,15 @@ import functools
 
 import trio
 
-from daemon.build.ahead import Reservation, Started
 from daemon.build.attempt import Inputs
 from daemon.build.closures import Closures
 from daemon.build.derivations import Graph, pinned
-from daemon.build.early import EarlyStart
 from daemon.build.events import Built, Listener, Note
 from daemon.build.job import Job
 from daemon.build.rebuild import check
 from daemon.build.request import BuildOptions, Outcome, Result, State
 from daemon.build.room import Room
 from daemon.build.shared import Jobs
-from daemon.proc.locks import LockError
 from store.derivation import drv_name
 from store.pins import PinOwner
 
@@ -41,8 +34,8 @@ def _dependency_failed(dep: str) -> Outcome:
 
 
 class _Place:
-    """A build's place among its request's `-j`: given back once its outputs are in
-    place, or when it ends."""
+    """A build's place among its request's `-j`: given back once its outputs are
+    registered, or when it ends."""
 
     def __init__(self, limiter: trio.CapacityLimiter) -> None:
         self._limiter = limiter
@@ -67,22 +60,10 @@ class _Hooks:
         self._path = path
         self._place = place
 
-    def spawned(self) -> None:
-        self._run.started.set(self._path)
-
-    def placed(self) -> None:
-        self._place.give_back()
-        self._run.early.placed(self._path)
-
     def registered(self) -> None:
-        self.placed()
+        self._place.give_back()
         self._run.outcomes[self._path] = Outcome(State.BUILT)
         self._run.finished[self._path].set()
-
-    async def may_register(self) -> str | None:
-        await self._run.early.inputs_settled(self._path)
-        failed = self._run.failed_inputs(self._path)
-        return f"dependency failed: {drv_name(failed[0])}" if failed else None
 
 
 class GraphRun:
@@ -101,8 +82,6 @@ class GraphRun:
         self.built = 0
         # Set once a derivation is settled: built and registered, failed, or given up.
         self.finished: dict[str, trio.Event] = {}
-        self.early = EarlyStart({}, {})
-        self.started = Started([])
         self.stop = trio.Event()  # a build failed, and not keep_going
         self._places = trio.CapacityLimiter(max(1, opts.max_jobs))
         self._closures = Closures(room.store)
@@ -127,9 +106,6 @@ class GraphRun:
         load = functools.partial(self.room.derivations.load, self.roots)
         self.graph = graph = await pinned(self.room.store, self.owner, self.roots, load)
         self.finished = {p: trio.Event() for p in graph.order}
-        inputs = {p: list(d.input_drvs) for p, d in graph.drvs.items()}
-        self.early = EarlyStart(inputs, self.finished)
-        self.started = Started(graph.order)
 
     async def _find_missing(self) -> None:
         drvs, store = self.graph.drvs, self.room.store
@@ -158,24 +134,15 @@ class GraphRun:
     async def _one(self, path: str, tails: trio.Nursery) -> None:
         """Settle one derivation, in a task of its own; what follows its build goes on in
         `tails`."""
-        drv = self.graph.drvs[path]
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                reserved = None
-                if path in self.missing and drv.input_drvs:
-                    reserved = await self.room.ahead.take(stack, path, drv, self.started)
-                await self._settle(path, reserved, tails)
-        except LockError as e:
-            # The locker died while the outputs were locked ahead.
-            self.outcomes.setdefault(path, Outcome(State.FAILED, str(e)))
+            await self._settle(path, tails)
         finally:
             self.outcomes.setdefault(path, Outcome(State.CANCELLED))
-            self.started.set(path)
-            self.early.placed(path)
             self.finished[path].set()
 
-    async def _settle(self, path: str, reserved: Reservation | None, tails: trio.Nursery) -> None:
-        await self.early.inputs_placed(path)
+    async def _settle(self, path: str, tails: trio.Nursery) -> None:
+        for dep in self.graph.drvs[path].input_drvs:
+            await self.finished[dep].wait()
         failed = self.failed_inputs(path)
         if failed:
             self.outcomes[path] = _dependency_failed(failed[0])
@@ -188,11 +155,11 @@ class GraphRun:
         elif path not in self.missing:
             self.outcomes[path] = Outcome(State.VALID)
         else:
-            await self._build(path, reserved, tails)
+            await self._build(path, tails)
 
-    async def _build(self, path: str, reserved: Reservation | None, tails: trio.Nursery) -> None:
-        # Dependents go on once the outputs are in place, while their registration
-        # commits: the locks' release and the history record follow off their path.
+    async def _build(self, path: str, tails: trio.Nursery) -> None:
+        # Dependents go on once the outputs are registered: the locks' release and the
+        # history record follow off their path.
         place = _Place(self._places)
         await place.take()
         try:
@@ -207,7 +174,6 @@ class GraphRun:
                 self.listener,
                 tails,
                 _Hooks(self, path, place),
-                reserved,
             )
         finally:
             place.give_back()
@@ -229,7 +195,7 @@ class GraphRun:
                 self.stop.set()
 
     def failed_inputs(self, path: str) -> list[str]:
-        """`path`'s inputs that failed; those still registering have not failed yet."""
+        """`path`'s inputs that failed."""
         outcomes = self.outcomes
         return [
             d

@@ -16,15 +16,12 @@ from daemon.build.errors import BuildError
 from daemon.sched.retry import Cause
 from store.derivation import Derivation, drv_name
 from store.hashing import hash_path
-from store.records import HashMismatch, PathInfo
+from store.records import HashMismatch
 from store.store import Store
 
 # {output name: (where the builder left it, its store path)} and the input closure, in a
 # worker thread.
 Finish = Callable[[dict[str, tuple[str, str]], list[str]], None]
-# Told, in the worker thread, of the outputs `Store.add_outputs` put in place, before
-# their registration commits (`early.py`).
-Placed = Callable[[list[PathInfo]], None]
 
 
 def lock_files(drv: Derivation) -> list[str]:
@@ -33,7 +30,7 @@ def lock_files(drv: Derivation) -> list[str]:
 
 def build_owner(drv_path: str) -> str:
     """The owner of a build's output locks: one per derivation, whichever request builds
-    it, so that locks one request took ahead (`ahead.py`) serve another's build."""
+    it."""
     return f"build:{drv_path}"
 
 
@@ -63,13 +60,11 @@ class Register:
         drv_path: str,
         drv: Derivation,
         closures: Closures,
-        placed: Placed | None = None,
     ) -> None:
         self.store = store
         self.drv_path = drv_path
         self.drv = drv
         self.closures = closures
-        self.placed = placed
         self.expected = {k: o.hash for k, o in drv.outputs.items() if o.hash}
         # A fixed output's content found in the store under another name, if it was.
         self.present: str | None = None
@@ -98,15 +93,12 @@ class Register:
                 closure,
                 self.expected,
                 move=movable(self.drv),
-                placed=self.placed,
             )
         except Exception as e:
             cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
             message = f"outputs of '{drv_name(self.drv_path)}' refused: {e}"
             raise BuildError(message, cause) from None
-        # Those placed are known already; only outputs valid before need adding.
-        if self.closures.known(i.path for i in infos) is None:
-            self.closures.add_outputs(infos)
+        self.closures.add_outputs(infos)
         _unlink_lock_files(self.drv)
 
 

@@ -3,7 +3,6 @@ composition root, `daemon/compose.py`) and the room's own parts, made once by `B
 
 from dataclasses import dataclass
 
-from daemon.build.ahead import LocksAhead
 from daemon.build.derivations import Derivations
 from daemon.build.logs import BuildLogs
 from daemon.build.slots import BuildSlots
@@ -34,5 +33,4 @@ class Room:
     derivations: Derivations
     slots: BuildSlots
     logs: BuildLogs
-    ahead: LocksAhead
     cores: str  # NIX_BUILD_CORES

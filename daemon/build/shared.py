@@ -9,15 +9,12 @@ nursery, once its outputs are registered: what follows (the locks released, the 
 stored) goes on there, off the path of the build's dependents.
 """
 
-import contextlib
 import dataclasses
 import logging
 
 import trio
 
-from daemon.build.ahead import Reservation
 from daemon.build.attempt import Attempt, Inputs
-from daemon.build.early import placed_callback
 from daemon.build.errors import BuildError
 from daemon.build.events import Listener, Note, Started
 from daemon.build.job import Hooks, Job
@@ -52,16 +49,13 @@ class Jobs:
         listener: Listener,
         tails: trio.Nursery,
         hooks: Hooks,
-        reserved: Reservation | None = None,
     ) -> Job:
         """Build `path`, or wait for the build another request already started; the job,
-        done.  `hooks` hear of a build this request runs; of another's, only `spawned` is
-        called (at once if its builder runs already).  What follows an attempt goes on in
-        `tails`.  `reserved`: the outputs are locked already (`ahead.py`)."""
+        done.  `hooks` hear of a build this request runs.  What follows an attempt goes on
+        in `tails`."""
         job = self._running.get(path)
         if job is not None:
             job.listeners.append(listener)
-            job.when_spawned(hooks.spawned)
             await listener(
                 Note(f"waiting for {drv_name(path)}, which another client is building", path)
             )
@@ -69,7 +63,7 @@ class Jobs:
             return job
         job = self._running[path] = Job(path, hooks, [listener])
         await listener(Started(path))
-        attempts = _Attempts(self.room, job, drv, inputs, opts, tails, reserved)
+        attempts = _Attempts(self.room, job, drv, inputs, opts, tails)
         try:
             outcome = await self.retrier.run(
                 path,
@@ -88,7 +82,6 @@ class Jobs:
             raise
         finally:
             del self._running[path]
-            self.room.ahead.found.build_ended(path)
             job.done.set()
         return job
 
@@ -104,7 +97,6 @@ class _Attempts:
         inputs: Inputs,
         opts: BuildOptions,
         tails: trio.Nursery,
-        reserved: Reservation | None,
     ) -> None:
         self.room = room
         self.job = job
@@ -112,7 +104,6 @@ class _Attempts:
         self.inputs = inputs
         self.opts = opts
         self.tails = tails
-        self.reserved = reserved
 
     async def attempt(self, run: Running, timeout: float, silence: float) -> Failure | None:
         """One attempt in the scheduler's slot `run`, within these limits; None once the
@@ -136,19 +127,12 @@ class _Attempts:
         """The attempt, under the output locks; `task_status.started()` once the outputs
         are registered, before the locks are released."""
         job, path = self.job, self.job.drv_path
-        placed = placed_callback(self.inputs.closures, job.hooks.placed)
-        register = Register(self.room.store, path, self.drv, self.inputs.closures, placed)
+        register = Register(self.room.store, path, self.drv, self.inputs.closures)
         attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register)
-        # Outputs found missing under the locks taken ahead need no second look.
-        checked = self.room.ahead.found.holds(path, self.reserved)
-        locked = (
-            contextlib.nullcontext()
-            if self.reserved is not None
-            else self.room.locks.exclusive(lock_files(self.drv), build_owner(path), delete=True)
-        )
+        locked = self.room.locks.exclusive(lock_files(self.drv), build_owner(path), delete=True)
         try:
             async with locked:
-                await attempt.run(None if checked else register.needed, task_status.started)
+                await attempt.run(register.needed, task_status.started)
             if register.present is not None:
                 note = f"{drv_name(path)}: content already in the store as {register.present}"
                 await job.tell(Note(note, path))

@@ -202,8 +202,8 @@ class LockService(HelperConnection[Request, Reply]):
             del state.keys[held.key]
         if not state.keys and not state.scopes:
             del self._owners[owner]
-        # Not while the owner holds it again (a build and the same build's lock taken
-        # ahead, say): the next locker would make a new file and lock that.  Nor if it is
+        # Not while the owner holds it again (it locked the file twice): the next locker
+        # would make a new file and lock that.  Nor if it is
         # gone already, or another file now: its holder deleted it, or another's it is.
         delete = delete and held.key not in state.keys and _still_current(held.path, held.key)
         if delete:

@@ -32,11 +32,10 @@ class Cause(enum.StrEnum):
     HASH_MISMATCH = "hash-mismatch"
     REFUSED = "refused"  # the store refused the outputs for another reason
     SETUP = "setup"  # sandbox, locks or store failed around the build
-    DEPENDENCY = "dependency"  # an input placed for it failed to register
 
 
 # Failures another attempt would meet again.
-DETERMINISTIC = frozenset({Cause.HASH_MISMATCH, Cause.MISSING_OUTPUT, Cause.DEPENDENCY})
+DETERMINISTIC = frozenset({Cause.HASH_MISMATCH, Cause.MISSING_OUTPUT})
 # Failures that load can cause: what the default policy retries when the machine was loaded.
 LOAD_SENSITIVE = frozenset({Cause.EXIT, Cause.SIGNAL, Cause.TIMEOUT, Cause.SILENT})
 
