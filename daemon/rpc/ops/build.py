@@ -51,14 +51,8 @@ def _encode(result: Result) -> dict[str, object]:
     return encoded
 
 
-async def build(ctx: RequestContext) -> list[dict[str, object]]:
-    builder = ctx.services.builder
-    if builder is None:
-        raise OpError(Code.BAD_REQUEST, "this daemon does not build")
-    drvs = strs_arg(ctx, "drvs")
-    for d in drvs:
-        ctx.services.store.parse(d)
-    jobs = ctx.args.get("max_jobs") or builder.max_jobs
+def _options(ctx: RequestContext, default_jobs: int) -> BuildOptions:
+    jobs = ctx.args.get("max_jobs") or default_jobs
     if type(jobs) is not int or jobs < 1:
         raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
     limits: dict[str, Any] = {}
@@ -72,7 +66,7 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
     retries = ctx.args.get("retries")
     if retries is not None and (type(retries) is not int or retries < 0):
         raise OpError(Code.BAD_REQUEST, "'retries' must be a non-negative integer")
-    opts = BuildOptions(
+    return BuildOptions(
         max_jobs=jobs,
         keep_going=bool(ctx.args.get("keep_going")),
         check=bool(ctx.args.get("check")),
@@ -81,6 +75,15 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
         **limits,
     )
 
+
+async def build(ctx: RequestContext) -> list[dict[str, object]]:
+    builder = ctx.services.builder
+    if builder is None:
+        raise OpError(Code.BAD_REQUEST, "this daemon does not build")
+    drvs = strs_arg(ctx, "drvs")
+    for d in drvs:
+        ctx.services.store.parse(d)
+    opts = _options(ctx, builder.max_jobs)
     try:
         results = await builder.build(drvs, opts, functools.partial(_progress, ctx))
     except DerivationError as e:
@@ -95,9 +98,7 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
 async def build_log(ctx: RequestContext) -> dict[str, int]:
     """Stream the stored log of a derivation, or of the derivation that built an output."""
     path = str_arg(ctx, "path")
-    store = ctx.services.store
-    info = await trio.to_thread.run_sync(store.path_info, path)
-    drv = path if path.endswith(".drv") else (info.deriver if info else None)
+    drv = await trio.to_thread.run_sync(ctx.services.store.resolve_deriver, path)
     if drv is None:
         raise OpError(Code.NOT_VALID, f"{path} is not a derivation or a built output")
     builder = ctx.services.builder
