@@ -4,9 +4,9 @@ handed to the attempt's `Finish` (register, compare or replace: `outputs.py`).
 
 Worker-thread trips are latency on a chain of builds, so an attempt makes as few as it
 can: one before the builder (the outputs looked at again under their locks, the input
-closure, the slot laid out), none when there is nothing to do there (the outputs known
-missing, the closure known, the slot left ready); one after (the `Finish`, and the slot
-readied for the next build).  A failed attempt's build dir is handed to the user if asked
+closure, the slot laid out; none for a check or a repair whose closure is known and whose
+slot was left ready), one after (the `Finish`, and the slot readied for the next
+build).  A failed attempt's build dir is handed to the user if asked
 (`keepfailed.py`); its log is stored and its slot readied in one more trip.
 """
 

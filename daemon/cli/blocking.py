@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable
 
 from daemon.wire import protocol as p
 
+# One read from the daemon's socket: a quarter of a data chunk (`MAX_CHUNK`) or a few
+# thousand small replies, in one call; what a command needs, without a large buffer.
 RECV_SIZE = 256 << 10
 
 

@@ -26,6 +26,9 @@ from collections.abc import Mapping, Sequence
 import trio
 
 _PR_SET_CHILD_SUBREAPER = 36
+# Statuses of pids nobody registered (grandchildren orphaned to the subreaper, or a
+# builder that exited before the spawner's reply) kept for a later `register`: far more
+# than builds can start between a spawn and its reply, and a few hundred KiB at most.
 MAX_UNCLAIMED = 4096
 
 

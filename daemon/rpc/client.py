@@ -17,6 +17,8 @@ import trio
 from daemon.cli.blocking import DaemonError
 from daemon.wire import protocol as p
 
+# One read from the daemon's socket: a quarter of a data chunk (`MAX_CHUNK`) or a few
+# thousand small replies, in one call.
 RECEIVE_SIZE = 256 << 10
 
 
