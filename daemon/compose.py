@@ -24,10 +24,11 @@ from daemon.sched.retry import RetrySettings
 from daemon.sched.retrying import RetryRunner
 from daemon.sched.scheduler import Scheduler
 from daemon.sched.sigstop import SIGNALS
+from daemon.settings import Settings
 from daemon.upkeep.collector import Collector
 from daemon.upkeep.repair import Repairer
 from store.history import History
-from store.layout import Settings, StateDir
+from store.layout import StateDir
 from store.store import Store
 
 # Hex digits of the state dir's hash in the name of its builds' cgroup: 64 bits, so that

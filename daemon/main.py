@@ -29,6 +29,7 @@ from daemon.proc.spawner import SpawnerService, start_spawner_process
 from daemon.rpc import auth
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
+from daemon.settings import read_settings
 from store.defaults import socket_path
 from store.layout import ConfigError, StateDir
 from store.store import Store
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = StateDir.at(args.state_dir)
         state.create()
-        settings = state.settings()
+        settings = read_settings(state)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

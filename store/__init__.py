@@ -7,7 +7,6 @@ does) costs no more than that module.
 import importlib
 
 _EXPORTS = {
-    "Settings": "store.layout",
     "StateDir": "store.layout",
     "InvalidPath": "store.paths",
     "PathKind": "store.paths",

@@ -426,8 +426,9 @@ async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> No
     from daemon.rpc.ops import OPERATIONS
     from daemon.rpc.server import Daemon
     from daemon.rpc.services import Services
+    from daemon.settings import Settings
     from daemon.upkeep.collector import Collector
-    from store.layout import Settings, StateDir
+    from store.layout import StateDir
     from store.store import Store
 
     state = StateDir.at(tmp_path / "state")

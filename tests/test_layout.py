@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from daemon.settings import Settings
 from store.defaults import default_state_dir
-from store.layout import ConfigError, Settings, StateDir
+from store.layout import ConfigError, StateDir
 
 
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch) -> None:

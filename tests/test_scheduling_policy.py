@@ -6,7 +6,7 @@ from pathlib import Path
 from daemon.sched.admission import Admission, Limits
 from daemon.sched.loadsignals import IDLE, ProcReader, peak
 from daemon.sched.retry import Cause, Failed, RetrySettings, classify, decide
-from store.layout import Settings
+from daemon.settings import Settings
 
 
 def limits(**changed: float) -> Limits:

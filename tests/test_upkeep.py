@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from daemon.proc.workers import Workers
+from daemon.settings import Settings
 from daemon.upkeep.collector import Collector, DeadPaths, GCMode, LivePaths, RootsFound
 from store import gc
-from store.layout import Settings
 from store.paths import InvalidPath
 from store.store import Store
 

@@ -33,9 +33,10 @@ from daemon.sched.loadsignals import LoadMonitor
 from daemon.sched.pauser import Pauser
 from daemon.sched.retrying import RetryRunner
 from daemon.sched.scheduler import Scheduler
+from daemon.settings import Settings
 from daemon.upkeep.collector import Collector
 from store.history import History
-from store.layout import Settings, StateDir
+from store.layout import StateDir
 from store.store import Store
 
 

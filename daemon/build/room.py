@@ -12,8 +12,8 @@ from daemon.proc.wakeups import QuickWakeups
 from daemon.proc.workers import Workers
 from daemon.sched.pauser import Pauser
 from daemon.sched.scheduler import Scheduler
+from daemon.settings import Settings
 from daemon.upkeep.collector import Collector
-from store.layout import Settings
 from store.store import Store
 
 

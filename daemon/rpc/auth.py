@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.layout import Settings
+from daemon.settings import Settings
 from store.store import Reader
 
 _UCRED = struct.Struct("3i")

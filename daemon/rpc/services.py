@@ -5,9 +5,10 @@ from dataclasses import dataclass
 
 from daemon.build.builder import Builder
 from daemon.proc.workers import Workers
+from daemon.settings import Settings
 from daemon.upkeep.collector import Collector
 from daemon.upkeep.repair import Repairer
-from store.layout import Settings, StateDir
+from store.layout import StateDir
 from store.store import Store
 
 

@@ -16,7 +16,7 @@ drained below it, ahead of every new build, and while it runs nothing starts pas
 from dataclasses import dataclass
 
 from daemon.sched.loadsignals import RESOURCES, LoadSample
-from store.layout import Settings
+from daemon.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ ones is retried, up to N times.
 import enum
 from dataclasses import dataclass
 
-from store.layout import Settings
+from daemon.settings import Settings
 
 
 class Cause(enum.StrEnum):

@@ -14,8 +14,8 @@ from enum import Enum
 import trio
 
 from daemon.proc.workers import Workers
+from daemon.settings import Settings
 from store import gc
-from store.layout import Settings
 from store.store import Store
 
 log = logging.getLogger("weft.gc")
