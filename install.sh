@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev musl-tools util-linux)
+apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev musl-tools util-linux
+  passt slirp4netns)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,8 +33,11 @@ if [ ! -x spawner/weft-spare ] || [ spawner/spare.c -nt spawner/weft-spare ]; th
   mv spawner/weft-spare.tmp spawner/weft-spare
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+# From Debian's own interpreter, whatever `python3` is first on root's PATH: the commands
+# are run by every local user, and an interpreter under root's home (pyenv) is not theirs.
+if [ "$(readlink -f .venv/bin/python 2>/dev/null)" != "$(readlink -f /usr/bin/python3)" ]; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv .venv
 fi
 # A plain path entry, not setuptools' import-hook finder: the finder costs every
 # command 20 ms of start-up.

@@ -73,7 +73,7 @@ def start_daemon(state: Path, *extra: str, tree: Path | None = None) -> DaemonPr
             [
                 sys.executable,
                 "-m",
-                "daemon.main",
+                "daemon.cli.daemon",
                 "--foreground",
                 "--state-dir",
                 str(state),

@@ -7,7 +7,6 @@ start the helpers; then `trio.run`.  SIGTERM and SIGINT stop accepting, remove t
 let requests in flight finish within the grace period, and cancel the rest.
 """
 
-import argparse
 import contextlib
 import gc
 import logging
@@ -16,11 +15,9 @@ import resource
 import signal
 import socket
 import sys
-import time
 
 import trio
 
-from daemon.cli.blocking import BlockingClient, DaemonError, NoDaemon
 from daemon.compose import compose
 from daemon.proc.cpus import Cpus
 from daemon.proc.locks import DAEMON_OWNER, LockService, lock_file_blocking, start_locker_process
@@ -29,9 +26,8 @@ from daemon.proc.spawner import SpawnerService, start_spawner_process
 from daemon.rpc import auth
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
-from daemon.settings import read_settings
-from store.defaults import socket_path
-from store.layout import ConfigError, StateDir
+from daemon.settings import Settings
+from store.layout import StateDir
 from store.store import Store
 
 log = logging.getLogger("weft.daemon")
@@ -151,71 +147,12 @@ def _daemonize(log_path: str) -> int:
     return w
 
 
-def stop(state: StateDir, path: str, timeout: float) -> int:
-    try:
-        pid = int((state.root / "var" / "daemon.pid").read_text())
-    except (OSError, ValueError):
-        pid = None
-    try:
-        with BlockingClient(path, on_log=lambda e: None) as client:
-            client.call("shutdown")
-    except NoDaemon:
-        print(f"weft: no daemon serves {state.root}", file=sys.stderr)
-        return 0
-    except DaemonError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 1
-    deadline = time.monotonic() + timeout
-    while pid is not None and _running(pid):
-        if time.monotonic() > deadline:
-            print(
-                f"error: the daemon (pid {pid}) did not stop within {timeout:.0f} s",
-                file=sys.stderr,
-            )
-            return 1
-        time.sleep(0.05)
-    print("weft: daemon stopped", file=sys.stderr)
-    return 0
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` is alive (a zombie is not: it has stopped, only its parent must reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="store-daemon", description=__doc__.split("\n")[0])
-    parser.add_argument("--state-dir", help="state dir (default: $WEFT_STATE_DIR or per user)")
-    parser.add_argument("--socket", help="socket path (default: <state dir>/var/daemon.sock)")
-    parser.add_argument("--foreground", action="store_true", help="stay in the foreground")
-    parser.add_argument("--stop", action="store_true", help="stop the state dir's daemon")
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=10.0,
-        help="seconds in-flight requests get at shutdown (default 10)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s weft-daemon: %(message)s")
-    try:
-        state = StateDir.at(args.state_dir)
-        state.create()
-        settings = read_settings(state)
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    path = args.socket or socket_path(str(state.root))
-    if args.stop:
-        return stop(state, path, args.grace + 5)
-
+def serve(state: StateDir, settings: Settings, path: str, foreground: bool, grace: float) -> int:
+    """Serve `state` on `path` until stopped (in the background unless `foreground`)."""
     # One fd per client connection: take all the kernel allows.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    ready_fd = None if args.foreground else _daemonize(str(state.log_dir / "daemon.log"))
+    ready_fd = None if foreground else _daemonize(str(state.log_dir / "daemon.log"))
     try:
         monitor = ProcessMonitor()
         monitor.become_subreaper()
@@ -249,12 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         # and the youngest generation is collected less often (some MB of garbage at most).
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
-        trio.run(run, daemon, monitor, locks, spawner, lock_lost, sock, path, args.grace)
+        trio.run(run, daemon, monitor, locks, spawner, lock_lost, sock, path, grace)
     finally:
         store.close()
     log.info("stopped")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -330,7 +330,7 @@ def test_second_daemon_refused_and_stale_socket_taken_over(tmp_path: Path) -> No
     first = start_daemon(state)
     try:
         second = subprocess.run(
-            [sys.executable, "-m", "daemon.main", "--foreground", "--state-dir", str(state)],
+            [sys.executable, "-m", "daemon.cli.daemon", "--foreground", "--state-dir", str(state)],
             capture_output=True,
             text=True,
             timeout=30,

@@ -38,6 +38,7 @@ class Job:
     run: Running | None = None  # the scheduler's record of the attempt in progress
     attempts: int = 0
     flaky: bool = False
+
     async def tell(self, event: Event) -> None:
         """Pass an event to every client waiting on the build; one that has gone is
         dropped."""

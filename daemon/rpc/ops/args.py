@@ -74,4 +74,3 @@ async def send_lines(ctx: RequestContext, lines: list[str]) -> None:
     if chunk:
         await ctx.send_data(("\n".join(chunk) + "\n").encode())
     await ctx.end_data()
-
