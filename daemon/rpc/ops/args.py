@@ -4,6 +4,7 @@ from typing import Any
 
 import trio
 
+from daemon.build.request import BuildOptions
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.wire.protocol import Code
@@ -40,6 +41,32 @@ def opt_str_arg(ctx: RequestContext, key: str) -> str | None:
 
 def strs_arg(ctx: RequestContext, key: str, default: list[str] | None = None) -> list[str]:
     return arg_strs(ctx.args, key, default)
+
+
+def build_options(ctx: RequestContext, default_jobs: int) -> BuildOptions:
+    """A build request's options, every one checked before anything starts."""
+    jobs = ctx.args.get("max_jobs") or default_jobs
+    if type(jobs) is not int or jobs < 1:
+        raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
+    limits: dict[str, Any] = {}
+    for key, kind in (("timeout", float), ("max_silent_time", float), ("max_log_size", int)):
+        value = ctx.args.get(key)
+        if value is not None:
+            if not isinstance(value, int | float) or value <= 0:
+                raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number")
+            limits[key] = kind(value)
+    keep_failed = (ctx.peer.uid, ctx.peer.gid) if ctx.args.get("keep_failed") else None
+    retries = ctx.args.get("retries")
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise OpError(Code.BAD_REQUEST, "'retries' must be a non-negative integer")
+    return BuildOptions(
+        max_jobs=jobs,
+        keep_going=bool(ctx.args.get("keep_going")),
+        check=bool(ctx.args.get("check")),
+        keep_failed_for=keep_failed,
+        retries=retries,
+        **limits,
+    )
 
 
 def encode_info(info: PathInfo) -> dict[str, Any]:

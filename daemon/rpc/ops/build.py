@@ -5,15 +5,14 @@ their `kind` (docs/protocol.md), its results as the reply's maps.
 """
 
 import functools
-from typing import Any
 
 import trio
 
 from daemon.build.events import Built, Event, Failed, LogLine, Note, Retried, Started
-from daemon.build.request import BuildOptions, Result
+from daemon.build.request import Result
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
-from daemon.rpc.ops.args import keep_alive, str_arg, strs_arg
+from daemon.rpc.ops.args import build_options, keep_alive, str_arg, strs_arg
 from daemon.wire.protocol import Code, LogKind
 from store.derivation import DerivationError
 
@@ -51,31 +50,6 @@ def _encode(result: Result) -> dict[str, object]:
     return encoded
 
 
-def _options(ctx: RequestContext, default_jobs: int) -> BuildOptions:
-    jobs = ctx.args.get("max_jobs") or default_jobs
-    if type(jobs) is not int or jobs < 1:
-        raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
-    limits: dict[str, Any] = {}
-    for key, kind in (("timeout", float), ("max_silent_time", float), ("max_log_size", int)):
-        value = ctx.args.get(key)
-        if value is not None:
-            if not isinstance(value, int | float) or value <= 0:
-                raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number")
-            limits[key] = kind(value)
-    keep_failed = (ctx.peer.uid, ctx.peer.gid) if ctx.args.get("keep_failed") else None
-    retries = ctx.args.get("retries")
-    if retries is not None and (type(retries) is not int or retries < 0):
-        raise OpError(Code.BAD_REQUEST, "'retries' must be a non-negative integer")
-    return BuildOptions(
-        max_jobs=jobs,
-        keep_going=bool(ctx.args.get("keep_going")),
-        check=bool(ctx.args.get("check")),
-        keep_failed_for=keep_failed,
-        retries=retries,
-        **limits,
-    )
-
-
 async def build(ctx: RequestContext) -> list[dict[str, object]]:
     builder = ctx.services.builder
     if builder is None:
@@ -83,7 +57,7 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
     drvs = strs_arg(ctx, "drvs")
     for d in drvs:
         ctx.services.store.parse(d)
-    opts = _options(ctx, builder.max_jobs)
+    opts = build_options(ctx, builder.max_jobs)
     try:
         results = await builder.build(drvs, opts, functools.partial(_progress, ctx))
     except DerivationError as e:
