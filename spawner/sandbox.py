@@ -1,7 +1,9 @@
 """What a builder sees, and the steps that build it.
 
 The sandbox's `/` is a skeleton made once per spawner (`make_skeleton`): the directories to
-mount on, `/etc` with its three files, `/dev` with its placeholders and links.  Every spawn
+mount on, `/etc` with its three files, `/dev` with its placeholders and links; fixed-output
+builds get one of their own, whose `/etc` has the host's files a downloader needs too
+(`pasta.py`).  Every spawn
 costs only the files `prepare_root` creates (as the daemon's user) in the build slot's
 store dir: one mount point per input, on a disk that is sometimes slow at creating files.
 
@@ -9,10 +11,11 @@ A builder is set up in two halves, by the spare program (`spare.c`).  Its `settl
 a spare process that waits, in fresh namespaces, for the next request: it mounts what
 every sandbox has (the skeleton read-only, devices, `/tmp`, `/dev/shm`, `/dev/pts`,
 `/proc`), names the host and brings `lo` up.  The rest runs once the request came: it
-binds the slot's store dir, the inputs and the build dir, pivots into the skeleton, drops
-to the build user and execs.  Both only mount, never create: in a user namespace whose
-root is not mapped, creating files would fail, so everything to mount on is made here
-beforehand.
+binds the build dir, the slot's store dir and the inputs, pivots into the skeleton, drops
+to the build user and execs.  Both only mount: in a user namespace whose root is not
+mapped, creating files fails, so everything to mount on is made here beforehand.  Only a
+mount point inside what the spare mounted itself (the store dir of a state dir under
+/tmp lies in the sandbox's own /tmp) is made there, by the build user.
 """
 
 import contextlib
@@ -64,7 +67,7 @@ def _directory(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def _remove(path: str) -> None:
+def remove_tree(path: str) -> None:
     """Delete a file or tree (a builder's directories may be read-only); no symlink is
     followed."""
     if not stat.S_ISDIR(os.lstat(path).st_mode):
@@ -72,7 +75,7 @@ def _remove(path: str) -> None:
         return
     os.chmod(path, 0o700)
     for entry in os.scandir(path):
-        _remove(entry.path)
+        remove_tree(entry.path)
     os.rmdir(path)
 
 
@@ -100,7 +103,7 @@ def _mount_point_for(source: str, target: str, reusable: list[str] | None = None
     if os.path.lexists(target):
         if _is_mount_point_for(source, kind, target):
             return to_bind
-        _remove(target)
+        remove_tree(target)
     _directory(os.path.dirname(target))
     if not to_bind:
         os.symlink(os.readlink(source), target)
@@ -118,9 +121,20 @@ def _mount_point_for(source: str, target: str, reusable: list[str] | None = None
     return True
 
 
-def make_skeleton(where: str) -> str:
-    """The root every sandbox of this spawner pivots into (read-only inside), made once."""
-    root = os.path.join(where, "root")
+def write_if_changed(path: str, text: str) -> None:
+    """`path` holds `text` from now on, replaced whole (a sandbox reading it sees the old
+    file or the new one), and left alone if it holds it already."""
+    with contextlib.suppress(OSError), open(path) as f:
+        if f.read() == text:
+            return
+    with open(f"{path}.new", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.new", path)
+
+
+def make_skeleton(where: str, name: str = "root") -> str:
+    """A root sandboxes of this spawner pivot into (read-only inside), made once."""
+    root = os.path.join(where, name)
     with _step("make skeleton", root):
         for d, mode in (
             ("", 0o755),
@@ -191,7 +205,7 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> list[str]:
             if _mount_point_for(p, _inside(req.root, p), stale):
                 binds.append(p)
         for path in stale:
-            _remove(path)
+            remove_tree(path)
         for p in req.sandbox_paths:
             # One in the store dir is mounted on through the slot's store dir, bound there.
             if _mount_point_for(p, _inside(req.root if p.startswith(in_store) else skeleton, p)):

@@ -3,10 +3,12 @@ daemon's word.
 
 Started by the daemon before trio starts.  It keeps a spare ready (`spares.py`): a process
 already in fresh namespaces, with what every sandbox has mounted, waiting on a socket of
-its own.  Unless the request shares the host's network, the spare has a network namespace
-of its own: as root, one a finished build left, or a new one the spawner then keeps for
-later builds (`networks.py`).  Given a freezer directory (`SpawnRequest.freezer`, learnt
-from the requests), each spare is made in a cgroup of its own in it.
+its own.  The spare has a network namespace of its own: as root, one a finished build
+left, or a new one the spawner then keeps for later builds (`networks.py`); for a
+fixed-output build (`SpawnRequest.network`) always a new one, which pasta connects to the
+outside, and which the spawner stops once the builder has exited (`pasta.py`).  Given a
+freezer directory (`SpawnRequest.freezer`, learnt from the requests), each spare is made
+in a cgroup of its own in it.
 
 For each request (`daemon/wire/spawner.py`: a `SpawnRequest` in one packet, the log pipe's
 write end in SCM_RIGHTS) the spawner lays out the mount points (`sandbox.py`), writes the
@@ -16,6 +18,12 @@ data means the exec happened), and the spawner answers the daemon with the build
 or the error: the step, errno and path.  Then, unless another request waits, it makes
 the next spare: the clone and the namespaces, most of a spawn's cost, are off the path
 from request to exec.
+
+It dies with the daemon (the parent-death signal; and EOF on its socket, if the daemon
+died before it asked for that signal), and every builder with it: the builders are the
+daemon's (adopted), and each asks for the same signal as it starts (`spare.c`).  Its
+skeletons live in a scratch directory that the next spawner removes if this one is killed
+(`scratch.py`).
 """
 
 import contextlib
@@ -26,7 +34,6 @@ import select
 import signal
 import socket
 import sys
-import tempfile
 
 from daemon.wire.packets import pack, recv_packet, unpack
 from daemon.wire.spawner import (
@@ -38,7 +45,9 @@ from daemon.wire.spawner import (
     encode_reply,
 )
 from spawner.networks import Networks
-from spawner.sandbox import SetupError, make_skeleton, prepare_root
+from spawner.pasta import Pastas
+from spawner.sandbox import SetupError, make_skeleton, prepare_root, remove_tree
+from spawner.scratch import make_scratch
 from spawner.spares import Spare, make_spare
 
 PR_SET_PDEATHSIG = 1
@@ -54,10 +63,12 @@ def _failure_of(e: BaseException) -> SetupFailure:
 
 class Spawner:
     """What the spawner keeps between requests: a spare per kind of network, the newest
-    builders' mount namespaces, the network namespaces to lend again."""
+    builders' mount namespaces, the network namespaces to lend again, the pastas of the
+    fixed-output builders running."""
 
-    def __init__(self, skeleton: str) -> None:
-        self.skeleton = skeleton
+    def __init__(self, where: str) -> None:
+        # The skeletons, in the scratch directory `where`: by the request's `network`.
+        self.skeletons = {False: make_skeleton(where), True: make_skeleton(where, "network")}
         self.spares: dict[bool, Spare] = {}
         self.last_network = False
         self.freezer = ""  # the last request's
@@ -65,11 +76,12 @@ class Spawner:
         # Mount namespaces of the latest builders, held open (`release_mounts`).
         self.held: list[int] = []
         self.networks = Networks()
+        self.pastas = Pastas()
 
     def spawn(self, req: SpawnRequest, log_fd: int) -> SpawnReply:
         self.freezer, self.reuse_network = req.freezer, req.reuse_network
         try:
-            binds = prepare_root(req, self.skeleton)
+            binds = prepare_root(req, self.skeletons[req.network])
             spare = self.spares.pop(req.network, None)
             if spare is not None and (
                 spare.freezer != req.freezer
@@ -79,7 +91,7 @@ class Spawner:
                 spare.discard()
                 spare = None
             if spare is None:
-                spare = make_spare(self.skeleton, req.network, req.freezer, self._networks())
+                spare = self._make(req.network, req.freezer)
         except SetupError as e:
             return e.failure
         try:
@@ -90,13 +102,17 @@ class Spawner:
         if isinstance(reply, Spawned):
             if (held := spare.hold_mounts()) is not None:
                 self.held.append(held)
+            if spare.pasta is not None:
+                self.pastas.watch(spare.pid, spare.pasta)
+                spare.pasta = None
             spare.close()  # a builder's cgroup is the daemon's to remove
         else:
             spare.discard()
         return reply
 
-    def _networks(self) -> Networks | None:
-        return self.networks if self.reuse_network else None
+    def _make(self, network: bool, freezer: str) -> Spare:
+        networks = self.networks if self.reuse_network else None
+        return make_spare(self.skeletons[network], network, freezer, networks)
 
     def release_mounts(self) -> None:
         """Let go of the mount namespaces of all builders but the newest.  A builder whose
@@ -111,23 +127,38 @@ class Spawner:
         if network not in self.spares:
             # A failure here comes back to the request that needs the spare.
             with contextlib.suppress(SetupError):
-                self.spares[network] = make_spare(
-                    self.skeleton, network, self.freezer, self._networks()
-                )
+                self.spares[network] = self._make(network, self.freezer)
 
     def close(self) -> None:
         for spare in self.spares.values():
             spare.discard()
         self.spares.clear()
         self.networks.close()
+        self.pastas.close()
         for fd in self.held:
             os.close(fd)
         self.held.clear()
 
 
+def _wait_for_request(sock: socket.socket, spawner: Spawner) -> None:
+    """Until a request (or EOF) comes, stopping the pasta of each builder that exits."""
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    while watched := spawner.pastas.fds():
+        for fd in watched:
+            poll.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poll.poll()}
+        spawner.pastas.reap(ready)
+        if sock.fileno() in ready:
+            return
+        for fd in watched:
+            poll.unregister(fd)
+
+
 def serve(sock: socket.socket, spawner: Spawner) -> None:
     spawner.keep_spare(spawner.last_network)
     while True:
+        _wait_for_request(sock, spawner)
         try:
             data, fds, truncated = recv_packet(sock)
         except ConnectionResetError:
@@ -165,11 +196,13 @@ def main(fd: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    with tempfile.TemporaryDirectory(prefix="weft-sandbox-") as where:
-        os.chmod(where, 0o755)
-        spawner = Spawner(make_skeleton(where))
+    where = make_scratch()
+    try:
+        spawner = Spawner(where)
         try:
             serve(sock, spawner)
         finally:
             spawner.close()
+    finally:
+        remove_tree(where)
     sys.exit(0)

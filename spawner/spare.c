@@ -6,8 +6,13 @@
  *
  *     weft-spare SKELETON NETWORK [CGROUP_FD]
  *
- * NETWORK says which network namespace the spare gets: "host" the host's (fixed-output
- * builds); "own" a new one it makes with its user namespace (a daemon that is not root);
+ * or, to run a helper of the spawner's (pasta) that must not outlive it:
+ *
+ *     weft-spare --die-with PPID PROGRAM ARGS...
+ *
+ * NETWORK says which network namespace the spare gets (never the host's): "own" a new one
+ * it makes with its user namespace (fixed-output builds, then connected by pasta; and
+ * every build of a daemon that is not root);
  * "new" a new one this program makes first, as root, with lo up and no TIME_WAIT sockets
  * kept, which the spawner keeps for later builds; "join=FD" that one, kept from an earlier
  * build whose processes are all gone (a new network namespace costs more than the rest of
@@ -20,14 +25,18 @@
  * pid and exits: the spare, orphaned, becomes the child of the nearest subreaper, the
  * daemon, whose process monitor reaps it.  The spare mounts what every sandbox has
  * (settle), then waits on fd 3 for one request and the log pipe (SCM_RIGHTS); it binds
- * the slot's store dir, the inputs and /build, pivots into the skeleton, drops to the
- * build user and execs the builder.  In C, so that a spare costs no copy of a Python
- * process and its exec no teardown of one.
+ * /build, the slot's store dir and the inputs, pivots into the skeleton, drops to the
+ * build user, asks for SIGKILL when its parent (the daemon, by adoption) dies, and execs
+ * the builder.  In C, so that a spare costs no copy of a Python process and its exec no
+ * teardown of one.
  * spawner/sandbox.py describes the sandbox; this mirrors it step by step.
  *
  * The request is a list of NUL-terminated strings:
- *     "weft-spare-1" builder build_dir slot_store store_dir
+ *     "weft-spare-2" builder build_dir slot_store store_dir parent_pid
  *     N_ARGS args... N_ENV "k=v"... N_BINDS paths...
+ * in the packet, or past a packet's size in a memfd: the packet is then 0xc1 and the
+ * request's length (8 bytes, little-endian), the memfd a second descriptor
+ * (daemon/wire/packets.py).
  * A failure is written to the status pipe as a msgpack map {status, step, errno, path,
  * message} before exiting 127; the pipe is close-on-exec, so EOF with no data means the
  * builder's exec happened.
@@ -39,12 +48,14 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
+#include <poll.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/fsuid.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -53,13 +64,19 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <sched.h>
 
 #define BUILD_UID 1000
 #define BUILD_GID 100
+/* The largest request in the packet itself (daemon/wire/packets.py sends larger ones in a
+ * memfd, of at most MAX_SPILLED bytes). */
 #define MAX_REQUEST (1 << 20)
-#define MAGIC "weft-spare-1"
+#define MAX_SPILLED (64 << 20)
+#define SPILL 0xc1
+#define SPILL_HEADER 9
+#define MAGIC "weft-spare-2"
 #define CTL_FD 3
 #define STATUS_FD 4
 #define CLONE_INTO_CGROUP_FLAG 0x200000000ULL
@@ -140,12 +157,71 @@ static unsigned long locked_flags(const char *target, const char *source) {
     return flags;
 }
 
-static void bind_mount(const char *source, const char *target, int read_only, int recursive) {
-    if (mount(source, target, NULL, MS_BIND | (recursive ? MS_REC : 0), NULL) != 0)
+/* A mount point at `target` for `source` where the spawner could make none beforehand:
+ * in a file system this process mounted (the sandbox's /tmp, when the store dir lies under
+ * /tmp).  Made as the build user, the one user mapped here (a file of an unmapped user
+ * cannot be made), by a child, so that this process keeps its ids, which reach host
+ * directories only root may enter; the child starts from the deepest directory there is,
+ * entered here, so it needs to enter none of them. */
+static void make_mount_point(const char *source, const char *target) {
+    struct stat st;
+    char dir[4200];
+    if (stat(source, &st) != 0)
         fail("bind mount", errno, source);
+    snprintf(dir, sizeof dir, "%s", target);
+    do {
+        char *slash = strrchr(dir, '/');
+        if (slash == NULL || slash == dir)
+            fail("mount point", ENOENT, target);
+        *slash = 0;
+    } while (access(dir, F_OK) != 0);
+    const char *rest = target + strlen(dir) + 1;
+    if (chdir(dir) != 0)
+        fail("mount point", errno, dir);
+    pid_t pid = fork();
+    if (pid < 0)
+        fail("mount point", errno, target);
+    if (pid == 0) {
+        char part[4200];
+        snprintf(part, sizeof part, "%s", rest);
+        setfsgid(BUILD_GID);
+        setfsuid(BUILD_UID);
+        for (char *p = part; (p = strchr(p, '/')) != NULL; *p++ = '/') {
+            *p = 0;
+            if (mkdir(part, 0755) != 0 && errno != EEXIST)
+                fail("mount point", errno, target);
+        }
+        int made = S_ISDIR(st.st_mode) ? mkdir(part, 0755)
+                                       : open(part, O_WRONLY | O_CREAT | O_CLOEXEC, 0444);
+        if (made < 0)
+            fail("mount point", errno, target);
+        _exit(0);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            fail("mount point", errno, target);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
+        _exit(127); /* the child said why */
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail("mount point", ECHILD, target);
+}
+
+static void bind_mount(const char *source, const char *target, int read_only, int recursive) {
+    unsigned long flags = MS_BIND | (recursive ? MS_REC : 0);
+    struct stat st;
+    if (mount(source, target, NULL, flags, NULL) != 0) {
+        int err = errno;
+        if (err == ENOENT && lstat(target, &st) != 0) {
+            make_mount_point(source, target);
+            err = mount(source, target, NULL, flags, NULL) == 0 ? 0 : errno;
+        }
+        if (err)
+            fail("bind mount", err, source);
+    }
     if (read_only) {
-        unsigned long flags = MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target, source);
-        if (mount(NULL, target, NULL, flags, NULL) != 0)
+        unsigned long remount = MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target, source);
+        if (mount(NULL, target, NULL, remount, NULL) != 0)
             fail("bind mount", errno, source);
     }
 }
@@ -214,10 +290,30 @@ static void settle(int own_network) {
         loopback_up();
 }
 
-/* The request and its one descriptor, the log pipe; exits quietly on EOF (the spawner
- * dropped this spare). */
-static size_t receive(int ctl, char *buf, int *log_fd) {
-    char control[CMSG_SPACE(sizeof(int))];
+/* A request too large for a packet, from the memfd that brought it (then closed). */
+static size_t read_spilled(const char *header, int memfd, char **request) {
+    uint64_t length = 0;
+    struct stat st;
+    for (int i = SPILL_HEADER - 1; i > 0; i--)
+        length = length << 8 | (unsigned char)header[i];
+    if (length == 0 || length > MAX_SPILLED || fstat(memfd, &st) != 0 ||
+        (uint64_t)st.st_size != length || !(*request = malloc(length)))
+        fail("request", EINVAL, "");
+    for (size_t done = 0; done < length;) {
+        ssize_t n = pread(memfd, *request + done, length - done, done);
+        if (n <= 0)
+            fail("request", n < 0 ? errno : EIO, "");
+        done += n;
+    }
+    close(memfd);
+    return length;
+}
+
+/* The request and the log pipe (and a memfd holding the request, past a packet's size);
+ * exits quietly on EOF (the spawner dropped this spare). */
+static size_t receive(int ctl, char *buf, char **request, int *log_fd) {
+    char control[CMSG_SPACE(2 * sizeof(int))];
+    int fds[2] = {-1, -1};
     struct iovec iov = {buf, MAX_REQUEST};
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -230,14 +326,21 @@ static size_t receive(int ctl, char *buf, int *log_fd) {
     while (n < 0 && errno == EINTR);
     if (n < 0)
         fail("request", errno, "");
-    *log_fd = -1;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
-            c->cmsg_len == CMSG_LEN(sizeof(int)))
-            memcpy(log_fd, CMSG_DATA(c), sizeof(int));
+            c->cmsg_len <= CMSG_LEN(sizeof fds))
+            memcpy(fds, CMSG_DATA(c), c->cmsg_len - CMSG_LEN(0));
+    *log_fd = fds[0];
     if (n == 0 && *log_fd < 0)
         _exit(0);
-    if ((msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || *log_fd < 0 || n == 0 || buf[n - 1])
+    if ((msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || *log_fd < 0 || n == 0)
+        fail("request", EINVAL, "");
+    *request = buf;
+    if (n == SPILL_HEADER && (unsigned char)buf[0] == SPILL && fds[1] >= 0)
+        n = read_spilled(buf, fds[1], request);
+    else if (fds[1] >= 0)
+        fail("request", EINVAL, "");
+    if ((*request)[n - 1])
         fail("request", EINVAL, "");
     return (size_t)n;
 }
@@ -253,7 +356,8 @@ static char *next(char **cursor, char *end) {
 
 static char **strings(char **cursor, char *end, char *first) {
     long n = strtol(next(cursor, end), NULL, 10);
-    if (n < 0 || n > MAX_REQUEST / 2)
+    /* Each string takes at least its NUL. */
+    if (n < 0 || n > end - *cursor)
         fail("request", EINVAL, "");
     char **list = calloc(n + 2, sizeof *list);
     if (!list)
@@ -300,6 +404,28 @@ static void forbid_setuid_chmod(void) {
 #endif
 }
 
+/* SIGKILL when the parent dies: the daemon, which adopted this process (a subreaper), so
+ * that no builder outlives it.  Asked for after the last change of ids, which clears it;
+ * `parent` is the parent the spawner saw, and if this process has another one now, that
+ * one died before the asking and the builder must not start.  `stat_fd` is the host's
+ * /proc/self/stat, opened before the pivot: the sandbox's /proc counts from its own pid
+ * namespace, where the parent has no pid. */
+static void die_with_parent(int stat_fd, long parent) {
+    char buf[1024], state;
+    long ppid;
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0)
+        fail("parent", errno, "");
+    ssize_t n = pread(stat_fd, buf, sizeof buf - 1, 0);
+    if (n <= 0)
+        fail("parent", n < 0 ? errno : EIO, "/proc/self/stat");
+    buf[n] = 0;
+    char *end_of_name = strrchr(buf, ')');
+    if (!end_of_name || sscanf(end_of_name + 1, " %c %ld", &state, &ppid) != 2)
+        fail("parent", EIO, "/proc/self/stat");
+    if (ppid != parent)
+        fail("parent", ESRCH, "");
+}
+
 static void close_all_but(int keep) {
     if (syscall(SYS_close_range, 3, keep - 1, 0) == 0 &&
         syscall(SYS_close_range, keep + 1, ~0U, 0) == 0)
@@ -310,6 +436,16 @@ static void close_all_but(int keep) {
 }
 
 int main(int argc, char **argv) {
+    if (argc >= 4 && strcmp(argv[1], "--die-with") == 0) {
+        /* Its parent's death kills it; if that came already, the parent is another.  With
+         * every signal's default: pasta refuses to start with SIGPIPE ignored, as Python
+         * leaves it. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != atol(argv[2]))
+            return 126;
+        default_signals();
+        execv(argv[3], argv + 3);
+        return 127;
+    }
     if (argc != 3 && argc != 4)
         return 2;
     if (fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC) != 0 || fcntl(CTL_FD, F_SETFD, FD_CLOEXEC) != 0)
@@ -323,7 +459,7 @@ int main(int argc, char **argv) {
     } else if (strncmp(network, "join=", 5) == 0) {
         if (setns(atoi(network + 5), CLONE_NEWNET) != 0)
             fail("network namespace", errno, network);
-    } else if (!own_network && strcmp(network, "host") != 0) {
+    } else if (!own_network) {
         fail("start spare", EINVAL, network);
     }
     struct clone3_args how = {
@@ -361,23 +497,29 @@ int main(int argc, char **argv) {
     if (!buf)
         fail("request", ENOMEM, "");
     int log_fd;
-    size_t n = receive(ctl, buf, &log_fd);
-    char *cursor = buf, *end = buf + n;
+    char *request;
+    size_t n = receive(ctl, buf, &request, &log_fd);
+    char *cursor = request, *end = request + n;
     if (strcmp(next(&cursor, end), MAGIC) != 0)
         fail("request", EPROTO, "");
     char *builder = next(&cursor, end);
     char *build_dir = next(&cursor, end);
     char *slot_store = next(&cursor, end);
     char *store_dir = next(&cursor, end);
+    long parent = strtol(next(&cursor, end), NULL, 10);
     char **args = strings(&cursor, end, builder);
     char **env = strings(&cursor, end, NULL);
     char **binds = strings(&cursor, end, NULL);
+    int stat_fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (stat_fd < 0)
+        fail("parent", errno, "/proc/self/stat");
 
+    /* /build first: a store dir under /build (a state dir there) is then bound in it. */
     char target[4200];
+    bind_mount(build_dir, inside("build", target, sizeof target), 0, 1);
     bind_mount(slot_store, inside(store_dir, target, sizeof target), 0, 1);
     for (char **p = binds; *p; p++)
         bind_mount(*p, inside(*p, target, sizeof target), 1, 1);
-    bind_mount(build_dir, inside("build", target, sizeof target), 0, 1);
     /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves nothing
      * of the host reachable, and needs no directory to put it in. */
     if (chdir(skeleton) != 0 || syscall(SYS_pivot_root, ".", ".") != 0 ||
@@ -387,6 +529,7 @@ int main(int argc, char **argv) {
     if (setgid(BUILD_GID) != 0 || setuid(BUILD_UID) != 0 ||
         prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         fail("drop privileges", errno, "");
+    die_with_parent(stat_fd, parent);
     forbid_setuid_chmod();
     if (setrlimit(RLIMIT_CORE, &no_core) != 0 || chdir("/build") != 0)
         fail("drop privileges", errno, "");
@@ -394,6 +537,11 @@ int main(int argc, char **argv) {
     /* Standard input is /dev/null already. */
     if (dup2(log_fd, 1) < 0 || dup2(log_fd, 2) < 0)
         fail("set up stdio", errno, "");
+    /* The spawner waits for this exec on the status pipe, with its end of the socket open:
+     * if it has died, nobody would tell the daemon of this builder, which must not start. */
+    struct pollfd spawner = {ctl, POLLIN, 0};
+    if (poll(&spawner, 1, 0) != 0)
+        fail("spawner", ECONNRESET, "");
     close_all_but(status_fd);
     execve(builder, args, env);
     fail("exec", errno, builder);

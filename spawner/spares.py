@@ -6,10 +6,12 @@ orphaned, is adopted by the nearest subreaper, the daemon, whose process monitor
 The spare mounts what every sandbox has and waits on a socket of its own for the request
 that makes it a builder.  Here is the spawner's side of it: starting one, in a cgroup of
 its own in the daemon's freezer directory (where its builder's whole tree will be: the
-daemon freezes that cgroup to pause the build, and removes it after) and, unless the
-request shares the host's network, in a network namespace `networks.py` lends it or of its
-own; then writing its uid and gid maps (only a process outside the new user namespace
-may) and handing it the request and the log pipe.
+daemon freezes that cgroup to pause the build, and removes it after) and in a network
+namespace `networks.py` lends it, or of its own (connected by pasta for a fixed-output
+build: `pasta.py`); then writing its uid and gid maps (only a process outside the new user
+namespace may) and handing it the request and the log pipe.  With the request goes the
+pid of the spare's parent (the daemon, which adopted it) as the spawner sees it: the
+builder dies with that process, and does not start if it has died already (`spare.c`).
 """
 
 import contextlib
@@ -20,7 +22,7 @@ import select
 import socket
 from dataclasses import dataclass
 
-from daemon.wire.packets import rights, unpack
+from daemon.wire.packets import outgoing, unpack
 from daemon.wire.spawner import (
     SetupFailure,
     Spawned,
@@ -29,11 +31,12 @@ from daemon.wire.spawner import (
     decode_failure,
 )
 from spawner.networks import Networks
+from spawner.pasta import Pasta, start_pasta, sync_host_files
 from spawner.sandbox import BUILD_GID, BUILD_UID, SetupError, store_dir_of
 
 # The program a spare execs into, built by install.sh from spare.c.
 SPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weft-spare")
-SPARE_MAGIC = "weft-spare-1"
+SPARE_MAGIC = "weft-spare-2"
 # Where the spare program finds the cgroup to clone into, and a network namespace to join.
 _CGROUP_FD = 5
 _NETNS_FD = 6
@@ -54,10 +57,11 @@ def _reported(data: bytes) -> SetupFailure:
     return decode_failure(unpack(data)[1])
 
 
-def _for_spare(req: SpawnRequest, binds: list[str]) -> bytes:
+def _for_spare(req: SpawnRequest, binds: list[str], parent: int) -> bytes:
     """The request as the spare reads it (spare.c): NUL-terminated strings."""
     env = [f"{k}={v}" for k, v in req.env.items()]
     parts = [SPARE_MAGIC, req.builder, req.build_dir, store_dir_of(req), req.store_dir]
+    parts.append(str(parent))
     for part in (req.args, env, binds):
         parts.append(str(len(part)))
         parts.extend(part)
@@ -77,10 +81,13 @@ class Spare:
     freezer: str  # the freezer directory it was made for ("" for none)
     cgroup: str  # its own cgroup in that directory, if it could be made there
     kept_network: bool = False  # its network namespace is one `Networks` lends
+    pasta: Pasta | None = None  # what connects its network namespace, if anything does
 
     def waiting(self) -> bool:
         """Still alive and waiting: it never writes to its socket, it only closes it by
-        dying (killed, say, or failing to settle)."""
+        dying (killed, say, or failing to settle); and its network still connected."""
+        if self.pasta is not None and not self.pasta.alive():
+            return False
         return not select.select([self.ctl], [], [], 0)[0]
 
     def close(self) -> None:
@@ -90,9 +97,11 @@ class Spare:
         os.close(self.status)
 
     def discard(self) -> None:
-        """Drop a spare that will never be a builder, and its cgroup (once it is empty:
-        else the daemon removes it when it stops)."""
+        """Drop a spare that will never be a builder, its pasta, and its cgroup (once it
+        is empty: else the daemon removes it when it stops)."""
         self.close()
+        if self.pasta is not None:
+            self.pasta.stop()
         _remove_cgroup(self.cgroup)
 
     def start(self, req: SpawnRequest, binds: list[str], log_fd: int) -> SpawnReply:
@@ -101,7 +110,9 @@ class Spare:
         except OSError as e:
             return SetupFailure("uid map", e.errno or 0, e.filename or "", e.strerror or "")
         try:
-            self.ctl.sendmsg([_for_spare(req, binds)], rights(log_fd))
+            request = _for_spare(req, binds, self._parent())
+            with outgoing(request, log_fd) as (buffers, ancillary):
+                self.ctl.sendmsg(buffers, ancillary)
         except OSError as e:
             # The spare died before its request: its status pipe may say why.
             failure = _read_all(self.status)
@@ -112,6 +123,15 @@ class Spare:
         if failure:
             return _reported(failure)
         return Spawned(self.pid, self.cgroup)
+
+    def _parent(self) -> int:
+        """Its parent's pid (the daemon's, which adopted it: a subreaper)."""
+        fd = os.open("stat", os.O_RDONLY, dir_fd=self.proc_dir)
+        try:
+            stat = os.read(fd, _PIPE_READ)
+        finally:
+            os.close(fd)
+        return int(stat.rsplit(b")", 1)[1].split()[1])
 
     def hold_mounts(self) -> int | None:
         """Its mount namespace, held open: see `Spawner.release_mounts` (`server.py`)."""
@@ -156,14 +176,14 @@ def make_spare(
     skeleton: str, network: bool, freezer: str = "", networks: Networks | None = None
 ) -> Spare:
     """Start the spare program, which clones the spare (in a cgroup of its own, in
-    `freezer`, and unless `network` in a network namespace from `networks`, or of its own)
-    and reports its pid (spare.c)."""
+    `freezer`; in a network namespace from `networks`, or of its own, which pasta connects
+    if `network`) and reports its pid (spare.c)."""
     cgroup = _new_cgroup(freezer)
     try:
         try:
             spare = _start_networked(skeleton, network, cgroup, networks)
-        except SetupError:
-            if not cgroup:
+        except SetupError as e:
+            if not cgroup or e.failure.step == "network":
                 raise
             # A cgroup v1 freezer, or a kernel without clone3's CLONE_INTO_CGROUP: the
             # spare is moved there instead, while it waits.
@@ -194,7 +214,7 @@ def _remove_cgroup(path: str) -> None:
 
 def _start_networked(skeleton: str, network: bool, cgroup: str, networks: Networks | None) -> Spare:
     if network:
-        return start_spare(skeleton, "host", cgroup)
+        return _start_connected(skeleton, cgroup)
     if networks is None or not networks.shared:
         return start_spare(skeleton, "own", cgroup)
     netns = networks.take()
@@ -223,9 +243,22 @@ def _start_networked(skeleton: str, network: bool, cgroup: str, networks: Networ
     return spare
 
 
+def _start_connected(skeleton: str, cgroup: str) -> Spare:
+    """A spare with a network namespace of its own connected by pasta, for a fixed-output
+    build: never one kept, which a build without the network would get next."""
+    sync_host_files(skeleton)
+    spare = start_spare(skeleton, "own", cgroup)
+    try:
+        spare.pasta = start_pasta(SPARE, spare.pid)
+    except BaseException:
+        spare.discard()
+        raise
+    return spare
+
+
 def start_spare(skeleton: str, network: str, cgroup: str, netns: int = -1) -> Spare:
     """The spare the spare program clones, right into `cgroup` if one is given; `network`
-    as spare.c reads it (host, own, new, or join=FD with `netns` the namespace)."""
+    as spare.c reads it (own, new, or join=FD with `netns` the namespace)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

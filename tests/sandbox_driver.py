@@ -6,7 +6,7 @@ every child.
 
     python -m tests.sandbox_driver STATE_DIR HOST_UID SCRIPT [--network] [--timeout S]
         [--kill-spawner-after S] [--builder PATH] [--repeat N] [--cancel-after S]
-        [--kill-spare]
+        [--kill-spare] [--input PATH] [--env-bytes N] [--spawner-dies-before-exec]
 
 prints one JSON object: exit code, log, and what was found on the host afterwards.
 """
@@ -24,7 +24,13 @@ from pathlib import Path
 import trio
 
 from daemon.proc.processes import ProcessMonitor
-from daemon.proc.spawner import SpawnError, SpawnerService, start_spawner_process, wait_or_kill
+from daemon.proc.spawner import (
+    SpawnerDied,
+    SpawnError,
+    SpawnerService,
+    start_spawner_process,
+    wait_or_kill,
+)
 from daemon.wire.spawner import SpawnRequest
 from spawner.spares import SPARE
 from store.store import Store
@@ -71,16 +77,24 @@ def sandboxed_processes(uid: int) -> list[int]:
 
 
 def spares() -> list[int]:
-    """The spares waiting: the spare program, in a pid namespace of their own."""
-    ours = os.readlink("/proc/self/ns/pid")
+    """Our spares waiting: the spare program, adopted by this process (a subreaper), as
+    the daemon adopts them.  (Other processes' spares are none of ours.)"""
+    return children_running(os.getpid(), os.path.basename(SPARE))
+
+
+def children_running(pid: int, program: str) -> list[int]:
+    """The children of `pid` running `program` (its path's last part)."""
     found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
+    for child in os.listdir("/proc"):
+        if child.isdigit():
             try:
-                if _is_spare(pid) and os.readlink(f"/proc/{pid}/ns/pid") != ours:
-                    found.append(int(pid))
-            except OSError:
+                with open(f"/proc/{child}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                name = os.path.basename(_cmdline(child).split(b"\0")[0])
+            except (OSError, IndexError, ValueError):
                 continue
+            if ppid == pid and name == program.encode():
+                found.append(int(child))
     return found
 
 
@@ -104,6 +118,11 @@ def zombies() -> int:
     return count
 
 
+def big_environment(size: int) -> dict[str, str]:
+    chunk = 100_000
+    return {f"BIG{i}": "x" * min(chunk, size - i * chunk) for i in range(-(-size // chunk))}
+
+
 async def repeat(spawner: SpawnerService, request: SpawnRequest, work: Path, n: int) -> list[int]:
     codes = []
     for i in range(n):
@@ -117,6 +136,41 @@ async def repeat(spawner: SpawnerService, request: SpawnRequest, work: Path, n: 
     return codes
 
 
+async def spawner_dies_before_exec(
+    spawner: SpawnerService, request: SpawnRequest, build: Path, uid: int
+) -> dict[str, object]:
+    """The spawner killed after it sent the spare its request, before the spare acted on
+    it (stopped meanwhile): no builder may start that nobody would know of."""
+    while not (found := spares()):
+        await trio.sleep(0.01)
+    for pid in found:
+        os.kill(pid, signal.SIGSTOP)
+    r, w = os.pipe()
+    died = False
+    async with trio.open_nursery() as n:
+
+        async def ask() -> None:
+            nonlocal died
+            try:
+                await spawner.spawn(request, w)
+            except SpawnerDied:
+                died = True
+
+        n.start_soon(ask)
+        await trio.sleep(0.3)  # the request is in the spare's socket
+        os.kill(spawner.spawner_pid, signal.SIGKILL)
+    os.close(w)
+    for pid in found:
+        os.kill(pid, signal.SIGCONT)
+    await trio.sleep(0.5)
+    os.close(r)
+    return {
+        "spawner_died": died,
+        "builder_ran": (build / "ran").exists(),
+        "left_running": sandboxed_processes(uid),
+    }
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     monitor = ProcessMonitor()
     monitor.become_subreaper()
@@ -124,6 +178,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     store = Store.open(state)
     work = Path(tempfile.mkdtemp(dir=state))
     busybox = store.add_path(busybox_tree(work), name="busybox").path
+    extra = [store.add_path(args.input, name="input").path] if args.input else []
     root = work / "root"
     root.mkdir()
     build = work / "build"
@@ -143,7 +198,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             store_dir=store.store_dir,
             host_uid=args.uid,
             host_gid=args.uid,
-            inputs=[busybox],
+            inputs=[busybox, *extra],
             env={
                 "PATH": f"{busybox}/bin",
                 "HOME": "/homeless-shelter",
@@ -151,6 +206,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "STATE": str(state),
                 "STORE_OUT": f"{store.store_dir}/weft-test-output",
                 "BB": busybox,
+                **({"INPUT": extra[0]} if extra else {}),
+                # Variables of 100,000 bytes each, `--env-bytes` in all (over MAX_ARG_STRLEN
+                # apart, whole, as a build script of that size is).
+                **big_environment(args.env_bytes),
             },
             network=args.network,
         )
@@ -160,6 +219,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             result["zombies"] = zombies()
             result["held_mount_namespaces"] = held_mount_namespaces(spawner.spawner_pid)
             await spawner.aclose()
+            n.cancel_scope.cancel()
+            return result
+        if args.spawner_dies_before_exec:
+            result.update(await spawner_dies_before_exec(spawner, request, build, args.uid))
             n.cancel_scope.cancel()
             return result
         if args.kill_spare:
@@ -192,6 +255,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "step": failure.step,
                 "errno": failure.errno,
                 "path": failure.path,
+                "message": failure.message,
             }
             n.cancel_scope.cancel()
             return result
@@ -214,6 +278,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result["elapsed"] = time.monotonic() - t
         await trio.sleep(0.3)
         result["left_running"] = sandboxed_processes(args.uid)
+        # Those of builders; the next spare, made already, has one too.
+        result["pastas"] = [
+            pid
+            for pid in children_running(spawner.spawner_pid, "pasta")
+            if not _is_spare(_cmdline(pid).split(b"\0")[-2].decode())
+        ]
         if args.kill_spawner_after is not None:
             # The replacement spawner serves the next build.
             root2 = work / "root2"
@@ -251,5 +321,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--cancel-after", type=float)
     parser.add_argument("--kill-spare", action="store_true")
+    parser.add_argument("--input")
+    parser.add_argument("--env-bytes", type=int, default=0)
+    parser.add_argument("--spawner-dies-before-exec", action="store_true")
     print(json.dumps(trio.run(main, parser.parse_args())))
     sys.stdout.flush()

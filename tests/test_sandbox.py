@@ -45,7 +45,7 @@ exit 3
 @pytest.fixture
 def state() -> Iterator[Path]:
     # Not under /tmp: the sandbox mounts its own /tmp over that path.
-    d = Path(tempfile.mkdtemp(prefix="weft-sandbox-", dir="/var/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="weft-spawn-", dir="/var/tmp"))
     d.chmod(0o755)
     yield d / "state"
     shutil.rmtree(d, ignore_errors=True)
@@ -109,12 +109,17 @@ def test_same_sandbox_with_the_daemon_as_an_ordinary_user(state: Path) -> None:
     check_sandbox(result, state)
 
 
-def test_network_namespace_can_be_left_out(state: Path) -> None:
-    result = drive(state, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '", "--network")
-    host = sorted(
-        line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]
-    )
-    assert sorted(result["log"].split()) == host
+def test_a_fixed_output_build_gets_a_network_namespace_of_its_own_not_the_hosts(
+    state: Path,
+) -> None:
+    script = "readlink /proc/self/ns/net; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"
+    result = drive(state, script, "--network")
+    netns, *interfaces = result["log"].split()
+    assert netns != os.readlink("/proc/self/ns/net")
+    # Its loopback, and pasta's tap named as the host's interface with the default route.
+    route = subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True)
+    outside = route.stdout.split()[route.stdout.split().index("dev") + 1]
+    assert sorted(interfaces) == sorted(["lo", outside])
 
 
 def test_daemonised_grandchildren_do_not_outlive_the_builder(state: Path) -> None:
@@ -132,12 +137,21 @@ def test_builder_ignoring_sigterm_is_killed_on_timeout(state: Path) -> None:
 
 
 def test_spawner_killed_mid_build_is_replaced(state: Path) -> None:
-    result = drive(state, "sleep 1; echo first build done", "--kill-spawner-after", "0.2")
+    script = 'sleep 1; echo x > /tmp/x && mkdir "$STORE_OUT" && echo first build done'
+    result = drive(state, script, "--kill-spawner-after", "0.2")
     assert result["spawner_restarts"] == 1
-    # The running builder belongs to the daemon, not to the dead spawner.
-    assert result["code"] == 0 and "first build done" in result["log"]
+    # The running builder belongs to the daemon, not to the dead spawner; its sandbox is
+    # whole (the next spawner removes the dead one's scratch directory only once unused).
+    assert result["code"] == 0 and "first build done" in result["log"], result
+    assert "weft-test-output" in result["outputs"]
     assert result["second_code"] == 0
     assert result["second_log"].strip() == "second build ok"
+
+
+def test_a_spare_whose_spawner_died_before_its_exec_starts_no_builder(state: Path) -> None:
+    result = drive(state, "touch /build/ran; sleep 1000", "--spawner-dies-before-exec")
+    assert result["spawner_died"]
+    assert not result["builder_ran"] and result["left_running"] == [], result
 
 
 def test_a_builder_whose_requester_gave_up_is_killed(state: Path) -> None:
@@ -158,7 +172,17 @@ def test_setup_errors_name_the_step(state: Path) -> None:
         "step": "exec",
         "errno": errno.ENOENT,
         "path": "/nonexistent/builder",
+        "message": os.strerror(errno.ENOENT),
     }
+
+
+def test_a_state_dir_deep_down_works(state: Path) -> None:
+    # 450 bytes: SQLite opens no database past 512, and the skeleton's path comes on top.
+    deep = state.parent.joinpath(*["a-rather-long-directory-name-to-go-deep"] * 10, "state")
+    deep.parent.mkdir(parents=True)
+    result = drive(deep, 'mkdir -p "$STORE_OUT" && echo made > "$STORE_OUT/file"')
+    assert result["code"] == 0, result
+    assert "weft-test-output" in result["outputs"]
 
 
 def test_outputs_land_in_the_sandbox_store_dir(state: Path) -> None:

@@ -6,10 +6,15 @@ write end of the build's log pipe; the reply names the builder's pid, which the 
 monitor then owns: the spawner's spares are orphaned as soon as they are made, and the
 daemon, a subreaper, adopts them, by design.  If the spawner dies, requests in flight
 fail with `SpawnerDied` and a new spawner serves the next ones.
+
+A request the builder's exec would refuse (arguments and environment past the kernel's
+limits) fails here, before the spawner makes anything of its sandbox; a request of any
+other size goes through (`daemon.wire.packets` sends a large one in a memfd).
 """
 
 import functools
 import os
+import resource
 import signal
 import socket
 from collections.abc import Collection
@@ -26,6 +31,7 @@ from daemon.wire.spawner import (
     SpawnRequest,
     decode_reply,
     encode_request,
+    exec_refusal,
 )
 
 
@@ -65,6 +71,10 @@ class SpawnerService(HelperConnection[SpawnRequest, SpawnReply]):
 
     async def spawn(self, request: SpawnRequest, log_fd: int) -> Process:
         """Start a builder; its stdout and stderr go to `log_fd` (which stays ours)."""
+        # The builder inherits the daemon's stack limit, which sets execve's.
+        refusal = exec_refusal(request, resource.getrlimit(resource.RLIMIT_STACK)[0])
+        if refusal is not None:
+            raise SpawnError(refusal)
         reply = await self._call(request, log_fd)
         if reply is None:
             raise SpawnerDied(

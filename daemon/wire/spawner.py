@@ -9,11 +9,27 @@ Each message is one packet (`daemon.wire.packets`): a msgpack map with the reque
 
 An error reply is also what the spare program writes to its status pipe when a step of
 the sandbox fails (`spawner/spare.c`), without an id: the spawner passes it on.
+
+A request larger than a packet travels in a memfd (`daemon.wire.packets`); what no
+sandbox could exec, the kernel's limits on execve's arguments and environment
+(`exec_refusal`), is refused before anything starts, naming the limit.
 """
 
+import errno
 from dataclasses import dataclass, field
 
 from daemon.wire.packets import Fields
+
+# execve's limits (fs/exec.c, include/uapi/linux/binfmts.h).  One argument or environment
+# string ("k=v"), its NUL included, is at most MAX_ARG_STRLEN: 32 pages.
+MAX_ARG_STRLEN = 32 * 4096
+# All of them together, with the program's path and a pointer per string, fit in a quarter
+# of the stack's soft limit (RLIMIT_STACK; 8 MiB by default: 2 MiB, measured exact to the
+# byte on Linux 6.18), never more than three quarters of 8 MiB, never less than 32 pages.
+_STACK_SHARE = 4
+_MOST = (8 << 20) // 4 * 3
+_LEAST = 32 * 4096
+_POINTER = 8
 
 
 @dataclass
@@ -28,9 +44,11 @@ class SpawnRequest:
     env: dict[str, str] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)  # store paths, bound read-only
     sandbox_paths: list[str] = field(default_factory=list)  # host paths, bound read-only
-    network: bool = False  # True: share the host's network (fixed-output builds)
+    # True (fixed-output builds): the network, through a namespace of the build's own
+    # that pasta connects (spawner/pasta.py); never the host's network namespace.
+    network: bool = False
     # False: a network namespace made for this build alone, never one a finished build
-    # left (spawner/networks.py).
+    # left (spawner/networks.py).  A build with the network always gets a new one.
     reuse_network: bool = True
     # The daemon's freezer directory: the builder's tree runs in a cgroup of its own in
     # it (best effort: the reply names it, or "").
@@ -97,3 +115,43 @@ def decode_failure(fields: Fields) -> SetupFailure:
         str(fields.get("path") or ""),
         str(fields.get("message")),
     )
+
+
+def exec_room(stack_limit: int) -> int:
+    """How many bytes execve takes for a program's path, arguments and environment, with
+    `stack_limit` the soft RLIMIT_STACK (resource.RLIM_INFINITY: -1) the builder inherits:
+    the kernel's ARG_MAX, which getconf reports as a quarter of the stack limit."""
+    if stack_limit < 0:
+        return _MOST
+    return max(min(stack_limit // _STACK_SHARE, _MOST), _LEAST)
+
+
+def exec_refusal(request: SpawnRequest, stack_limit: int) -> SetupFailure | None:
+    """Why execve would refuse the builder's arguments and environment (E2BIG), naming
+    the limit, or None: checked before anything of the sandbox is made."""
+    strings = [request.builder, request.builder, *request.args]
+    strings.extend(f"{k}={v}" for k, v in request.env.items())
+    for i, s in enumerate(strings[1:]):
+        size = len(s.encode(errors="surrogateescape")) + 1
+        if size > MAX_ARG_STRLEN:
+            name = f"variable {s.split('=')[0]}"
+            what = f"argument {i}" if i <= len(request.args) else f"environment {name}"
+            return SetupFailure(
+                "exec",
+                errno.E2BIG,
+                request.builder,
+                f"the builder's {what} is {size:,} bytes; execve takes at most "
+                f"{MAX_ARG_STRLEN:,} per string (MAX_ARG_STRLEN)",
+            )
+    total = sum(len(s.encode(errors="surrogateescape")) + 1 + _POINTER for s in strings)
+    room = exec_room(stack_limit)
+    if total - _POINTER > room:
+        return SetupFailure(
+            "exec",
+            errno.E2BIG,
+            request.builder,
+            f"the builder's arguments and environment take {total - _POINTER:,} bytes; "
+            f"execve takes at most {room:,} (ARG_MAX: a quarter of the stack limit, "
+            f"RLIMIT_STACK, at most 6 MiB)",
+        )
+    return None
