@@ -1,9 +1,13 @@
 """`store-daemon`: serve a state dir's store on its Unix socket.
 
 Start-up order matters: fork into the background (if asked) while the process has one
-thread; take the one-daemon lock; open and migrate the database; bind the socket (a
-stale one is replaced: the lock, not the socket file, says whether a daemon is alive);
-start the helpers; then `trio.run`.  SIGTERM and SIGINT stop accepting, remove the socket,
+thread; start the locker and have it take the one-daemon lock; start the spawner (both
+by posix_spawn, before any thread); open and migrate the database and recover what a
+killed predecessor left half-done (`store/recovery.py`: its deletions undone, its debris
+removed; it is dead once it has exited, even while a zombie nobody reaped), all before
+the socket is bound, so that no request is answered from a store still being set right;
+bind the socket (a stale one is replaced: the lock, not the socket file, says whether a
+daemon is alive); then `trio.run`.  SIGTERM and SIGINT stop accepting, remove the socket,
 let requests in flight finish within the grace period, and cancel the rest.
 """
 

@@ -100,10 +100,15 @@ class OfdKernel:
             os.close(fd)
 
     def mark_deleted(self, key: Key) -> None:
-        """Nix's deletion token: waiters on this inode see a non-empty file and retry."""
+        """Nix's deletion token: waiters on this inode see a non-empty file and retry.
+
+        On a full disk (or quota) the byte cannot be written; the file is unlinked
+        already, which the daemon's waiters see by itself, and a failed write must not
+        take the locker, and every lock with it, down."""
         fd = self.fds.get(key)
         if fd is not None:
-            os.pwrite(fd, b"d", 0)
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, b"d", 0)
 
 
 class LockerServer:

@@ -26,7 +26,11 @@ class Recovery:
         self.store_dir = store_dir
 
     def recover(self) -> None:
-        """Remove what dead processes left behind: unregistered paths, then scratch."""
+        """Remove what dead processes left behind: unregistered paths, then scratch.
+
+        A process is dead once it has exited (`store.tmparea`): the daemon calls this as
+        it opens the store, before it serves anyone, and a killed daemon's deletions must
+        be undone then, not at some later open once its zombie has been reaped."""
         with self.db.connection() as conn:
             pending = list(conn.execute("SELECT entry, path FROM PendingAdds"))
         for entry, path in pending:
@@ -42,9 +46,11 @@ class Recovery:
             aside = self.db.write(body)
             if aside is not None:
                 remove_tree(aside)
-        for entry in self.tmp.dead_entries(DELETION):
-            self._finish_deletion(entry)
-        self.tmp.remove_dead_entries()
+        for entry in self.tmp.dead_entries():
+            if entry.name.endswith(DELETION):
+                self._finish_deletion(entry)
+            else:
+                remove_tree(entry)
 
     def _finish_deletion(self, batch: Path) -> None:
         """Deletions whose process died: each undone if its transaction did not commit."""

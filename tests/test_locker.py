@@ -1,5 +1,6 @@
 """The locker: a real locker process, real lock files, real outside lockers."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -163,7 +164,7 @@ def test_a_malformed_request_is_answered_failed_and_the_locker_serves_on(tmp_pat
     try:
         lock_fields = encode_request(Lock("a", Mode.EXCLUSIVE, wait=False))
         for data, answer in (
-            (b"\xc1", (-1, MALFORMED)),
+            (b"\x91", (-1, MALFORMED)),  # an array cut short
             (pack(None, lock_fields), (-1, MALFORMED)),
             (pack(7, {"op": "unlock", "owner": "a"}), (7, MALFORMED)),
             (pack(8, {"op": "cancel", "request": "9"}), (8, MALFORMED)),
@@ -474,3 +475,25 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+async def test_a_lock_file_deleted_on_a_full_disk_leaves_the_locker_serving(tmp_path: Path) -> None:
+    disk = tmp_path / "full"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        async with locker() as svc:
+            pid = svc.locker_pid
+            path = str(disk / "out.lock")
+            async with svc.exclusive([path], "build", delete=True):
+                # The disk fills while the build runs: the deletion token cannot be written.
+                with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
+                    f.write(b"x" * (128 << 10))
+            assert not os.path.exists(path)
+            with trio.fail_after(10):
+                async with svc.exclusive([str(tmp_path / "next.lock")], "next"):
+                    pass
+            assert (svc.locker_pid, svc.restarts) == (pid, 0)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

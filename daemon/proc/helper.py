@@ -4,23 +4,36 @@ A helper is a child of the daemon, reaped by the process monitor, talking over a
 SOCK_SEQPACKET socketpair: one message per packet (`daemon.wire.packets`), a file
 descriptor attached where a request needs one.  Requests carry ids and replies are matched
 to the task awaiting them; each subclass encodes its requests and decodes its replies with
-its helper's wire module.  When the helper dies, every request in flight fails (its waiter
-gets no reply: None), subclasses undo what depended on it, and a new helper is started.
+its helper's wire module.
+
+A helper may die at any moment (kill -9, a crash, the OOM killer), and its death must
+never take the daemon down.  Each helper process and our end of its socket make one
+`_Generation`, the socket's one owner: it closes it once, when the process has exited
+(or, from `aclose`, to make it exit), and nothing sends on it after that.  Every request
+of a generation that ends fails (its waiter gets no reply: None), including a send that
+finds the helper gone; the subclass turns that into its own clear error, undoes what
+depended on the helper, and a new helper is started, after a pause if helpers keep dying
+at once.  A request made in between waits for the new one.  A helper whose socket fails,
+that answers garbage or hangs up without exiting is killed: its exit ends its generation
+the same way.  Nothing a helper does raises out of `run`.
 """
 
+import errno
 import itertools
 import logging
 import socket
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
 
 from daemon.proc.cpus import place
 from daemon.proc.processes import Process, ProcessMonitor
-from daemon.wire.packets import Fields, pack, rights, unpack
+from daemon.wire.packets import Fields, outgoing, pack, unpack
 
 log = logging.getLogger("weft.helpers")
 # The helper's end of the socketpair, as `python -m <helper> 3` is told.
@@ -29,6 +42,26 @@ _CHILD_FD = 3
 # an error, a builder's pid and cgroup path, or a setup error with its path (PATH_MAX,
 # 4,096 bytes) and message; 64 KiB holds any of them with room to spare.
 MAX_REPLY = 1 << 16
+# A helper that dies within this long of its start, twice in a row, is failing, not
+# unlucky (a helper serves for the daemon's whole life; starting one takes about 50 ms):
+# each next start waits, from the first pause doubling up to the last, so that a helper
+# that cannot start (a broken installation, no memory) costs a start every 10 s, not a CPU.
+QUICK_DEATH = 1.0
+FIRST_PAUSE, LAST_PAUSE = 0.1, 10.0
+# How long a request made while no helper serves (between a death and the next start,
+# which may wait a pause) waits for the next one before it fails as if it had died: the
+# longest pause, and a start.
+RESTART_WAIT = LAST_PAUSE + 5.0
+# How long a helper that closed its end of the socket may take to exit before it is
+# taken for hung and killed: its exit takes milliseconds, and its own exit code, not
+# SIGKILL's, should be what the log shows.
+HANGUP_GRACE = 1.0
+# How long `aclose` waits for a helper to see EOF and exit before it is killed: both
+# helpers exit within milliseconds of EOF; only one stopped (SIGSTOP) or swapped out waits.
+CLOSE_GRACE = 5.0
+# Send errors that mean the helper's end is gone (it died, or is dying): not the request's
+# fault, the request fails as if the helper had died before answering.
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
@@ -44,10 +77,45 @@ def start_helper(
         proc = monitor.spawn(
             [sys.executable, "-m", module, str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()}
         )
+    except BaseException:
+        ours.close()
+        raise
     finally:
         theirs.close()
     place(proc.pid, cpus)
     return proc, ours
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[Reply]):
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Reply | None = None
+
+
+@dataclass(eq=False)
+class _Generation(Generic[Reply]):
+    """One helper process and our end of its socket, which this alone closes."""
+
+    proc: Process
+    sock: trio.socket.SocketType
+    started: float
+    pending: dict[int, _Waiter[Reply]] = field(default_factory=dict)
+    ended: bool = False
+
+    def end(self, fd_lost: bool = False) -> None:
+        """Fail what waits on this helper and close our end, once.  With `fd_lost` (the
+        number was closed under us, a bug elsewhere) the number is let go, not closed:
+        it may be another owner's by now."""
+        if self.ended:
+            return
+        self.ended = True
+        for waiter in self.pending.values():
+            waiter.done.set()
+        self.pending.clear()
+        if fd_lost:
+            self.sock.detach()
+        else:
+            self.sock.close()
 
 
 class HelperConnection(ABC, Generic[Request, Reply]):
@@ -62,86 +130,196 @@ class HelperConnection(ABC, Generic[Request, Reply]):
     ) -> None:
         self._monitor = monitor
         self._start = start
-        self._proc = proc
-        self._sock = trio.socket.from_stdlib_socket(sock)
+        self._gen: _Generation[Reply] = self._generation(proc, sock)
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[trio.Event, list[Reply | None]]] = {}
         self._closing = False
+        # Set (and replaced) when a new helper serves, or the connection closes.
+        self._changed = trio.Event()
         self.restarts = 0
+
+    @staticmethod
+    def _generation(proc: Process, sock: socket.socket) -> _Generation[Reply]:
+        return _Generation(proc, trio.socket.from_stdlib_socket(sock), time.monotonic())
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._gen.proc.pid
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve replies; when the helper dies, fail what depended on it, start another."""
         task_status.started()
+        pause, quick_deaths = FIRST_PAUSE, 0
         while True:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_replies)
-                if self.restarts:
-                    nursery.start_soon(self._restarted)
-                code = await self._proc.wait()
-                nursery.cancel_scope.cancel()
+            gen = self._gen
+            code = await self._serve(gen)
             if self._closing:
                 return
             log.error(
-                "the %s (pid %d) exited with %d; starting another", self.name, self._proc.pid, code
+                "the %s (pid %d) exited with %d; starting another", self.name, gen.proc.pid, code
             )
-            for event, slot in self._pending.values():
-                slot.append(None)
-                event.set()
-            self._pending.clear()
-            self._died()
-            self._sock.close()
-            self._proc, sock = self._start(self._monitor)
-            self._sock = trio.socket.from_stdlib_socket(sock)
-            self.restarts += 1
+            if time.monotonic() - gen.started >= QUICK_DEATH:
+                pause, quick_deaths = FIRST_PAUSE, 0
+            else:
+                quick_deaths += 1
+            if quick_deaths > 1:
+                await trio.sleep(pause)
+                pause = min(pause * 2, LAST_PAUSE)
+            while not self._closing and not self._start_next():
+                log.error("could not start the %s; again in %.1f s", self.name, pause)
+                await trio.sleep(pause)
+                pause = min(pause * 2, LAST_PAUSE)
+            if self._closing:
+                return
+
+    def _start_next(self) -> bool:
+        try:
+            self._gen = self._generation(*self._start(self._monitor))
+        except OSError as e:
+            log.error("starting the %s: %s", self.name, e)
+            return False
+        self.restarts += 1
+        self._changed.set()
+        self._changed = trio.Event()
+        return True
+
+    async def _serve(self, gen: _Generation[Reply]) -> int:
+        """One generation, until its helper exits: its exit code."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_replies, gen)
+            if self.restarts:
+                nursery.start_soon(self._after_restart)
+            code = await gen.proc.wait()
+            # Before the tasks are cancelled: a request in flight fails as "died", not as
+            # "cancelled", nothing sends on the socket once it is closed, and what held
+            # on the helper learns at once that it does no more.
+            gen.end()
+            if not self._closing:
+                self._died()
+            nursery.cancel_scope.cancel()
+        return code
+
+    async def _after_restart(self) -> None:
+        try:
+            await self._restarted()
+        except Exception:
+            # A subclass's bug must not take the daemon down with the helper it restarted.
+            log.exception("after restarting the %s", self.name)
 
     async def aclose(self) -> None:
-        """Close our end: the helper sees EOF and exits; reap it."""
+        """Close our end: the helper sees EOF and exits; reap it (killed if it lingers)."""
         self._closing = True
-        self._sock.close()
-        with trio.move_on_after(5):
-            await self._proc.wait()
+        self._changed.set()
+        gen = self._gen
+        gen.end()
+        with trio.move_on_after(CLOSE_GRACE):
+            await gen.proc.wait()
+            return
+        gen.proc.kill()
+        await gen.proc.wait()
 
-    async def _read_replies(self) -> None:
+    async def _read_replies(self, gen: _Generation[Reply]) -> None:
+        """Hand replies to their waiters.  A helper whose socket fails or that answers
+        garbage is of no more use, nor one that hung up and does not exit: it is killed,
+        and its exit ends the generation."""
         while True:
             try:
-                data = await self._sock.recv(MAX_REPLY)
-            except (OSError, trio.ClosedResourceError):
+                data = await gen.sock.recv(MAX_REPLY)
+                if not data:
+                    break
+                rid, fields = unpack(data)
+                reply = self._decode(fields)
+            except trio.ClosedResourceError:
+                return  # ended: closed by `end`
+            except OSError as e:
+                if gen.ended:
+                    return  # closed by `end` while this task was about to read
+                if e.errno in _GONE:
+                    break
+                log.error("the %s's socket failed: %s", self.name, e)
+                if e.errno == errno.EBADF:
+                    gen.end(fd_lost=True)
+                gen.proc.kill()
                 return
-            if not data:
+            except Exception as e:
+                log.error("the %s sent a reply that does not decode: %s", self.name, e)
+                gen.proc.kill()
                 return
-            rid, fields = unpack(data)
-            reply = self._decode(fields)
-            waiter = self._pending.pop(rid, None) if rid is not None else None
+            waiter = gen.pending.pop(rid, None) if rid is not None else None
             if waiter is not None:
-                waiter[1].append(reply)
-                waiter[0].set()
+                waiter.reply = reply
+                waiter.done.set()
             else:
                 await self._unclaimed(rid, reply)
+        # It hung up: it is exiting (and its exit code will say why), or it is hung.
+        with trio.move_on_after(HANGUP_GRACE):
+            await gen.proc.wait()
+            return
+        log.error("the %s hung up but did not exit; killing it", self.name)
+        gen.proc.kill()
 
-    async def _send(self, request: Request, fd: int | None = None, rid: int | None = None) -> None:
+    async def _send(self, request: Request, fd: int | None = None, rid: int | None = None) -> bool:
+        """Send a request to the helper serving now; False if it is gone (the request is
+        then void, as everything the helper held).  Other send errors are the request's
+        (too large, say) and raise."""
+        gen = self._gen
         data = pack(next(self._ids) if rid is None else rid, self._encode(request))
-        await self._sock.sendmsg([data], rights(fd) if fd is not None else [])
+        return await self._send_on(gen, data, fd)
+
+    async def _send_on(self, gen: _Generation[Reply], data: bytes, fd: int | None) -> bool:
+        if gen.ended:
+            return False
+        try:
+            # A message too large for one packet goes in a memfd (`daemon.wire.packets`).
+            with outgoing(data, fd) as (buffers, ancillary):
+                await gen.sock.sendmsg(buffers, ancillary)
+        except trio.ClosedResourceError:
+            return False  # ended while we waited for room
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                # Not by `end` (it was checked above, and nothing ran since): by a close
+                # of its number elsewhere, a bug that must not end in a closed stranger.
+                log.error("the %s's socket was closed under it", self.name)
+                gen.end(fd_lost=True)
+                gen.proc.kill()
+                return False
+            if e.errno in _GONE:
+                return False
+            raise
+        return True
 
     async def _call(self, request: Request, fd: int | None = None) -> Reply | None:
-        """Send a request and wait for its reply; None if the helper died first."""
-        event = trio.Event()
-        slot: list[Reply | None] = []
+        """Send a request and wait for its reply; None if the helper died first.  Made
+        while no helper serves, it waits for the next one (a while)."""
+        gen = await self._serving()
         rid = next(self._ids)
-        # Registered before sending: the reply may come back before `_send` returns.
-        self._pending[rid] = (event, slot)
+        waiter: _Waiter[Reply] = _Waiter()
+        # Registered before sending: the reply may come back before `_send_on` returns.
+        gen.pending[rid] = waiter
+        sent = False
         try:
-            await self._send(request, fd, rid)
-            await event.wait()
+            sent = await self._send_on(gen, pack(rid, self._encode(request)), fd)
+            if sent:
+                await waiter.done.wait()
         except trio.Cancelled:
-            if self._pending.pop(rid, None) is not None:
+            if gen.pending.pop(rid, None) is not None and sent:
                 with trio.CancelScope(shield=True):
                     await self._abandoned(rid, request)
             raise
-        return slot[0]
+        finally:
+            gen.pending.pop(rid, None)
+        return waiter.reply
+
+    async def _serving(self) -> _Generation[Reply]:
+        """The helper serving now, for `_still_serving`; between a death and the next
+        start, the next one (waited for a while: then the dead one)."""
+        with trio.move_on_after(RESTART_WAIT):
+            while self._gen.ended and not self._closing:
+                await self._changed.wait()
+        return self._gen
+
+    def _still_serving(self, token: object) -> bool:
+        """Whether the helper that `token` named serves still (has not died since)."""
+        return token is self._gen and not self._gen.ended
 
     # The helper's wire format.
 

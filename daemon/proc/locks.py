@@ -13,9 +13,11 @@ grant the lock file is checked as Nix does: if it was deleted or replaced meanwh
 and is taken again on the new file.
 
 If the locker dies, every request in flight fails with `LockerDied`, the body of every
-`exclusive`/`shared` block holding a lock is cancelled and raises `LockLost`, and a new
-locker is started: owners do not get their locks back (another process may have taken
-them in between), they fail cleanly instead.
+`exclusive`/`shared` block holding a lock is cancelled and raises `LockLost` (whatever
+else the body raised as it was cancelled is its cause), and a new locker is started:
+owners do not get their locks back (another process may have taken them in between), they
+fail cleanly instead, with an error that says the locker died and the request may be
+retried.  An unlock meant for a dead locker is dropped: its locks went with it.
 """
 
 import contextlib
@@ -48,6 +50,9 @@ from daemon.wire.packets import Fields, pack, rights, unpack
 
 log = logging.getLogger("weft.locks")
 DAEMON_OWNER = "daemon"
+# What a client is told: which helper died, and that trying again is the remedy.
+DIED = "the lock helper (locker) died before it answered; retry"
+LOST = "the lock helper (locker) died, and the locks went with it; retry"
 # The one-daemon lock's request id, sent before any `LockService` (whose ids start at 1).
 _BLOCKING_ID = 0
 
@@ -77,6 +82,9 @@ class Held:
 
 @dataclass
 class _Owner:
+    """What one owner holds of the locker serving now; a locker's death makes it `lost`
+    and forgotten, and the owner's next lock starts a new record."""
+
     keys: dict[Key, int] = field(default_factory=dict)  # inode -> times held
     scopes: set[trio.CancelScope] = field(default_factory=set)
     lost: bool = False
@@ -96,7 +104,10 @@ def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
         sock.sendmsg([pack(_BLOCKING_ID, encode_request(request))], rights(fd))
     finally:
         os.close(fd)
-    _, fields = unpack(sock.recv(MAX_REPLY))
+    data = sock.recv(MAX_REPLY)
+    if not data:
+        raise LockerDied("the lock helper (locker) exited as it started (its error is above)")
+    _, fields = unpack(data)
     reply = decode_reply(fields)
     if reply.status is Status.FAILED:
         raise LockError(f"{path}: {reply.error}")
@@ -137,6 +148,8 @@ class LockService(HelperConnection[Request, Reply]):
             return
         try:
             await self.lock(self._daemon_lock, Mode.EXCLUSIVE, DAEMON_OWNER, wait=False)
+        except LockerDied:
+            return  # died again at once: the next locker takes it
         except LockError as e:
             log.error("lost the one-daemon lock (%s); shutting down", e)
             self._on_daemon_lock_lost()
@@ -163,12 +176,12 @@ class LockService(HelperConnection[Request, Reply]):
             owner.lost = True
             for scope in owner.scopes:
                 scope.cancel()
-        self._owners = {k: v for k, v in self._owners.items() if v.scopes}
+        self._owners = {}
 
     async def _locker_call(self, request: Request, fd: int | None = None) -> Reply:
         reply = await self._call(request, fd)
         if reply is None:
-            raise LockerDied("the locker died; the request was not served")
+            raise LockerDied(DIED)
         return reply
 
     async def lock(self, path: str, mode: Mode, owner: str, wait: bool = True) -> Held:
@@ -177,10 +190,14 @@ class LockService(HelperConnection[Request, Reply]):
             # Creating a file can take milliseconds on a slow disk: not on the loop.  (The
             # stale check below only looks at an inode just opened, in the cache.)
             fd = await trio.to_thread.run_sync(_open_lock_file, path)
+            serving = await self._serving()
             try:
                 reply = await self._locker_call(Lock(owner, mode, wait), fd)
             finally:
                 os.close(fd)
+            if not self._still_serving(serving):
+                # Granted by a locker that died before we got here: the lock went with it.
+                raise LockerDied(DIED)
             if reply.status is Status.REFUSED:
                 raise WouldBlock(f"{path} is locked")
             if reply.status is not Status.GRANTED or reply.key is None:
@@ -203,11 +220,17 @@ class LockService(HelperConnection[Request, Reply]):
         if not state.keys and not state.scopes:
             del self._owners[owner]
         # Not while the owner holds it again (it locked the file twice): the next locker
-        # would make a new file and lock that.  Nor if it is
-        # gone already, or another file now: its holder deleted it, or another's it is.
+        # would make a new file and lock that.  Nor if it is gone already, or another file
+        # now: its holder deleted it, or another's it is.
         delete = delete and held.key not in state.keys and _still_current(held.path, held.key)
         if delete:
-            await trio.to_thread.run_sync(_unlink_quietly, held.path)
+            try:
+                await trio.to_thread.run_sync(_unlink_quietly, held.path)
+            except OSError as e:
+                # The lock is released all the same: a file that would not go must not
+                # keep it held (the file stays, empty, and serves the next owner).
+                log.warning("%s: the lock file stays: %s", held.path, e)
+                delete = False
         await self._send(Unlock(owner, held.key, delete))
 
     async def release_owner(self, owner: str) -> None:
@@ -227,17 +250,24 @@ class LockService(HelperConnection[Request, Reply]):
                 for path in sorted(set(paths)):
                     held.append(await self.lock(path, mode, owner, wait))
                 yield held
+        except Exception as e:
+            # What the body raised as it was cancelled (an exception group of its tasks,
+            # say) is the loss's consequence: the caller is told of the loss.
+            if state.lost and not isinstance(e, LockError):
+                raise LockLost(f"{owner}: {LOST}") from e
+            raise
         finally:
             state.scopes.discard(scope)
-            lost = state.lost
-            if not lost:
+            if not state.lost:
                 with trio.CancelScope(shield=True):
                     for h in reversed(held):
                         await self.unlock(h, owner, delete=delete)
-            elif not state.scopes:
-                self._owners.pop(owner, None)
-        if lost:
-            raise LockLost(f"{owner}: the locker died; its locks were lost")
+            # Kept only while it holds or may hold something: owners come and go with
+            # builds, and the table must not grow with every one there ever was.
+            if not state.keys and not state.scopes and self._owners.get(owner) is state:
+                del self._owners[owner]
+        if state.lost:
+            raise LockLost(f"{owner}: {LOST}")
 
     def exclusive(
         self, paths: Sequence[str], owner: str, wait: bool = True, delete: bool = False

@@ -75,7 +75,7 @@ class Collector:
             return LivePaths(sorted(full.live))
         chosen = full
         if only is not None:
-            chosen = await trio.to_thread.run_sync(gc.restrict, full, only, self.store)
+            chosen = await self.workers.long(gc.restrict, full, only, self.store)
         dead = gc.simulate(chosen, max_freed) if mode is GCMode.DRY_RUN else chosen.dead
         return DeadPaths(sorted(dead), sum(chosen.sizes[p] for p in dead))
 
@@ -84,7 +84,7 @@ class Collector:
         return await self.workers.long(lambda: gc.plan(store, s.keep_outputs, s.keep_derivations))
 
     async def roots(self) -> list[gc.Root]:
-        return await trio.to_thread.run_sync(gc.find_roots, self.store)
+        return await self.workers.long(gc.find_roots, self.store)
 
     async def collect(
         self, max_freed: int | None = None, only: list[str] | None = None
@@ -95,7 +95,7 @@ class Collector:
             if only is None:
                 chosen = full
             else:
-                chosen = await trio.to_thread.run_sync(gc.restrict, full, only, self.store)
+                chosen = await self.workers.long(gc.restrict, full, only, self.store)
             return await self.workers.long(gc.delete, self.store, chosen, max_freed)
 
     def free_bytes(self) -> int:
