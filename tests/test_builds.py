@@ -123,13 +123,17 @@ def test_failures_are_reported_with_the_log_tail(graph: Graph) -> None:
     results = graph.build(dependent, lazy, independent, keep_going=True, max_jobs=1)
     by_drv = {r["drv"]: r for r in results}
     assert by_drv[dependent.path]["status"] == "dependency-failed"
-    assert "dependency failed: failing" in by_drv[dependent.path]["message"]
+    # The failed dependency is named by its .drv store path, as Nix names it.
+    assert failing.path in by_drv[dependent.path]["message"]
     assert by_drv[lazy.path]["status"] == "failed"
-    assert "did not produce output 'out'" in by_drv[lazy.path]["message"]
+    assert f"builder for '{lazy.path}' did not produce output 'out'" in by_drv[lazy.path]["message"]
     assert by_drv[independent.path]["status"] == "built"
     (fail,) = graph.build(failing)
-    assert "failed with exit code 3" in fail["message"]
-    assert "the last line" in fail["message"] and "some output" in fail["message"]
+    assert fail["message"] == (
+        f"builder for '{failing.path}' failed with exit code 3; last 2 log lines:\n"
+        "  some output\n"
+        "  the last line"
+    )
     # The logs of failed builds are kept too, whatever the failure.
     for drv, text in ((failing, b"some output\nthe last line\n"), (lazy, b"not making")):
         log = bytearray()
@@ -149,7 +153,8 @@ def test_timeout_and_silence_kill_the_builder(graph: Graph) -> None:
 def test_fixed_output_hash_mismatch(graph: Graph) -> None:
     fetched = graph.sh("fetched", "echo downloaded > $out", output_hash="blake3:" + "0" * 64)
     (r,) = graph.build(fetched)
-    assert r["status"] == "failed" and "expected blake3:000" in r["message"]
+    assert r["status"] == "failed" and fetched.path in r["message"]
+    assert "blake3:" + "0" * 64 in r["message"]
     assert not graph.client.call("is-valid", paths=[fetched.out])
 
 
@@ -364,12 +369,8 @@ def test_a_dependent_never_builds_when_its_inputs_registration_fails(graph: Grap
     by_drv = {r["drv"]: r for r in graph.build(victim, dependent)}
     assert by_drv[victim.path]["status"] == "failed"
     assert "refused by the test" in by_drv[victim.path]["message"]
-    assert by_drv[dependent.path] == {
-        "drv": dependent.path,
-        "outputs": {"out": dependent.out},
-        "status": "dependency-failed",
-        "message": "dependency failed: victim",
-    }
+    assert by_drv[dependent.path]["status"] == "dependency-failed"
+    assert victim.path in by_drv[dependent.path]["message"]
     assert ("building dependent", None) not in graph.logs
     assert not os.path.exists(victim.out)
     assert not os.path.exists(dependent.out)
@@ -433,15 +434,16 @@ def test_a_sandbox_that_cannot_be_made_fails_the_build_not_the_daemon(graph: Gra
     fine = graph.sh("fine-after", "echo ok > $out")
     by_drv = {r["drv"]: r for r in graph.build(broken, fine, keep_going=True)}
     assert by_drv[broken.path]["status"] == "failed"
-    assert "sandbox setup failed at exec" in by_drv[broken.path]["message"]
+    assert by_drv[broken.path]["message"].startswith(
+        f"builder for '{broken.path}' could not be started: sandbox setup failed at exec"
+    )
     assert by_drv[fine.path]["status"] == "built"
 
 
 def test_a_derivation_whose_outputs_do_not_follow_from_its_inputs_is_refused(
     graph: Graph,
 ) -> None:
-    # Added through the daemon, it is checked as it is added, and not remembered as
-    # checked: the build still refuses it.
+    # Added through the daemon, it is checked as it is added.
     honest = graph.sh("honest", "echo honest > $out")
     other = graph.sh("other", "echo other > $out")
     forged = dataclasses.replace(
@@ -449,13 +451,10 @@ def test_a_derivation_whose_outputs_do_not_follow_from_its_inputs_is_refused(
         outputs={"out": Output(other.out)},
         env={**honest.drv.env, "out": other.out},
     )
-    path = graph.client.call(
-        "add-text", name="honest.drv", text=forged.to_json(), references=forged.references()
-    )["path"]
-    try:
+    # Refused as it is added, or, if added, when asked to build.
+    with pytest.raises(DaemonError, match="output paths do not match the derivation"):
+        path = graph.client.call(
+            "add-text", name="honest.drv", text=forged.to_json(), references=forged.references()
+        )["path"]
         graph.client.call("build", drvs=[path])
-    except DaemonError as e:
-        assert "output paths do not match the derivation" in str(e)
-    else:
-        raise AssertionError("a forged derivation was built")
     assert not os.path.exists(other.out)

@@ -8,6 +8,15 @@ closure, the slot laid out; none for a check or a repair whose closure is known 
 slot was left ready), one after (the `Finish`, and the slot readied for the next
 build).  A failed attempt's build dir is handed to the user if asked
 (`keepfailed.py`); its log is stored and its slot readied in one more trip.
+
+A slot goes back to the slots only once its builder is gone: an attempt abandoned
+mid-build (its client went away, the daemon stops) kills its builder and waits for it,
+and the spawner's answer is always waited for (within `SPAWN_WAIT`), since a builder it
+starts for a request nobody waits for any more would run on in a slot already handed to
+the next build.  Where that cannot be known, the slot is withheld (`slots.py`).
+
+Errors name the derivation by its `.drv` store path, as Nix's do ("builder for '...'
+failed with exit code 1; last 25 log lines:"), setup errors included.
 """
 
 import logging
@@ -17,23 +26,39 @@ from dataclasses import dataclass
 
 import trio
 
+from daemon.build import leftovers
 from daemon.build.closures import Closures
 from daemon.build.errors import BuildError
 from daemon.build.events import LogLine
 from daemon.build.job import Job
 from daemon.build.keepfailed import keep_failed
-from daemon.build.logs import LogTail
+from daemon.build.logs import LogPipe, LogTail
 from daemon.build.outputs import Finish
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
 from daemon.build.slots import Slot, mount_points
 from daemon.build.watch import Ending, Watch
 from daemon.proc.processes import Process
+from daemon.proc.spawner import SpawnerDied, SpawnError
 from daemon.sched.retry import Cause
 from daemon.wire.spawner import SpawnRequest
 from store.derivation import Derivation, drv_name
 
 logger = logging.getLogger("weft.builds")
+
+# How long the spawner gets to answer: it answers within milliseconds (it makes one
+# sandbox at a time, a few ms each, so even a queue of 64 requests is well under a
+# second), and one that dies fails the request at once; one alive but stuck this long is
+# given up on, and the slot with it.
+SPAWN_WAIT = 60.0
+# How long an abandoned build's builder gets to exit after SIGKILL before its slot is
+# withheld: pid 1 of its pid namespace, it takes the whole sandbox with it within
+# milliseconds, unless blocked in the kernel.
+BURY_WAIT = 10.0
+# How long after its spawner died a spare may still start a builder: a whole spawn, the
+# request to the builder's first instruction, takes a p99 of 5 to 20 ms
+# (bench/RESULTS.md); 25 times the slowest.
+SPARE_SETTLE = 0.5
 
 
 def _nothing() -> None:
@@ -66,11 +91,14 @@ class Attempt:
         self.opts = opts
         self.finish = finish
         self.name = drv_name(job.drv_path)
+        self.builder = f"builder for '{job.drv_path}'"
         self.log = LogTail()
         self.proc: Process | None = None
         self.ran = False  # the builder ran to its end: its log is worth storing
         self.cleared = False  # finished, and the slot readied, in one trip
         self.done = False  # `finished` was called: the outputs are there
+        self.slot_safe = True  # nothing of this attempt can run in the slot any more
+        self.spawner_died = False  # while it made this attempt's sandbox
 
     async def run(
         self, needed: Callable[[], bool] | None = None, finished: Callable[[], None] = _nothing
@@ -80,16 +108,23 @@ class Attempt:
         replaced), before the log is stored.  BuildError if the build failed."""
         slot = await self.room.slots.take()
         try:
-            log = await self._in_slot(slot, needed, finished)
-        finally:
-            self.room.slots.give_back(slot)
-        if log is not None:
-            # A successful build's log is stored once its dependents went on and its slot
-            # is free: making a file is sometimes slow on a busy disk.
             try:
-                await self.room.workers.background(self.room.logs.store, self.job.drv_path, log)
-            except OSError as e:
-                logger.warning("%s: storing the log: %s", self.job.drv_path, e)
+                log = await self._in_slot(slot, needed, finished)
+            finally:
+                if self.slot_safe:
+                    self.room.slots.give_back(slot)
+                else:
+                    self.room.slots.withhold(slot)
+            if log is not None:
+                # A successful build's log is stored once its dependents went on and its
+                # slot is free: making a file is sometimes slow on a busy disk.
+                try:
+                    await self.room.workers.background(self.room.logs.store, self.job.drv_path, log)
+                except OSError as e:
+                    logger.warning("%s: storing the log: %s", self.job.drv_path, e)
+        finally:
+            # Until here `store-log` reads it live; from here, stored.
+            self.room.live.remove(self.job.drv_path, self.log)
 
     async def _in_slot(
         self, slot: Slot, needed: Callable[[], bool] | None, finished: Callable[[], None]
@@ -110,13 +145,14 @@ class Attempt:
             finished()
             return self.log.data
         except BuildError as e:
-            if self.opts.keep_failed_for is not None:
+            if self.opts.keep_failed_for is not None and self.ran:
                 raise await self._kept(e, slot) from None
             raise
         finally:
             if not self.cleared:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._wrap_up, slot, keep)
+                    safe = await self._buried(slot)
+                    await trio.to_thread.run_sync(self._wrap_up, slot, keep, safe)
 
     async def _lay_out(self, slot: Slot, needed: Callable[[], bool] | None) -> list[str] | None:
         """The input closure, the slot laid out for it; None if the build is not needed."""
@@ -142,19 +178,56 @@ class Attempt:
 
     async def _build(self, slot: Slot, closure: list[str]) -> Ending:
         """Spawn the builder and watch it to its end."""
-        read_end, write_end = os.pipe()
-        stream = trio.lowlevel.FdStream(read_end)
-        try:
+        with LogPipe() as pipe:
+            self.room.live.add(self.job.drv_path, self.log)
             try:
-                self.proc = await self.room.spawner.spawn(self._request(slot, closure), write_end)
+                proc = await self._spawn(self._request(slot, closure), pipe)
+                watch = Watch(proc, pipe.reader, self.log, self.opts, self._line, self.job.run)
+                ending = await watch.until_exit()
             finally:
-                os.close(write_end)
-            watch = Watch(self.proc, stream, self.log, self.opts, self._line, self.job.run)
-            ending = await watch.until_exit()
-        finally:
-            stream.close()
+                self.log.end()
         self.ran = True
         return ending
+
+    async def _spawn(self, request: SpawnRequest, pipe: LogPipe) -> Process:
+        """The builder, started, its output going to `pipe`; BuildError if its sandbox
+        could not be made."""
+        # Shielded: the answer is waited for even when the attempt is abandoned (see the
+        # module's docstring); a cancellation comes after it.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + SPAWN_WAIT
+            try:
+                self.proc = await self.room.spawner.spawn(request, pipe.write_end)
+            except SpawnError as e:
+                self.spawner_died = isinstance(e, SpawnerDied)
+                raise BuildError(f"{self.builder} could not be started: {e}", Cause.SETUP) from None
+            finally:
+                pipe.close_write_end()
+        if self.proc is None:
+            self.slot_safe = False
+            message = f"the spawner did not answer in {SPAWN_WAIT:g} s"
+            raise BuildError(f"{self.builder} could not be started: {message}", Cause.SETUP)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return self.proc
+
+    async def _buried(self, slot: Slot) -> bool:
+        """Whether nothing of this attempt runs in the slot any more: a builder still
+        running (its build abandoned) is killed and waited for, within `BURY_WAIT`."""
+        if self.spawner_died:
+            # A spare that had the request when its spawner died starts the builder all
+            # the same, unknown to us: whatever runs in the slot once it would have is
+            # killed.
+            await trio.sleep(SPARE_SETTLE)
+            held = await trio.to_thread.run_sync(leftovers.sweep_slot, slot.work)
+            self.slot_safe = not held
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            with trio.move_on_after(BURY_WAIT):
+                await proc.wait()
+            if proc.returncode is None:
+                self.slot_safe = False
+        return self.slot_safe
 
     async def _line(self, line: str) -> None:
         await self.job.tell(LogLine(self.job.drv_path, line))
@@ -194,7 +267,7 @@ class Attempt:
 
     def _outputs(self, slot: Slot, ending: Ending) -> dict[str, tuple[str, str]]:
         """What the builder left, {output: (where, store path)}; BuildError if it failed."""
-        builder = f"builder for '{self.name}'"
+        builder = self.builder
         if ending.why:
             raise BuildError(f"{builder} {ending.why}{self.log.tail()}", ending.cause, ending.code)
         if ending.code != 0:
@@ -222,13 +295,15 @@ class Attempt:
         except OSError as e:
             logger.warning("%s: after the build: %s", self.job.drv_path, e)
 
-    def _wrap_up(self, slot: Slot, keep: set[str]) -> None:
-        """After a failure: the log stored, the slot readied (in a worker thread)."""
+    def _wrap_up(self, slot: Slot, keep: set[str], safe: bool) -> None:
+        """After a failure: the log stored, the slot readied if nothing of this attempt
+        can run there any more (in a worker thread)."""
         try:
             if self.ran:
                 self.room.logs.store(self.job.drv_path, self.log.data)
         finally:
-            self._ready_slot(slot, keep)
+            if safe:
+                self._ready_slot(slot, keep)
 
     def _ready_slot(self, slot: Slot, keep: set[str]) -> None:
         if self.proc is not None and self.proc.returncode is not None:
@@ -240,7 +315,10 @@ class Attempt:
     async def _kept(self, e: BuildError, slot: Slot) -> BuildError:
         """`e`, once the failed build's dir is handed to the user who asked for it."""
         assert self.opts.keep_failed_for is not None
-        kept = await trio.to_thread.run_sync(
-            keep_failed, slot.work / "build", slot.uid, self.name, *self.opts.keep_failed_for
-        )
+        try:
+            kept = await trio.to_thread.run_sync(
+                keep_failed, slot.work / "build", slot.uid, self.name, *self.opts.keep_failed_for
+            )
+        except OSError as err:
+            return BuildError(f"{e}\nthe build dir could not be kept: {err}", e.cause, e.exit_code)
         return BuildError(f"{e}\nthe build dir is kept at {kept}", e.cause, e.exit_code)

@@ -15,12 +15,15 @@ the retry policy's business (`daemon/sched/`, docs/scheduling.md).
 """
 
 import os
+from collections.abc import Awaitable, Callable
+
+import trio
 
 from daemon.build import rebuild
 from daemon.build.derivations import Derivations
 from daemon.build.events import Listener
 from daemon.build.graph import GraphRun
-from daemon.build.logs import BuildLogs
+from daemon.build.logs import BuildLogs, LiveLogs
 from daemon.build.request import BuildOptions, Result
 from daemon.build.room import Room
 from daemon.build.shared import Jobs
@@ -65,7 +68,11 @@ class Builder:
         self.max_jobs = scheduler.admission.max_jobs
         builds_dir = state.root / "var" / "builds"
         slots = BuildSlots(
-            builds_dir, store.store_dir, settings.build_slots, settings.build_uid_base
+            builds_dir,
+            store.store_dir,
+            settings.build_slots,
+            settings.build_uid_base,
+            pauser.cgroups,
         )
         self.room = Room(
             store=store,
@@ -80,6 +87,7 @@ class Builder:
             derivations=Derivations(store),
             slots=slots,
             logs=BuildLogs(state.log_dir),
+            live=LiveLogs(),
             cores=str(settings.cores or os.cpu_count() or 1),
         )
         self.jobs = Jobs(self.room, retrier)
@@ -97,9 +105,18 @@ class Builder:
         (corrupt or missing).  Returns why it could not, or None."""
         return await rebuild.repair(self.room, drv_path, listener)
 
-    def read_log(self, drv_path: str) -> bytes:
-        """A derivation's stored build log; FileNotFoundError if it has none."""
-        return self.room.logs.read(drv_path)
+    async def send_log(
+        self, drv_path: str, send: Callable[[bytes], Awaitable[None]], follow: bool
+    ) -> int:
+        """`send` the log of the derivation's build running now, what it wrote so far
+        (and if `follow`, what it writes until it ends), else its stored log; returns the
+        bytes sent.  FileNotFoundError if it is not building and has no stored log."""
+        live = self.room.live.get(drv_path)
+        if live is not None:
+            return await live.stream(send, follow)
+        data = await trio.to_thread.run_sync(self.room.logs.read, drv_path)
+        await send(data)
+        return len(data)
 
     def close(self) -> None:
         self.pauser.close()

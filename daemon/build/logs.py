@@ -1,12 +1,30 @@
-"""Build logs: the log of a running build as it comes (its last lines for the error of a
-failed one), and every finished build's log stored compressed in `var/log/<drv>.gz`,
-for `store-log`."""
+"""Build logs: the pipe a builder writes its log to, the log of a running build as it
+comes (its last lines for the error of a failed one, and what `store-log` of a running
+build reads, or follows), and every finished build's log stored compressed in
+`var/log/<drv>.gz`, for `store-log`.
+
+The pipe's ends each have one owner that closes them once (`LogPipe`): a number closed
+twice may by then be another task's or thread's descriptor, and closing it breaks that
+one (a daemon once died of EBADF that way when a client went away mid-build).
+
+A follower of a running build (`LogTail.stream`) holds a position in the build's log,
+not a copy: the log is kept whole until it is stored anyway, so a follower costs the
+daemon nothing while the build runs, however slowly it reads; the data goes out through
+the connection's flow control (credit).  Once the build is over, a follower behind keeps
+that one log alive until it has read it, or until the connection fails it for granting
+no credit (`daemon/rpc/context.py`'s `STREAM_IDLE`): at most one log, of at most the
+build's `max-log-size`, per follower.
+"""
 
 import gzip
 import os
 import zlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import TracebackType
+
+import trio
 
 # The lines of a failed build's log its error shows: Nix's `log-lines` default.
 LOG_TAIL = 25
@@ -14,14 +32,55 @@ LOG_TAIL = 25
 LOG_COMPRESSION = 6
 
 
+class LogPipe:
+    """A build's log pipe.  The read end is `reader`'s, which closes it once however often
+    it is closed; the write end is this pipe's until `close_write_end` (once the spawner
+    has its copy: the builder's end-of-file then comes when the builder's side closes).
+    Leaving the `with` closes whatever is still open."""
+
+    def __init__(self) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            # The read end is the stream's from here, even if making it fails: its
+            # finalizer closes it then.
+            self.reader = trio.lowlevel.FdStream(read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        self._write_end: int | None = write_end
+
+    @property
+    def write_end(self) -> int:
+        if self._write_end is None:
+            raise ValueError("the log pipe's write end is closed")
+        return self._write_end
+
+    def close_write_end(self) -> None:
+        fd, self._write_end = self._write_end, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "LogPipe":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close_write_end()
+        self.reader.close()
+
+
 class LogTail:
-    """The build log so far (for the log file) and its last lines (for the error)."""
+    """The build log so far (for the log file, and for `store-log` while it runs) and its
+    last lines (for the error)."""
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
+        self.ended = False  # the builder is gone: nothing more comes
         self._partial = b""
         self.lines: deque[str] = deque(maxlen=LOG_TAIL)
+        self._grown = trio.Event()
 
     def add(self, chunk: bytes) -> list[str]:
         """Take a chunk the builder wrote; returns the lines it completed."""
@@ -30,7 +89,33 @@ class LogTail:
         *complete, self._partial = (self._partial + chunk).split(b"\n")
         lines = [line.decode(errors="replace") for line in complete]
         self.lines.extend(lines)
+        self._wake()
         return lines
+
+    def end(self) -> None:
+        """The builder is gone: followers end once they have what came."""
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._grown.set()
+        self._grown = trio.Event()
+
+    async def stream(self, send: Callable[[bytes], Awaitable[None]], follow: bool) -> int:
+        """`send` the log so far and, if `follow`, what comes until the builder is gone;
+        returns the bytes sent."""
+        sent = taken = 0
+        while True:
+            grown = self._grown
+            new = self.chunks[taken:]
+            taken += len(new)
+            for chunk in new:
+                await send(chunk)
+                sent += len(chunk)
+            if not follow or (self.ended and taken == len(self.chunks)):
+                return sent
+            if taken == len(self.chunks):
+                await grown.wait()
 
     @property
     def data(self) -> bytes:
@@ -46,6 +131,25 @@ class LogTail:
         return f"; last {len(lines[-LOG_TAIL:])} log lines:\n" + "\n".join(
             f"  {line}" for line in lines[-LOG_TAIL:]
         )
+
+
+class LiveLogs:
+    """The logs of the builds running now, by derivation, from the builder's start until
+    the log is stored: `store-log` finds a build's log in one place or the other."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, LogTail] = {}
+
+    def add(self, drv_path: str, log: LogTail) -> None:
+        self._logs[drv_path] = log
+
+    def remove(self, drv_path: str, log: LogTail) -> None:
+        # Only its own: a check of the same derivation may have come since.
+        if self._logs.get(drv_path) is log:
+            del self._logs[drv_path]
+
+    def get(self, drv_path: str) -> LogTail | None:
+        return self._logs.get(drv_path)
 
 
 class BuildLogs:

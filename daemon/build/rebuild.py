@@ -15,7 +15,6 @@ from daemon.build.outputs import Compare, Replace, lock_files
 from daemon.build.request import BuildOptions, Outcome, State
 from daemon.build.room import Room
 from daemon.proc.locks import LockError
-from daemon.proc.spawner import SpawnError
 from store.derivation import Derivation, DerivationError, drv_name
 from store.pins import PinOwner
 from store.records import StoreError
@@ -67,7 +66,7 @@ async def repair(room: Room, drv_path: str, listener: Listener) -> str | None:
             room.locks.exclusive(lock_files(drv), str(owner), delete=True),
         ):
             await Attempt(room, job, drv, inputs, BuildOptions(max_jobs=1), replace).run()
-    except (BuildError, SpawnError, LockError, StoreError, DerivationError) as e:
+    except (BuildError, LockError, StoreError, DerivationError) as e:
         return str(e)
     finally:
         store.pins.release(owner)

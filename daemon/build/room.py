@@ -4,7 +4,7 @@ composition root, `daemon/compose.py`) and the room's own parts, made once by `B
 from dataclasses import dataclass
 
 from daemon.build.derivations import Derivations
-from daemon.build.logs import BuildLogs
+from daemon.build.logs import BuildLogs, LiveLogs
 from daemon.build.slots import BuildSlots
 from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
@@ -33,4 +33,5 @@ class Room:
     derivations: Derivations
     slots: BuildSlots
     logs: BuildLogs
+    live: LiveLogs  # the logs of the builds running now
     cores: str  # NIX_BUILD_CORES

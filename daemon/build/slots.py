@@ -7,8 +7,16 @@ A build takes a free slot, waiting while none is; the slot freed last is taken f
 as its directories and its inputs' mount points are there already.  A slot whose last
 build left it ready for the next (laid out, emptied but for its inputs' mount points)
 needs no worker-thread trip before the next build starts in it.
+
+No slot is used before what a killed predecessor left running in any of them is gone
+(`leftovers.py`): the first build to want a slot waits for that.  A slot something still
+runs in then, or whose builder would not die when its build was abandoned, or where a
+spawner that died or did not answer may have started one, is withheld for the daemon's
+life (and logged): a slot handed to a build while another process writes there corrupts
+that build.
 """
 
+import logging
 import os
 import stat
 from collections import deque
@@ -18,8 +26,11 @@ from pathlib import Path
 
 import trio
 
+from daemon.build import leftovers
 from daemon.proc.spawner import build_ids
 from store.tmparea import remove_tree
+
+logger = logging.getLogger("weft.builds")
 
 
 @dataclass(frozen=True)
@@ -36,21 +47,68 @@ def mount_points(closure: Collection[str]) -> set[str]:
 
 
 class BuildSlots:
-    def __init__(self, builds_dir: Path, store_dir: str, count: int, uid_base: int) -> None:
+    def __init__(
+        self, builds_dir: Path, store_dir: str, count: int, uid_base: int, cgroups: str = ""
+    ) -> None:
         self.builds_dir = builds_dir
+        self.cgroups = cgroups  # where the builds' cgroups are ("" for none)
         self.store_dir = store_dir
         self._count = count
         self._uid_base = uid_base
         self._free = deque(range(count))
         self._lot = trio.lowlevel.ParkingLot()
         self._ready: set[int] = set()
+        self._swept = False
+        self._sweeping = trio.Lock()
+        self.withheld: set[int] = set()
 
     async def take(self) -> Slot:
+        if not self._swept:
+            await self._sweep()
         while not self._free:
             await self._lot.park()
         index = self._free.popleft()
         uid, gid = build_ids(index, self._uid_base, self._count)
         return Slot(index, uid, gid, self.builds_dir / str(index))
+
+    async def _sweep(self) -> None:
+        """Kill what a killed predecessor left running in the slots, and wait until it
+        is gone, once, before the first build takes a slot."""
+        async with self._sweeping:
+            if self._swept:
+                return
+            # Shielded: a cancelled first taker must not leave the slots unswept, and the
+            # sweep ends within `LEFTOVER_WAIT`.
+            with trio.CancelScope(shield=True):
+                held = await trio.to_thread.run_sync(leftovers.sweep, self.builds_dir, self.cgroups)
+            for index, pids in held.items():
+                if index == leftovers.ANY_SLOT:
+                    logger.error("%s: processes %s live on after SIGKILL", self.cgroups, pids)
+                else:
+                    logger.error(
+                        "build slot %d: processes %s live on there after SIGKILL; the slot "
+                        "is not used",
+                        index,
+                        pids,
+                    )
+                    self._withhold(index)
+            self._swept = True
+
+    def _withhold(self, index: int) -> None:
+        self.withheld.add(index)
+        if index in self._free:
+            self._free.remove(index)
+        self._ready.discard(index)
+
+    def withhold(self, slot: Slot) -> None:
+        """Instead of `give_back`: something of the slot's last build may still run and
+        write there (its builder would not die, or a spawner that died or did not answer
+        may have started it); no build gets the slot again."""
+        logger.error(
+            "build slot %d: its last builder may still run there; the slot is not used",
+            slot.index,
+        )
+        self._withhold(slot.index)
 
     def give_back(self, slot: Slot) -> None:
         # Taken first next: a slot not used for a while would have its mount points made

@@ -12,7 +12,7 @@ from daemon.build.events import Built, Event, Failed, LogLine, Note, Retried, St
 from daemon.build.request import Result
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
-from daemon.rpc.ops.args import build_options, keep_alive, str_arg, strs_arg
+from daemon.rpc.ops.args import arg_bool, build_options, keep_alive, str_arg, strs_arg
 from daemon.wire.protocol import Code, LogKind
 from store.derivation import DerivationError
 
@@ -70,8 +70,11 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
 
 
 async def build_log(ctx: RequestContext) -> dict[str, int]:
-    """Stream the stored log of a derivation, or of the derivation that built an output."""
+    """Stream the log of a derivation, or of the derivation that built an output: of its
+    build running now, what it wrote so far (and with `follow`, what it writes until it
+    ends); else the stored log of its last build."""
     path = str_arg(ctx, "path")
+    follow = arg_bool(ctx.args, "follow")
     drv = await trio.to_thread.run_sync(ctx.services.store.resolve_deriver, path)
     if drv is None:
         raise OpError(Code.NOT_VALID, f"{path} is not a derivation or a built output")
@@ -79,9 +82,11 @@ async def build_log(ctx: RequestContext) -> dict[str, int]:
     if builder is None:
         raise OpError(Code.BAD_REQUEST, "this daemon does not build")
     try:
-        data = await trio.to_thread.run_sync(builder.read_log, drv)
+        size = await builder.send_log(drv, ctx.send_data, follow)
     except FileNotFoundError:
-        raise OpError(Code.NOT_VALID, f"no build log for {drv}") from None
-    await ctx.send_data(data)
+        raise OpError(
+            Code.NOT_VALID,
+            f"no build log for {drv}: it is not building, and no log of it is stored",
+        ) from None
     await ctx.end_data()
-    return {"size": len(data)}
+    return {"size": size}
