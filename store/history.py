@@ -2,7 +2,8 @@
 
 A derivation is marked flaky when an attempt of it succeeds after one failed in the same
 run; the mark is what lets the retry policy give it another chance when it fails at low
-load.  Blocking calls: the daemon runs them in worker threads.
+load.  `forget` drops a derivation's record and its mark (`store-history --forget`).
+Blocking calls: the daemon runs them in worker threads.
 """
 
 import json
@@ -14,6 +15,9 @@ from store.db import Database
 # Failures that may come from the machine rather than the derivation (retry.Cause values):
 # one of these followed by a success marks the derivation flaky.
 LOAD_SENSITIVE = ("exit", "signal", "oom", "timeout", "silent")
+# Exit codes no load causes (the shell's "cannot execute" and "not found",
+# `retry.DETERMINISTIC_EXITS`): such a failure is the derivation's, and never makes it flaky.
+DETERMINISTIC_EXITS = (126, 127)
 
 
 @dataclass(frozen=True)
@@ -81,20 +85,34 @@ class History:
             )
             if attempt.outcome != "built":
                 return False
-            failed_before = (
-                attempt.attempt > 1
-                or conn.execute(
-                    "SELECT 1 FROM BuildAttempts WHERE drv = ? AND outcome IN"
-                    f" ({','.join('?' * len(LOAD_SENSITIVE))}) LIMIT 1",
-                    (attempt.drv, *LOAD_SENSITIVE),
-                ).fetchone()
-            )
+            failed_before = conn.execute(
+                "SELECT 1 FROM BuildAttempts WHERE drv = ? AND outcome IN"
+                f" ({','.join('?' * len(LOAD_SENSITIVE))})"
+                " AND coalesce(exit_code, 0) NOT IN"
+                f" ({','.join('?' * len(DETERMINISTIC_EXITS))}) LIMIT 1",
+                (attempt.drv, *LOAD_SENSITIVE, *DETERMINISTIC_EXITS),
+            ).fetchone()
             if failed_before:
                 conn.execute(
                     "INSERT OR IGNORE INTO Flaky (drv, marked) VALUES (?, ?)",
                     (attempt.drv, int(time.time())),
                 )
             return bool(failed_before)
+
+        return self.db.write(body)
+
+    def forget(self, drv: str) -> tuple[int, bool]:
+        """Drop every attempt at `drv` and its flaky mark: how many attempts there were,
+        and whether it was marked."""
+
+        def body(conn) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
+            (n,) = conn.execute(
+                "SELECT count(*) FROM BuildAttempts WHERE drv = ?", (drv,)
+            ).fetchone()
+            marked = conn.execute("SELECT 1 FROM Flaky WHERE drv = ?", (drv,)).fetchone()
+            conn.execute("DELETE FROM BuildAttempts WHERE drv = ?", (drv,))
+            conn.execute("DELETE FROM Flaky WHERE drv = ?", (drv,))
+            return n, marked is not None
 
         return self.db.write(body)
 

@@ -325,6 +325,31 @@ except Exception as e:
         stop_daemon(d)
 
 
+def test_an_allowed_users_refusal_names_the_user_the_socket_and_the_setting(
+    open_state: Path,
+) -> None:
+    # Only the check after accept refuses here: two entries, so the directory stays open.
+    open_state.mkdir()
+    (open_state / "weft.toml").write_text('allowed-users = ["root", "daemon"]\n')
+    d = start_daemon(open_state)
+    try:
+        code = f"""
+from daemon.cli.blocking import BlockingClient, DaemonError
+try:
+    BlockingClient({d.socket!r}).call("is-valid", paths=[])
+    print("connected")
+except DaemonError as e:
+    print(e.code, e.message)
+"""
+        out = run_as_nobody(code)
+        assert out.stdout.strip() == (
+            f"permission-denied user nobody (uid 65534) may not use the daemon at {d.socket}: "
+            f"it is not in allowed-users = ['root', 'daemon'] ({open_state / 'weft.toml'})"
+        ), out
+    finally:
+        stop_daemon(d)
+
+
 def test_second_daemon_refused_and_stale_socket_taken_over(tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = start_daemon(state)

@@ -192,3 +192,28 @@ def test_a_log_frame_carries_its_kind_and_derivation_and_older_frames_still_read
     client.receive_data(encode_frame({"t": "log", "id": 7, "msg": "working"}))
     client.receive_data(encode_frame({"t": "log", "id": 7, "msg": "working", "kind": 3}))
     assert [client.next_event(), client.next_event()] == [Log(7, "working")] * 2
+
+
+@pytest.mark.parametrize("frame", [Credit(9, 100), Data(9, b"x"), End(9)])
+def test_a_frame_for_a_stream_with_no_request_is_a_protocol_error(frame: object) -> None:
+    client, server = pair()
+    body = {"t": type(frame).__name__.lower(), "id": 9, "n": 100, "data": b"x"}
+    for receiver in (server, client):
+        receiver.receive_data(encode_frame(body))
+        with pytest.raises(ProtocolError, match="stream 9, which has no request in flight"):
+            receiver.next_event()
+
+
+def test_a_request_id_in_flight_cannot_be_reused_but_a_finished_one_can() -> None:
+    client, server = pair()
+    deliver(client, server, Request(1, "op", {}))
+    with pytest.raises(RuntimeError, match="already in flight"):
+        client.send(Request(1, "op", {}))
+    server.receive_data(encode_frame({"t": "req", "id": 1, "op": "op"}))
+    with pytest.raises(ProtocolError, match="already in flight"):
+        server.next_event()
+    client, server = pair()
+    deliver(client, server, Request(1, "op", {}))
+    deliver(server, client, Reply(1))
+    assert deliver(client, server, Request(1, "again", {})) == [Request(1, "again", {})]
+    assert deliver(server, client, Credit(1, 5)) == [Credit(1, 5)]

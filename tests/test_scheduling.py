@@ -219,6 +219,23 @@ def test_flaky_derivation_succeeds_on_retry_with_less_parallelism(env: Env, grap
     assert [line.split()[4] for line in lines[1:]] == ["exit", "built"]
     assert "is marked flaky" in out.stderr
 
+    # Forgotten (named by its output), it has no record and no mark.
+    out = subprocess.run(
+        env.command("store-history", "--forget", flaky.out),
+        capture_output=True,
+        text=True,
+        env=env.cmd_env,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{flaky.path}: forgot 2 attempts; it is no longer marked flaky\n"
+    assert env.client.call("history", drv=flaky.path) == {
+        "drv": flaky.path,
+        "flaky": False,
+        "attempts": [],
+    }
+    assert env.client.call("history", flaky=True)["flaky"] == []
+
     # A derivation built with an explicit count, then reported by store-build.
     fail.write_text("")
     again = graph.sh("again", f"if [ -e {fail} ]; then exit 2; fi; echo ok > $out")
@@ -261,6 +278,22 @@ def test_deterministic_failures_are_not_retried(env: Env, graph: Graph) -> None:
     other = graph.sh("other", "exit 1; echo $I", env={"I": "x"})
     (r,) = graph.build(other, retries=0)
     assert r["attempts"] == 1
+
+
+def test_a_missing_command_fails_once_even_under_load_and_never_counts_as_flaky(
+    env: Env, graph: Graph
+) -> None:
+    env.load(cpu=45)
+    missing = graph.sh("missing", "echo looking; no-such-command")
+    logs: list[str] = []
+    graph.client.on_log = lambda e: logs.append(e.message)
+    (r,) = graph.build(missing)
+    assert r["status"] == "failed" and r["attempts"] == 1 and not r["flaky"]
+    assert "exit code 127" in r["message"]
+    assert "missing: not retried: exit code 127 (found no such command) is deterministic" in logs
+    (attempt,) = env.history(missing.path)
+    assert (attempt["outcome"], attempt["exit_code"]) == ("exit", 127)
+    assert env.client.call("history", flaky=True)["flaky"] == []
 
 
 def _state(pid: int) -> str:

@@ -118,12 +118,31 @@ def test_known_flaky_gets_one_chance_at_low_load() -> None:
     assert decide(once, 2, False, False, True, S).retry
     # The failure repeats at low load: deterministic after all.
     assert not decide([*once, Failed(Cause.EXIT, False, 1)], 2, False, False, True, S).retry
-    # A failure under load, then a first one at low load: one more chance, not two.
-    loaded_then_low = [Failed(Cause.EXIT, True, 2), Failed(Cause.EXIT, False, 1)]
+    # A failure under load, then a different one at low load: one more chance, not two.
+    loaded_then_low = [Failed(Cause.TIMEOUT, True, 2, -9), Failed(Cause.EXIT, False, 1, 1)]
     assert decide(loaded_then_low, 3, False, False, False, S).retry
     assert not decide(
-        [*loaded_then_low, Failed(Cause.EXIT, False, 1)], 3, False, False, False, S
+        [*loaded_then_low, Failed(Cause.EXIT, False, 1, 1)], 3, False, False, False, S
     ).retry
+
+
+def test_a_failure_repeated_exactly_at_low_load_is_deterministic_even_after_load() -> None:
+    loaded, low = Failed(Cause.EXIT, True, 2, 1), Failed(Cause.EXIT, False, 1, 1)
+    d = decide([loaded, low], 3, False, False, True, S)
+    assert not d.retry and d.why == "failed the same way again, at low load"
+    # Repeated under load, it may still be the load's doing.
+    assert decide([loaded, loaded], 3, False, False, False, S).retry
+    # A user who asked for retries gets them.
+    assert decide([loaded, low], 3, True, False, False, S).retry
+
+
+def test_exit_codes_126_and_127_are_deterministic_whatever_the_load_or_the_request() -> None:
+    for code in (126, 127):
+        for explicit, known_flaky in ((False, False), (True, True)):
+            d = decide([Failed(Cause.EXIT, True, 4, code)], 3, explicit, False, known_flaky, S)
+            assert not d.retry and f"exit code {code}" in d.why and "deterministic" in d.why
+    # Another exit code under load is still retried.
+    assert decide([Failed(Cause.EXIT, True, 4, 1)], 3, False, False, False, S).retry
 
 
 def test_explicit_retries_retry_everything_but_deterministic_failures() -> None:

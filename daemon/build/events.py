@@ -67,15 +67,17 @@ class Built:
 
 @dataclass(slots=True)
 class Failed:
-    """A build failed for good, after the retry policy had its say: sent when retries
-    were allowed or made, with the policy's reason not to go on.  (The failure itself is
-    in the request's result.)"""
+    """A build failed for good, after the retry policy had its say; `why` is the
+    policy's reason not to go on, where retries were allowed or made ("" otherwise).
+    (The failure itself is in the request's result.)"""
 
     drv: str
     why: str
 
     @property
     def message(self) -> str:
+        if not self.why:
+            return f"{drv_name(self.drv)}: failed"
         return f"{drv_name(self.drv)}: not retried: {self.why}"
 
 

@@ -7,8 +7,9 @@ space is low, then runs one task per derivation: each waits for its inputs, then
 place among the request's `-j`, and builds (or waits for another request's build of it,
 `shared.py`), checks it again (`--check`, `rebuild.py`), or finds it valid.  A failed
 build stops the builds not started yet, unless `keep_going`; its dependents fail as
-"dependency failed".  Everything the request reads or makes stays pinned until it is
-over, so a concurrent collection never takes an input, or an output just registered.
+"dependency failed", naming it by its .drv path.  Everything the request reads or makes
+stays pinned until it is over, so a concurrent collection never takes an input, or an
+output just registered.
 """
 
 import contextlib
@@ -29,8 +30,15 @@ from store.derivation import drv_name
 from store.pins import PinOwner
 
 
-def _dependency_failed(dep: str) -> Outcome:
-    return Outcome(State.DEPENDENCY_FAILED, f"dependency failed: {drv_name(dep)}")
+def _dependency_failed(dep: str, its: Outcome) -> Outcome:
+    """A derivation not built because its input `dep` ended as `its`: the message names
+    the derivation that broke, by its .drv path, and says why (its exit code, its log's
+    last lines), since only the requested roots' own results reach the user."""
+    if its.state is State.DEPENDENCY_FAILED:
+        return Outcome(State.DEPENDENCY_FAILED, its.message)  # the same broken derivation
+    why = f": {its.message}" if its.message else ""
+    verb = "was cancelled" if its.state is State.CANCELLED else "failed"
+    return Outcome(State.DEPENDENCY_FAILED, f"dependency '{dep}' {verb}{why}")
 
 
 class _Place:
@@ -145,7 +153,7 @@ class GraphRun:
             await self.finished[dep].wait()
         failed = self.failed_inputs(path)
         if failed:
-            self.outcomes[path] = _dependency_failed(failed[0])
+            self.outcomes[path] = _dependency_failed(failed[0], self.outcomes[failed[0]])
         elif path not in self.missing and self.opts.check and path in self.roots:
             inputs = self._inputs(path)
             drv = self.graph.drvs[path]
@@ -183,7 +191,7 @@ class GraphRun:
         """Settle `path` by its job's end."""
         failed = self.failed_inputs(path) if job.error is not None else []
         if failed:
-            self.outcomes[path] = _dependency_failed(failed[0])
+            self.outcomes[path] = _dependency_failed(failed[0], self.outcomes[failed[0]])
         elif job.error is None:
             self.outcomes[path] = Outcome(State.BUILT, None, job.attempts, job.flaky)
             self.built += 1

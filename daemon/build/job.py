@@ -1,5 +1,11 @@
 """A build in progress, as the requests that wait for it see it (`Job`), and what the
-request that runs it hears as it goes (`Hooks`)."""
+request that runs it hears as it goes (`Hooks`).
+
+The build's progress goes to every waiting client in turn, and the build waits for each:
+its log is read only as fast as it is passed on.  A client that stops reading must not
+stall the build for the others, so one that takes no event for `LISTENER_STALL` hears
+no more of it (it still gets its result).
+"""
 
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -8,6 +14,10 @@ import trio
 
 from daemon.build.events import Event, Listener
 from daemon.sched.scheduler import Running
+
+# A listener's event waits only while the client's connection has over 4 MiB queued
+# (`connection.HIGH_WATER`): one that reads nothing of that for this long has stopped.
+LISTENER_STALL = 5.0
 
 
 class Hooks(Protocol):
@@ -40,10 +50,13 @@ class Job:
     flaky: bool = False
 
     async def tell(self, event: Event) -> None:
-        """Pass an event to every client waiting on the build; one that has gone is
-        dropped."""
+        """Pass an event to every client waiting on the build; one that has gone, or
+        stopped reading, is dropped."""
         for listener in list(self.listeners):
-            try:
-                await listener(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(LISTENER_STALL) as waited:
+                try:
+                    await listener(event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.listeners.remove(listener)
+            if waited.cancelled_caught:
                 self.listeners.remove(listener)

@@ -16,6 +16,18 @@ DEFAULT_MAX_SILENT_TIME = 3600.0
 # printing in a loop reaches this within seconds.
 DEFAULT_MAX_LOG_SIZE = 64 << 20
 
+# The most a request may ask for.  Time limits: a year, finite, so that deadlines, and a
+# retry's limits (`retry-timeout-factor` times the last), stay numbers.
+MAX_TIME_LIMIT = 365 * 24 * 3600.0
+# Log size: the daemon holds a build's whole log in memory until it is stored.
+MAX_LOG_SIZE = 1 << 30
+# Retries: the back-off doubles for each, so ten already wait 17 minutes at the default
+# `retry-backoff` of 1 s.
+MAX_RETRIES = 10
+# Builds at once (`-j`): the build slots bound them anyway; as many as a connection may
+# have requests in flight.
+MAX_JOBS = 1024
+
 
 @dataclass(frozen=True)
 class BuildOptions:

@@ -22,7 +22,6 @@ from daemon.build.outputs import Register, build_owner, lock_files
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
 from daemon.proc.locks import LockError
-from daemon.proc.spawner import SpawnError
 from daemon.sched.retry import Cause
 from daemon.sched.retrying import Failure, RetryRunner
 from daemon.sched.scheduler import Running
@@ -62,7 +61,6 @@ class Jobs:
             await job.done.wait()
             return job
         job = self._running[path] = Job(path, hooks, [listener])
-        await listener(Started(path))
         attempts = _Attempts(self.room, job, drv, inputs, opts, tails)
         try:
             outcome = await self.retrier.run(
@@ -109,12 +107,15 @@ class _Attempts:
         """One attempt in the scheduler's slot `run`, within these limits; None once the
         outputs are registered."""
         self.job.run = run
+        # Told from the scheduler's slot, to every request waiting: a build counts as
+        # running only once it may run, and again after each retry's wait.
+        await self.job.tell(Started(self.job.drv_path))
         limits = dataclasses.replace(self.opts, timeout=timeout, max_silent_time=silence)
         try:
             await self.tails.start(self._run, limits)
         except BuildError as e:
             return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0)
-        except (SpawnError, LockError, StoreError) as e:
+        except (LockError, StoreError) as e:
             # The sandbox could not be made, the locker died under the build, or the
             # store refused (an input gone, say): this build fails, the daemon goes on.
             return Failure(Cause.SETUP, str(e))

@@ -2,10 +2,17 @@
 waits for the build, as it comes, within the build's limits of time, silence and log
 size; a builder over one is killed, its whole sandbox with it (pid 1 of its namespace).
 
+Over its time or silence limit it first gets SIGTERM, and `KILL_GRACE` to exit on its
+own (docs/sandbox.md): a builder that traps it can stop its children and say why.  A pid
+1 without a handler never sees SIGTERM, so one that does not trap it waits out the grace
+and then gets SIGKILL.  Over the log limit, or when its client goes, it is killed at
+once: what it would say next is what is refused, and nobody waits for it.
+
 While it runs, the scheduler may pause it (`Running.watch`): its deadlines are set aside
 then, and given back, whatever was left of them, when it resumes.
 """
 
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,6 +27,10 @@ from daemon.sched.scheduler import Running
 # What one read of the log pipe takes at most: a pipe's default capacity (64 KiB), so one
 # read empties it.
 LOG_CHUNK = 64 << 10
+# Between SIGTERM and SIGKILL for a builder over a time limit: long enough for a shell's
+# trap to stop its children and print a line, short enough that the slot is not held
+# long by a builder that ignores it.
+KILL_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -73,22 +84,33 @@ class Watch:
                     silence = limits.max_silent_time
                     self._why, self._cause = f"was silent for {silence:g} s", Cause.SILENT
                 if deadline.cancelled_caught or silent.cancelled_caught:
-                    self.proc.kill()
-                    code = await self.proc.wait()
+                    code = await self._stop()
         finally:
             if self.run is not None:
                 self.run.unwatch()
         return Ending(code, self._why, self._cause)
 
+    async def _stop(self) -> int:
+        """SIGTERM, then SIGKILL if it has not exited within the grace; its exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            with trio.move_on_after(KILL_GRACE):
+                return await self.proc.wait()
+        except trio.Cancelled:
+            self.proc.kill()
+            raise
+        self.proc.kill()
+        return await self.proc.wait()
+
     async def _pump(self, silent: trio.CancelScope) -> None:
-        async with self.stream:
-            while chunk := await self.stream.receive_some(LOG_CHUNK):
-                silent.deadline = trio.current_time() + self.limits.max_silent_time
-                for line in self.log.add(chunk):
-                    await self.on_line(line)
-                if self.log.size > self.limits.max_log_size:
-                    limit = self.limits.max_log_size
-                    self._why = f"exceeded the log size limit of {limit} bytes"
-                    self._cause = Cause.LOG_LIMIT
-                    self.proc.kill()
-                    break
+        # The stream is borrowed: its owner (the attempt's log pipe) closes it.
+        while chunk := await self.stream.receive_some(LOG_CHUNK):
+            silent.deadline = trio.current_time() + self.limits.max_silent_time
+            for line in self.log.add(chunk):
+                await self.on_line(line)
+            if self.log.size > self.limits.max_log_size:
+                limit = self.limits.max_log_size
+                self._why = f"exceeded the log size limit of {limit} bytes"
+                self._cause = Cause.LOG_LIMIT
+                self.proc.kill()
+                break

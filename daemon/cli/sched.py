@@ -3,12 +3,32 @@
 store-status [--json]               load, parallelism in effect, running builds, queue
 store-history [--json] DRV|OUTPUT   every attempt at building a derivation
 store-history [--json] --flaky      the derivations marked flaky
+store-history --forget DRV|OUTPUT   drop a derivation's attempts and its flaky mark
 """
 
 import sys
 import time
 
-from daemon.cli.common import UsageError, absolute, connect, lines, parse, print_json
+from daemon.cli.common import Command, Flag, UsageError, absolute, connect, lines, print_json
+
+JSON = Flag("--json", "print the result as JSON")
+STATUS = Command(
+    "store-status",
+    "[--json]",
+    "Show the daemon's scheduler: load, parallelism in effect, running builds, the queue.",
+    (JSON,),
+)
+HISTORY = Command(
+    "store-history",
+    "[--json] (DRV|OUTPUT | --flaky | --forget DRV|OUTPUT)",
+    "Show every attempt at building a derivation (named by its .drv or an output), or\n"
+    "the derivations marked flaky; or forget a derivation's attempts and flaky mark.",
+    (
+        JSON,
+        Flag("--flaky", "list the derivations marked flaky, with failed and built counts"),
+        Flag("--forget", "drop a derivation's recorded attempts and its flaky mark", "DRV"),
+    ),
+)
 
 
 def _pct(value: object) -> str:
@@ -16,7 +36,7 @@ def _pct(value: object) -> str:
 
 
 def store_status(argv: list[str]) -> int:
-    opts, rest = parse(argv, {"--json": False})
+    opts, rest = STATUS.parse(argv)
     if rest:
         raise UsageError("store-status takes no arguments")
     with connect(opts) as client:
@@ -50,8 +70,25 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _forget(opts: dict[str, str | bool], paths: list[str]) -> int:
+    if paths:
+        raise UsageError("--forget takes one derivation or output path, and no other")
+    with connect(opts) as client:
+        gone = client.call("forget-history", drv=absolute(str(opts["--forget"])))
+    if "--json" in opts:
+        print_json(gone)
+        return 0
+    mark = "; it is no longer marked flaky" if gone["flaky"] else ""
+    lines([f"{gone['drv']}: forgot {gone['attempts']} attempts{mark}"])
+    return 0
+
+
 def store_history(argv: list[str]) -> int:
-    opts, paths = parse(argv, {"--json": False, "--flaky": False})
+    opts, paths = HISTORY.parse(argv)
+    if "--flaky" in opts and "--forget" in opts:
+        raise UsageError("--flaky and --forget do not go together")
+    if "--forget" in opts:
+        return _forget(opts, paths)
     if "--flaky" in opts:
         if paths:
             raise UsageError("--flaky takes no paths")

@@ -1,14 +1,17 @@
 """Where the daemon's blocking calls run: worker threads, each kind with its CPU policy.
 
 Nothing slow runs on the event loop.  Every call into the store that may run long goes
-through one of three methods here, which pick where it runs (`cpus.py` says why):
+through one of four methods here, which pick where it runs (`cpus.py` says why):
 
 - `long`: the daemon's own work on store contents at length (a build's outputs
   registered, a collection's deletions): spread over every CPU the daemon was allowed
   while it lasts, so that it neither waits for the loop nor makes the loop wait;
-- `client`: the same for work a client asked for (an upload, a dump, verify,
-  optimise), and at most `CLIENT_CALLS` at once: an upload holds its thread while it
-  waits for the client's data, and clients that stall must not take every thread;
+- `client`: the same for store work a client asked for (a dump, verify, optimise), at
+  most `CLIENT_CALLS` at once;
+- `feed`: work that waits on what a client supplies (an upload's bytes, the files
+  `add-from-path` reads as the client), in a pool of its own of `FEED_CALLS`: a client
+  can stall such a call (a trickle of bytes, a FUSE file that never answers), and
+  stalled ones must take no thread that queries, builds or other work need;
 - `background`: work off the path of any build (a build's log stored, its history
   record): at the lowest priority, so that the loop takes the shared CPU back at once.
 
@@ -25,21 +28,31 @@ from daemon.proc.cpus import UNSHARED, Cpus
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
-# Long calls clients may have running at once.  Trio's own pool allows 40 threads; with
-# 16 held by stalled uploads, 24 remain for queries, builds and collections.
+# Long store calls clients may have running at once: with trio's own pool of 40 threads
+# (queries, builds, collections), more than two CPUs' worth of disk work each way.
 CLIENT_CALLS = 16
+# Calls waiting on clients' data at once.  Each is a thread, mostly asleep: 16 let that
+# many uploads stream in parallel, which a disk cannot outrun, and 40 stalled uploaders
+# (the attack that once took every thread of trio's pool) take none of the others'.
+FEED_CALLS = 16
 
 
 class Workers:
-    def __init__(self, cpus: Cpus = UNSHARED, client_calls: int = CLIENT_CALLS) -> None:
+    def __init__(
+        self, cpus: Cpus = UNSHARED, client_calls: int = CLIENT_CALLS, feed_calls: int = FEED_CALLS
+    ) -> None:
         self.cpus = cpus
         self._clients = trio.CapacityLimiter(client_calls)
+        self._feeds = trio.CapacityLimiter(feed_calls)
 
     async def long(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await trio.to_thread.run_sync(self.cpus.spread(fn), *args)
 
     async def client(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await trio.to_thread.run_sync(self.cpus.spread(fn), *args, limiter=self._clients)
+
+    async def feed(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        return await trio.to_thread.run_sync(self.cpus.spread(fn), *args, limiter=self._feeds)
 
     async def background(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await trio.to_thread.run_sync(self.cpus.background(fn), *args)

@@ -93,6 +93,14 @@ def identify(pid: int, uid: int, gid: int, settings: Settings) -> Peer | None:
     return Peer(pid, uid, gid, user, trusted)
 
 
+def refusal(uid: int, socket_path: str, settings_path: str, allowed: list[str]) -> str:
+    """Why a client is turned away: who it is, which daemon, and the setting to change."""
+    return (
+        f"user {user_name(uid)} (uid {uid}) may not use the daemon at {socket_path}: "
+        f"it is not in allowed-users = {allowed!r} ({settings_path})"
+    )
+
+
 def socket_access(socket_dir: Path, settings: Settings) -> None:
     """Make the socket's directory enforce `allowed-users` where the file system can.
 

@@ -12,18 +12,22 @@ import logging
 import trio
 
 from daemon.rpc.auth import Peer
-from daemon.rpc.context import Operation, RequestContext, Serving, Upload
+from daemon.rpc.context import Operation, RequestContext, Serving, Upload, stalled
 from daemon.rpc.errors import OpError, error_for
 from daemon.wire import protocol as p
 
 log = logging.getLogger("weft.daemon")
 
-# Requests one connection may have running at once; its reader stops reading beyond that.
-# Nix's daemon serves one request per connection at a time; 1,024 lets a client pipeline
-# a whole closure's path-info queries in one go while bounding the tasks it can start.
+# Requests one connection may have running at once, a request counting until its reply is
+# written to the socket; its reader stops reading beyond that.  Nix's daemon serves one
+# request per connection at a time; 1,024 lets a client pipeline a whole closure's
+# path-info queries in one go while bounding the tasks it can start and the replies it
+# can leave unread (a client that never reads held 568 MB of them when replies freed
+# their place as they were queued).
 MAX_IN_FLIGHT = 1024
-# Queued output above this makes the tasks that produce it wait for the socket: one
-# frame at the protocol's limit (`MAX_FRAME`, 4 MiB) may always be queued.
+# Queued output above this makes the tasks that produce it wait for the socket, and the
+# reader start no request: one frame at the protocol's limit (`MAX_FRAME`, 4 MiB) may
+# always be queued.
 HIGH_WATER = 4 << 20
 # Log lines (progress, builders' output) wait this long for company, unless a reply or
 # 64 KiB of them are queued: a client following a chain of quick builds then wakes once
@@ -49,6 +53,7 @@ class ClientConnection:
         self.uploads: dict[int, Upload] = {}
         self._out: list[bytes] = []
         self._out_size = 0
+        self._out_slots = 0  # requests whose replies are queued: they count until written
         self._urgent = False  # something queued that is not a log line: send at once
         self._have_output = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
@@ -60,33 +65,42 @@ class ClientConnection:
     def __str__(self) -> str:
         return f"client pid {self.peer.pid} ({self.peer.user})"
 
-    def send_nowait(self, event: p.Event) -> None:
-        """Queue a frame for the writer task; on a closed connection it is dropped."""
+    def send_nowait(self, event: p.Event, slots: int = 0) -> bool:
+        """Queue a frame for the writer task, with the places among `MAX_IN_FLIGHT` of the
+        `slots` requests it answers, given back once it is written.  On a closed
+        connection it is dropped: False, and the places stay the caller's."""
         if self._closed:
-            return
+            return False
         frame = self.proto.send(event)
         self._out.append(frame)
         self._out_size += len(frame)
+        self._out_slots += slots
         if not isinstance(event, p.Log) or self._out_size >= LOG_BATCH:
             self._urgent = True
             self._have_output.unpark_all()
         elif len(self._out) == 1:
             self._have_output.unpark_all()  # the writer then waits for company
+        return True
 
-    async def send(self, event: p.Event) -> None:
+    async def send(self, event: p.Event, slots: int = 0) -> None:
         """Queue a frame, then wait while too much output is queued: backpressure."""
         if self._closed:
             raise trio.ClosedResourceError("connection closed")
-        self.send_nowait(event)
+        self.send_nowait(event, slots)
         while self._out_size > HIGH_WATER and not self._closed:
             await self._drained.park()
 
     async def wait_credit(self, stream_id: int) -> int:
-        while (credit := self.proto.send_credit(stream_id)) == 0:
-            if self._closed:
-                raise trio.ClosedResourceError("connection closed")
-            await self._credit.park()
-        return credit
+        """The credit the client granted `stream_id`, once there is some: a download holds
+        an open file meanwhile, so a client that grants none for `stream_idle` fails it."""
+        idle = self.serving.stream_idle
+        with trio.move_on_after(idle):
+            while (credit := self.proto.send_credit(stream_id)) == 0:
+                if self._closed:
+                    raise trio.ClosedResourceError("connection closed")
+                await self._credit.park()
+            return credit
+        raise stalled(stream_id, "granted no credit", idle)
 
     async def serve(self) -> None:
         try:
@@ -110,6 +124,7 @@ class ClientConnection:
                 await trio.sleep(FLUSH_POLL)
 
     async def _writer(self) -> None:
+        slots = 0
         try:
             while True:
                 while not self._out:
@@ -117,15 +132,20 @@ class ClientConnection:
                 if not self._urgent:
                     with trio.move_on_after(LOG_DELAY):
                         await self._have_output.park()
-                data = b"".join(self._out)
+                data, slots = b"".join(self._out), self._out_slots
                 self._out.clear()
-                self._out_size = 0
+                self._out_size = self._out_slots = 0
                 self._urgent = False
                 self._drained.unpark_all()
+                self._finished.unpark_all()
                 await self.stream.send_all(data)
+                self._release(slots)
+                slots = 0
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed = True
             self._out.clear()
+            self._release(slots + self._out_slots)
+            self._out_size = self._out_slots = 0
             self._drained.unpark_all()
             self._credit.unpark_all()
 
@@ -142,18 +162,22 @@ class ClientConnection:
             try:
                 while (event := self.proto.next_event()) is not None:
                     op = self._queryable(event)
-                    if op is not None:
-                        queries.append((event, op))  # type: ignore[arg-type]
-                    else:
+                    if op is None:
                         await self._dispatch(event, nursery)
+                        continue
+                    queries.append((event, op))  # type: ignore[arg-type]
+                    if self._running + len(queries) >= MAX_IN_FLIGHT:
+                        # One read holds tens of thousands of small queries: no more than
+                        # the limit leave at once.
+                        await self._run_queries(queries)
+                        queries = []
             except p.ProtocolError as e:
                 log.info("client pid %d: protocol error: %s", self.peer.pid, e)
-                await self.send(p.Error(None, p.Code.PROTOCOL, str(e)))
+                await self._try_send(p.Error(None, p.Code.PROTOCOL, str(e)))
                 return
             finally:
                 if queries:
-                    await self._reserve(len(queries))
-                    self._run_queries(queries)
+                    await self._run_queries(queries)
 
     def _queryable(self, event: p.Event) -> Operation | None:
         """The operation if `event` is a query this peer may run, to batch with others."""
@@ -165,8 +189,11 @@ class ClientConnection:
         return op
 
     async def _reserve(self, n: int) -> None:
-        """Wait until `n` more requests may run: a client cannot queue unbounded work."""
-        while self._running and self._running + n > MAX_IN_FLIGHT:
+        """Wait until `n` more requests may run, and the client has read most of what was
+        sent to it: a client cannot queue unbounded work or unbounded replies."""
+        while not self._closed and (
+            (self._running and self._running + n > MAX_IN_FLIGHT) or self._out_size > HIGH_WATER
+        ):
             await self._finished.park()
         self._running += n
 
@@ -174,7 +201,9 @@ class ClientConnection:
         self._running -= n
         self._finished.unpark_all()
 
-    def _run_queries(self, batch: list[tuple[p.Request, Operation]]) -> None:
+    async def _run_queries(self, batch: list[tuple[p.Request, Operation]]) -> None:
+        """Run `batch` in the query batcher, once there is room for it."""
+        await self._reserve(len(batch))
         store = self.serving.services.store
 
         def work() -> list[p.Event]:
@@ -187,11 +216,12 @@ class ClientConnection:
             return replies
 
         def done(replies: list[p.Event]) -> None:
-            # Replies to queries skip backpressure: at most MAX_IN_FLIGHT are ever queued.
-            for reply in replies:
-                self.send_nowait(reply)
+            # Replies to queries skip backpressure: each keeps its place among
+            # MAX_IN_FLIGHT until written, so no more are ever queued.
             self.serving.in_flight -= len(batch)
-            self._release(len(batch))
+            for reply in replies:
+                if not self.send_nowait(reply, slots=1):
+                    self._release(1)
 
         self.serving.in_flight += len(batch)
         self.serving.queries.submit(work, done)
@@ -209,12 +239,12 @@ class ClientConnection:
                 raise p.ProtocolError(
                     f"no common protocol version (client offers {event.versions})"
                 )
-            await self.send(p.Welcome(version, AGENT))
+            await self._try_send(p.Welcome(version, AGENT))
         elif isinstance(event, p.Request):
             await self._reserve(1)
             nursery.start_soon(self._handle, event)
         elif isinstance(event, p.BadRequest):
-            await self.send(p.Error(event.id, p.Code.BAD_REQUEST, event.message))
+            await self._try_send(p.Error(event.id, p.Code.BAD_REQUEST, event.message))
         elif isinstance(event, p.Data):
             up = self.uploads.get(event.id)
             if up is not None:
@@ -229,41 +259,47 @@ class ClientConnection:
             raise p.ProtocolError(f"a client may not send {type(event).__name__}")
 
     async def _handle(self, req: p.Request) -> None:
+        handed = False  # the reply, queued, holds the request's place until written
         try:
             reply: p.Event
             try:
-                if self.serving.draining:
-                    raise OpError(p.Code.SHUTTING_DOWN, "the daemon is shutting down")
-                op = self.serving.operations.get(req.op)
-                if op is None:
-                    raise OpError(p.Code.UNKNOWN_OP, f"unknown operation {req.op!r}")
-                if op.trusted_only and not self.peer.trusted:
-                    raise OpError(
-                        p.Code.PERMISSION,
-                        f"{req.op!r} is for trusted users; {self.peer.user} is not one",
-                    )
-                self.serving.in_flight += 1
-                try:
-                    if op.fn is not None:
-                        result = await op.fn(RequestContext(self, req))
-                    else:
-                        assert op.query is not None
-                        store, query = self.serving.services.store, op.query
-                        result = await trio.to_thread.run_sync(query, store, req.args)
-                finally:
-                    self.serving.in_flight -= 1
-                reply = p.Reply(req.id, result)
+                reply = p.Reply(req.id, await self._run(req))
             except trio.Cancelled:
                 with trio.CancelScope(shield=True):
                     await self._try_send(p.Error(req.id, p.Code.SHUTTING_DOWN, "request cancelled"))
                 raise
             except Exception as e:
                 reply = self._error_reply(req, e)
-            await self._try_send(reply)
+            # No wait for the client to read it: the place it holds is the bound.
+            handed = self.send_nowait(reply, slots=1)
         finally:
             self.uploads.pop(req.id, None)
-            self._release(1)
+            if not handed:
+                self._release(1)
+
+    async def _run(self, req: p.Request) -> object:
+        if self.serving.draining:
+            raise OpError(p.Code.SHUTTING_DOWN, "the daemon is shutting down")
+        op = self.serving.operations.get(req.op)
+        if op is None:
+            raise OpError(p.Code.UNKNOWN_OP, f"unknown operation {req.op!r}")
+        if op.trusted_only and not self.peer.trusted:
+            raise OpError(
+                p.Code.PERMISSION,
+                f"{req.op!r} is for trusted users; {self.peer.user} is not one",
+            )
+        self.serving.in_flight += 1
+        try:
+            if op.fn is not None:
+                return await op.fn(RequestContext(self, req))
+            assert op.query is not None
+            store, query = self.serving.services.store, op.query
+            return await trio.to_thread.run_sync(query, store, req.args)
+        finally:
+            self.serving.in_flight -= 1
 
     async def _try_send(self, event: p.Event) -> None:
+        """Send `event` unless the connection is closed: the reader, and a request's
+        task, go on to their end either way (the reader then finds EOF)."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.send(event)

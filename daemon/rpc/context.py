@@ -1,31 +1,90 @@
 """What an operation handler gets: its request's arguments, the client, the services, and
-ways to answer (log lines, a data stream) and to read an upload."""
+ways to answer (log lines, a data stream) and to read an upload.
+
+A client must not be able to hold what others need by sending nothing.  An upload takes
+a worker thread only once its first bytes are here; the threads that wait on what a
+client supplies have a pool of their own (`Workers.feed`), of which one user gets at
+most `FEEDS_PER_USER`; and a stream that moves nothing for `STREAM_IDLE` fails.
+"""
 
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from daemon.rpc.auth import Peer
 from daemon.rpc.batcher import QueryBatcher
+from daemon.rpc.errors import OpError
 from daemon.rpc.services import Services
 from daemon.wire import protocol as p
 from store.store import Store
 
+T = TypeVar("T")
+# A stream that moves nothing this long (an upload's client sends no byte, a download's
+# grants no credit) fails with `timed-out`, and what was uploaded is dropped: the client
+# is gone or hostile, and an upload holds a worker thread while it waits.  Two minutes
+# outlast a pipe fed by a slow download (`curl ... | store-add --nar`).
+STREAM_IDLE = 120.0
+# Calls waiting on one user's data or files at once: half the pool (`FEED_CALLS`), so
+# one user stalling every one of theirs leaves the other half to everyone else.
+FEEDS_PER_USER = 8
+
+
+class PerUser:
+    """At most `limit` calls of one user at once; a user's limiter lives while in use, so
+    there are never more than the users being served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._by_uid: dict[int, trio.CapacityLimiter] = {}
+
+    @asynccontextmanager
+    async def of(self, uid: int) -> AsyncIterator[None]:
+        limiter = self._by_uid.setdefault(uid, trio.CapacityLimiter(self.limit))
+        try:
+            async with limiter:
+                yield
+        finally:
+            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
+                self._by_uid.pop(uid, None)
+
 
 class Serving:
     """What every connection shares: the services, the operations, the query batcher,
-    and whether the daemon is draining."""
+    the per-user limits, and whether the daemon is draining."""
 
-    def __init__(self, services: Services, operations: dict[str, "Operation"]) -> None:
+    def __init__(
+        self,
+        services: Services,
+        operations: dict[str, "Operation"],
+        stream_idle: float = STREAM_IDLE,
+    ) -> None:
         self.services = services
         self.operations = operations
         self.queries = QueryBatcher()
+        self.feeds = PerUser(FEEDS_PER_USER)
+        self.stream_idle = stream_idle
         self.draining = False
         self.in_flight = 0
         self.shutdown_requested = trio.Event()
+
+
+def stalled(stream_id: int, what: str, idle: float) -> OpError:
+    return OpError(
+        p.Code.TIMED_OUT,
+        f"stream {stream_id}: the client {what} for {idle:g} s; the request is abandoned",
+    )
+
+
+class _NoData(Exception):
+    """A consumer tried without data wanted some."""
+
+
+def _no_data(n: int) -> bytes:
+    raise _NoData
 
 
 class Channel(Protocol):
@@ -41,11 +100,13 @@ class Channel(Protocol):
 
 
 class Upload:
-    """Data a client streams for one request, pulled by the handler, paced by credit."""
+    """Data a client streams for one request, pulled by the handler, paced by credit;
+    a wait for the next chunk longer than `idle` fails the request."""
 
-    def __init__(self, conn: "Channel", stream_id: int) -> None:
+    def __init__(self, conn: "Channel", stream_id: int, idle: float) -> None:
         self._conn = conn
         self._id = stream_id
+        self._idle = idle
         self._chunks: deque[bytes] = deque()
         self._eof = False
         self._started = False
@@ -59,13 +120,20 @@ class Upload:
         self._eof = True
         self._lot.unpark_all()
 
-    async def receive(self) -> bytes:
-        """The next chunk, or b"" at the end of the stream."""
+    async def arrived(self) -> None:
+        """Grant the first credit, and wait for the first chunk or the end."""
         if not self._started:
             self._started = True
             await self._conn.send(p.Credit(self._id, p.DEFAULT_WINDOW))
-        while not self._chunks and not self._eof:
-            await self._lot.park()
+        with trio.move_on_after(self._idle):
+            while not self._chunks and not self._eof:
+                await self._lot.park()
+            return
+        raise stalled(self._id, "sent nothing", self._idle)
+
+    async def receive(self) -> bytes:
+        """The next chunk, or b"" at the end of the stream."""
+        await self.arrived()
         if not self._chunks:
             return b""
         data = self._chunks.popleft()
@@ -107,10 +175,27 @@ class RequestContext:
     ) -> None:
         await self.conn.send(p.Log(self.id, message, done, total, kind, drv))
 
-    def upload(self) -> Upload:
-        up = Upload(self.conn, self.id)
+    async def from_client(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread that may wait on what the client supplies (its
+        upload, its files): in the pool for such calls, within the user's share of it."""
+        async with self.server.feeds.of(self.peer.uid):
+            return await self.services.workers.feed(fn, *args)
+
+    async def read_upload(
+        self, consume: Callable[[Callable[[int], bytes]], T], may_need_none: bool = False
+    ) -> T:
+        """`consume(read)` of the client's upload, in a worker thread taken only once the
+        first bytes are here.  `may_need_none`: `consume` may answer without reading (a
+        path already valid); it is tried first, in a short trip, with no data."""
+        up = Upload(self.conn, self.id, self.server.stream_idle)
         self.conn.uploads[self.id] = up
-        return up
+        if may_need_none:
+            try:
+                return await trio.to_thread.run_sync(consume, _no_data)
+            except _NoData:
+                pass
+        await up.arrived()
+        return await self.from_client(consume, up.blocking_reader())
 
     async def send_data(self, data: bytes) -> None:
         view = memoryview(data)

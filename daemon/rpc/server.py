@@ -8,22 +8,33 @@ from collections.abc import Callable
 
 import trio
 
-from daemon.rpc.auth import identify, peer_credentials
+from daemon.rpc.auth import identify, peer_credentials, refusal
 from daemon.rpc.connection import ClientConnection, Serving
-from daemon.rpc.context import Operation
+from daemon.rpc.context import STREAM_IDLE, Operation
 from daemon.rpc.services import Services
 from daemon.wire import protocol as p
 
 log = logging.getLogger("weft.daemon")
+# How long a refused client gets to write its hello and read why it is refused; the
+# daemon holds nothing for it meanwhile but the task and the socket.
+REFUSAL_WAIT = 1.0
+# What is read of it: a hello and a small first request, the rest left unread.
+REFUSAL_READ = 4096
 
 
 class Daemon:
     """Accepts clients on a listener and serves them until shutdown is requested."""
 
-    def __init__(self, services: Services, operations: dict[str, Operation]) -> None:
+    def __init__(
+        self,
+        services: Services,
+        operations: dict[str, Operation],
+        stream_idle: float = STREAM_IDLE,
+    ) -> None:
         self.services = services
-        self.serving = Serving(services, operations)
+        self.serving = Serving(services, operations, stream_idle)
         self.connections: set[ClientConnection] = set()
+        self._socket_path = ""
 
     @property
     def shutdown_requested(self) -> trio.Event:
@@ -38,6 +49,7 @@ class Daemon:
     ) -> None:
         """Serve until `shutdown_requested` is set, then drain for up to `grace` seconds."""
         async with trio.open_nursery() as nursery:
+            self._socket_path = str(listener.socket.getsockname())
             nursery.start_soon(self._accept_loop, listener, nursery)
             if self.services.builder is not None:
                 nursery.start_soon(self.services.builder.load.run)
@@ -68,16 +80,28 @@ class Daemon:
         pid, uid, gid = peer_credentials(stream.socket)  # type: ignore[arg-type]
         peer = identify(pid, uid, gid, self.services.settings)
         if peer is None:
-            conn = p.Connection(p.Role.SERVER)
-            message = f"user {uid} is not in allowed-users"
-            with trio.move_on_after(1):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(conn.send(p.Error(None, p.Code.PERMISSION, message)))
-            await stream.aclose()
+            config = str(self.services.state.settings_path)
+            allowed = self.services.settings.allowed_users
+            await _refuse(stream, refusal(uid, self._socket_path, config, allowed))
             return
         conn = ClientConnection(self.serving, stream, peer)
         self.connections.add(conn)
         try:
             await conn.serve()
+        except Exception:
+            # A fault boundary: whatever one connection meets ends that connection only.
+            log.exception("%s: connection failed", conn)
         finally:
             self.connections.discard(conn)
+
+
+async def _refuse(stream: trio.SocketStream, message: str) -> None:
+    """Tell a client it may not connect, and close.  Its first write (the hello, with its
+    first request) is read first: a client that has not written yet would otherwise find
+    the connection closed as it writes, and never read why."""
+    with trio.move_on_after(REFUSAL_WAIT):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.receive_some(REFUSAL_READ)
+            frame = p.Connection(p.Role.SERVER).send(p.Error(None, p.Code.PERMISSION, message))
+            await stream.send_all(frame)
+    await stream.aclose()

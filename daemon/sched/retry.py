@@ -7,12 +7,14 @@ the memory.  Such a failure is retried (up to `retries`, default 2): with less c
 alone), after an exponential back-off, with a longer timeout.
 
 Never retried: a hash mismatch or a missing output (the builder ran and produced the
-wrong thing), a derivation marked `noRetry`, and by default a failure that repeats at low
-load.  A first failure at low load is retried only when the derivation is known to be
-flaky or failed under pressure earlier in this run.
+wrong thing), an exit code of 126 or 127 (the shell could not run a command, or found
+none: no load causes that), a derivation marked `noRetry`, and by default a failure that
+repeats at low load, or repeats the attempt before it exactly (cause and exit code) at
+low load.  A first failure at low load is retried only when the derivation is known to
+be flaky or failed differently under pressure earlier in this run.
 An explicit retry count (`store-build --retries N`, or `retries` in the derivation's
-environment) says the user expects flakiness: every failure but the two deterministic
-ones is retried, up to N times.
+environment) says the user expects flakiness: every failure but the deterministic ones is
+retried, up to N times.
 """
 
 import enum
@@ -36,6 +38,9 @@ class Cause(enum.StrEnum):
 
 # Failures another attempt would meet again.
 DETERMINISTIC = frozenset({Cause.HASH_MISMATCH, Cause.MISSING_OUTPUT})
+# Exit codes that say so too: POSIX shells exit 126 when a command cannot be run and 127
+# when there is none (a builder missing a tool, a typo): load causes neither.
+DETERMINISTIC_EXITS = {126: "could not run a command", 127: "found no such command"}
 # Failures that load can cause: what the default policy retries when the machine was loaded.
 LOAD_SENSITIVE = frozenset({Cause.EXIT, Cause.SIGNAL, Cause.TIMEOUT, Cause.SILENT})
 
@@ -61,6 +66,11 @@ class Failed:
     cause: Cause
     loaded: bool  # under pressure, or alongside other builds, during the attempt
     parallelism: int  # the most builds running at once during the attempt
+    exit_code: int | None = None
+
+    def same_as(self, other: "Failed") -> bool:
+        """The same failure: what a deterministic one does when tried again."""
+        return (self.cause, self.exit_code) == (other.cause, other.exit_code)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,9 @@ def decide(
     n = len(failures)
     if last.cause in DETERMINISTIC:
         return Decision(False, f"{last.cause} is deterministic")
+    if last.cause is Cause.EXIT and last.exit_code in DETERMINISTIC_EXITS:
+        said = DETERMINISTIC_EXITS[last.exit_code]
+        return Decision(False, f"exit code {last.exit_code} ({said}) is deterministic")
     if n > allowed:
         return Decision(False, "retries are off" if allowed == 0 else f"{n} attempts made")
     if explicit:
@@ -104,6 +117,8 @@ def decide(
         return Decision(False, f"a {last.cause} failure is not retried by default")
     elif last.loaded:
         why = "failed while the machine was under pressure"
+    elif n > 1 and last.same_as(failures[-2]):
+        return Decision(False, "failed the same way again, at low load")
     elif all(f.loaded for f in failures[:-1]) and (known_flaky or n > 1):
         # The first failure at low load of a derivation that failed under load before, or
         # is known to be flaky: one more chance.  A second one is a repeat.

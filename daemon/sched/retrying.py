@@ -105,14 +105,15 @@ class RetryRunner:
                 return outcome
             # Other builds running alongside are load too, whatever the pressure said.
             loaded = self.limits.loaded(run.load_peak) or run.parallelism > 1
-            failures.append(Failed(failure.cause, loaded, run.parallelism))
+            failures.append(Failed(failure.cause, loaded, run.parallelism, failure.exit_code))
             marked = _flag(env.get("noRetry"))
             known = await trio.to_thread.run_sync(self.history.is_flaky, drv)
             decision = decide(failures, allowed, explicit, marked, known, self.settings)
             if not decision.retry:
                 outcome.failure = failure
-                if n > 1 or allowed > 0:
-                    await tell(events.Failed(drv, decision.why))
+                # Always told: a status line counts the build as running until it hears.
+                # The policy's reason only where retrying was in question.
+                await tell(events.Failed(drv, decision.why if n > 1 or allowed > 0 else ""))
                 return outcome
             retry = events.Retried(
                 drv, n + 1, allowed + 1, decision.delay, decision.cap, decision.why

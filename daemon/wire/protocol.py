@@ -13,9 +13,49 @@ import struct
 
 import msgpack
 
-from daemon.wire.record import Record
+from daemon.wire.messages import (
+    VERSIONS,
+    BadRequest,
+    Code,
+    Credit,
+    Data,
+    End,
+    Error,
+    Event,
+    Hello,
+    Log,
+    LogKind,
+    ProtocolError,
+    Reply,
+    Request,
+    Role,
+    Welcome,
+)
 
-VERSIONS = (1,)
+__all__ = [
+    "CLOSED_STREAMS",
+    "DEFAULT_WINDOW",
+    "MAX_CHUNK",
+    "MAX_FRAME",
+    "VERSIONS",
+    "BadRequest",
+    "Code",
+    "Connection",
+    "Credit",
+    "Data",
+    "End",
+    "Error",
+    "Event",
+    "Hello",
+    "Log",
+    "LogKind",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "Role",
+    "Welcome",
+    "encode_frame",
+]
 # The largest frame: four data chunks' worth, so that any reply or request that is not
 # content (which moves in chunks) fits with room to spare, and a receiver's buffer is
 # bounded before it reads a body.
@@ -29,130 +69,6 @@ DEFAULT_WINDOW = 4 << 20
 # (`MAX_IN_FLIGHT`, 1,024); past that, the older half is forgotten.
 CLOSED_STREAMS = 4096
 _LEN = struct.Struct(">I")
-
-
-class Code:
-    """Stable error codes: scripts and clients match on these, never on messages."""
-
-    PROTOCOL = "protocol-error"
-    BAD_REQUEST = "bad-request"
-    UNKNOWN_OP = "unknown-op"
-    PERMISSION = "permission-denied"
-    NOT_VALID = "not-valid"
-    INVALID_PATH = "invalid-path"
-    INVALID_ARCHIVE = "invalid-archive"
-    INVALID_REFERENCE = "invalid-reference"
-    HASH_MISMATCH = "hash-mismatch"
-    STILL_ALIVE = "still-alive"
-    UNSUPPORTED_FILE = "unsupported-file-type"
-    IO = "io-error"
-    SHUTTING_DOWN = "shutting-down"
-    INTERNAL = "internal-error"
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the connection cannot go on."""
-
-
-class Role:
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class Hello(Record):
-    __slots__ = ("versions", "agent")
-    _defaults = {"versions": VERSIONS, "agent": "weft"}
-    versions: tuple[int, ...]
-    agent: str
-
-
-class Welcome(Record):
-    __slots__ = ("version", "agent")
-    _defaults = {"agent": "weft"}
-    version: int
-    agent: str
-
-
-class Request(Record):
-    __slots__ = ("id", "op", "args")
-    _defaults = {"args": {}}
-    id: int
-    op: str
-    args: dict[str, object]
-
-
-class Reply(Record):
-    __slots__ = ("id", "result")
-    _defaults = {"result": None}
-    id: int
-    result: object
-
-
-class Error(Record):
-    __slots__ = ("id", "code", "message", "details")
-    _defaults = {"details": {}}
-    id: int | None
-    code: str
-    message: str
-    details: dict[str, object]
-
-
-class LogKind:
-    """What a `log` frame of a build is (docs/protocol.md); a frame without one is a note."""
-
-    NOTE = "note"
-    STARTED = "started"
-    BUILT = "built"
-    FAILED = "failed"
-    LINE = "line"  # a builder's output
-    RETRIED = "retried"
-
-
-class Log(Record):
-    """A line of progress or diagnostics for a request still running; `kind` (a `LogKind`)
-    and `drv` (the derivation it is about) where there are."""
-
-    __slots__ = ("id", "message", "done", "total", "kind", "drv")
-    _defaults = {"done": None, "total": None, "kind": None, "drv": None}
-    id: int
-    message: str
-    done: int | None
-    total: int | None
-    kind: str | None
-    drv: str | None
-
-
-class Data(Record):
-    __slots__ = ("id", "data")
-    id: int
-    data: bytes
-
-
-class End(Record):
-    """The end of a request's data stream."""
-
-    __slots__ = ("id",)
-    id: int
-
-
-class Credit(Record):
-    """The receiver of a stream allows its sender `amount` more bytes of data."""
-
-    __slots__ = ("id", "amount")
-    id: int
-    amount: int
-
-
-class BadRequest(Record):
-    """A well-framed request that cannot be served; it still has an id to answer."""
-
-    __slots__ = ("id", "message")
-    id: int
-    message: str
-
-
-# Every frame, as the core hands it over or takes it.
-Event = Record
 
 
 def encode_frame(message: dict[str, object]) -> bytes:
@@ -280,6 +196,9 @@ class Connection:
         # Data we may still send on a stream, and data the peer may still send us.
         self._send_credit: dict[int, int] = {}
         self._recv_allowance: dict[int, int] = {}
+        # Requests in flight (sent by a client, received by a server): the only streams
+        # data, end and credit may name.
+        self._open: set[int] = set()
         self._closed_streams: set[int] = set()
 
     # -- receiving --------------------------------------------------------------------
@@ -330,19 +249,23 @@ class Connection:
             raise ProtocolError(f"expected the handshake, got {type(event).__name__}")
         if isinstance(event, Hello | Welcome):
             raise ProtocolError("handshake repeated")
-        if isinstance(event, Credit):
+        if isinstance(event, Request):
+            self._open_stream(event.id)
+        elif isinstance(event, Credit | Data | End):
             if event.id in self._closed_streams:
                 return None
-            self._send_credit[event.id] = self._send_credit.get(event.id, 0) + event.amount
-        elif isinstance(event, Data):
-            if event.id in self._closed_streams:
-                return None
-            left = self._recv_allowance.get(event.id, 0) - len(event.data)
-            if left < 0:
-                raise ProtocolError(f"stream {event.id}: data sent beyond the granted credit")
-            self._recv_allowance[event.id] = left
-        elif isinstance(event, End) and event.id in self._closed_streams:
-            return None
+            if event.id not in self._open:
+                # Refused rather than remembered: state kept per stream id a peer names
+                # would let it grow the other side's memory without bound.
+                name = type(event).__name__.lower()
+                raise ProtocolError(f"{name} for stream {event.id}, which has no request in flight")
+            if isinstance(event, Credit):
+                self._send_credit[event.id] = self._send_credit.get(event.id, 0) + event.amount
+            elif isinstance(event, Data):
+                left = self._recv_allowance.get(event.id, 0) - len(event.data)
+                if left < 0:
+                    raise ProtocolError(f"stream {event.id}: data sent beyond the granted credit")
+                self._recv_allowance[event.id] = left
         elif isinstance(event, Reply | Error) and event.id is not None:
             self._forget(event.id)
         return event
@@ -367,6 +290,10 @@ class Connection:
             self._send_credit[event.id] = credit - len(event.data)
         elif isinstance(event, Credit):
             self._recv_allowance[event.id] = self._recv_allowance.get(event.id, 0) + event.amount
+        elif isinstance(event, Request):
+            if event.id in self._open:
+                raise RuntimeError(f"request id {event.id} is already in flight")
+            self._open_stream(event.id)
         elif isinstance(event, Reply | Error) and event.id is not None:
             self._forget(event.id)
         return encode_frame(_to_message(event))
@@ -379,8 +306,15 @@ class Connection:
         common = set(hello.versions) & set(VERSIONS)
         return max(common) if common else None
 
+    def _open_stream(self, stream: int) -> None:
+        if stream in self._open:
+            raise ProtocolError(f"request id {stream} is already in flight")
+        self._open.add(stream)
+        self._closed_streams.discard(stream)
+
     def _forget(self, stream: int) -> None:
         """A finished request: late data or credit for it is dropped, not an error."""
+        self._open.discard(stream)
         self._send_credit.pop(stream, None)
         self._recv_allowance.pop(stream, None)
         self._closed_streams.add(stream)

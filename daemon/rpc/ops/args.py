@@ -1,10 +1,22 @@
-"""Decoding a request's arguments and encoding what goes back, shared by the handlers."""
+"""Decoding a request's arguments and encoding what goes back, shared by the handlers.
 
+Every argument is checked here, before its handler acts: its type (a bool is not a
+number, nor a string a bool), finite, in range; a bad one is a `bad-request` that names
+it.  A NaN timeout once got as far as a started builder that nothing then watched.
+"""
+
+import math
 from typing import Any
 
 import trio
 
-from daemon.build.request import BuildOptions
+from daemon.build.request import (
+    MAX_JOBS,
+    MAX_LOG_SIZE,
+    MAX_RETRIES,
+    MAX_TIME_LIMIT,
+    BuildOptions,
+)
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.wire.protocol import Code
@@ -29,6 +41,38 @@ def arg_strs(args: dict[str, Any], key: str, default: list[str] | None = None) -
     return value
 
 
+def arg_bool(args: dict[str, Any], key: str) -> bool:
+    """A switch: true, false, or absent (false)."""
+    value = args.get(key, False)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise OpError(Code.BAD_REQUEST, f"{key!r} must be true or false")
+    return value
+
+
+def arg_int(args: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    """An integer from `lo` to `hi`, or None if absent."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not lo <= value <= hi:
+        raise OpError(Code.BAD_REQUEST, f"{key!r} must be an integer from {lo} to {hi}")
+    return value
+
+
+def arg_seconds(args: dict[str, Any], key: str, hi: float) -> float | None:
+    """A finite number of seconds over 0 and at most `hi`, or None if absent."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not (math.isfinite(value) and 0 < value <= hi):
+        raise OpError(
+            Code.BAD_REQUEST, f"{key!r} must be a number of seconds over 0 and at most {hi:g}"
+        )
+    return float(value)
+
+
 def str_arg(ctx: RequestContext, key: str, default: str | None = None) -> str:
     return arg_str(ctx.args, key, default)
 
@@ -45,26 +89,21 @@ def strs_arg(ctx: RequestContext, key: str, default: list[str] | None = None) ->
 
 def build_options(ctx: RequestContext, default_jobs: int) -> BuildOptions:
     """A build request's options, every one checked before anything starts."""
-    jobs = ctx.args.get("max_jobs") or default_jobs
-    if type(jobs) is not int or jobs < 1:
-        raise OpError(Code.BAD_REQUEST, "'max_jobs' must be a positive integer")
+    args = ctx.args
+    jobs = arg_int(args, "max_jobs", 1, MAX_JOBS)
     limits: dict[str, Any] = {}
-    for key, kind in (("timeout", float), ("max_silent_time", float), ("max_log_size", int)):
-        value = ctx.args.get(key)
-        if value is not None:
-            if not isinstance(value, int | float) or value <= 0:
-                raise OpError(Code.BAD_REQUEST, f"{key!r} must be a positive number")
-            limits[key] = kind(value)
-    keep_failed = (ctx.peer.uid, ctx.peer.gid) if ctx.args.get("keep_failed") else None
-    retries = ctx.args.get("retries")
-    if retries is not None and (type(retries) is not int or retries < 0):
-        raise OpError(Code.BAD_REQUEST, "'retries' must be a non-negative integer")
+    for key in ("timeout", "max_silent_time"):
+        if (seconds := arg_seconds(args, key, MAX_TIME_LIMIT)) is not None:
+            limits[key] = seconds
+    if (size := arg_int(args, "max_log_size", 1, MAX_LOG_SIZE)) is not None:
+        limits["max_log_size"] = size
+    keep_failed = (ctx.peer.uid, ctx.peer.gid) if arg_bool(args, "keep_failed") else None
     return BuildOptions(
-        max_jobs=jobs,
-        keep_going=bool(ctx.args.get("keep_going")),
-        check=bool(ctx.args.get("check")),
+        max_jobs=default_jobs if jobs is None else jobs,
+        keep_going=arg_bool(args, "keep_going"),
+        check=arg_bool(args, "check"),
         keep_failed_for=keep_failed,
-        retries=retries,
+        retries=arg_int(args, "retries", 0, MAX_RETRIES),
         **limits,
     )
 

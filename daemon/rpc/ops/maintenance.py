@@ -4,16 +4,20 @@ from typing import Any
 
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
-from daemon.rpc.ops.args import send_lines, str_arg, strs_arg
+from daemon.rpc.ops.args import arg_bool, arg_int, send_lines, str_arg, strs_arg
 from daemon.upkeep.collector import DeadPaths, GCMode, LivePaths, RootsFound
 from daemon.wire.protocol import Code
 from store.gc import GCResult
 
+# The most bytes `max_freed` may say: more than any file system holds, and a signed
+# 64-bit integer wherever it goes.
+MAX_BYTES = (1 << 63) - 1
+
 
 async def verify(ctx: RequestContext) -> dict[str, Any]:
     paths = strs_arg(ctx, "paths", []) or None
-    contents = bool(ctx.args.get("check_contents"))
-    repair = bool(ctx.args.get("repair"))
+    contents = arg_bool(ctx.args, "check_contents")
+    repair = arg_bool(ctx.args, "repair")
     if repair and not ctx.peer.trusted:
         raise OpError(Code.PERMISSION, "only trusted users may repair the store")
     repairer = ctx.services.repairer
@@ -45,9 +49,7 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
     except ValueError:
         modes = ", ".join(m.value for m in GCMode)
         raise OpError(Code.BAD_REQUEST, f"'mode' must be one of {modes}") from None
-    max_freed = ctx.args.get("max_freed")
-    if max_freed is not None and (type(max_freed) is not int or max_freed < 0):
-        raise OpError(Code.BAD_REQUEST, "'max_freed' must be a number of bytes")
+    max_freed = arg_int(ctx.args, "max_freed", 0, MAX_BYTES)
     only = strs_arg(ctx, "paths", []) or None
     match await ctx.services.collector.run(mode, max_freed, only):
         case RootsFound(roots):

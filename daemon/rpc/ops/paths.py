@@ -53,10 +53,10 @@ async def add(ctx: RequestContext) -> dict[str, Any]:
     name = str_arg(ctx, "name")
     refs = strs_arg(ctx, "references", [])
     expected = opt_str_arg(ctx, "hash")
-    read = ctx.upload().blocking_reader()
     store = ctx.services.store
-    info = await ctx.services.workers.client(
-        lambda: store.add_nar(read, name, refs, expected, pin=ctx.conn)
+    info = await ctx.read_upload(
+        lambda read: store.add_nar(read, name, refs, expected, pin=ctx.conn),
+        may_need_none=expected is not None,
     )
     return encode_info(info)
 
@@ -69,9 +69,7 @@ async def add_from_path(ctx: RequestContext) -> dict[str, Any]:
     refs = strs_arg(ctx, "references", [])
     reader = reader_for(ctx.peer)
     store = ctx.services.store
-    info = await ctx.services.workers.client(
-        lambda: store.add_path(src, name, refs, reader, pin=ctx.conn)
-    )
+    info = await ctx.from_client(lambda: store.add_path(src, name, refs, reader, pin=ctx.conn))
     return encode_info(info)
 
 
