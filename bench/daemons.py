@@ -62,10 +62,19 @@ def wait_for_socket(
     raise TimeoutError(f"no daemon on {path}")
 
 
+def _knows_init(tree: Path | None) -> bool:
+    """Whether the weft in `tree` (None: this checkout) has `store-daemon --init`: since
+    it, a named state dir holding no store is refused without it; before it, the flag is
+    unknown."""
+    cli = (tree or Path(__file__).resolve().parent.parent) / "daemon" / "cli" / "daemon.py"
+    return cli.exists() and '"--init"' in cli.read_text()
+
+
 def start_daemon(state: Path, *extra: str, tree: Path | None = None) -> DaemonProc:
-    """A daemon on `state`, run from this checkout or from the source tree `tree` (another
-    version of weft, for side-by-side benchmarks)."""
+    """A daemon on `state` (its store created if it has none), run from this checkout or
+    from the source tree `tree` (another version of weft, for side-by-side benchmarks)."""
     state.mkdir(parents=True, exist_ok=True)
+    init = ["--init"] if _knows_init(tree) else []
     log = state.parent / f"{state.name}-daemon.log"
     sock = str(state / "var" / "daemon.sock")
     with log.open("ab") as out:
@@ -77,6 +86,7 @@ def start_daemon(state: Path, *extra: str, tree: Path | None = None) -> DaemonPr
                 "--foreground",
                 "--state-dir",
                 str(state),
+                *init,
                 *extra,
             ],
             stdout=out,

@@ -5,6 +5,8 @@ is in it: each setting is a knob of the daemon's, which hands the store what it 
 (`auto-optimise`, say) as arguments.
 """
 
+import difflib
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -61,6 +63,9 @@ class Settings:
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
+        """The settings a file gives, each checked for its type and range, and against the
+        others: a value that would make every build fail or hang is refused at start, with
+        the key and what it may be."""
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -71,16 +76,103 @@ class Settings:
         for key, value in raw.items():
             attr = known.get(key)
             if attr is None:
-                raise ConfigError(f"{source}: unknown setting {key!r}")
-            want = type(getattr(defaults, attr))
-            if want is float and type(value) is int:
-                value = float(value)
-            if not isinstance(value, want):
-                raise ConfigError(
-                    f"{source}: {key} must be a {want.__name__}, not {type(value).__name__}"
-                )
-            values[attr] = value
-        return cls(**values)
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+            values[attr] = _checked(source, key, value, getattr(defaults, attr))
+        settings = cls(**values)
+        settings.check_together(source)
+        return settings
+
+    def check_together(self, source: str = SETTINGS_FILE) -> None:
+        """What no one setting's range can say."""
+        if self.max_jobs > self.build_slots:
+            raise ConfigError(
+                f"{source}: max-jobs = {self.max_jobs} is more than build-slots = "
+                f"{self.build_slots}: each build takes a slot; raise build-slots too"
+            )
+        if self.build_uid_base + self.build_slots - 1 > MAX_UID:
+            raise ConfigError(
+                f"{source}: build-uid-base + build-slots - 1 = "
+                f"{self.build_uid_base + self.build_slots - 1} is past the highest uid ({MAX_UID})"
+            )
+        if 0 < self.max_free < self.min_free:
+            raise ConfigError(
+                f"{source}: max-free = {self.max_free} is under min-free = {self.min_free}: "
+                "it must be 0 (no limit) or at least min-free"
+            )
+
+
+# The highest uid the kernel accepts: (uid_t)-1 means "no change" to chown and setresuid.
+MAX_UID = 2**32 - 2
+# Numbers' allowed ranges, inclusive, and why.  Every number has one: TOML can say nan,
+# inf and negative numbers, and none of those means anything here.
+RANGES: dict[str, tuple[float, float]] = {
+    # uid 0 is root; the top is checked with build-slots.
+    "build_uid_base": (1, MAX_UID),
+    # No slot, no build: builds would wait forever.  65,536 is the id range /etc/subuid
+    # hands a user; each running build takes one slot, so more is never of use.
+    "build_slots": (1, 65536),
+    # 0: one per core; above build-slots is refused with it.
+    "max_jobs": (0, 65536),
+    # What builders are told to use; 0: all.  8,192 is the most CPUs a Linux kernel
+    # (x86_64, NR_CPUS) can have.
+    "cores": (0, 8192),
+    # Bytes; SQLite and the kernel count in signed 64 bits.
+    "min_free": (0, 2**63 - 1),
+    "max_free": (0, 2**63 - 1),
+    # Pressure is the percent of time some task stalled; 0 turns the limit off.
+    "max_cpu_pressure": (0, 100),
+    "max_memory_pressure": (0, 100),
+    "max_io_pressure": (0, 100),
+    "pause_memory_pressure": (0, 100),
+    # Load average per core; 0: off.  Past a few hundred a machine no longer answers.
+    "max_load_per_core": (0, 1000),
+    # MiB; 2**30 MiB is a PiB, more than any machine has.
+    "min_free_memory_mib": (0, 2**30),
+    # Under 5% of a limit is as good as never (pressure seldom reads 0: paused builds would
+    # never resume); over 1, builds would resume while still over the limit.
+    "load_resume_fraction": (0.05, 1),
+    # Seconds.  Each sample reads several /proc files: under 50 ms sampling is itself load;
+    # over a minute, admission acts on stale load.
+    "load_sample_interval": (0.05, 60),
+    # Each retry is a whole build again.
+    "retries": (0, 100),
+    # Seconds before the first retry, doubled for each further one.
+    "retry_backoff": (0, 3600),
+    # Under 1 a retry of a timed-out build would get less time than the one that timed out.
+    "retry_timeout_factor": (1, 100),
+}
+# Settings naming host paths: absolute, and there (a sandbox path that is not makes every
+# build fail at its bind mount).
+HOST_PATHS = ("sandbox_paths", "load_proc_dir")
+
+
+def _checked(source: str, key: str, value: Any, default: Any) -> Any:
+    """`value` of setting `key`, of the default's type and in its range."""
+    want = type(default)
+    if want is float and type(value) is int:
+        value = float(value)
+    # bool is an int to isinstance: `build-slots = true` is no count.
+    if type(value) is not want:
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(want)
+        raise ConfigError(
+            f"{source}: {key} must be {kind or 'a ' + want.__name__}, not {type(value).__name__}"
+        )
+    attr = key.replace("-", "_")
+    if want in (int, float):
+        low, high = RANGES[attr]
+        if not low <= value <= high:  # NaN compares false both ways
+            raise ConfigError(
+                f"{source}: {key} = {value} is out of range: it must be {low}..{high}"
+            )
+    if want is list and not all(type(v) is str and v for v in value):
+        raise ConfigError(f"{source}: {key} must be a list of non-empty strings")
+    if attr in HOST_PATHS:
+        for path in value if want is list else [value]:
+            if not os.path.isabs(path) or not os.path.exists(path):
+                raise ConfigError(f"{source}: {key}: {path!r} is not an absolute path that exists")
+    return value
 
 
 def read_settings(state: StateDir) -> Settings:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict
 
 from store import nar
-from store.layout import ConfigError
+from store.layout import ConfigError, StateDir
 from store.nar import NarError, UnsupportedFileType
 from store.paths import InvalidPath
 from store.store import Store, StoreError
@@ -19,6 +19,7 @@ from store.store import Store, StoreError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m store", description=__doc__)
     p.add_argument("--state-dir", help="state dir (default: $WEFT_STATE_DIR or per user)")
+    p.add_argument("--init", action="store_true", help="create the store if --state-dir has none")
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="add files or trees as source paths")
     add.add_argument("paths", nargs="+")
@@ -88,7 +89,11 @@ def _run(args: argparse.Namespace, store: Store) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with Store.open(args.state_dir) as store:
+        state = StateDir.at(args.state_dir)
+        # As store-daemon: a named state dir is not made by mistake (a typo).
+        if args.state_dir and not args.init and not state.has_store():
+            raise ConfigError(f"no store at {state.root}; --init creates one")
+        with Store(state) as store:
             return _run(args, store)
     except (StoreError, InvalidPath, NarError, UnsupportedFileType, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,13 +13,14 @@ from pathlib import Path
 import blake3
 
 from store import nar
+from store.derivation import check_hash
 from store.hashing import format_hash
 from store.ingest import copy_tree, copy_tree_as
 from store.install import Installer
-from store.paths import PathKind, make_store_path, validate_name
+from store.paths import InvalidPath, PathKind, StorePath, make_store_path, validate_name
 from store.pins import Pins
 from store.queries import Queries
-from store.records import HashMismatch, NewPath, PathInfo, Reader
+from store.records import HashMismatch, NewPath, NotValid, PathInfo, Reader, StoreError
 from store.sourcecache import SourceCache, signature
 from store.tmparea import TmpArea, remove_tree
 
@@ -45,6 +46,11 @@ class Adder:
         pin: Hashable | None = None,
     ) -> PathInfo:
         """Add a file, symlink or tree from disk as a source path (see `Store.add_path`)."""
+        if not os.fspath(src):
+            raise StoreError("no path given to add (an empty string is not the current dir)")
+        existing = self._in_store(src, name, references, pin)
+        if existing is not None:
+            return existing
         if name is None:
             name = os.path.basename(os.path.abspath(src))
         key = (os.fsencode(os.path.abspath(src)), name, tuple(sorted(set(references))))
@@ -77,6 +83,7 @@ class Adder:
     ) -> PathInfo:
         """Add a source path from an archive stream (see `Store.add_nar`)."""
         if expected_hash is not None:
+            check_hash(expected_hash, f"expected hash of {name!r}")
             known = make_store_path(
                 PathKind.SOURCE, expected_hash, self.store_dir, name, references
             )
@@ -132,6 +139,39 @@ class Adder:
             for n in new:
                 remove_tree(n.entry)
         return [installed.get(p) or self.queries.info_or_raise(p) for p in paths]
+
+    def _in_store(
+        self,
+        src: str | os.PathLike[str],
+        name: str | None,
+        references: Iterable[str],
+        pin: Hashable | None,
+    ) -> PathInfo | None:
+        """For a source in the store dir: a valid store path is itself (as Nix answers
+        for a store path it is asked to add), unless another name or other references
+        are asked for; within one, its content is copied as any tree is; the store dir,
+        its scratch and paths not valid are refused.  (The copy refuses a source that holds
+        its own destination whatever the path says: `store.ingest`.)"""
+        given = os.path.abspath(src)
+        real = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+        store_real = os.path.realpath(self.store_dir)
+        if real != store_real and not real.startswith(store_real + "/"):
+            return None
+        top, _, within = real[len(store_real) + 1 :].partition("/")
+        if not top:
+            raise StoreError(f"cannot add {given}: it is the store dir itself")
+        try:
+            path = str(StorePath.from_base_name(top, self.store_dir))
+        except InvalidPath:
+            raise StoreError(f"cannot add {given}: it is in the store, in no store path") from None
+        info = self._pinned_info(path, pin)
+        if info is None:
+            raise NotValid(f"cannot add {given}: it is in {path}, which is not valid")
+        refs = set(references)
+        same_name = name in (None, top.split("-", 1)[1])
+        if not within and same_name and (not refs or refs == set(info.references)):
+            return info
+        return None
 
     def _pinned_info(self, path: str, pin: Hashable | None) -> PathInfo | None:
         if pin is not None:

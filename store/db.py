@@ -10,11 +10,12 @@ Connections are pooled rather than per thread: a trio daemon runs blocking calls
 changing set of worker threads, and the pool keeps at most `max_idle` open.
 """
 
+import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -92,6 +93,10 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 60_000
 _BUSY_RETRIES = 100
+# The database is the daemon's (docs/store-paths.md, "Who may read what"); SQLite gives its
+# WAL and shared-memory files the database file's mode.
+DB_MODE = 0o600
+_DB_FILES = ("", "-wal", "-shm")
 
 
 class SchemaTooNew(RuntimeError):
@@ -105,6 +110,7 @@ class Database:
         self._idle: list[apsw.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        _private(path)
         with self.connection() as conn:
             _migrate(conn, str(path))
 
@@ -174,6 +180,15 @@ class Database:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _private(path: Path) -> None:
+    """Create the database file with `DB_MODE` (SQLite would follow the umask), and put an
+    older one's files right."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, DB_MODE))
+    for suffix in _DB_FILES:
+        with suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", DB_MODE)
 
 
 def _migrate(conn: apsw.Connection, where: str) -> None:

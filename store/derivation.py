@@ -11,19 +11,30 @@ depends only on its name and expected hash.  See docs/derivations.md.
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import blake3
 
+from store.hashing import ALGORITHM, DIGEST_HEX_LEN
 from store.lru import Lru
-from store.paths import PathKind, make_store_path
+from store.paths import InvalidPath, PathKind, make_store_path, validate_name
+from store.records import StoreError
 
 FORMAT = 1
 SYSTEM = "x86_64-linux"
 _CACHE_SIZE = 4096
+DRV_SUFFIX = ".drv"
+# What a recipe's `output_hash=""` stands for, as Nix's empty `outputHash` stands for
+# sha256 of zeros: a hash no content has, so the build runs and reports the one it got.
+DUMMY_HASH = f"{ALGORITHM}:{'0' * DIGEST_HEX_LEN}"
+_KEYS = frozenset(
+    {"format", "name", "builder", "args", "env", "system", "outputs", "inputDrvs", "inputSrcs"}
+)
 
 
-class DerivationError(ValueError):
-    """A derivation that is malformed or inconsistent."""
+class DerivationError(StoreError, ValueError):
+    """A derivation that is malformed or inconsistent (a `StoreError`: the store refuses
+    to add it)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ class Derivation:
             "env": dict(self.env),
             "system": self.system,
             "outputs": {
-                k: {"path": o.path, **({"hash": o.hash} if o.hash else {})}
+                k: {"path": o.path, **({"hash": o.hash} if o.hash is not None else {})}
                 for k, o in self.outputs.items()
             },
             "inputDrvs": {k: sorted(v) for k, v in self.input_drvs.items()},
@@ -72,23 +83,136 @@ class Derivation:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "Derivation":
+    def from_json(cls, text: str | bytes) -> "Derivation":
+        """Parse a `.drv`; every field must be there, with its type, and nothing else."""
         try:
             doc = json.loads(text)
-            if doc.get("format") != FORMAT:
-                raise DerivationError(f"unknown derivation format {doc.get('format')!r}")
-            return cls(
-                name=doc["name"],
-                builder=doc["builder"],
-                outputs={k: Output(v["path"], v.get("hash")) for k, v in doc["outputs"].items()},
-                args=tuple(doc["args"]),
-                env=dict(doc["env"]),
-                input_drvs={k: tuple(v) for k, v in doc["inputDrvs"].items()},
-                input_srcs=tuple(doc["inputSrcs"]),
-                system=doc["system"],
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, RecursionError) as e:
+            # RecursionError: arrays nested deeper than the parser's stack.
             raise DerivationError(f"malformed derivation: {e}") from None
+        if not isinstance(doc, dict):
+            raise DerivationError("malformed derivation: not a JSON object")
+        if doc.get("format") != FORMAT or type(doc["format"]) is not int:
+            raise DerivationError(f"unknown derivation format {doc.get('format')!r}")
+        if set(doc) != _KEYS:
+            extra, missing = sorted(set(doc) - _KEYS), sorted(_KEYS - set(doc))
+            raise DerivationError(
+                f"malformed derivation: unknown fields {extra}, missing fields {missing}"
+            )
+        outputs = _str_map(doc, "outputs", dict)
+        input_drvs = _str_map(doc, "inputDrvs", list)
+        for k, o in outputs.items():
+            if not set(o) <= {"path", "hash"} or not all(isinstance(v, str) for v in o.values()):
+                raise DerivationError(f"malformed derivation: output {k!r} is not {{path, hash}}")
+        return cls(
+            name=_typed(doc, "name", str),
+            builder=_typed(doc, "builder", str),
+            outputs={k: Output(o.get("path", ""), o.get("hash")) for k, o in outputs.items()},
+            args=_strs(doc["args"], "args"),
+            env=_str_map(doc, "env", str),
+            input_drvs={k: _strs(v, f"inputDrvs[{k!r}]") for k, v in input_drvs.items()},
+            input_srcs=_strs(doc["inputSrcs"], "inputSrcs"),
+            system=_typed(doc, "system", str),
+        )
+
+
+def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
+    value = doc[key]
+    if not isinstance(value, kind):
+        raise DerivationError(f"malformed derivation: {key} is not a {kind.__name__}")
+    return value
+
+
+def _strs(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DerivationError(f"malformed derivation: {what} is not a list of strings")
+    return tuple(value)
+
+
+def _str_map(doc: dict[str, Any], key: str, kind: type) -> dict[str, Any]:
+    value = _typed(doc, key, dict)
+    if not all(isinstance(v, kind) for v in value.values()):
+        raise DerivationError(f"malformed derivation: the values of {key} are not {kind.__name__}s")
+    return value
+
+
+def check_hash(value: object, what: str = "output hash") -> str:
+    """A content hash as weft writes it, `blake3:<64 hex digits>`; anything else refused,
+    with what to write instead."""
+    if not isinstance(value, str):
+        raise DerivationError(f"{what} must be a string, not {type(value).__name__}")
+    algorithm, colon, digest = value.partition(":")
+    if not colon and "-" in value:
+        algorithm = value.split("-", 1)[0]  # an SRI hash, as Nix writes them
+    if algorithm != ALGORITHM:
+        raise DerivationError(
+            f"{what} {value!r} is not a {ALGORITHM} hash: weft hashes fixed outputs with "
+            f"{ALGORITHM.upper()} over their archive, written '{ALGORITHM}:<{DIGEST_HEX_LEN} hex "
+            f"digits>' (a recipe's output_hash=\"\" builds once and reports the hash)"
+        )
+    if len(digest) != DIGEST_HEX_LEN or digest.strip("0123456789abcdef"):
+        raise DerivationError(
+            f"{what} {value!r}: the digest must be {DIGEST_HEX_LEN} lowercase hex digits"
+        )
+    return value
+
+
+def check_output_name(output: str) -> str:
+    """An output name follows the rules of store path names (it ends up in one), as in Nix."""
+    if not isinstance(output, str):
+        raise InvalidPath(f"output name {output!r} is not a string")
+    try:
+        validate_name(output)
+    except InvalidPath as e:
+        raise InvalidPath(f"invalid output name: {e}") from None
+    if output.endswith(DRV_SUFFIX):
+        raise InvalidPath(f"output name {output!r} may not end in {DRV_SUFFIX!r}")
+    return output
+
+
+def validate(drv: Derivation) -> Derivation:
+    """Refuse a derivation whose names would make bad store paths, or look like a
+    derivation's (a name ending in `.drv`, which Nix refuses too), whose fixed output's hash
+    is not one weft computes, or whose strings cannot reach a builder (NUL bytes)."""
+    if not isinstance(drv.name, str) or not drv.name:
+        raise InvalidPath(f"derivation name {drv.name!r} is not a non-empty string")
+    try:
+        validate_name(drv.name + DRV_SUFFIX)
+    except InvalidPath as e:
+        raise InvalidPath(f"invalid derivation name: {e}") from None
+    if drv.name.endswith(DRV_SUFFIX):
+        raise InvalidPath(
+            f"derivation name {drv.name!r} may not end in {DRV_SUFFIX!r}: its output would "
+            "look like a derivation"
+        )
+    if not drv.outputs:
+        raise DerivationError(f"{drv.name}: a derivation needs at least one output")
+    for k, out in drv.outputs.items():
+        check_output_name(k)
+        validate_name(output_name(drv.name, k))
+        if out.hash is not None:
+            if set(drv.outputs) != {"out"}:
+                raise DerivationError(f"{drv.name}: only a single 'out' output can be fixed")
+            check_hash(out.hash, f"{drv.name}: output hash")
+    for names in drv.input_drvs.values():
+        if not names:
+            raise DerivationError(f"{drv.name}: an input derivation with no outputs used")
+        for n in names:
+            check_output_name(n)
+    _check_strings(drv)
+    return drv
+
+
+def _check_strings(drv: Derivation) -> None:
+    if not drv.builder:
+        raise DerivationError(f"{drv.name}: the builder is empty")
+    for key in drv.env:
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise DerivationError(f"{drv.name}: environment variable name {key!r} is not valid")
+    # The builder's command line and environment cross to the spawner as C strings.
+    for s in (drv.builder, *drv.args, *drv.env.values()):
+        if not isinstance(s, str) or "\0" in s:
+            raise DerivationError(f"{drv.name}: a NUL byte in the builder, its arguments or env")
 
 
 Resolver = Callable[[str], Derivation]
@@ -106,20 +230,54 @@ class HashModulo:
         known = self._memo.get(drv_path)
         if known is not None:
             return known
-        value = self.of(self._resolve(drv_path))
-        self._memo.put(drv_path, value)
-        return value
+        return self._walk(drv_path)[drv_path]
 
     def of(self, drv: Derivation) -> str:
-        if drv.is_fixed_output:
-            out = drv.outputs["out"]
-            return blake3.blake3(f"fixed:out:{out.hash}:{out.path}".encode()).hexdigest()
-        # Each input derivation stands in as its own hash modulo: a fixed-output input
-        # contributes only what it produces, not how.
-        masked = replace(
-            drv, input_drvs={self.of_path(p): outs for p, outs in drv.input_drvs.items()}
-        )
-        return blake3.blake3(masked.to_json().encode()).hexdigest()
+        known: dict[str, str] = {}
+        if not drv.is_fixed_output:
+            for p in drv.input_drvs:
+                known[p] = self._memo.get(p) or self._walk(p)[p]
+        return _hash_modulo(drv, known)
+
+    def _walk(self, root: str) -> dict[str, str]:
+        """The hashes of `root` and of those of its inputs not remembered, inputs first,
+        without recursion: a chain of derivations may be thousands deep."""
+        done: dict[str, str] = {}
+        expanding: set[str] = set()
+        stack: list[tuple[str, bool]] = [(root, False)]
+        while stack:
+            path, expanded = stack.pop()
+            if path in done:
+                continue
+            drv = self._resolve(path)
+            if expanded:
+                expanding.discard(path)
+                done[path] = _hash_modulo(drv, done)
+                self._memo.put(path, done[path])
+                continue
+            if path in expanding:
+                raise DerivationError(f"derivation cycle through {path}")
+            expanding.add(path)
+            stack.append((path, True))
+            for dep in () if drv.is_fixed_output else drv.input_drvs:
+                hit = done.get(dep) or self._memo.get(dep)
+                if hit is not None:
+                    done[dep] = hit
+                else:
+                    stack.append((dep, False))
+        return done
+
+
+def _hash_modulo(drv: Derivation, inputs: Mapping[str, str]) -> str:
+    """`drv`'s hash modulo fixed-output inputs, given its inputs' (all of them, unless it
+    is fixed-output)."""
+    if drv.is_fixed_output:
+        out = drv.outputs["out"]
+        return blake3.blake3(f"fixed:out:{out.hash}:{out.path}".encode()).hexdigest()
+    # Each input derivation stands in as its own hash modulo: a fixed-output input
+    # contributes only what it produces, not how.
+    masked = replace(drv, input_drvs={inputs[p]: outs for p, outs in drv.input_drvs.items()})
+    return blake3.blake3(masked.to_json().encode()).hexdigest()
 
 
 def output_name(drv_name: str, output: str) -> str:
@@ -127,13 +285,13 @@ def output_name(drv_name: str, output: str) -> str:
 
 
 def with_output_paths(drv: Derivation, store_dir: str, hashes: HashModulo) -> Derivation:
-    """The derivation with its output paths (and the matching variables) filled in."""
+    """The derivation, checked (`validate`), with its output paths (and the matching
+    variables) filled in."""
+    validate(drv)
     if drv.is_fixed_output:
         expected = drv.outputs["out"].hash
         path = str(make_store_path(PathKind.OUTPUT, f"fixed:out:{expected}", store_dir, drv.name))
         return replace(drv, outputs={"out": Output(path, expected)}, env={**drv.env, "out": path})
-    if any(o.hash for o in drv.outputs.values()):
-        raise DerivationError(f"{drv.name}: only a single 'out' output can be fixed")
     blank = replace(
         drv,
         outputs={k: Output() for k in drv.outputs},
@@ -184,4 +342,4 @@ def closure_order(roots: Iterable[str], resolve: Resolver) -> list[str]:
 def drv_name(path: str) -> str:
     """The name in a derivation's store path `<store dir>/<hash>-<name>.drv`: what people
     are shown of it."""
-    return path.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(".drv")
+    return path.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(DRV_SUFFIX)

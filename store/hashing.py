@@ -7,6 +7,8 @@ import blake3
 from store import nar
 
 ALGORITHM = "blake3"
+# BLAKE3's default output, 32 bytes, in hex.
+DIGEST_HEX_LEN = 64
 
 
 def format_hash(digest: bytes) -> str:

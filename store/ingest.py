@@ -5,13 +5,15 @@ serialisation (framing from `store.nar`, contents from the file) is fed to the h
 it goes, so the content hash is that of the bytes actually written.  The copy is
 canonical as it is made (mtime 1, modes 0444/0555, nothing else), and the source is
 walked through directory fds with O_NOFOLLOW, so a source that changes under us can make
-the add fail but never makes it read outside the tree it was given.
+the add fail but never makes it read outside the tree it was given.  Nor can a copy walk
+into a directory that holds its own destination (the store dir, the state dir, `/`): it
+would copy itself without end.
 """
 
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blake3
@@ -20,6 +22,7 @@ from store import nar
 from store.creds import reading_as
 from store.hashing import format_hash
 from store.nar import UnsupportedFileType
+from store.records import StoreError
 from store.tmparea import remove_tree
 
 # Files up to this size are read in one call and hashed with their framing in one update.
@@ -37,6 +40,10 @@ class SourceChanged(OSError):
     """The source changed while it was being copied; the add can be retried."""
 
 
+class SourceHoldsDestination(StoreError):
+    """The source holds the directory the copy is written into (the store, say)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Ingested:
     nar_hash: str
@@ -49,6 +56,7 @@ class _Archiver:
     def __init__(self) -> None:
         self.hasher = blake3.blake3()
         self.size = 0
+        self.depth = 0
 
     def feed(self, data: bytes | memoryview) -> None:
         self.hasher.update(data)
@@ -57,15 +65,23 @@ class _Archiver:
     def ingested(self) -> Ingested:
         return Ingested(format_hash(self.hasher.digest()), self.size)
 
-    def entries(self, fd: int, visit: Callable[[bytes, int], None]) -> None:
-        """A directory's framing, with `visit(name, mode)` for each entry, in order."""
+    def entries(self, fd: int, where: bytes) -> Iterator[tuple[bytes, int]]:
+        """A directory's framing around its entries, (name, mode) each, in order: a
+        generator, so that each level of a tree costs the walk two frames, not four."""
+        self.depth += 1
+        if self.depth > nar.MAX_DEPTH + 1:  # as restore counts: the top is at depth 0
+            # Deeper than an archive may be (store.nar): it could never be restored.
+            raise UnsupportedFileType(
+                f"directories nested deeper than {nar.MAX_DEPTH} levels (at {os.fsdecode(where)!r})"
+            )
         self.feed(nar.DIRECTORY)
         for child in nar.sorted_names(fd):
             mode = os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode
             self.feed(nar.entry_start(child))
-            visit(child, mode)
+            yield child, mode
             self.feed(nar.ENTRY_END)
         self.feed(nar.DIRECTORY_END)
+        self.depth -= 1
 
 
 def _unsupported(name: bytes, mode: int) -> UnsupportedFileType:
@@ -76,9 +92,11 @@ def _unsupported(name: bytes, mode: int) -> UnsupportedFileType:
 
 
 class _Copier(_Archiver):
-    def __init__(self) -> None:
+    def __init__(self, forbidden: frozenset[tuple[int, int]]) -> None:
         super().__init__()
         self._buf: bytearray | None = None
+        # (device, inode) of the destination's directory and each one above it.
+        self._forbidden = forbidden
 
     def node(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes, mode: int) -> None:
         if stat.S_ISREG(mode):
@@ -96,10 +114,17 @@ class _Copier(_Archiver):
     def directory(self, src_dir: int, name: bytes, dst_dir: int, dst_name: bytes) -> None:
         sfd = os.open(name, _DIR_FLAGS, dir_fd=src_dir)
         try:
+            st = os.fstat(sfd)
+            if (st.st_dev, st.st_ino) in self._forbidden:
+                raise SourceHoldsDestination(
+                    f"{os.fsdecode(name)}: holds the directory the copy is written into "
+                    "(the store's): a store cannot take in itself"
+                )
             os.mkdir(dst_name, 0o700, dir_fd=dst_dir)
             dfd = os.open(dst_name, _DIR_FLAGS, dir_fd=dst_dir)
             try:
-                self.entries(sfd, lambda child, mode: self.node(sfd, child, dfd, child, mode))
+                for child, mode in self.entries(sfd, name):
+                    self.node(sfd, child, dfd, child, mode)
                 os.fchmod(dfd, 0o555)
                 os.utime(dfd, (1, 1))
             finally:
@@ -172,7 +197,8 @@ class _Settler(_Archiver):
     def directory(self, dir_fd: int, name: bytes) -> None:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
-            self.entries(fd, lambda child, mode: self.node(fd, child, mode))
+            for child, mode in self.entries(fd, name):
+                self.node(fd, child, mode)
             self._settle(fd, 0o555)
         finally:
             os.close(fd)
@@ -231,16 +257,38 @@ def copy_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Inge
     dest_parent, dest_name = os.path.split(os.path.abspath(os.fsencode(dest)))
     dpfd = os.open(dest_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return _copy_into(src, dpfd, dest_name)
+        return _copy_into(src, dpfd, dest_name, _this_and_above(dpfd))
     finally:
         os.close(dpfd)
 
 
-def _copy_into(src: str | os.PathLike[str], dest_dir: int, dest_name: bytes) -> Ingested:
+def _this_and_above(dir_fd: int) -> frozenset[tuple[int, int]]:
+    """(device, inode) of a directory and of every directory above it, up to `/`."""
+    seen: set[tuple[int, int]] = set()
+    fd = os.dup(dir_fd)
+    try:
+        while True:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                return frozenset(seen)
+            seen.add((st.st_dev, st.st_ino))
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+    finally:
+        os.close(fd)
+
+
+def _copy_into(
+    src: str | os.PathLike[str],
+    dest_dir: int,
+    dest_name: bytes,
+    forbidden: frozenset[tuple[int, int]],
+) -> Ingested:
     src_parent, src_name = os.path.split(os.path.abspath(os.fsencode(src)))
     if not src_name:
         src_parent, src_name = b"/", b"."
-    copier = _Copier()
+    copier = _Copier(forbidden)
     copier.feed(nar.HEADER)
     spfd = os.open(src_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -294,8 +342,10 @@ def copy_tree_as(
         os.chown(box, uid, gid)
         box_fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            # Found as root: the client may not search the directories above the box.
+            forbidden = _this_and_above(box_fd)
             with reading_as(uid, gid, groups):
-                got = _copy_into(src, box_fd, b"x")
+                got = _copy_into(src, box_fd, b"x", forbidden)
         finally:
             os.close(box_fd)
         _chown_tree(box + b"/x", 0, 0)

@@ -19,6 +19,7 @@ from pathlib import Path
 import apsw
 
 from store.db import Database
+from store.drvcheck import DerivationCheck
 from store.ingest import copy_tree, take_tree
 from store.queries import Queries, references_first
 from store.records import HashMismatch, InvalidReference, NewPath, NotValid, PathInfo, StoreError
@@ -45,6 +46,7 @@ class Installer:
         self.queries = queries
         self.recovery = recovery
         self.after_install = after_install
+        self.derivations = DerivationCheck(queries)
 
     def add_outputs(
         self,
@@ -67,8 +69,11 @@ class Installer:
                 got = take_tree(src, entry) if move else copy_tree(src, entry)
                 want = expected_hashes.get(output)
                 if want is not None and got.nar_hash != want:
+                    # Nix's words, which people who asked for the hash with an empty one
+                    # (a dummy) look for.
                     raise HashMismatch(
-                        f"output {output!r} of {drv_path} has hash {got.nar_hash}, expected {want}"
+                        f"hash mismatch in fixed-output derivation '{drv_path}':\n"
+                        f"  specified: {want}\n     got:    {got.nar_hash}"
                     )
                 found = scan_path(entry, by_hash_part)
                 refs = tuple(sorted(by_hash_part[h] for h in found))
@@ -92,8 +97,10 @@ class Installer:
 
         References may name paths registered earlier or other paths of this batch, and a
         path may refer to itself.  `drv_outputs` (drv path, output name, output path) rows
-        are recorded when the derivation is valid.
+        are recorded when the derivation is valid.  Paths named `*.drv` must be derivations
+        that check out (`store.drvcheck`), or nothing is installed.
         """
+        self.derivations.check(new)
         entries = [(n.entry.name,) for n in new]
         # Journal the adds before the renames: if this process dies between a rename and
         # the commit, the next open finds the rows and removes the unregistered paths.

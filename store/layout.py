@@ -1,22 +1,31 @@
 """Where a weft state dir keeps things, and the settings file inside it.
 
-<state dir>/
+<state dir>/           0755
   weft.toml          settings, read by the daemon (daemon/settings.py)
-  store/             the store dir: <hash>-<name> paths, nothing else visible
-    .links/          one hard link per distinct file, for dedup
-    .tmp/            adds in progress and deletions, named after their owner process
-  var/db/db.sqlite   the database (WAL)
-  var/gcroots/       GC roots (auto/ holds indirect ones)
-  var/log/           build logs
+  store/             0755  the store dir: <hash>-<name> paths, nothing else visible
+    .links/          0755  one hard link per distinct file, for dedup
+    .tmp/            0700  adds in progress and deletions, named after their owner process
+  var/               the socket's dir: its mode follows `allowed-users` (daemon/rpc/auth.py)
+    db/db.sqlite     0700, 0600  the database (WAL)
+    gcroots/         0700  GC roots (auto/ holds indirect ones)
+    log/             0700  build logs
+
+Who may read what (docs/store-paths.md): the store is everyone's to read, as in Nix; the
+daemon's records (the database, the roots, the logs) and its scratch are its own, and
+users see them through the daemon, which applies `allowed-users`.  The modes are set
+whatever the umask, and the private ones put right on every start.
 """
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.defaults import default_state_dir
+from store.defaults import default_state_dir, has_store
 
 SETTINGS_FILE = "weft.toml"
+PUBLIC = 0o755
+PRIVATE = 0o700
 
 
 class ConfigError(ValueError):
@@ -68,15 +77,31 @@ class StateDir:
     def settings_path(self) -> Path:
         return self.root / SETTINGS_FILE
 
+    def has_store(self) -> bool:
+        return has_store(str(self.root))
+
     def create(self) -> None:
+        """Make what is missing, each with its mode (`PRIVATE` ones made so if they were
+        not: a state dir made by an older weft had its database world-readable)."""
+        if not self.root.is_dir():
+            self.root.mkdir(mode=PUBLIC, parents=True, exist_ok=True)
+            os.chmod(self.root, PUBLIC)
+        var = self.root / "var"
         for d, mode in (
-            (self.root, 0o755),
-            (self.store_dir, 0o755),
-            (self.links_dir, 0o755),
-            (self.tmp_dir, 0o700),
-            (self.db_dir, 0o755),
-            (self.gcroots_dir, 0o755),
-            (self.gcroots_dir / "auto", 0o755),
-            (self.log_dir, 0o755),
+            (self.store_dir, PUBLIC),
+            (self.links_dir, PUBLIC),
+            (self.tmp_dir, PRIVATE),
+            (var, PUBLIC),
+            (self.db_dir, PRIVATE),
+            (self.gcroots_dir, PRIVATE),
+            (self.gcroots_dir / "auto", PRIVATE),
+            (self.log_dir, PRIVATE),
         ):
-            d.mkdir(mode=mode, parents=True, exist_ok=True)
+            try:
+                d.mkdir(mode=mode)
+            except FileExistsError:
+                if mode != PRIVATE:
+                    continue
+            # mkdir's mode passes through the umask; a private dir is put right as well.
+            if stat.S_IMODE(os.stat(d).st_mode) != mode:
+                os.chmod(d, mode)

@@ -19,6 +19,7 @@ local store or the daemon.
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from store import derivation as drvs
-from store.derivation import HashModulo, Output, with_output_paths
+from store.derivation import DUMMY_HASH, HashModulo, Output, with_output_paths
 from store.store import Store
 
 HOST_BUSYBOX = "/bin/busybox"
@@ -131,7 +132,21 @@ def derivation(
     outputs: Iterable[str] = ("out",),
     output_hash: str | None = None,
 ) -> Derivation:
+    """A derivation, checked and written to the store.  `output_hash` makes it
+    fixed-output (`blake3:<hex>` of the output's archive); `""` asks for the hash, as an
+    empty `outputHash` does in Nix: the build fails and reports the hash it got."""
     ev = _evaluation()
+    if isinstance(outputs, str):
+        raise drvs.DerivationError(
+            f"{name}: outputs must be a list of names, not the string {outputs!r}"
+        )
+    if output_hash == "":
+        sys.stderr.write(
+            f"warning: {name}: found empty hash, assuming '{DUMMY_HASH}'; the build will "
+            "report the actual hash\n"
+        )
+        output_hash = DUMMY_HASH
+    builder = str(builder)
     args = tuple(str(a) for a in args)
     env = {k: str(v) for k, v in (env or {}).items()}
     input_drvs: dict[str, set[str]] = {}
@@ -158,7 +173,7 @@ def derivation(
     draft = drvs.Derivation(
         name=name,
         builder=builder,
-        outputs={o: Output(hash=output_hash if o == "out" else None) for o in outs},
+        outputs={o: Output(hash=output_hash) for o in outs},
         args=args,
         env=env,
         input_drvs={p: tuple(sorted(o)) for p, o in input_drvs.items()},

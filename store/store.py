@@ -124,7 +124,8 @@ class Store:
         lookup: nothing is read or written (see `store.sourcecache`).  With `reader`, the
         source is read with that user's permissions (and never answered from the cache).
         With `pin`, the path is pinned for that owner before it is looked up or added, so
-        the collector cannot take it from under the caller.
+        the collector cannot take it from under the caller.  A valid store path is itself;
+        the store dir, what holds it, and what in it is no valid path are refused.
         """
         return self._adder.add_path(src, name, references, reader, pin)
 
@@ -150,7 +151,8 @@ class Store:
         references: Iterable[str] = (),
         pin: Hashable | None = None,
     ) -> PathInfo:
-        """Add one regular file whose contents are known, like a derivation."""
+        """Add one regular file whose contents are known, like a derivation (one named
+        `*.drv` must be a derivation that checks out: `store.drvcheck`)."""
         return self._adder.add_texts([(name, text, references)], pin)[0]
 
     def add_texts(

@@ -116,3 +116,26 @@ def test_malformed_derivations_are_refused() -> None:
     for text in ["{", "[]", '{"format": 2}', '{"format": 1, "name": "x"}']:
         with pytest.raises(DerivationError):
             Derivation.from_json(text)
+
+
+def test_a_chain_of_derivations_hundreds_deep_is_checked_without_running_out_of_stack(
+    store: Store,
+) -> None:
+    depth = 500  # each level cost the recursive walk three frames: ~330 levels fit
+    with using(LocalStore(store)):
+        prev = derivation("link0", "/bin/sh", ["-c", "echo > $out"])
+        for i in range(1, depth):
+            prev = derivation(f"link{i}", "/bin/sh", ["-c", f"cat {prev} > $out"])
+    assert len(closure_order([prev.path], lambda p: Derivation.from_json(Path(p).read_text()))) == (
+        depth
+    )
+    # Another process knows none of their hashes: both the store's check and a build's
+    # read the whole chain back from disk.
+    with Store.open(store.state.root) as fresh:
+        draft = Derivation("top", "/bin/sh", {"out": Output()}, input_drvs={prev.path: ("out",)})
+        cold = HashModulo(lambda p: Derivation.from_json(Path(p).read_text()))
+        top = with_output_paths(draft, fresh.store_dir, cold)
+        added = fresh.add_text("top.drv", top.to_json(), top.references())
+        assert fresh.is_valid(added.path)
+    rebuilt = HashModulo(lambda p: Derivation.from_json(Path(p).read_text()))
+    check_output_paths(top, store.store_dir, rebuilt)

@@ -12,6 +12,7 @@ from store import gc
 from store.layout import StateDir
 from store.store import Store, StoreError
 from store.tmparea import DELETION
+from tests.test_store import a_derivation
 
 
 def _text(store: Store, name: str, refs: tuple[str, ...] = ()) -> str:
@@ -115,10 +116,10 @@ def test_pins_are_roots_and_released_pins_are_not(store: Store) -> None:
 
 
 def test_keep_derivations_and_keep_outputs(store: Store, tmp_path: Path) -> None:
-    drv = store.add_text("x.drv", "derivation").path
+    drv = a_derivation(store, "x")
     src = tmp_path / "out"
     src.write_text("built")
-    out_path = f"{store.store_dir}/{'1' * 32}-x"
+    out_path = f"{store.store_dir}/{store.parse(drv).hash_part}-x"
     (info,) = store.add_outputs(drv, {"out": (str(src), out_path)}, [])
     os.symlink(info.path, store.state.gcroots_dir / "out")
     # keep-derivations (the default): the .drv that built a live path stays.

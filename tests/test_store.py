@@ -14,6 +14,7 @@ from store.db import SCHEMA_VERSION, SchemaTooNew
 from store.hashing import hash_path
 from store.nar import UnsupportedFileType
 from store.paths import InvalidPath
+from store.recipe import LocalStore, derivation, using
 from store.store import StoreError
 from tests.conftest import make_varied_tree, tree_listing
 
@@ -279,7 +280,8 @@ def test_fresh_trees_are_not_cached(store: Store, tmp_path: Path) -> None:
 def test_add_outputs_registers_references_and_deriver(store: Store, tmp_path: Path) -> None:
     dep = store.add_text("dep", "a dependency")
     unused = store.add_text("unused", "not referred to")
-    drv = store.add_text("thing.drv", "{}", [dep.path])
+    drv = store.path_info(a_derivation(store, "thing", (dep.path,)))
+    assert drv is not None
     sd = store.store_dir
     out_path, doc_path = f"{sd}/{'1' * 32}-thing", f"{sd}/{'2' * 32}-thing-doc"
     out, doc = tmp_path / "out", tmp_path / "doc"
@@ -431,6 +433,12 @@ def test_taking_a_tree_from_another_file_system_copies_it(tmp_path: Path) -> Non
     assert tree_listing(tmp_path / "taken") == tree_listing(tmp_path / "copy")
 
 
+def a_derivation(store: Store, name: str, inputs: tuple[str, ...] = ()) -> str:
+    """A real `.drv` (the store refuses any other file named so), never built."""
+    with using(LocalStore(store)):
+        return derivation(name, "/bin/sh", ["-c", "exit 1"], inputs=inputs).path
+
+
 def _output(store: Store, tmp_path: Path, drv: str, name: str) -> str:
     """A built output of `drv` (which need not be valid), registered with it as deriver."""
     src = tmp_path / name
@@ -443,7 +451,7 @@ def _output(store: Store, tmp_path: Path, drv: str, name: str) -> str:
 def test_a_derivation_is_its_own_deriver_and_an_output_names_the_one_that_built_it(
     store: Store, tmp_path: Path
 ) -> None:
-    drv = store.add_text("thing.drv", "{}").path
+    drv = a_derivation(store, "thing")
     out = _output(store, tmp_path, drv, "thing")
     source = store.add_text("source", "not built").path
     assert store.resolve_deriver(drv) == drv
@@ -459,7 +467,7 @@ def test_a_derivation_is_its_own_deriver_and_an_output_names_the_one_that_built_
 def test_paths_are_grouped_by_the_valid_derivation_that_can_rebuild_them(
     store: Store, tmp_path: Path
 ) -> None:
-    drv = store.add_text("two.drv", "{}").path
+    drv = a_derivation(store, "two")
     first, second = _output(store, tmp_path, drv, "first"), _output(store, tmp_path, drv, "second")
     gone_drv = f"{store.store_dir}/{'4' * 32}-gone.drv"
     orphan_out = _output(store, tmp_path, gone_drv, "orphan")

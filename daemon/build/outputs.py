@@ -36,9 +36,10 @@ def build_owner(drv_path: str) -> str:
 
 def movable(drv: Derivation) -> bool:
     """Whether a build's outputs may be moved into the store rather than copied.  Once
-    the builder is reaped no process of its sandbox is left; but a fixed-output build
-    shares the host's network, through which it could have handed a descriptor of its
-    output to a process outside, to write into the store later."""
+    the builder is reaped no process of its sandbox is left; but a fixed-output build has
+    the network, and a way out found there (its namespace is its own since pasta, but
+    the copy costs little against a download) could hand a descriptor of its output to a
+    process outside, to write into the store later."""
     return not drv.is_fixed_output
 
 
@@ -94,10 +95,13 @@ class Register:
                 self.expected,
                 move=movable(self.drv),
             )
+        except HashMismatch as e:
+            # Already says which derivation, what was specified and what was got: the
+            # words Nix users look for when they asked for the hash with an empty one.
+            raise BuildError(str(e), Cause.HASH_MISMATCH) from None
         except Exception as e:
-            cause = Cause.HASH_MISMATCH if isinstance(e, HashMismatch) else Cause.REFUSED
             message = f"outputs of '{drv_name(self.drv_path)}' refused: {e}"
-            raise BuildError(message, cause) from None
+            raise BuildError(message, Cause.REFUSED) from None
         self.closures.add_outputs(infos)
         _unlink_lock_files(self.drv)
 

@@ -1,0 +1,106 @@
+"""Every `.drv` is checked before it is registered, as Nix checks each derivation it
+registers: a derivation that could never be built (a name that makes a bad store path or
+looks like a derivation's, an output path its inputs do not give, an input that is not a
+derivation, references other than its inputs) is refused before anything of the add is
+written, however it arrives (a text, an archive, an import).  Checking at the door rather
+than at the build means a bad `.drv` never sits in the store looking like a good one.
+
+A `.drv` path's text never changes, so each one's hash modulo fixed-output inputs and
+output names are remembered, in bounded maps, for the derivations added after it: a recipe
+adding a chain of derivations reads none of its inputs back from disk.
+"""
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from store.derivation import (
+    DRV_SUFFIX,
+    Derivation,
+    DerivationError,
+    HashModulo,
+    check_output_paths,
+    validate,
+)
+from store.lru import Lru
+from store.queries import Queries
+from store.records import NewPath
+
+# Hashes modulo (and output names) remembered across adds: about 200 bytes each, so about
+# 1 MB, and more than the derivations of a large recipe (examples/ has tens; a distribution
+# has ~10,000, of which an evaluation adds those that changed).
+KNOWN_HASHES = 4096
+
+
+class DerivationCheck:
+    def __init__(self, queries: Queries) -> None:
+        self.queries = queries
+        self.store_dir = queries.store_dir
+        self._hashes = Lru[str, str](KNOWN_HASHES)
+        self._outputs = Lru[str, frozenset[str]](KNOWN_HASHES)
+
+    def check(self, new: Sequence[NewPath]) -> None:
+        """Refuse the batch if any path named `*.drv` in it is not a derivation that checks
+        out; its inputs may be valid already or in the batch."""
+        batch = {n.path: n for n in new}
+        drvs = [n for n in new if n.path.endswith(DRV_SUFFIX)]
+        if not drvs:
+            return
+        parsed: dict[str, Derivation] = {}
+
+        def resolve(path: str) -> Derivation:
+            drv = parsed.get(path)
+            if drv is None:
+                drv = parsed[path] = self._read(path, batch)
+            return drv
+
+        hashes = HashModulo(resolve, self._hashes)
+        for n in drvs:
+            drv = validate(resolve(n.path))
+            base = n.path.rsplit("/", 1)[-1]
+            if base.split("-", 1)[1] != drv.name + DRV_SUFFIX:
+                raise DerivationError(
+                    f"{base}: the derivation in it is named {drv.name!r}, so its file must be "
+                    f"named '{drv.name}{DRV_SUFFIX}'"
+                )
+            if set(n.references) != set(drv.references()):
+                raise DerivationError(
+                    f"{base}: a derivation's references must be its input derivations and "
+                    "sources, no more and no fewer"
+                )
+            for input_path, outputs in drv.input_drvs.items():
+                have = self._outputs.get(input_path) or frozenset(resolve(input_path).outputs)
+                missing = sorted(set(outputs) - have)
+                if missing:
+                    raise DerivationError(f"{base}: {input_path} has no output {missing[0]!r}")
+            check_output_paths(drv, self.store_dir, hashes)
+        for n in drvs:
+            hashes.of_path(n.path)
+            self._outputs.put(n.path, frozenset(parsed[n.path].outputs))
+
+    def _read(self, path: str, batch: dict[str, NewPath]) -> Derivation:
+        if not path.endswith(DRV_SUFFIX):
+            raise DerivationError(f"input {path} is not a derivation")
+        new = batch.get(path)
+        if new is not None:
+            where = new.entry
+        elif self.queries.is_valid(path):
+            where = Path(path)
+        else:
+            raise DerivationError(f"input derivation {path} is not valid")
+        try:
+            return Derivation.from_json(_read_file(where, path))
+        except DerivationError as e:
+            raise DerivationError(f"{path}: {e}") from None
+
+
+def _read_file(where: Path, path: str) -> bytes:
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise DerivationError(f"not a derivation file: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise DerivationError("not a derivation: not a regular file")
+        return f.read()
