@@ -14,6 +14,10 @@ from daemon.wire import protocol as p
 # thousand small replies, in one call; what a command needs, without a large buffer.
 RECV_SIZE = 256 << 10
 
+# How often a client waiting on a quiet daemon calls `on_tick`: a status line's clock then
+# moves once a second, as people expect a running clock to.
+TICK_SECONDS = 1.0
+
 
 class DaemonError(Exception):
     """An error reply: `code` is stable, `message` is for people."""
@@ -61,6 +65,8 @@ class BlockingClient:
         # Called before each wait for the daemon: what `on_log` gathered is written then,
         # once per batch of events the daemon sent together rather than once per event.
         self.on_idle: Callable[[], None] = _nothing
+        # Called each TICK_SECONDS the daemon is silent, when set.
+        self.on_tick: Callable[[], None] | None = None
         self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self._sock.connect(sock_path)
@@ -99,10 +105,24 @@ class BlockingClient:
             if event is not None:
                 return event
             self.on_idle()
-            data = self._sock.recv(RECV_SIZE)
+            data = self._recv()
             if not data:
                 raise ConnectionError("the daemon closed the connection")
             self._proto.receive_data(data)
+
+    def _recv(self) -> bytes:
+        if self.on_tick is None:
+            return self._sock.recv(RECV_SIZE)
+        # The timeout only while waiting here: a send never gives up half-way.
+        self._sock.settimeout(TICK_SECONDS)
+        try:
+            while True:
+                try:
+                    return self._sock.recv(RECV_SIZE)
+                except TimeoutError:
+                    self.on_tick()
+        finally:
+            self._sock.settimeout(None)
 
     def _new_id(self) -> int:
         self._next_id += 1

@@ -2,15 +2,43 @@
 
 A target is a `.drv` store path or a recipe file `file.py[:name]`: without a name, the
 module's `default`, else every top-level derivation.  Recipes are evaluated here, against
-the daemon (sources and `.drv` files are added through it), and the daemon builds.
+the daemon (sources and `.drv` files are added through it), and the daemon builds.  A
+recipe's mistake is the user's to fix, so it is reported as `file:line: message` of the
+recipe, not as a traceback through weft.
 """
 
 import os
 import sys
+from types import TracebackType
 
-from daemon.cli.blocking import BlockingClient
-from daemon.cli.common import UsageError, connect, parse
-from daemon.wire.protocol import Log, LogKind
+from daemon.cli.blocking import BlockingClient, DaemonError
+from daemon.cli.common import Command, CommandError, Flag, UsageError, absolute, connect
+from daemon.cli.progress import Progress
+
+_DAEMONS = "the daemon's"
+
+BUILD = Command(
+    "store-build",
+    "[OPTION...] TARGET...",
+    "Build derivations through the daemon; print their output paths.  A TARGET is a .drv\n"
+    "store path or a recipe file.py[:name]: the recipe's `default`, else every derivation\n"
+    "it defines, unless `:name` picks one.\n"
+    "-o LINK links LINK to the first target's `out`, LINK-NAME to its output NAME, and\n"
+    "LINK-2, LINK-2-NAME, ... to the next targets' outputs; each link is a GC root.",
+    (
+        Flag("--max-jobs", "how many builds may run at once", "N", "-j", "the daemon's max-jobs"),
+        Flag("--print-build-logs", "print what the builders write", short="-L"),
+        Flag("--keep-going", "when a build fails, still build what does not need it"),
+        Flag("--keep-failed", "keep a failed build's directory and say where", short="-K"),
+        Flag("--check", "build valid outputs again and compare them"),
+        Flag("--dry-run", "print what would be built and what is already valid; build nothing"),
+        Flag("--out-link", "link the outputs as LINK, LINK-NAME, LINK-2 (above)", "LINK", "-o"),
+        Flag("--timeout", "stop a build running longer", "SECONDS", default=_DAEMONS),
+        Flag("--max-silent-time", "stop a build silent longer", "SECONDS", default=_DAEMONS),
+        Flag("--retries", "retry a failed build up to N times", "N", default=_DAEMONS),
+        Flag("--no-retry", "never retry a failed build"),
+    ),
+)
 
 
 class DaemonRecipeStore:
@@ -33,19 +61,60 @@ def _store_dir(client: BlockingClient) -> str:
     return str(client.call("store-dir"))
 
 
+# Where code that is not the user's lives: weft's packages and the standard library.  A
+# traceback's deepest frame outside these, under the recipe's directory, is the line of
+# the recipe (or of a module beside it) that went wrong.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NOT_THE_USERS = (
+    *(os.path.join(_ROOT, package) + os.sep for package in ("daemon", "store")),
+    os.path.dirname(os.__file__) + os.sep,
+)
+
+
+def _where(tb: TracebackType | None, recipe_dir: str) -> str | None:
+    """`file:line` of the deepest frame in the user's code."""
+    found = None
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if file.startswith(recipe_dir) and not file.startswith(NOT_THE_USERS):
+            found = f"{file}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
+
+
+def _run_recipe(path: str) -> dict[str, object]:
+    """The recipe's top-level names, with the modules beside it importable while it runs
+    (its directory first on sys.path, as `python file.py` has it, and taken off after)."""
+    import runpy
+
+    here = os.path.dirname(path)
+    sys.path.insert(0, here)
+    try:
+        return runpy.run_path(path, run_name="__recipe__")
+    except SyntaxError as e:
+        raise CommandError(f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}") from None
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename == path:
+            raise CommandError(f"error: cannot read {path}: {e.strerror}") from None
+        where = _where(e.__traceback__, here + os.sep) or path
+        what = e.message if isinstance(e, DaemonError) else f"{type(e).__name__}: {e}"
+        raise CommandError(f"{where}: {what}") from None
+    finally:
+        if here in sys.path:  # unless the recipe took it off itself
+            sys.path.remove(here)
+
+
 def evaluate(target: str, client: BlockingClient) -> list[str]:
     """The `.drv` paths a target names."""
     file, _, name = target.partition(":")
     if not file.endswith(".py"):
-        return [target]
+        return [absolute(target)]
     # Only here: the recipe machinery (the store's hashing and paths) takes longer to
     # import than a build of a `.drv` path takes, start to finish.
-    import runpy
-
     from store import recipe
 
     with recipe.using(DaemonRecipeStore(client, _store_dir(client))):
-        module = runpy.run_path(os.path.abspath(file), run_name="__recipe__")
+        module = _run_recipe(os.path.abspath(file))
     made = {k: v for k, v in module.items() if isinstance(v, recipe.Derivation)}
     if name:
         if name not in made:
@@ -58,72 +127,12 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
     return [d.path for d in made.values()]
 
 
-def _drv_names(drvs: list[str]) -> list[str]:
-    # Imported only here, where names are shown: the store's derivation module costs a
-    # command ~40 ms to import, which builds followed through a pipe (scripts, the bench)
-    # do not pay.
+def _drv_name(drv: str) -> str:
+    # Imported only here, where a name is shown: the store's derivation module costs a
+    # command ~40 ms to import.
     from store.derivation import drv_name
 
-    return [drv_name(d) for d in drvs]
-
-
-class Progress:
-    """What the daemon says about a build, for people: on a terminal a status line kept
-    at the bottom (built/total and what is running), elsewhere plain lines.  The frames'
-    `kind` tells a builder's log line (shown with `-L`) and the builds that start and end
-    (the status line's) from the rest."""
-
-    def __init__(self, show_logs: bool, terminal: bool) -> None:
-        self.show_logs = show_logs
-        self.terminal = terminal
-        self.done = self.total = 0
-        self.running: list[str] = []  # derivation paths
-        self._status = False
-        self._pending: list[str] = []
-
-    def _write(self, text: str) -> None:
-        self._pending.append(text)
-
-    def flush(self) -> None:
-        """Write what was gathered: called when the client is about to wait."""
-        if self._pending:
-            data = "".join(self._pending).encode()
-            self._pending.clear()
-            while data:
-                data = data[os.write(2, data) :]
-
-    def _line(self, text: str) -> None:
-        if self._status:
-            self._write("\r\x1b[K")
-            self._status = False
-        self._write(text + "\n")
-
-    def update(self, event: Log) -> None:
-        message = event.message
-        if event.kind == LogKind.LINE:
-            if self.show_logs:
-                self._line(message)
-        else:
-            if event.done is not None and event.total is not None:
-                self.done, self.total = event.done, event.total
-            if event.kind == LogKind.STARTED and event.drv is not None:
-                self.running.append(event.drv)
-            elif event.kind == LogKind.BUILT and event.drv in self.running:
-                self.running.remove(event.drv)
-            if not self.terminal:
-                self._line(
-                    message if event.done is None else f"[{self.done}/{self.total}] {message}"
-                )
-        if self.terminal:
-            running = ", ".join(_drv_names(self.running)) or "-"
-            self._write(f"\r\x1b[K[{self.done}/{self.total} built] running: {running}")
-            self._status = True
-
-    def finish(self) -> None:
-        if self._status:
-            self._write("\r\x1b[K")
-            self._status = False
-        self.flush()
+    return drv_name(drv)
 
 
 def _link(client: BlockingClient, link: str, target: str) -> None:
@@ -135,69 +144,100 @@ def _link(client: BlockingClient, link: str, target: str) -> None:
     client.call("add-root", link=link)
 
 
-def main(argv: list[str]) -> int:
-    opts, targets = parse(
-        argv,
-        {
-            "-j": True,
-            "--max-jobs": True,
-            "-L": False,
-            "--print-build-logs": False,
-            "-K": False,
-            "--keep-failed": False,
-            "--check": False,
-            "--keep-going": False,
-            "-o": True,
-            "--retries": True,
-            "--no-retry": False,
-        },
-    )
-    if not targets:
-        raise UsageError("no targets given")
-    jobs = opts.get("-j") or opts.get("--max-jobs")
-    if jobs is not None and not str(jobs).isdigit():
-        raise UsageError("-j takes a number")
-    retries = opts.get("--retries")
-    if retries is not None and not str(retries).isdigit():
-        raise UsageError("--retries takes a number")
+def _count(opts: dict[str, str | bool], flag: str) -> int | None:
+    value = opts.get(flag)
+    if value is None:
+        return None
+    if not str(value).isdigit():
+        raise UsageError(f"{flag} takes a whole number, not {value!r}")
+    return int(str(value))
+
+
+def _seconds(opts: dict[str, str | bool], flag: str) -> float | None:
+    value = opts.get(flag)
+    if value is None:
+        return None
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        seconds = 0.0
+    # Also refuses NaN, which compares false with everything.
+    if not 0 < seconds < float("inf"):
+        raise UsageError(f"{flag} takes a number of seconds above 0, not {value!r}")
+    return seconds
+
+
+def build_args(opts: dict[str, str | bool]) -> dict[str, object]:
+    """The `build` request's options from the command's."""
+    args: dict[str, object] = {
+        "keep_going": "--keep-going" in opts,
+        "keep_failed": "--keep-failed" in opts,
+        "check": "--check" in opts,
+    }
+    jobs, retries = _count(opts, "--max-jobs"), _count(opts, "--retries")
+    if jobs is not None:
+        args["max_jobs"] = jobs
     if retries is not None and "--no-retry" in opts:
         raise UsageError("give --retries or --no-retry, not both")
-    show_logs = "-L" in opts or "--print-build-logs" in opts
+    if retries is not None or "--no-retry" in opts:
+        args["retries"] = retries or 0
+    for flag, key in (("--timeout", "timeout"), ("--max-silent-time", "max_silent_time")):
+        seconds = _seconds(opts, flag)
+        if seconds is not None:
+            args[key] = seconds
+    return args
 
-    progress = Progress(show_logs, os.isatty(2))
+
+def _report(results: list[dict]) -> tuple[list[str], int]:
+    """The outputs to print, and how many derivations failed, each said on stderr: a
+    failure in the daemon's words, which name the derivation and its last log lines."""
+    failed = 0
+    printed: list[str] = []
+    for r in results:
+        if r["status"] in ("built", "valid") or r.get("identical"):
+            printed += list(r["outputs"].values())
+            if r.get("attempts", 1) > 1 or r.get("flaky"):
+                note = " (flaky)" if r.get("flaky") else ""
+                what = f"{_drv_name(r['drv'])}: succeeded on attempt {r['attempts']}{note}\n"
+                os.write(2, what.encode())
+        else:
+            failed += 1
+            os.write(2, f"error: {r.get('message') or r['status']}\n".encode())
+    return printed, failed
+
+
+def store_build(argv: list[str]) -> int:
+    opts, targets = BUILD.parse(argv)
+    if not targets:
+        raise UsageError("no targets given")
+    args = build_args(opts)
+    link = str(opts.get("--out-link") or "")
+    progress = Progress("--print-build-logs" in opts, os.isatty(2))
     with connect(opts) as client:
         client.on_log, client.on_idle = progress.update, progress.flush
         drvs = [d for t in targets for d in evaluate(t, client)]
-        args: dict[str, object] = {
-            "drvs": drvs,
-            "keep_going": "--keep-going" in opts,
-            "keep_failed": "-K" in opts or "--keep-failed" in opts,
-            "check": "--check" in opts,
-        }
-        if jobs is not None:
-            args["max_jobs"] = int(str(jobs))
-        if retries is not None or "--no-retry" in opts:
-            args["retries"] = int(str(retries or 0))
+        links: list[tuple[str, str]] = []
+        if link or "--dry-run" in opts:
+            from daemon.cli.plan import Plan, describe, refuse_clobbering
+
+            plan = Plan(drvs)
+            if "--dry-run" in opts:
+                built, present = plan.missing(lambda ps: client.call("is-valid", paths=ps))
+                os.write(2, (describe(built, present) + "\n").encode())
+                return 0
+            links = plan.links(link)
+            refuse_clobbering(links)
+        if progress.terminal:
+            client.on_tick = progress.tick
         try:
-            results = client.call("build", **args)
+            results = client.call("build", drvs=drvs, **args)
         finally:
+            client.on_tick = None
             progress.finish()
-        failed = 0
-        printed: list[str] = []
-        for r in results:
-            if r["status"] in ("built", "valid") or r.get("identical"):
-                printed += list(r["outputs"].values())
-                if r.get("attempts", 1) > 1 or r.get("flaky"):
-                    (name,) = _drv_names([r["drv"]])
-                    note = " (flaky)" if r.get("flaky") else ""
-                    os.write(2, f"{name}: succeeded on attempt {r['attempts']}{note}\n".encode())
-            else:
-                failed += 1
-                os.write(2, f"error: {r.get('message') or r['status']}\n".encode())
+        printed, failed = _report(results)
         if printed:
             sys.stdout.write("\n".join(printed) + "\n")
-        link = opts.get("-o")
-        if link and not failed:
-            for i, path in enumerate(printed):
-                _link(client, str(link) if i == 0 else f"{link}-{i + 1}", path)
+        if not failed:
+            for name, path in links:
+                _link(client, name, path)
     return 1 if failed else 0

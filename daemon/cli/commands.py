@@ -1,94 +1,110 @@
-"""The store-* commands on store paths (add, query, dump, log, verify, gc, optimise):
-thin clients of the daemon, one request each."""
+"""The store-* commands on store paths (add, dump, log, verify, gc, optimise; the queries
+are `query.py`): thin clients of the daemon, one request each.  Each has its `Command`
+spec beside it, which `--help` and the parser both read."""
 
 import sys
 
-from daemon.cli.blocking import DaemonError
-from daemon.cli.common import UsageError, absolute, connect, lines, parse, print_json, say
+from daemon.cli.common import (
+    Command,
+    Flag,
+    UsageError,
+    absolute,
+    connect,
+    lines,
+    print_json,
+    say,
+)
+
+JSON = Flag("--json", "print the result as JSON")
+
+ADD = Command(
+    "store-add",
+    "[--name NAME] PATH...  |  store-add --nar NAME < ARCHIVE",
+    "Add files or directories to the store; print their store paths.",
+    (
+        Flag("--name", "the store path's name", "NAME", default="the file's name"),
+        Flag("--nar", "add the NAR archive read from stdin, as a path named NAME", "NAME"),
+    ),
+)
 
 
 def store_add(argv: list[str]) -> int:
-    opts, paths = parse(argv, {"--nar": True, "--name": True})
+    opts, paths = ADD.parse(argv)
+    if "--nar" in opts:
+        if paths:
+            raise UsageError("--nar reads the archive from stdin and takes no paths")
+        with connect(opts) as client:
+            info = client.upload("add", sys.stdin.buffer.read, name=opts["--nar"])
+        lines([info["path"]])
+        return 0
+    if not paths:
+        raise UsageError("no paths given")
+    # Every path checked before the first is added.
+    wanted = [absolute(p) for p in paths]
+    name = opts.get("--name")
     with connect(opts) as client:
-        if "--nar" in opts:
-            if paths:
-                raise UsageError("--nar reads the archive from stdin and takes no paths")
-            stdin = sys.stdin.buffer
-            info = client.upload("add", stdin.read, name=opts["--nar"])
-            lines([info["path"]])
-            return 0
-        if not paths:
-            raise UsageError("no paths given")
-        name = opts.get("--name")
-        for p in paths:
-            args = {"path": absolute(p)} | ({"name": name} if name else {})
+        for path in wanted:
+            args = {"path": path} | ({"name": name} if name else {})
             lines([client.call("add-from-path", **args)["path"]])
     return 0
 
 
-QUERIES = ("--info", "--references", "--referrers", "--closure", "--valid")
-
-
-def store_query(argv: list[str]) -> int:
-    opts, paths = parse(argv, {q: False for q in QUERIES} | {"--json": False})
-    chosen = [q for q in QUERIES if q in opts]
-    if len(chosen) != 1:
-        raise UsageError("give exactly one of " + ", ".join(QUERIES))
-    if not paths:
-        raise UsageError("no paths given")
-    paths = [absolute(p) for p in paths]
-    as_json = "--json" in opts
-    query = chosen[0]
-    with connect(opts) as client:
-        if query == "--valid":
-            valid = client.call("is-valid", paths=paths)
-            print_json(valid) if as_json else lines(valid)
-            return 0 if len(valid) == len(set(paths)) else 1
-        if query == "--closure":
-            closure = client.call("closure", paths=paths)
-            print_json(closure) if as_json else lines(closure)
-            return 0
-        op = {"--info": "path-info", "--references": "references", "--referrers": "referrers"}
-        results = client.call_many([(op[query], {"path": p}) for p in paths])
-    for r in results:
-        if isinstance(r, DaemonError):
-            raise r
-    if as_json:
-        print_json(results if query == "--info" else dict(zip(paths, results, strict=True)))
-    elif query == "--info":
-        lines([f"{i['path']}\t{i['nar_hash']}\t{i['nar_size']}" for i in results])
-    else:
-        lines(list(dict.fromkeys(p for r in results for p in r)))
-    return 0
-
-
-def _download_one(argv: list[str], op: str, what: str) -> int:
+def _download_one(path: str, opts: dict[str, str | bool], op: str, **args: object) -> int:
     """Stream what the daemon sends for one path (an archive, a log) to stdout."""
-    opts, paths = parse(argv, {})
-    if len(paths) != 1:
-        raise UsageError(f"give exactly one {what}")
-    out = sys.stdout.buffer
+    out, path = sys.stdout.buffer, absolute(path)
     with connect(opts) as client:
-        client.download(op, out.write, path=absolute(paths[0]))
+        client.download(op, out.write, path=path, **args)
     out.flush()
     return 0
 
 
+DUMP = Command("store-dump", "PATH > ARCHIVE", "Write a store path as a NAR archive to stdout.")
+
+
 def store_dump(argv: list[str]) -> int:
-    return _download_one(argv, "dump", "path")
+    opts, paths = DUMP.parse(argv)
+    if len(paths) != 1:
+        raise UsageError("give exactly one path")
+    return _download_one(paths[0], opts, "dump")
+
+
+LOG = Command(
+    "store-log",
+    "[-f] DRV|OUTPUT",
+    "Print the build log of a derivation, or of the one that built an output path; of a\n"
+    "build still running, what it wrote so far.",
+    (Flag("--follow", "then print what a running build writes, until it ends", short="-f"),),
+)
 
 
 def store_log(argv: list[str]) -> int:
-    return _download_one(argv, "log", "derivation or output path")
+    opts, paths = LOG.parse(argv)
+    if len(paths) != 1:
+        raise UsageError("give exactly one derivation or output path")
+    follow = {"follow": True} if "--follow" in opts else {}
+    return _download_one(paths[0], opts, "log", **follow)
+
+
+VERIFY = Command(
+    "store-verify",
+    "[--check-contents] [--repair] [--json] [PATH...]",
+    "Check that registered paths (all, or PATHs) are there; exit 1 if any is missing or corrupt.",
+    (
+        Flag("--check-contents", "also hash each path's contents and compare"),
+        Flag("--repair", "rebuild or forget what is missing or corrupt; exit 1 if some cannot be"),
+        JSON,
+    ),
+)
 
 
 def store_verify(argv: list[str]) -> int:
-    opts, paths = parse(argv, {"--json": False, "--check-contents": False, "--repair": False})
+    opts, paths = VERIFY.parse(argv)
     repair = "--repair" in opts
+    wanted = [absolute(p) for p in paths]
     with connect(opts) as client:
         report = client.call(
             "verify",
-            paths=[absolute(p) for p in paths],
+            paths=wanted,
             check_contents="--check-contents" in opts,
             repair=repair,
         )
@@ -141,13 +157,30 @@ GC_LISTS = {
 }
 
 
+GC = Command(
+    "store-gc",
+    "[--print-roots|--print-live|--print-dead|--dry-run] [--max-freed SIZE]\n"
+    "                [--json] [--delete PATH...]",
+    "Delete store paths no root keeps alive, or list roots, live or dead paths.",
+    (
+        Flag("--print-roots", "list the roots (`SOURCE -> PATH`), delete nothing"),
+        Flag("--print-live", "list the paths the roots keep, delete nothing"),
+        Flag("--print-dead", "list the paths a collection would delete, delete nothing"),
+        Flag("--dry-run", "list what a collection would delete and its size, delete nothing"),
+        Flag(
+            "--max-freed",
+            "stop once SIZE bytes are freed: 4096, 500M, 1G",
+            "SIZE",
+            default="no limit",
+        ),
+        Flag("--delete", "delete only PATHs, and only if dead (else exit 1, and why)"),
+        JSON,
+    ),
+)
+
+
 def store_gc(argv: list[str]) -> int:
-    flags = dict.fromkeys(GC_PRINTS, False) | {
-        "--max-freed": True,
-        "--delete": False,
-        "--json": False,
-    }
-    opts, paths = parse(argv, flags)
+    opts, paths = GC.parse(argv)
     modes = [m for flag, m in GC_PRINTS.items() if flag in opts]
     if len(modes) > 1:
         raise UsageError("give at most one of " + ", ".join(GC_PRINTS))
@@ -183,8 +216,16 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f} MiB"
 
 
+OPTIMISE = Command(
+    "store-optimise",
+    "[--json]",
+    "Hard-link identical files across the store; print what it saved.",
+    (JSON,),
+)
+
+
 def store_optimise(argv: list[str]) -> int:
-    opts, rest = parse(argv, {"--json": False})
+    opts, rest = OPTIMISE.parse(argv)
     if rest:
         raise UsageError("store-optimise takes no paths")
     with connect(opts) as client:

@@ -6,14 +6,24 @@ import os
 import sys
 
 from daemon.cli.blocking import BlockingClient, NoDaemon
-from store.defaults import default_state_dir, socket_path
+from store.defaults import default_state_dir, has_store, socket_path
 
 # What `--version` prints: the package's version, kept in step with pyproject.toml.
 VERSION = "0.1.0"
 
 
 class UsageError(Exception):
-    pass
+    """Bad usage: the command prints this, its usage, and exits 2."""
+
+
+class CommandError(Exception):
+    """A failure explained to the user: the command prints the message as it is (it says
+    `error:`, or names a recipe's `file:line:`) and exits 1, with no traceback."""
+
+
+# Where --help's descriptions start: the longest flag with its value fits
+# (`    --max-silent-time SECONDS`).
+FLAG_COLUMN = 30
 
 
 class Flag:
@@ -34,7 +44,7 @@ class Flag:
         names = f"{self.short}, {self.name}" if self.short else f"    {self.name}"
         spelled = f"{names} {self.value}" if self.value else names
         default = f" (default: {self.default})" if self.default else ""
-        return f"  {spelled:<28} {self.help}{default}"
+        return f"  {spelled:<{FLAG_COLUMN}} {self.help}{default}"
 
 
 # Options every command takes.
@@ -93,30 +103,34 @@ class Command:
         return opts, rest
 
 
-def parse(argv: list[str], flags: dict[str, bool]) -> tuple[dict[str, str | bool], list[str]]:
-    """TEMPORARY until every command has its `Command`: the old flag table's parser."""
-    spec = tuple(Flag(n, "", "X" if v else "") for n, v in flags.items())
-    return Command("", "", "", spec).parse(argv)
-
-
 def say(message: str) -> None:
     os.write(2, (message + "\n").encode())
 
 
 def connect(opts: dict[str, str | bool]) -> BlockingClient:
-    state = str(opts.get("--state-dir") or default_state_dir())
+    """A connection to the state dir's daemon, started when none serves it.  Only the
+    default state dir is created on the way: a `--state-dir` the user typed names a store
+    that must exist, lest a typo start a new, empty store and leave a daemon serving it."""
+    explicit = opts.get("--state-dir")
+    state = str(explicit or default_state_dir())
     path = str(opts.get("--socket") or socket_path(state))
     try:
         return BlockingClient(path)
     except NoDaemon:
         pass
+    if explicit and not has_store(state):
+        raise CommandError(
+            f"error: no store at {state}; `store-daemon --state-dir {state} --init` creates one"
+        )
     say(f"weft: no daemon serves {state}; starting one")
     import subprocess
     import time
 
     # Isolated (-I): the daemon must not import a `json.py` that happens to sit in the
-    # directory the command was run from, nor heed PYTHONPATH or the user's site dir.
-    cmd = [sys.executable, "-I", "-m", "daemon.cli.daemon", "--state-dir", state, "--socket", path]
+    # directory the command was run from, nor heed PYTHONPATH or the user's site dir.  The
+    # default state dir is left for the daemon to find (and create) on its own.
+    where = ["--state-dir", state] if explicit else []
+    cmd = [sys.executable, "-I", "-m", "daemon.cli.daemon", *where, "--socket", path]
     subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False)
     # Another command may have won the race to start it: wait for whichever daemon is up.
     deadline = time.monotonic() + 10
@@ -141,4 +155,8 @@ def lines(items: list[str]) -> None:
 
 
 def absolute(path: str) -> str:
+    """A path argument made absolute; an empty one is refused, not taken for the current
+    directory (`store-add ''` would otherwise add all of it)."""
+    if not path:
+        raise UsageError("an empty path names nothing (the current directory is `.`)")
     return os.path.abspath(path)

@@ -1,7 +1,11 @@
-"""The store-* commands by the name run as (`bin/store-client`): usage, dispatch, exit
-codes.  Results go to stdout, progress and diagnostics to stderr.  Exit codes: 0 success,
-1 the operation failed (or, for `--valid` and `store-verify`, found something invalid), 2
-bad usage.
+"""The store-* commands by the name run as (`bin/store-client`): help, version, dispatch,
+exit codes.  Results go to stdout, progress and diagnostics to stderr.  Exit codes: 0
+success, 1 the operation failed (or, for `--valid` and `store-verify`, found something
+invalid), 2 bad usage.
+
+Each command is a `Command` spec (its usage, summary and flags, which both `--help` and
+its parser read) and a function of argv, in a module imported only when the command
+runs: store-build's pulls in more than a query should pay for.
 
 No command imports trio (tests/test_house.py checks it): a command starts in tens of
 milliseconds, and trio alone would cost more than that.
@@ -9,72 +13,53 @@ milliseconds, and trio alone would cost more than that.
 
 import sys
 
-from daemon.cli import commands
 from daemon.cli.blocking import DaemonError
-from daemon.cli.common import UsageError, say
+from daemon.cli.common import VERSION, Command, CommandError, UsageError, say
 
-USAGE = {
-    "store-add": "store-add [--name NAME] PATH...  |  store-add --nar NAME < archive",
-    "store-query": (
-        "store-query (--info|--references|--referrers|--closure|--valid) [--json] PATH..."
-    ),
-    "store-dump": "store-dump PATH > archive",
-    "store-log": "store-log DRV|OUTPUT",
-    "store-verify": "store-verify [--check-contents] [--repair] [--json] [PATH...]",
-    "store-gc": "store-gc [--print-roots|--print-live|--print-dead|--dry-run] "
-    "[--max-freed SIZE] [--json] [--delete PATH...]",
-    "store-optimise": "store-optimise [--json]",
-    "store-build": "store-build [-j N] [-L] [--keep-going] [-K] [--check] [-o LINK]\n"
-    "       [--retries N | --no-retry] TARGET...\n"
-    "       (TARGET: a .drv store path, or a recipe file.py[:name])",
-    "store-status": "store-status [--json]",
-    "store-history": "store-history [--json] (DRV|OUTPUT | --flaky)",
+# name run as: (module, its Command spec, its function of argv).  A new command is a row
+# here, a link to bin/store-client under its name, and that name in pyproject.toml.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "store-add": ("daemon.cli.commands", "ADD", "store_add"),
+    "store-query": ("daemon.cli.query", "QUERY", "store_query"),
+    "store-dump": ("daemon.cli.commands", "DUMP", "store_dump"),
+    "store-log": ("daemon.cli.commands", "LOG", "store_log"),
+    "store-verify": ("daemon.cli.commands", "VERIFY", "store_verify"),
+    "store-gc": ("daemon.cli.commands", "GC", "store_gc"),
+    "store-optimise": ("daemon.cli.commands", "OPTIMISE", "store_optimise"),
+    "store-build": ("daemon.cli.build", "BUILD", "store_build"),
+    "store-status": ("daemon.cli.sched", "STATUS", "store_status"),
+    "store-history": ("daemon.cli.sched", "HISTORY", "store_history"),
+    "store-why-depends": ("daemon.cli.whydepends", "WHY_DEPENDS", "store_why_depends"),
+    "store-export": ("daemon.cli.transfer", "EXPORT", "store_export"),
+    "store-import": ("daemon.cli.transfer", "IMPORT", "store_import"),
 }
 
 
-def store_build(argv: list[str]) -> int:
-    # Recipes need the store package and more: only store-build pays for importing them.
-    from daemon.cli.build import main
-
-    return main(argv)
+def _options(argv: list[str]) -> list[str]:
+    """The arguments that may be options: everything before `--`."""
+    return argv[: argv.index("--")] if "--" in argv else argv
 
 
-def store_status(argv: list[str]) -> int:
-    from daemon.cli.sched import store_status
-
-    return store_status(argv)
-
-
-def store_history(argv: list[str]) -> int:
-    from daemon.cli.sched import store_history
-
-    return store_history(argv)
-
-
-COMMANDS = {
-    "store-build": store_build,
-    "store-add": commands.store_add,
-    "store-query": commands.store_query,
-    "store-dump": commands.store_dump,
-    "store-log": commands.store_log,
-    "store-verify": commands.store_verify,
-    "store-gc": commands.store_gc,
-    "store-optimise": commands.store_optimise,
-    "store-status": store_status,
-    "store-history": store_history,
-}
-
-
-def run(name: str) -> int:
-    argv = sys.argv[1:]
-    if "--help" in argv or "-h" in argv:
-        sys.stdout.write(f"usage: {USAGE[name]}\n       [--state-dir DIR] [--socket PATH]\n")
+def run(name: str, argv: list[str] | None = None) -> int:
+    module, spec_name, function = COMMANDS[name]
+    code = __import__(module, fromlist=[function])
+    argv = sys.argv[1:] if argv is None else argv
+    options = _options(argv)
+    if "--help" in options or "-h" in options:
+        sys.stdout.write(getattr(code, spec_name).help())
+        return 0
+    if "--version" in options:
+        sys.stdout.write(f"{name} (weft) {VERSION}\n")
         return 0
     try:
-        return COMMANDS[name](argv)
+        return int(getattr(code, function)(argv))
     except UsageError as e:
-        say(f"{name}: {e}\nusage: {USAGE[name]}")
+        spec: Command = getattr(code, spec_name)
+        say(f"{name}: {e}\nusage: {name} {spec.usage}\n(`{name} --help` describes every option)")
         return 2
+    except CommandError as e:
+        say(str(e))
+        return 1
     except DaemonError as e:
         say(f"error: {e.message}")
         return 1

@@ -4,7 +4,7 @@ A handler decodes its arguments, calls one store or service method, and encodes 
 """
 
 from daemon.rpc.context import Operation, RequestContext
-from daemon.rpc.ops import build, maintenance, paths, scheduling
+from daemon.rpc.ops import build, closures, maintenance, paths, scheduling, transfer
 
 
 async def shutdown(ctx: RequestContext) -> None:
@@ -18,6 +18,9 @@ OPERATIONS: dict[str, Operation] = {
     "references": Operation(query=paths.references),
     "referrers": Operation(query=paths.referrers),
     "closure": Operation(paths.closure),
+    "closure-info": Operation(closures.closure_info),
+    "export": Operation(transfer.export),
+    "import": Operation(transfer.import_paths),
     "add": Operation(paths.add),
     "add-from-path": Operation(paths.add_from_path),
     "dump": Operation(paths.dump),
