@@ -1,6 +1,7 @@
 """The spawner: request to the builder's first instruction, exit to reaped status, and
-sandboxed builders per second; with and without a network namespace; back to back (the
-spawner is still making its spare when the next request comes) and 10 ms apart.
+sandboxed builders per second; without the network and with a fixed-output build's (a
+namespace of its own, connected by pasta); back to back (the spawner is still making its
+spare when the next request comes) and 10 ms apart.
 
 Builders are adopted by the spawner's parent (a subreaper), reaped by its process
 monitor, so the measurement runs in a process of its own (`python -m bench.spawner_bench`),
@@ -102,8 +103,8 @@ async def _measure(work: Path) -> list[Row]:
         for network, pause, label in (
             (False, 0.0, "own network namespace, back to back"),
             (False, PAUSE, f"own network namespace, {PAUSE * 1e3:.0f} ms apart"),
-            (True, 0.0, "host network, back to back"),
-            (True, PAUSE, f"host network, {PAUSE * 1e3:.0f} ms apart"),
+            (True, 0.0, "fixed-output network (pasta), back to back"),
+            (True, PAUSE, f"fixed-output network (pasta), {PAUSE * 1e3:.0f} ms apart"),
         ):
             rows += _latency_rows(label, [await one(network, pause) for _ in range(SPAWNS)])
         t = time.perf_counter()

@@ -16,7 +16,7 @@ The stream comes from anyone, so nothing in it is believed until checked:
 
 Archives are restored into the temporary area as they arrive; only when the whole stream
 has checked out are all of them renamed into place and registered, with their references,
-in one transaction (`Installer.install`).  A stream that fails anywhere leaves nothing
+in one transaction (`Store.install`).  A stream that fails anywhere leaves nothing
 registered and its entries are removed.
 """
 
@@ -33,11 +33,8 @@ from store import nar
 from store.derivation import Derivation, DerivationError
 from store.export import MAGIC, MAX_FIELD, TAG_END, TAG_PATH, VERSION, StreamError
 from store.hashing import format_hash
-from store.install import Installer
 from store.paths import InvalidPath, PathKind, StorePath, make_store_path
-from store.queries import Queries
 from store.records import HashMismatch, InvalidReference, NewPath, StoreError
-from store.recovery import Recovery
 from store.store import Store
 from store.streamreader import READ_SIZE, StreamReader
 from store.tmparea import remove_tree
@@ -96,13 +93,6 @@ class _Import:
         self.seen: dict[str, Meta] = {}
         self.held = 0  # bytes of metadata read, all of it held until the end
         self.new: list[NewPath] = []
-        queries = Queries(store.db, store.store_dir)
-        recovery = Recovery(store.db, store.tmp, store.store_dir)
-        self.installer = Installer(store.db, store.tmp, queries, recovery, self._installed)
-
-    def _installed(self, paths: list[str]) -> None:
-        if self.store.auto_optimise:
-            self.store.optimise(paths)
 
     def run(self, src: StreamReader) -> Imported:
         roots = self._header(src)
@@ -119,7 +109,7 @@ class _Import:
             raise StreamError(f"data after the trailer, at byte {src.offset}")
         self._check_closure(roots)
         if self.new:
-            self.installer.install(self.new, self._drv_outputs())
+            self.store.install(self.new, self._drv_outputs())
         return Imported(roots, list(self.seen), [n.path for n in self.new])
 
     def discard(self) -> None:

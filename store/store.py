@@ -34,6 +34,7 @@ from store.records import (
     ByDeriver,
     HashMismatch,
     InvalidReference,
+    NewPath,
     NotValid,
     PathInfo,
     Reader,
@@ -186,6 +187,14 @@ class Store:
         return self._installer.add_outputs(
             drv_path, built, candidates, expected_hashes, repair, move
         )
+
+    def install(
+        self, new: Sequence[NewPath], drv_outputs: Sequence[tuple[str, str, str]] = ()
+    ) -> list[PathInfo]:
+        """Entries already in `.tmp` renamed into place and registered with their
+        references, derivers and `(drv, output, path)` rows, in one transaction: all of
+        them or none (an import)."""
+        return self._installer.install(new, drv_outputs)
 
     def _installed(self, paths: list[str]) -> None:
         if self.auto_optimise:

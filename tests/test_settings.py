@@ -151,6 +151,17 @@ def test_a_named_state_dir_without_a_store_is_refused_unless_init_asks(elsewhere
         assert daemon_command("--state-dir", str(typo), "--stop").returncode == 0
 
 
+def test_a_state_dir_too_deep_for_its_socket_is_refused_naming_the_limit_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 120)
+    refused = daemon_command("--state-dir", str(deep), "--init")
+    assert refused.returncode == 1
+    assert "a Unix socket's may be at most 107" in refused.stderr
+    assert "--socket" in refused.stderr
+    assert not deep.exists()
+
+
 def test_the_default_state_dir_is_created_when_missing(tmp_path: Path) -> None:
     default = tmp_path / "fresh" / "weft"
     env = {"WEFT_STATE_DIR": str(default)}

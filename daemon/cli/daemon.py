@@ -19,6 +19,8 @@ from store.defaults import default_state_dir, socket_path
 # Seconds requests in flight get at shutdown; a stop waits this and a little more.
 DEFAULT_GRACE = 10.0
 STOP_MARGIN = 5.0
+# A Unix socket's path: `sun_path` holds 108 bytes, its terminating NUL included.
+MAX_SOCKET_PATH = 107
 
 DAEMON = Command(
     "store-daemon",
@@ -81,6 +83,13 @@ def start(root: str, path: str, explicit: bool, opts: dict[str, str | bool], gra
     from daemon.settings import read_settings
     from store.layout import ConfigError, StateDir
 
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        say(
+            f"error: the socket path {path} is {len(os.fsencode(path))} bytes, and a Unix "
+            f"socket's may be at most {MAX_SOCKET_PATH}: name a shorter one with --socket "
+            "or $WEFT_SOCKET"
+        )
+        return 1
     try:
         state = StateDir.at(root)
         fresh = not state.has_store()
