@@ -143,10 +143,11 @@ def test_failures_are_reported_with_the_log_tail(graph: Graph) -> None:
 
 def test_timeout_and_silence_kill_the_builder(graph: Graph) -> None:
     stuck = graph.sh("stuck", "trap '' TERM; sleep 60")
-    (r,) = graph.build(stuck, timeout=1)
+    # No retries: under load the policy would retry a timeout with twice the time.
+    (r,) = graph.build(stuck, timeout=1, retries=0)
     assert r["status"] == "failed" and "timed out after 1 s" in r["message"]
     quiet = graph.sh("quiet", "echo hi; sleep 60")
-    (r,) = graph.build(quiet, max_silent_time=1)
+    (r,) = graph.build(quiet, max_silent_time=1, retries=0)
     assert "was silent for 1 s" in r["message"]
 
 

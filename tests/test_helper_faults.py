@@ -3,10 +3,12 @@ awkward moments (a request on its way, the one-daemon lock being taken back, shu
 builds holding locks, a collection running), a helper that answers garbage or hangs up
 without exiting, and one that dies at every start."""
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,18 @@ def proc_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def someone_holds(path: Path) -> bool:
+    """Whether any process holds a lock on `path`, asked without taking one (F_OFD_GETLK):
+    a probe that took the lock could take it from the daemon in the moment it asks."""
+    flock = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock)
+    finally:
+        os.close(fd)
+    return struct.unpack("@hhqqi4x", answer)[0] != fcntl.F_UNLCK
 
 
 async def until(condition: object, timeout: float = 10) -> None:
@@ -108,7 +122,7 @@ async def test_a_locker_killed_again_while_the_daemon_lock_is_taken_back_does_no
             # The new locker has just been started: the daemon lock's request is on its way.
             os.kill(svc.locker_pid, signal.SIGKILL)
             await until(lambda: svc.restarts == 2)
-            await until(lambda: not outside_can_lock(daemon_lock))
+            await until(lambda: someone_holds(daemon_lock))
             assert lost == []
         nursery.cancel_scope.cancel()
 
