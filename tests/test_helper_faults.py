@@ -107,6 +107,37 @@ async def test_a_request_sent_after_the_locker_died_but_before_it_was_reaped_fai
         nursery.cancel_scope.cancel()
 
 
+async def test_a_daemon_lock_held_for_a_moment_while_the_locker_restarts_is_waited_out(
+    tmp_path: Path,
+) -> None:
+    daemon_lock = tmp_path / "daemon.lock"
+    lost: list[bool] = []
+    monitor = ProcessMonitor(reap_all=False)
+    holder = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(daemon_lock)!r}, os.O_RDWR)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(0.5)\n"
+    )
+    async with trio.open_nursery() as nursery:
+        async with service(monitor, str(daemon_lock), lambda: lost.append(True)) as svc:
+            await svc.lock(str(daemon_lock), Mode.EXCLUSIVE, DAEMON_OWNER, wait=False)
+            old = svc.locker_pid
+            os.kill(old, signal.SIGKILL)
+            # Not reaped yet, so no new locker: the lock is free, and a probe takes it.
+            await until(lambda: proc_state(old) == "Z")
+            probe = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE)
+            assert probe.stdout is not None and probe.stdout.readline() == b"held\n"
+            await nursery.start(monitor.run)
+            await until(lambda: svc.restarts == 1)
+            await until(lambda: someone_holds(daemon_lock) and probe.poll() is not None)
+            assert probe.wait() == 0
+            await trio.sleep(0.1)
+            assert lost == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_locker_killed_again_while_the_daemon_lock_is_taken_back_does_not_stop_the_daemon(
     tmp_path: Path,
 ) -> None:
@@ -386,8 +417,9 @@ def test_a_restarted_locker_still_dies_with_its_daemon(tmp_path: Path) -> None:
             time.sleep(0.005)
         (second,) = lockers
         # Once it has taken the one-daemon lock back.
-        while outside_can_lock(d.state / "var" / "daemon.lock"):
+        while not someone_holds(d.state / "var" / "daemon.lock"):
             assert time.monotonic() < deadline
+            time.sleep(0.005)
         d.proc.kill()
         d.proc.wait()
         deadline = time.monotonic() + 1

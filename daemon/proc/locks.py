@@ -50,6 +50,11 @@ from daemon.wire.packets import Fields, pack, rights, unpack
 
 log = logging.getLogger("weft.locks")
 DAEMON_OWNER = "daemon"
+# How long a restarted locker waits to take the one-daemon lock back.  Between the old
+# locker's death and the new one's request the lock is free, and anyone may hold it for
+# a moment (a probe with `flock -n`, a second daemon starting that will find this one's
+# socket and exit); a daemon that took it for good still holds it after this long.
+DAEMON_LOCK_WAIT = 2.0
 # What a client is told: which helper died, and that trying again is the remedy.
 DIED = "the lock helper (locker) died before it answered; retry"
 LOST = "the lock helper (locker) died, and the locks went with it; retry"
@@ -146,13 +151,20 @@ class LockService(HelperConnection[Request, Reply]):
         """The one-daemon lock died with the locker; if another daemon took it, stop."""
         if self._daemon_lock is None:
             return
-        try:
-            await self.lock(self._daemon_lock, Mode.EXCLUSIVE, DAEMON_OWNER, wait=False)
-        except LockerDied:
-            return  # died again at once: the next locker takes it
-        except LockError as e:
-            log.error("lost the one-daemon lock (%s); shutting down", e)
-            self._on_daemon_lock_lost()
+        with trio.move_on_after(DAEMON_LOCK_WAIT):
+            try:
+                await self.lock(self._daemon_lock, Mode.EXCLUSIVE, DAEMON_OWNER)
+            except LockerDied:
+                return  # died again at once: the next locker takes it
+            except LockError as e:
+                log.error("lost the one-daemon lock (%s); shutting down", e)
+                self._on_daemon_lock_lost()
+            return
+        log.error(
+            "lost the one-daemon lock: another process held it for %g s; shutting down",
+            DAEMON_LOCK_WAIT,
+        )
+        self._on_daemon_lock_lost()
 
     def _encode(self, request: Request) -> Fields:
         return encode_request(request)
