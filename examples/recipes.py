@@ -19,7 +19,7 @@ report = derivation(
     "report", sh, ["sh", "-c", f"{{ cat {shout}; echo lines: $(cat {count}); }} > $out"], env=env
 )
 
-src = source(__file__.rsplit("/", 1)[0] + "/hello-c", name="hello-c")
+src = source("hello-c")  # beside this file, from whatever directory it is built
 cc_env = {"PATH": f"{bb}/bin:/usr/bin"}
 greeting_o = derivation(
     "greeting.o", sh, ["sh", "-c", f"gcc -c -o $out {src}/greeting.c"], env=cc_env

@@ -95,7 +95,14 @@ def _evaluation() -> _Evaluation:
 
 
 def source(path: str | os.PathLike[str], name: str | None = None) -> str:
-    """Add a local file or directory as a source path; returns its store path."""
+    """Add a local file or directory as a source path; returns its store path.  A
+    relative path is taken from the directory of the file that calls `source`, as a Nix
+    path literal is from its file's: a recipe evaluates the same from any directory."""
+    path = os.fspath(path)
+    if not os.path.isabs(path):
+        caller = sys._getframe(1).f_globals.get("__file__")
+        base = os.path.dirname(os.path.abspath(caller)) if caller else os.getcwd()
+        path = os.path.join(base, path)
     path = os.path.abspath(path)
     return _evaluation().store.add_source(path, name or os.path.basename(path))
 

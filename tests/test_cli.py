@@ -3,6 +3,7 @@ state dirs that name nothing, and store-build's recipes, links, limits and error
 test runs the installed commands as processes, against a real daemon where one is needed."""
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -167,6 +168,28 @@ def test_a_recipe_imports_modules_beside_it_only_while_it_runs(
         sys.modules.pop("weft_test_beside", None)
     assert drv.endswith("-beside.drv") and os.path.exists(drv)
     assert sys.path == before
+
+
+def test_a_recipe_finds_its_relative_sources_beside_it_from_any_directory(
+    daemon: DaemonProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "project"
+    (here / "data").mkdir(parents=True)
+    (here / "data" / "file").write_text("beside the recipe")
+    path = recipe(
+        here,
+        "from store.recipe import derivation, source\n"
+        "default = derivation('uses-data', '/bin/sh', ['-c', 'echo > $out'],"
+        " inputs=[source('data')])\n",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "file").write_text("the wrong one, in the cwd")
+    monkeypatch.chdir(elsewhere)
+    with BlockingClient(daemon.socket) as client:
+        (drv,) = evaluate(str(path), client)
+    (src,) = json.loads(Path(drv).read_text())["inputSrcs"]
+    assert Path(src, "file").read_text() == "beside the recipe"
 
 
 def test_out_link_names_extra_outputs_like_nix(repo_daemon: DaemonProc, tmp_path: Path) -> None:
