@@ -62,31 +62,35 @@ def wait_for_socket(
     raise TimeoutError(f"no daemon on {path}")
 
 
-def _knows_init(tree: Path | None) -> bool:
-    """Whether the weft in `tree` (None: this checkout) has `store-daemon --init`: since
-    it, a named state dir holding no store is refused without it; before it, the flag is
-    unknown."""
+def _command(tree: Path | None) -> list[str]:
+    """How the weft in `tree` (None: this checkout) starts its daemon: `store-daemon`'s
+    module, and `--init` where it has it (since it, a named state dir holding no store is
+    refused without it; before it, the flag is unknown).  Older trees started it as
+    `daemon.main`."""
     cli = (tree or Path(__file__).resolve().parent.parent) / "daemon" / "cli" / "daemon.py"
-    return cli.exists() and '"--init"' in cli.read_text()
+    if not cli.exists():
+        return ["daemon.main"]
+    return ["daemon.cli.daemon", *(["--init"] if '"--init"' in cli.read_text() else [])]
 
 
 def start_daemon(state: Path, *extra: str, tree: Path | None = None) -> DaemonProc:
     """A daemon on `state` (its store created if it has none), run from this checkout or
     from the source tree `tree` (another version of weft, for side-by-side benchmarks)."""
     state.mkdir(parents=True, exist_ok=True)
-    init = ["--init"] if _knows_init(tree) else []
     log = state.parent / f"{state.name}-daemon.log"
     sock = str(state / "var" / "daemon.sock")
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [
                 sys.executable,
+                # -P: not the working directory first on sys.path, which would load this
+                # checkout's daemon in place of the tree's when run from the checkout.
+                "-P",
                 "-m",
-                "daemon.cli.daemon",
+                *_command(tree),
                 "--foreground",
                 "--state-dir",
                 str(state),
-                *init,
                 *extra,
             ],
             stdout=out,
