@@ -70,8 +70,9 @@
 
 #define BUILD_UID 1000
 #define BUILD_GID 100
-/* The largest request in the packet itself (daemon/wire/packets.py sends larger ones in a
- * memfd, of at most MAX_SPILLED bytes). */
+/* The largest request the spare reads from the packet itself: above what the spawner
+ * sends inline (daemon/wire/packets.py MAX_INLINE, 128 KiB), so any packet it sends fits;
+ * larger requests come in a memfd, of at most MAX_SPILLED bytes. */
 #define MAX_REQUEST (1 << 20)
 #define MAX_SPILLED (64 << 20)
 #define SPILL 0xc1

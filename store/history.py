@@ -15,9 +15,10 @@ from store.db import Database
 # Failures that may come from the machine rather than the derivation (retry.Cause values):
 # one of these followed by a success marks the derivation flaky.
 LOAD_SENSITIVE = ("exit", "signal", "oom", "timeout", "silent")
-# Exit codes no load causes (the shell's "cannot execute" and "not found",
-# `retry.DETERMINISTIC_EXITS`): such a failure is the derivation's, and never makes it flaky.
-DETERMINISTIC_EXITS = (126, 127)
+# Exit codes that no load causes: POSIX shells exit 126 when a command cannot be run and
+# 127 when there is none (a builder missing a tool, a typo).  Such a failure is the
+# derivation's: it is not retried (`daemon/sched/retry.py`) and never makes it flaky.
+DETERMINISTIC_EXITS = {126: "could not run a command", 127: "found no such command"}
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import trio
 
-from daemon.proc.processes import ProcessMonitor
+from daemon.proc.processes import Process, ProcessMonitor
 from daemon.proc.spawner import (
     SpawnerDied,
     SpawnError,
     SpawnerService,
     start_spawner_process,
-    wait_or_kill,
 )
 from daemon.wire.spawner import SpawnRequest
 from spawner.spares import SPARE
@@ -169,6 +168,27 @@ async def spawner_dies_before_exec(
         "builder_ran": (build / "ran").exists(),
         "left_running": sandboxed_processes(uid),
     }
+
+
+async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int:
+    """The builder's exit code; past `timeout` it gets SIGTERM, `grace` later SIGKILL (the
+    daemon does this in `daemon/build/watch.py`; the driver has no daemon).
+
+    The builder is pid 1 of its pid namespace: when it dies the kernel kills everything
+    else in the namespace, so this takes the whole process tree, daemonised grandchildren
+    included.  A cancelled wait kills it too.
+    """
+    try:
+        with trio.move_on_after(timeout):
+            return await proc.wait()
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            return await proc.wait()
+        proc.kill()
+        return await proc.wait()
+    except trio.Cancelled:
+        proc.kill()
+        raise
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:

@@ -137,9 +137,13 @@ def find(dirs: dict[Identity, int], cgroups: str = "") -> dict[int, Leftover]:
         if _foreign(pid, ours)
     }
     for pid in _pids():
+        # The pid namespace first: a stat of the working directory of any process on the
+        # host could hang on a dead network file system; only other namespaces' matter.
+        if not _foreign(pid, ours):
+            continue
         for mark in (Mark.CWD, Mark.BUILD):
             ident = _identity(f"/proc/{pid}/{mark.value}")
-            if ident is not None and ident in dirs and _foreign(pid, ours):
+            if ident is not None and ident in dirs:
                 found[pid] = Leftover(dirs[ident], mark, ident)
                 break
     if not found:

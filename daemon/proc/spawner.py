@@ -15,11 +15,8 @@ other size goes through (`daemon.wire.packets` sends a large one in a memfd).
 import functools
 import os
 import resource
-import signal
 import socket
 from collections.abc import Collection
-
-import trio
 
 from daemon.proc.helper import HelperConnection, start_helper
 from daemon.proc.processes import Process, ProcessMonitor
@@ -97,26 +94,6 @@ class SpawnerService(HelperConnection[SpawnRequest, SpawnReply]):
         wait for it or kill it, and it may never exit on its own."""
         if isinstance(reply, Spawned):
             self._monitor.register(reply.pid, ["abandoned builder"]).kill()
-
-
-async def wait_or_kill(proc: Process, timeout: float, grace: float = 5.0) -> int:
-    """The builder's exit code; past `timeout` it gets SIGTERM, `grace` later SIGKILL.
-
-    The builder is pid 1 of its pid namespace: when it dies the kernel kills everything
-    else in the namespace, so this takes the whole process tree, daemonised grandchildren
-    included.  A cancelled wait kills it too.
-    """
-    try:
-        with trio.move_on_after(timeout):
-            return await proc.wait()
-        proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(grace):
-            return await proc.wait()
-        proc.kill()
-        return await proc.wait()
-    except trio.Cancelled:
-        proc.kill()
-        raise
 
 
 def build_ids(slot: int, uid_base: int, slots: int) -> tuple[int, int]:

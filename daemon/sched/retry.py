@@ -21,6 +21,7 @@ import enum
 from dataclasses import dataclass
 
 from daemon.settings import Settings
+from store.history import DETERMINISTIC_EXITS
 
 
 class Cause(enum.StrEnum):
@@ -38,9 +39,6 @@ class Cause(enum.StrEnum):
 
 # Failures another attempt would meet again.
 DETERMINISTIC = frozenset({Cause.HASH_MISMATCH, Cause.MISSING_OUTPUT})
-# Exit codes that say so too: POSIX shells exit 126 when a command cannot be run and 127
-# when there is none (a builder missing a tool, a typo): load causes neither.
-DETERMINISTIC_EXITS = {126: "could not run a command", 127: "found no such command"}
 # Failures that load can cause: what the default policy retries when the machine was loaded.
 LOAD_SENSITIVE = frozenset({Cause.EXIT, Cause.SIGNAL, Cause.TIMEOUT, Cause.SILENT})
 
