@@ -31,6 +31,13 @@ from store.records import NewPath
 # 1 MB, and more than the derivations of a large recipe (examples/ has tens; a distribution
 # has ~10,000, of which an evaluation adds those that changed).
 KNOWN_HASHES = 4096
+# The largest `.drv` read: each is read whole into the daemon's memory, and anyone may add
+# a file named `*.drv`.  A buildable derivation is small: its arguments and environment
+# must pass execve (ARG_MAX, 2 MiB with the default stack limit: `daemon/wire/spawner.py`),
+# and the rest is input and output paths, about 100 bytes each (10,000 inputs, a large
+# package's closure, is 1 MiB).  Nix's largest real ones are a few MiB; 16 MiB is several
+# times that, and bounded.
+MAX_DRV_SIZE = 16 << 20
 
 
 class DerivationCheck:
@@ -90,17 +97,29 @@ class DerivationCheck:
         else:
             raise DerivationError(f"input derivation {path} is not valid")
         try:
-            return Derivation.from_json(_read_file(where, path))
+            return Derivation.from_json(read_drv_file(where))
         except DerivationError as e:
             raise DerivationError(f"{path}: {e}") from None
 
 
-def _read_file(where: Path, path: str) -> bytes:
+def read_drv_file(where: Path) -> bytes:
+    """The bytes of the `.drv` at `where`: a regular file, not a link, at
+    most MAX_DRV_SIZE bytes."""
     try:
         fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise DerivationError(f"not a derivation file: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise DerivationError("not a derivation: not a regular file")
-        return f.read()
+        if st.st_size > MAX_DRV_SIZE:
+            raise DerivationError(
+                f"not a derivation: {st.st_size:,} bytes, over the {MAX_DRV_SIZE:,} a .drv "
+                "may be (MAX_DRV_SIZE)"
+            )
+        # One more byte than allowed: a file grown since the fstat is caught, not read whole.
+        data = f.read(MAX_DRV_SIZE + 1)
+        if len(data) > MAX_DRV_SIZE:
+            raise DerivationError(f"not a derivation: over the {MAX_DRV_SIZE:,} bytes allowed")
+        return data

@@ -11,6 +11,12 @@ The stream comes from anyone, so nothing in it is believed until checked:
   only from a caller that trusts the stream (`trust_metadata`), as Nix takes unsigned
   input-addressed paths only from trusted users;
 - each reference: earlier in the stream, the path itself, or valid in this store;
+- a fixed output's references against its contents: its name covers only its content hash
+  and name (a source or text path's covers its references), and a build finds them by a
+  scan (`store/refscan.py`), so they must be exactly what a scan of its archive finds among
+  the path itself, the references it declares and the paths the stream named before it: a
+  forged one would keep a path alive for nothing, a dropped one would leave a closure
+  short for the collector and for sandboxes;
 - the trailer: the count, the roots in the stream, every path in their closure, and
   nothing after it.
 
@@ -31,10 +37,12 @@ import blake3
 
 from store import nar
 from store.derivation import Derivation, DerivationError
+from store.drvcheck import read_drv_file
 from store.export import MAGIC, MAX_FIELD, TAG_END, TAG_PATH, VERSION, StreamError
 from store.hashing import format_hash
 from store.paths import InvalidPath, PathKind, StorePath, make_store_path
 from store.records import HashMismatch, InvalidReference, NewPath, StoreError
+from store.refscan import ReferenceScanner
 from store.store import Store
 from store.streamreader import READ_SIZE, StreamReader
 from store.tmparea import remove_tree
@@ -93,6 +101,10 @@ class _Import:
         self.seen: dict[str, Meta] = {}
         self.held = 0  # bytes of metadata read, all of it held until the end
         self.new: list[NewPath] = []
+        # What a fixed output's scan looks for (`_scanner`): hash part to path, and the
+        # same hash parts as the scanner wants them.
+        self.by_part: dict[str, str] = {}
+        self.wanted: set[bytes] = set()
 
     def run(self, src: StreamReader) -> Imported:
         roots = self._header(src)
@@ -159,6 +171,7 @@ class _Import:
         else:
             self._restore(src, meta, deriver)
         self.seen[meta.path] = meta
+        self._look_for([meta.path])
 
     def _check_references(self, meta: Meta) -> None:
         outside = [r for r in meta.references if r != meta.path and r not in self.seen]
@@ -193,11 +206,54 @@ class _Import:
             )
         )
         hasher = blake3.blake3()
+        scanner = self._scanner(meta)
+
+        def observe(chunk: bytes) -> None:
+            hasher.update(chunk)
+            if scanner is not None:
+                scanner.feed(chunk)
+
         try:
-            size = nar.restore(src.bounded(meta.nar_size), entry, observe=hasher.update)
+            size = nar.restore(src.bounded(meta.nar_size), entry, observe=observe)
         except nar.NarError as e:
             raise nar.NarError(f"the archive of {meta.path}: {e}") from None
         _check_hash(meta, format_hash(hasher.digest()), size)
+        if scanner is not None:
+            self._check_scanned(meta, scanner.result())
+
+    def _scanner(self, meta: Meta) -> ReferenceScanner | None:
+        """For a fixed output, a scan of its archive for the paths it could refer to: as a
+        build's scan looks among the build's inputs, this one looks among the paths the
+        stream has named so far (an honest stream is a closure, references first)."""
+        if not (meta.ca or "").startswith("fixed:"):
+            return None
+        self._look_for([meta.path, *meta.references])
+        scanner = ReferenceScanner(())
+        # Shared, not copied: a copy per fixed output would make a stream of many of them
+        # quadratic.  Nothing is added to it while this archive is read.
+        scanner.wanted = self.wanted
+        return scanner
+
+    def _look_for(self, paths: list[str]) -> None:
+        for p in paths:
+            part = self.store.parse(p).hash_part
+            if part not in self.by_part:
+                self.by_part[part] = p
+                self.wanted.add(part.encode())
+
+    def _check_scanned(self, meta: Meta, found: set[str]) -> None:
+        held = {self.by_part[h] for h in found}
+        declared = set(meta.references)
+        if held != declared:
+            what = (
+                f"declares {min(declared - held)}, which its contents do not hold"
+                if declared - held
+                else f"holds {min(held - declared)}, which it does not declare"
+            )
+            raise InvalidReference(
+                f"{meta.path} is a fixed output, whose name covers only its contents, so its "
+                f"references must be what a scan of its contents finds: it {what}"
+            )
 
     def _check_closure(self, roots: list[str]) -> None:
         """Every root is in the stream, and every path of it in the roots' closure."""
@@ -236,7 +292,7 @@ class _Import:
         if where is None:
             return None
         try:
-            return Derivation.from_json(where.read_text())
+            return Derivation.from_json(read_drv_file(where))
         except (DerivationError, OSError, UnicodeDecodeError):
             return None
 

@@ -43,6 +43,18 @@ def source(store_dir: str, name: str, data: bytes, refs: list[str] | None = None
     return Entry({**meta, "deriver": None, "ca": f"source:{h}"}, archive)
 
 
+def fixed(store_dir: str, name: str, data: bytes, refs: list[str] | None = None) -> Entry:
+    """A fixed output (a fetch's) holding one file: its name covers its contents' hash and
+    its name, not the references it declares."""
+    archive = archive_of_file(data)
+    h = _hash(archive)
+    path = str(make_store_path(PathKind.OUTPUT, f"fixed:out:{h}", store_dir, name))
+    meta = {"path": path, "nar_hash": h, "nar_size": len(archive)}
+    return Entry(
+        {**meta, "references": sorted(refs or []), "deriver": None, "ca": f"fixed:out:{h}"}, archive
+    )
+
+
 def output(store_dir: str, name: str, data: bytes) -> Entry:
     """A path addressed by a derivation (here, a made-up one): its name says nothing of
     its contents."""
