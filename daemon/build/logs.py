@@ -14,6 +14,11 @@ the connection's flow control (credit).  Once the build is over, a follower behi
 that one log alive until it has read it, or until the connection fails it for granting
 no credit (`daemon/rpc/context.py`'s `STREAM_IDLE`): at most one log, of at most the
 build's `max-log-size`, per follower.
+
+The lines of a running build are reported as they come, each cut to `LOG_LINE_CAP`: a
+builder may write megabytes with no newline, and what reaches a client, or a failed
+build's error, is the line's start and how much more there was.  The stored log keeps it
+all.
 """
 
 import gzip
@@ -28,6 +33,12 @@ import trio
 
 # The lines of a failed build's log its error shows: Nix's `log-lines` default.
 LOG_TAIL = 25
+# The bytes of one log line reported (to waiting clients, and in a failed build's error);
+# the rest of a longer line is counted, not kept: the stored log has it all.  Far above a
+# line anyone reads (a compiler's diagnostic is well under 1 KiB), and far below the
+# protocol's 4 MiB frame, so an error's 25 lines stay about 100 KiB however a builder
+# writes; a line with no end is not copied again on every read.
+LOG_LINE_CAP = 4 << 10
 # zlib's default level, which gzip uses too: the log is stored off the path of any build.
 LOG_COMPRESSION = 6
 
@@ -78,19 +89,41 @@ class LogTail:
         self.chunks: list[bytes] = []
         self.size = 0
         self.ended = False  # the builder is gone: nothing more comes
-        self._partial = b""
+        # The line being written: its first `LOG_LINE_CAP` bytes, and how many more came.
+        self._partial = bytearray()
+        self._dropped = 0
         self.lines: deque[str] = deque(maxlen=LOG_TAIL)
         self._grown = trio.Event()
 
     def add(self, chunk: bytes) -> list[str]:
-        """Take a chunk the builder wrote; returns the lines it completed."""
+        """Take a chunk the builder wrote; returns the lines it completed, each cut to
+        `LOG_LINE_CAP`.  Each byte is looked at once, however long the line."""
         self.chunks.append(chunk)
         self.size += len(chunk)
-        *complete, self._partial = (self._partial + chunk).split(b"\n")
-        lines = [line.decode(errors="replace") for line in complete]
+        view = memoryview(chunk)
+        lines: list[str] = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            self._keep(view[start:end])
+            lines.append(self._line())
+            self._partial.clear()
+            self._dropped = 0
+            start = end + 1
+        self._keep(view[start:])
         self.lines.extend(lines)
         self._wake()
         return lines
+
+    def _keep(self, part: memoryview) -> None:
+        """Add `part` to the line being written: what fits under the cap, the rest counted."""
+        room = max(0, LOG_LINE_CAP - len(self._partial))
+        self._partial += part[:room]
+        self._dropped += max(0, len(part) - room)
+
+    def _line(self) -> str:
+        """The line being written, as reported: cut, if it was longer, with how much was."""
+        line = self._partial.decode(errors="replace")
+        return f"{line}[... {self._dropped} more bytes]" if self._dropped else line
 
     def end(self) -> None:
         """The builder is gone: followers end once they have what came."""
@@ -123,9 +156,8 @@ class LogTail:
 
     def tail(self) -> str:
         """The end of the log, for a failed build's error ("" if it wrote nothing)."""
-        lines = list(self.lines) + (
-            [self._partial.decode(errors="replace")] if self._partial else []
-        )
+        unended = self._partial or self._dropped
+        lines = list(self.lines) + ([self._line()] if unended else [])
         if not lines:
             return ""
         return f"; last {len(lines[-LOG_TAIL:])} log lines:\n" + "\n".join(

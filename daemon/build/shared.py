@@ -78,6 +78,11 @@ class Jobs:
             # Whoever else waits for this build must not take it for a success.
             job.error = f"the build of {drv_name(path)} was cancelled"
             raise
+        except BaseException as e:
+            # Nor for one that crashed (a log that could not be stored, a bug): this
+            # request hears the exception itself, the others only that it failed.
+            job.error = f"the build of {path} failed unexpectedly: {type(e).__name__}: {e}"
+            raise
         finally:
             del self._running[path]
             job.done.set()
