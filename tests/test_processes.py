@@ -10,7 +10,7 @@ import textwrap
 
 import trio
 
-from daemon.proc.processes import ProcessMonitor
+from daemon.proc.processes import UNCLAIMED_TTL, ProcessMonitor
 
 
 def run_script(script: str) -> list[int]:
@@ -55,8 +55,10 @@ async def test_status_arriving_before_registration_is_kept() -> None:
                 await n.start(monitor.run)
                 # A child that forks a grandchild and exits: the grandchild comes back to
                 # us as a subreaper, exits with 5, and is reaped before we know its pid.
+                # (After the child exits: else the child may reap it itself.)
                 r, w = os.pipe()
-                child = monitor.spawn(["/bin/sh", "-c", f"sh -c 'exit 5' & echo $! >&{w}; exit 0"],
+                bg = "sh -c 'sleep 0.1; exit 5' &"
+                child = monitor.spawn(["/bin/sh", "-c", f"{bg} echo $! >&{w}; exit 0"],
                                       {w: w})
                 os.close(w)
                 await child.wait()
@@ -123,3 +125,59 @@ def test_the_helpers_load_nothing_of_the_daemon_but_its_wire_modules() -> None:
     assert [
         m for m in daemon if m not in ("daemon", "daemon.wire") and not m.startswith("daemon.wire.")
     ] == []
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# No process ever has this pid (above PID_MAX_LIMIT, 2**22): no process may hold it.
+NO_SUCH_PID = 1 << 30
+
+
+def test_a_status_nobody_registered_goes_to_a_register_that_comes_soon_after() -> None:
+    clock = FakeClock()
+    monitor = ProcessMonitor(reap_all=False, clock=clock)
+    monitor._collected(NO_SUCH_PID, 7 << 8)
+    clock.now += UNCLAIMED_TTL / 2
+    assert monitor.register(NO_SUCH_PID, ["builder"]).returncode == 7
+
+
+def test_a_status_nobody_registered_in_time_is_not_given_to_a_later_process_with_its_pid() -> None:
+    clock = FakeClock()
+    monitor = ProcessMonitor(reap_all=False, clock=clock)
+    monitor._collected(NO_SUCH_PID, 7 << 8)
+    clock.now += UNCLAIMED_TTL + 1
+    proc = monitor.register(NO_SUCH_PID, ["builder with a reused pid"])
+    assert proc.returncode is None
+    assert not proc._exited.is_set()
+
+
+def test_expired_statuses_are_dropped_as_new_ones_come_not_kept_until_the_bound() -> None:
+    clock = FakeClock()
+    monitor = ProcessMonitor(reap_all=False, clock=clock)
+    for i in range(100):
+        monitor._collected(NO_SUCH_PID + i, 0)
+    clock.now += UNCLAIMED_TTL + 1
+    monitor._collected(NO_SUCH_PID - 1, 0)
+    assert list(monitor._unclaimed) == [NO_SUCH_PID - 1]
+
+
+async def test_a_kept_status_of_a_pid_a_running_process_has_now_is_not_given_to_it() -> None:
+    """The status was its pid's previous owner's (reaped, so gone): the pid wrapped."""
+    monitor = ProcessMonitor(reap_all=False)
+    async with trio.open_nursery() as n:
+        await n.start(monitor.run)
+        pid = os.posix_spawn("/bin/sleep", ["sleep", "30"], dict(os.environ))
+        monitor._collected(pid, 0)  # as the reaper kept it for the pid's previous owner
+        proc = monitor.register(pid, ["sleep", "30"])
+        await trio.sleep(0.1)
+        assert proc.returncode is None
+        proc.kill()
+        with trio.fail_after(10):
+            assert await proc.wait() == -signal.SIGKILL
+        n.cancel_scope.cancel()

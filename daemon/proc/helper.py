@@ -185,7 +185,7 @@ class HelperConnection(ABC, Generic[Request, Reply]):
     async def _serve(self, gen: _Generation[Reply]) -> int:
         """One generation, until its helper exits: its exit code."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_replies, gen)
+            nursery.start_soon(self._read_replies, gen, nursery)
             if self.restarts:
                 nursery.start_soon(self._after_restart)
             code = await gen.proc.wait()
@@ -217,7 +217,7 @@ class HelperConnection(ABC, Generic[Request, Reply]):
         gen.proc.kill()
         await gen.proc.wait()
 
-    async def _read_replies(self, gen: _Generation[Reply]) -> None:
+    async def _read_replies(self, gen: _Generation[Reply], nursery: trio.Nursery) -> None:
         """Hand replies to their waiters.  A helper whose socket fails or that answers
         garbage is of no more use, nor one that hung up and does not exit: it is killed,
         and its exit ends the generation."""
@@ -249,13 +249,22 @@ class HelperConnection(ABC, Generic[Request, Reply]):
                 waiter.reply = reply
                 waiter.done.set()
             else:
-                await self._unclaimed(rid, reply)
+                # In a task of its own: a hook that sends must not stall the replies behind
+                # it, nor raise out of this reader (and take the daemon down with it).
+                nursery.start_soon(self._unclaimed_reply, rid, reply)
         # It hung up: it is exiting (and its exit code will say why), or it is hung.
         with trio.move_on_after(HANGUP_GRACE):
             await gen.proc.wait()
             return
         log.error("the %s hung up but did not exit; killing it", self.name)
         gen.proc.kill()
+
+    async def _unclaimed_reply(self, rid: int | None, reply: Reply) -> None:
+        try:
+            await self._unclaimed(rid, reply)
+        except Exception:
+            # A subclass's bug must not take the daemon down: the reply is lost, not more.
+            log.exception("handling a reply of the %s that nobody waited for", self.name)
 
     async def _send(self, request: Request, fd: int | None = None, rid: int | None = None) -> bool:
         """Send a request to the helper serving now; False if it is gone (the request is
@@ -340,7 +349,8 @@ class HelperConnection(ABC, Generic[Request, Reply]):
         """Runs once a new helper serves (for example, to take back what must be held)."""
 
     async def _unclaimed(self, rid: int | None, reply: Reply) -> None:
-        """A reply no task waits for any more."""
+        """A reply no task waits for any more.  Runs in a task of its own, cancelled when
+        the helper exits; what it raises is logged."""
 
     async def _abandoned(self, rid: int, request: Request) -> None:
         """The task waiting for request `rid` was cancelled before its reply came."""

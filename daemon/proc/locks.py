@@ -175,7 +175,13 @@ class LockService(HelperConnection[Request, Reply]):
     async def _unclaimed(self, rid: int | None, reply: Reply) -> None:
         owner = self._abandoned_locks.pop(rid, None) if rid is not None else None
         if owner is not None and reply.status is Status.GRANTED and reply.key is not None:
-            await self._send(Unlock(owner, reply.key))
+            try:
+                await self._send(Unlock(owner, reply.key))
+            except OSError as e:
+                # Nobody awaits this grant to be told, and it runs beside the reply reader:
+                # the lock stays held until the owner is released or the locker exits, a
+                # smaller harm than an error out of the reader, which would end the daemon.
+                log.warning("could not release %s's abandoned lock: %s", owner, e)
 
     async def _abandoned(self, rid: int, request: Request) -> None:
         if isinstance(request, Lock):
@@ -202,8 +208,10 @@ class LockService(HelperConnection[Request, Reply]):
             # Creating a file can take milliseconds on a slow disk: not on the loop.  (The
             # stale check below only looks at an inode just opened, in the cache.)
             fd = await trio.to_thread.run_sync(_open_lock_file, path)
-            serving = await self._serving()
             try:
+                # Inside the `try`: this waits exactly when the locker has died, which is
+                # when holders' scopes are cancelled, and the fd must be closed then too.
+                serving = await self._serving()
                 reply = await self._locker_call(Lock(owner, mode, wait), fd)
             finally:
                 os.close(fd)

@@ -7,8 +7,10 @@ come back to it.
 SIGCHLD it reaps every exited child with `waitpid(-1, WNOHANG)` (signals coalesce, so it
 loops until none is left) and hands each status to the `Process` registered for that pid.
 A status that arrives before its pid is registered (a builder that exits before the
-spawner's reply reaches us) is kept and given to the `Process` registered later; statuses
-of processes nobody registers (grandchildren orphaned to us) are kept only up to a bound.
+spawner's reply reaches us) is kept and given to the `Process` registered soon after;
+statuses of processes nobody registers (grandchildren orphaned to us, spares) are kept only
+for a while and up to a bound.  Pids are reused: a status kept for a pid is never given to
+a `register` made after it expired, or while a process with that pid runs (another one).
 
 Nothing else in the daemon may wait for children: no `subprocess`, no
 `trio.run_process`; they would lose statuses to this loop or steal them from it.
@@ -20,8 +22,9 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
@@ -30,6 +33,11 @@ _PR_SET_CHILD_SUBREAPER = 36
 # builder that exited before the spawner's reply) kept for a later `register`: far more
 # than builds can start between a spawn and its reply, and a few hundred KiB at most.
 MAX_UNCLAIMED = 4096
+# How long such a status waits for its `register`.  Between a builder's spawn reply and its
+# registration pass milliseconds (a busy loop: a second or so); kept longer, a status
+# outlives its pid, which a new builder may get once pids wrap (32,768 of them by default
+# on small machines): it would then be taken for exited while it runs.
+UNCLAIMED_TTL = 10.0
 
 
 class Process:
@@ -65,10 +73,12 @@ class ProcessMonitor:
     `waitpid(-1)`.  Otherwise (a library user or a test process that also runs
     `subprocess`): only the pids registered here, each with `waitpid(pid)`."""
 
-    def __init__(self, reap_all: bool = True) -> None:
+    def __init__(self, reap_all: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.reap_all = reap_all
+        self._clock = clock
         self._live: dict[int, Process] = {}
-        self._unclaimed: OrderedDict[int, int] = OrderedDict()
+        # pid -> (status, when reaped), oldest first.
+        self._unclaimed: OrderedDict[int, tuple[int, float]] = OrderedDict()
         self.reaped = 0
 
     @staticmethod
@@ -80,12 +90,18 @@ class ProcessMonitor:
 
     def register(self, pid: int, argv: Sequence[str]) -> Process:
         proc = Process(pid, argv)
-        status = self._unclaimed.pop(pid, None)
-        if status is not None:
-            proc._set_status(status)
+        self._expire()
+        kept = self._unclaimed.pop(pid, None)
+        if kept is not None and not _pid_in_use(pid):
+            proc._set_status(kept[0])
         else:
             self._live[pid] = proc
         return proc
+
+    def _expire(self) -> None:
+        deadline = self._clock() - UNCLAIMED_TTL
+        while self._unclaimed and next(iter(self._unclaimed.values()))[1] < deadline:
+            self._unclaimed.popitem(last=False)
 
     def spawn(
         self,
@@ -123,7 +139,10 @@ class ProcessMonitor:
         if proc is not None:
             proc._set_status(status)
         else:
-            self._unclaimed[pid] = status
+            # Popped first, so that the order stays the order of reaping.
+            self._unclaimed.pop(pid, None)
+            self._unclaimed[pid] = (status, self._clock())
+            self._expire()
             while len(self._unclaimed) > MAX_UNCLAIMED:
                 self._unclaimed.popitem(last=False)
 
@@ -134,3 +153,10 @@ class ProcessMonitor:
             task_status.started()
             async for _ in signals:
                 self.reap()
+
+
+def _pid_in_use(pid: int) -> bool:
+    """Whether some process has `pid` now.  A status kept for it was reaped, so its process
+    is gone: a process with the pid (even a zombie) is another, and the status not its.
+    (A stat of procfs, in memory: it does not block the loop.)"""
+    return os.path.exists(f"/proc/{pid}")
