@@ -3,8 +3,13 @@
 A thread trip costs tens of microseconds; a path-info lookup costs a few.  The queue is
 bounded by the connections' own limit on requests in flight (`connection.MAX_IN_FLIGHT`
 each): a query is submitted only once its connection reserved room for it.
+
+The batches run in a trio system task, so that no connection's end cancels another's
+queries; an exception that leaves a system task ends the whole daemon.  So nothing here
+raises: a piece of work or a `done` that fails is logged, and the rest go on.
 """
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,11 +17,13 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
+log = logging.getLogger("weft.daemon")
 
 
 class QueryBatcher:
     """Work that arrives, from any connection, while a batch runs goes together in the
-    next one, and each piece's `done` callback gets its result back on the event loop."""
+    next one, and each piece's `done` callback gets its result back on the event loop.
+    A piece whose `work` raises gets no `done`: `work` answers its own failures."""
 
     def __init__(self) -> None:
         self._queue: deque[tuple[Callable[[], Any], Callable[[Any], None]]] = deque()
@@ -35,10 +42,32 @@ class QueryBatcher:
                 self._queue.clear()
                 results = await trio.to_thread.run_sync(_run_all, [work for work, _ in batch])
                 for (_, done), result in zip(batch, results, strict=True):
-                    done(result)
+                    _finish(done, result)
         finally:
             self._running = False
 
 
+class _Failed:
+    """A piece of work that raised, in place of its result."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _finish(done: Callable[[Any], None], result: Any) -> None:
+    try:
+        if isinstance(result, _Failed):
+            raise result.error
+        done(result)
+    except Exception:
+        log.exception("a batched query failed; the daemon goes on")
+
+
 def _run_all(works: list[Callable[[], Any]]) -> list[Any]:
-    return [work() for work in works]
+    results: list[Any] = []
+    for work in works:
+        try:
+            results.append(work())
+        except Exception as e:
+            results.append(_Failed(e))
+    return results

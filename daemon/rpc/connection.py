@@ -71,7 +71,9 @@ class ClientConnection:
         connection it is dropped: False, and the places stay the caller's."""
         if self._closed:
             return False
-        frame = self.proto.send(event)
+        frame = self._frame(event)
+        if frame is None:
+            return False
         self._out.append(frame)
         self._out_size += len(frame)
         self._out_slots += slots
@@ -81,6 +83,24 @@ class ClientConnection:
         elif len(self._out) == 1:
             self._have_output.unpark_all()  # the writer then waits for company
         return True
+
+    def _frame(self, event: p.Event) -> bytes | None:
+        """`event`'s frame, or what stands in for it when it would exceed `MAX_FRAME` (a
+        reply of 80,000 referrers, a huge log line): raising instead would end the task
+        that sends, which for a query's reply is the batcher's, a system task, whose
+        exception ends the daemon.  None: nothing stands in, and nothing is sent."""
+        try:
+            return self.proto.send(event)
+        except p.FrameTooLarge as e:
+            log.warning("%s: %s too large for a frame: %s", self, type(event).__name__, e)
+            smaller = p.within_frame(event, e.size)
+        if smaller is None:
+            return None
+        try:
+            return self.proto.send(smaller)
+        except p.FrameTooLarge:
+            log.error("%s: %r still too large; dropped", self, type(smaller).__name__)
+            return None
 
     async def send(self, event: p.Event, slots: int = 0) -> None:
         """Queue a frame, then wait while too much output is queued: backpressure."""
@@ -111,11 +131,22 @@ class ClientConnection:
                 finally:
                     # The client is gone or broke the protocol: its requests are moot.
                     await self._flush_quietly()
+                    self._close_output()
                     nursery.cancel_scope.cancel()
         finally:
-            self._closed = True
+            self._close_output()
             self.serving.services.store.pins.release(self)
             await self.stream.aclose()
+
+    def _close_output(self) -> None:
+        """Nothing more will be written (the writer is about to be cancelled): whatever
+        waits for the writer to take output, or for credit, is woken to find it closed,
+        and sends that follow, a cancelled request's last error among them, are dropped
+        rather than left waiting on a writer that is gone."""
+        self._closed = True
+        self._drained.unpark_all()
+        self._credit.unpark_all()
+        self._finished.unpark_all()
 
     async def _flush_quietly(self) -> None:
         with trio.move_on_after(FLUSH_GRACE) as scope:
@@ -265,8 +296,10 @@ class ClientConnection:
             try:
                 reply = p.Reply(req.id, await self._run(req))
             except trio.Cancelled:
-                with trio.CancelScope(shield=True):
-                    await self._try_send(p.Error(req.id, p.Code.SHUTTING_DOWN, "request cancelled"))
+                # Queued, never waited for: the writer may be cancelled too, and a wait
+                # for it to drain would never end, nor would the connection's task.
+                cancelled = p.Error(req.id, p.Code.SHUTTING_DOWN, "request cancelled")
+                handed = self.send_nowait(cancelled, slots=1)
                 raise
             except Exception as e:
                 reply = self._error_reply(req, e)

@@ -102,6 +102,13 @@ async def _refuse(stream: trio.SocketStream, message: str) -> None:
     with trio.move_on_after(REFUSAL_WAIT):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.receive_some(REFUSAL_READ)
-            frame = p.Connection(p.Role.SERVER).send(p.Error(None, p.Code.PERMISSION, message))
+            refused = p.Error(None, p.Code.PERMISSION, message)
+            try:
+                frame = p.Connection(p.Role.SERVER).send(refused)
+            except p.FrameTooLarge:
+                # An allowed-users list of thousands of names: a raise here would end the
+                # accept loop's nursery, and with it the daemon.
+                refused = p.Error(None, p.Code.PERMISSION, message[: p.KEPT_MESSAGE])
+                frame = p.Connection(p.Role.SERVER).send(refused)
             await stream.send_all(frame)
     await stream.aclose()

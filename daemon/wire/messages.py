@@ -24,6 +24,7 @@ class Code:
     IO = "io-error"
     SHUTTING_DOWN = "shutting-down"
     TIMED_OUT = "timed-out"
+    TOO_LARGE = "too-large"
     INTERNAL = "internal-error"
 
 

@@ -35,6 +35,7 @@ from daemon.wire.messages import (
 __all__ = [
     "CLOSED_STREAMS",
     "DEFAULT_WINDOW",
+    "KEPT_MESSAGE",
     "MAX_CHUNK",
     "MAX_FRAME",
     "VERSIONS",
@@ -46,6 +47,7 @@ __all__ = [
     "End",
     "Error",
     "Event",
+    "FrameTooLarge",
     "Hello",
     "Log",
     "LogKind",
@@ -55,6 +57,7 @@ __all__ = [
     "Role",
     "Welcome",
     "encode_frame",
+    "within_frame",
 ]
 # The largest frame: four data chunks' worth, so that any reply or request that is not
 # content (which moves in chunks) fits with room to spare, and a receiver's buffer is
@@ -68,14 +71,55 @@ DEFAULT_WINDOW = 4 << 20
 # taken for a protocol error: four times the requests a connection may have running
 # (`MAX_IN_FLIGHT`, 1,024); past that, the older half is forgotten.
 CLOSED_STREAMS = 4096
+# What is kept of a message that made its frame too large (a log line, an error's text):
+# far below `MAX_FRAME`, so the frame that carries it fits whatever else it holds (a
+# `drv` path, an error's code), and still more than a person reads.
+KEPT_MESSAGE = 64 << 10
 _LEN = struct.Struct(">I")
+
+
+class FrameTooLarge(ValueError):
+    """An event whose frame would exceed `MAX_FRAME`; `size` is its body's length."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the maximum of {MAX_FRAME}")
+        self.size = size
 
 
 def encode_frame(message: dict[str, object]) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
-        raise ValueError(f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}")
+        raise FrameTooLarge(len(body))
     return _LEN.pack(len(body)) + body
+
+
+def within_frame(event: Event, size: int) -> Event | None:
+    """What a server sends in place of `event`, whose frame of `size` bytes is too large:
+    a reply becomes a `too-large` error, so the request still gets its one final answer;
+    an error or a log line keeps the start of its message.  None: nothing can stand in."""
+    if isinstance(event, Reply):
+        return Error(
+            event.id,
+            Code.TOO_LARGE,
+            f"the reply is {size} bytes, over the protocol's maximum frame of {MAX_FRAME}",
+            {"size": size, "max": MAX_FRAME},
+        )
+    if isinstance(event, Error):
+        return Error(event.id, event.code, _cut(event.message, size))
+    if isinstance(event, Log):
+        return Log(
+            event.id,
+            _cut(event.message, size),
+            event.done,
+            event.total,
+            event.kind,
+            event.drv if event.drv is None or len(event.drv) <= KEPT_MESSAGE else None,
+        )
+    return None
+
+
+def _cut(message: str, size: int) -> str:
+    return f"{message[:KEPT_MESSAGE]}... (cut: its frame was {size} bytes)"
 
 
 def _to_message(event: Event) -> dict[str, object]:
