@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev musl-tools util-linux
-  passt slirp4netns)
+  passt)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
