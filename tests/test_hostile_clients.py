@@ -267,7 +267,9 @@ async def test_an_upload_that_never_starts_fails_after_the_idle_time(tmp_path: P
         assert error.code == "timed-out" and "sent nothing" in error.message
         c.close()
 
-    await _serve_in_process(Path(tempfile.mkdtemp(dir="/var/tmp")) / "state", 0.5, body)
+    # Under /var/tmp rather than /tmp, where the other in-process daemons are.
+    with tempfile.TemporaryDirectory(prefix="weft-idle-", dir="/var/tmp") as where:
+        await _serve_in_process(Path(where) / "state", 0.5, body)
 
 
 async def test_a_download_never_credited_fails_after_the_idle_time(tmp_path: Path) -> None:
