@@ -10,6 +10,7 @@ from daemon.cli.common import (
     UsageError,
     absolute,
     connect,
+    human_size,
     lines,
     print_json,
     say,
@@ -206,14 +207,10 @@ def store_gc(argv: list[str]) -> int:
         return 0
     lines(listing)
     if mode == "collect":
-        say(f"{result['deleted']} store paths deleted, {_mib(result['bytes_freed'])} freed")
+        say(f"{result['deleted']} store paths deleted, {human_size(result['bytes_freed'])} freed")
     elif mode == "dry-run":
-        say(f"would delete {result['dead']} store paths ({_mib(result['bytes'])})")
+        say(f"would delete {result['dead']} store paths ({human_size(result['bytes'])})")
     return 0
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.2f} MiB"
 
 
 OPTIMISE = Command(

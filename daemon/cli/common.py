@@ -160,3 +160,16 @@ def absolute(path: str) -> str:
     if not path:
         raise UsageError("an empty path names nothing (the current directory is `.`)")
     return os.path.abspath(path)
+
+
+def human_size(n: int) -> str:
+    """Bytes in binary units with one decimal (`12.3 MiB`), as `du -h` and `nix path-info
+    -h` show them."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if round(value, 1) < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"

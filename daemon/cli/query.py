@@ -10,12 +10,20 @@ human units, bytes with `--json`.
 from collections.abc import Callable
 
 from daemon.cli.blocking import BlockingClient, DaemonError
-from daemon.cli.common import Command, CommandError, Flag, UsageError, connect, lines, print_json
+from daemon.cli.common import (
+    Command,
+    CommandError,
+    Flag,
+    UsageError,
+    connect,
+    human_size,
+    lines,
+    print_json,
+)
 from daemon.cli.storegraph import (
     ClosureGraph,
     draw_tree,
     fetch_graph,
-    human_size,
     resolve_all,
 )
 

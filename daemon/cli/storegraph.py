@@ -72,19 +72,6 @@ def resolve_all(client: BlockingClient, args: list[str]) -> list[str]:
     return [resolve(a, store_dir) for a in args]
 
 
-def human_size(n: int) -> str:
-    """Bytes in binary units with one decimal (`12.3 MiB`), as `du -h` and `nix path-info
-    -h` show them."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if round(value, 1) < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
 class ClosureGraph:
     """A closure as `closure-info` streams it: path i's size and the indices of its
     references; every path comes after its references.  A plain class: importing

@@ -10,8 +10,8 @@ import os
 import sys
 
 from daemon.cli.blocking import DaemonError
-from daemon.cli.common import Command, UsageError, connect, lines, say
-from daemon.cli.storegraph import fetch_graph, human_size, resolve_all
+from daemon.cli.common import Command, UsageError, connect, human_size, lines, say
+from daemon.cli.storegraph import fetch_graph, resolve_all
 
 EXPORT = Command(
     "store-export",
