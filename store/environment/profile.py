@@ -19,7 +19,7 @@ with no explicit delta, as `guix shell hello` needs no manifest.
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from store.environment.delta import Delta, DeltaError, ListOp, ListUpdate, merge
 from store.environment.view import parse_view, to_view
@@ -49,7 +49,7 @@ DEFAULT_SEARCH_PATHS: dict[str, list[str]] = {
 class Profile:
     name: str
     members: tuple[str, ...]
-    env: Delta = Delta()
+    env: Delta = field(default_factory=Delta)
 
     def to_json(self) -> str:
         doc = {
