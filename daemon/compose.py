@@ -16,6 +16,7 @@ from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
 from daemon.proc.workers import Workers
 from daemon.rpc.services import Services
+from daemon.runtime.service import Runtimes
 from daemon.sched.admission import Admission, Limits
 from daemon.sched.freezer import Freezer
 from daemon.sched.loadsignals import LoadMonitor, ProcReader
@@ -82,4 +83,5 @@ def compose(
         collector=collector,
     )
     repairer = Repairer(store, builder)
-    return Services(state, store, settings, collector, workers, builder, repairer)
+    runtimes = Runtimes(state, store, settings, workers)
+    return Services(state, store, settings, collector, workers, builder, repairer, runtimes)

@@ -113,6 +113,9 @@ async def run(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(monitor.run)
+        if daemon.services.runtimes is not None:
+            # Before serving: the last daemon's runtimes are set right and watched again.
+            await nursery.start(daemon.services.runtimes.run)
         nursery.start_soon(on_signals)
         nursery.start_soon(locks.run)
         nursery.start_soon(spawner.run)
@@ -180,8 +183,10 @@ def serve(state: StateDir, settings: Settings, path: str, foreground: bool, grac
     if ready_fd is not None:
         os.write(ready_fd, b"ready")
         os.close(ready_fd)
+    services = None
     try:
-        daemon = Daemon(compose(state, store, settings, locks, spawner, cpus), OPERATIONS)
+        services = compose(state, store, settings, locks, spawner, cpus)
+        daemon = Daemon(services, OPERATIONS)
         # Before trio starts its threads: they follow the thread that starts them.
         cpus.settle()
         # Each build makes thousands of short-lived objects (tasks, frames, messages, the
@@ -192,6 +197,8 @@ def serve(state: StateDir, settings: Settings, path: str, foreground: bool, grac
         gc.set_threshold(100_000, 50, 100)
         trio.run(run, daemon, monitor, locks, spawner, lock_lost, sock, path, grace)
     finally:
+        if services is not None and services.runtimes is not None:
+            services.runtimes.close()
         store.close()
     log.info("stopped")
     return 0

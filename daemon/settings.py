@@ -9,9 +9,24 @@ import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
+from pathlib import PurePosixPath
 from typing import Any
 
+from store.environment.delta import valid_name
+from store.environment.profile import DEFAULT_SEARCH_PATHS
 from store.layout import SETTINGS_FILE, ConfigError, StateDir
+
+# Environment variables whose values a runtime's stored environments never hold (their
+# names matched as globs, in any case): the usual names of passwords, tokens and keys.
+DEFAULT_RUNTIME_REDACT = (
+    "*PASSWORD*",
+    "*PASSWD*",
+    "*SECRET*",
+    "*TOKEN*",
+    "*_KEY",
+    "*CREDENTIAL*",
+    "*COOKIE*",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,14 @@ class Settings:
     retry_backoff: float = 1.0
     retry_timeout_factor: float = 2.0
     retry_drain: bool = True
+    # Variable -> directories of a profile's members prepended to it (store-run;
+    # store/environment/profile.py): the whole table, replacing the default one.
+    search_paths: dict[str, list[str]] = field(
+        default_factory=lambda: {var: list(dirs) for var, dirs in DEFAULT_SEARCH_PATHS.items()}
+    )
+    # Globs of variable names dropped from the environments stored with a runtime
+    # (daemon/runtime/); the command still gets them.
+    runtime_redact: list[str] = field(default_factory=lambda: list(DEFAULT_RUNTIME_REDACT))
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
@@ -155,7 +178,9 @@ def _checked(source: str, key: str, value: Any, default: Any) -> Any:
         value = float(value)
     # bool is an int to isinstance: `build-slots = true` is no count.
     if type(value) is not want:
-        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(want)
+        kind = {int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(
+            want
+        )
         raise ConfigError(
             f"{source}: {key} must be {kind or 'a ' + want.__name__}, not {type(value).__name__}"
         )
@@ -168,11 +193,33 @@ def _checked(source: str, key: str, value: Any, default: Any) -> Any:
             )
     if want is list and not all(type(v) is str and v for v in value):
         raise ConfigError(f"{source}: {key} must be a list of non-empty strings")
+    if want is dict:
+        _check_search_paths(source, key, value)
     if attr in HOST_PATHS:
         for path in value if want is list else [value]:
             if not os.path.isabs(path) or not os.path.exists(path):
                 raise ConfigError(f"{source}: {key}: {path!r} is not an absolute path that exists")
     return value
+
+
+def _check_search_paths(source: str, key: str, table: dict[str, Any]) -> None:
+    """Each key a variable name a delta may set, each value directories inside a member:
+    relative, with no `..` (a member's search path must not name what is outside it) and
+    no `:` (which would split the entry in two)."""
+    for var, dirs in table.items():
+        if not valid_name(var):
+            raise ConfigError(
+                f"{source}: {key}: {var!r} is not a variable name (letters, digits and '_', "
+                "not starting with a digit)"
+            )
+        if type(dirs) is not list or not all(type(d) is str and d for d in dirs):
+            raise ConfigError(f"{source}: {key}.{var} must be a list of non-empty strings")
+        for d in dirs:
+            if os.path.isabs(d) or ".." in PurePosixPath(d).parts or ":" in d or "\0" in d:
+                raise ConfigError(
+                    f"{source}: {key}.{var}: {d!r} must be a directory relative to a member, "
+                    "without '..' or ':'"
+                )
 
 
 def read_settings(state: StateDir) -> Settings:

@@ -6,6 +6,11 @@ sources.  Output paths are input-addressed: computed from the derivation's hash 
 fixed-output inputs, as Nix does, so changing only how a fixed-output input is fetched
 does not change (and rebuild) its dependents.  A fixed-output derivation's output path
 depends only on its name and expected hash.  See docs/derivations.md.
+
+A derivation may carry an environment delta (`envDelta`, uenv's semantics:
+`store.environment`) applied to its builder's environment after `env`.  Fields added
+since the first format are written only when they say something, so that every
+derivation written before them keeps its text, its `.drv` path and its output paths.
 """
 
 import json
@@ -15,6 +20,8 @@ from typing import Any
 
 import blake3
 
+from store.environment.delta import Delta, DeltaError
+from store.environment.view import parse_values, to_values
 from store.hashing import ALGORITHM, DIGEST_HEX_LEN
 from store.lru import Lru
 from store.paths import InvalidPath, PathKind, make_store_path, validate_name
@@ -30,6 +37,9 @@ DUMMY_HASH = f"{ALGORITHM}:{'0' * DIGEST_HEX_LEN}"
 _KEYS = frozenset(
     {"format", "name", "builder", "args", "env", "system", "outputs", "inputDrvs", "inputSrcs"}
 )
+# Written only when non-empty: a derivation without them is the same text as before they
+# existed.
+_OPTIONAL_KEYS = frozenset({"envDelta"})
 
 
 class DerivationError(StoreError, ValueError):
@@ -54,6 +64,8 @@ class Derivation:
     input_drvs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     input_srcs: tuple[str, ...] = ()
     system: str = SYSTEM
+    # Applied to the builder's environment after `env` (`${@NAME@}` sees `env`'s values).
+    env_delta: Delta = field(default_factory=Delta)
 
     @property
     def is_fixed_output(self) -> bool:
@@ -80,11 +92,14 @@ class Derivation:
             "inputDrvs": {k: sorted(v) for k, v in self.input_drvs.items()},
             "inputSrcs": sorted(self.input_srcs),
         }
+        if self.env_delta:
+            doc["envDelta"] = to_values(self.env_delta)
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Derivation":
-        """Parse a `.drv`; every field must be there, with its type, and nothing else."""
+        """Parse a `.drv`; every field must be there, with its type, and nothing else
+        (the optional ones may be left out)."""
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError) as e:
@@ -94,8 +109,9 @@ class Derivation:
             raise DerivationError("malformed derivation: not a JSON object")
         if doc.get("format") != FORMAT or type(doc["format"]) is not int:
             raise DerivationError(f"unknown derivation format {doc.get('format')!r}")
-        if set(doc) != _KEYS:
-            extra, missing = sorted(set(doc) - _KEYS), sorted(_KEYS - set(doc))
+        if not _KEYS <= set(doc) <= _KEYS | _OPTIONAL_KEYS:
+            extra = sorted(set(doc) - _KEYS - _OPTIONAL_KEYS)
+            missing = sorted(_KEYS - set(doc))
             raise DerivationError(
                 f"malformed derivation: unknown fields {extra}, missing fields {missing}"
             )
@@ -113,7 +129,21 @@ class Derivation:
             input_drvs={k: _strs(v, f"inputDrvs[{k!r}]") for k, v in input_drvs.items()},
             input_srcs=_strs(doc["inputSrcs"], "inputSrcs"),
             system=_typed(doc, "system", str),
+            env_delta=_env_delta(doc),
         )
+
+
+def _env_delta(doc: dict[str, Any]) -> Delta:
+    if "envDelta" not in doc:
+        return Delta()
+    try:
+        delta = parse_values(doc["envDelta"], "envDelta: ")
+    except DeltaError as e:
+        raise DerivationError(f"malformed derivation: {e}") from None
+    if not delta:
+        # Its text would not be the one `to_json` writes for the same derivation.
+        raise DerivationError("malformed derivation: envDelta is empty (leave it out)")
+    return delta
 
 
 def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
@@ -213,6 +243,11 @@ def _check_strings(drv: Derivation) -> None:
     for s in (drv.builder, *drv.args, *drv.env.values()):
         if not isinstance(s, str) or "\0" in s:
             raise DerivationError(f"{drv.name}: a NUL byte in the builder, its arguments or env")
+    try:
+        # A delta made in Python, not read from JSON, gets the checks a parsed one had.
+        parse_values(to_values(drv.env_delta), f"{drv.name}: envDelta: ")
+    except DeltaError as e:
+        raise DerivationError(str(e)) from None
 
 
 Resolver = Callable[[str], Derivation]

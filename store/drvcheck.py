@@ -1,9 +1,10 @@
 """Every `.drv` is checked before it is registered, as Nix checks each derivation it
 registers: a derivation that could never be built (a name that makes a bad store path or
 looks like a derivation's, an output path its inputs do not give, an input that is not a
-derivation, references other than its inputs) is refused before anything of the add is
-written, however it arrives (a text, an archive, an import).  Checking at the door rather
-than at the build means a bad `.drv` never sits in the store looking like a good one.
+derivation, references other than its inputs, an environment delta with a bad name or
+operation) is refused before anything of the add is written, however it arrives (a text,
+an archive, an import).  Checking at the door rather than at the build means a bad `.drv`
+never sits in the store looking like a good one.
 
 A `.drv` path's text never changes, so each one's hash modulo fixed-output inputs and
 output names are remembered, in bounded maps, for the derivations added after it: a recipe

@@ -7,8 +7,11 @@
     .tmp/            0700  adds in progress and deletions, named after their owner process
   var/               the socket's dir: its mode follows `allowed-users` (daemon/rpc/auth.py)
     db/db.sqlite     0700, 0600  the database (WAL)
-    gcroots/         0700  GC roots (auto/ holds indirect ones)
+    gcroots/         0700  GC roots (auto/ holds indirect ones, runtimes/ those of
+                           running programs' profiles: daemon/runtime/)
     log/             0700  build logs
+    runtimes/        0700  runtimes' records and captured environments, which hold
+                           users' secrets: never in the store or its database
 
 Who may read what (docs/store-paths.md): the store is everyone's to read, as in Nix; the
 daemon's records (the database, the roots, the logs) and its scratch are its own, and
@@ -74,6 +77,14 @@ class StateDir:
         return self.root / "var" / "log"
 
     @property
+    def runtime_roots_dir(self) -> Path:
+        return self.gcroots_dir / "runtimes"
+
+    @property
+    def runtimes_dir(self) -> Path:
+        return self.root / "var" / "runtimes"
+
+    @property
     def settings_path(self) -> Path:
         return self.root / SETTINGS_FILE
 
@@ -95,7 +106,9 @@ class StateDir:
             (self.db_dir, PRIVATE),
             (self.gcroots_dir, PRIVATE),
             (self.gcroots_dir / "auto", PRIVATE),
+            (self.runtime_roots_dir, PRIVATE),
             (self.log_dir, PRIVATE),
+            (self.runtimes_dir, PRIVATE),
         ):
             try:
                 d.mkdir(mode=mode)

@@ -14,6 +14,25 @@ arguments or its environment are picked up as inputs (derivation outputs of this
 evaluation, or paths already in the store); `inputs=` adds more.  Evaluating a recipe
 writes sources and `.drv` files into the store it runs against (`using`), which is the
 local store or the daemon.
+
+`env_delta=` changes the builder's environment with uenv's semantics
+(`store.environment`), after `env`: a `Delta`, a view (below), or the shorthand
+
+    derivation("app", sh, [...], env_delta={
+        "CC": "gcc",                                   # set a scalar
+        "OLD": None,                                   # unset it
+        "PATH": [("prepend", [f"{tools}/bin"])],       # update a list, in order
+    })
+
+Store paths in its values are inputs too.  `profile(name, paths, env=...)` makes a
+profile: a derivation whose output is the profile file (`store.environment.profile`)
+naming `paths` (derivations of this evaluation or store paths, its references) and the
+delta `env` (a view `{"version": 1, "values": {...}}`, a `Delta` or the shorthand):
+
+    tools = profile("tools", [hello, shout], env={"EDITOR": "vi"})
+
+Both check the delta when they are called: a bad name, an unknown operation or a value
+of the wrong type is a `DeltaError` naming the variable, and nothing is added.
 """
 
 import os
@@ -30,9 +49,20 @@ from typing import Protocol
 
 from store import derivation as drvs
 from store.derivation import DUMMY_HASH, HashModulo, Output, with_output_paths
+from store.environment.delta import Delta, DeltaError
+from store.environment.profile import Profile
+from store.environment.view import from_mapping, parse_values, parse_view, to_values
 from store.store import Store
 
 HOST_BUSYBOX = "/bin/busybox"
+# A profile reaches its builder as one environment variable, and Linux refuses an execve
+# with a string longer than MAX_ARG_STRLEN (32 pages: 128 KiB), the `name=` included:
+# about 2,000 members.
+MAX_PROFILE_TEXT = 32 * 4096 - len("weftProfile=") - 1
+# The profile's builder: its text, from the environment, into $out.
+_PROFILE_SCRIPT = 'printf "%s" "$weftProfile" > "$out"'
+
+EnvDelta = Delta | Mapping[str, object]
 
 
 class RecipeStore(Protocol):
@@ -138,11 +168,15 @@ def derivation(
     env: Mapping[str, str] | None = None,
     outputs: Iterable[str] = ("out",),
     output_hash: str | None = None,
+    env_delta: EnvDelta | None = None,
 ) -> Derivation:
     """A derivation, checked and written to the store.  `output_hash` makes it
     fixed-output (`blake3:<hex>` of the output's archive); `""` asks for the hash, as an
-    empty `outputHash` does in Nix: the build fails and reports the hash it got."""
+    empty `outputHash` does in Nix: the build fails and reports the hash it got.
+    `env_delta` (a `Delta`, the shorthand mapping or a view) is applied to the builder's
+    environment after `env`."""
     ev = _evaluation()
+    delta = _delta(env_delta, f"{name}: env_delta: ")
     if isinstance(outputs, str):
         raise drvs.DerivationError(
             f"{name}: outputs must be a list of names, not the string {outputs!r}"
@@ -173,7 +207,7 @@ def derivation(
             input_drvs.setdefault(item.path, set()).update(item.outputs)
         else:
             use(str(item))
-    for text in (builder, *args, *env.values()):
+    for text in (builder, *args, *env.values(), *_delta_strings(delta)):
         for found in ev.path_re.findall(text):
             use(found)
     outs = tuple(outputs)
@@ -185,6 +219,7 @@ def derivation(
         env=env,
         input_drvs={p: tuple(sorted(o)) for p, o in input_drvs.items()},
         input_srcs=tuple(sorted(input_srcs)),
+        env_delta=delta,
     )
     final = with_output_paths(draft, ev.store.store_dir, ev.hashes)
     path = ev.store.add_text(f"{name}.drv", final.to_json(), final.references())
@@ -193,6 +228,53 @@ def derivation(
     for out_path in made.outputs.values():
         ev.by_output[out_path] = made
     return made
+
+
+def profile(
+    name: str, paths: Iterable[Derivation | str], env: EnvDelta | None = None
+) -> Derivation:
+    """A profile of `paths` (derivations of this evaluation, or store paths), in that
+    order, with the delta `env`: a view `{"version": 1, "values": {...}}`, a `Delta`, or
+    the shorthand mapping.  Everything is checked before anything is added."""
+    ev = _evaluation()
+    delta = _delta(env, f"profile {name}: ")
+    if isinstance(paths, str | Derivation):
+        raise drvs.DerivationError(f"profile {name}: paths must be a list, not one path")
+    members = tuple(str(p) for p in paths)
+    for m in members:
+        if not ev.path_re.fullmatch(m):
+            raise drvs.DerivationError(f"profile {name}: member {m!r} is not a store path")
+    text = Profile(name, members, delta).to_json()
+    if len(text.encode()) > MAX_PROFILE_TEXT:
+        raise drvs.DerivationError(
+            f"profile {name}: {len(text.encode()):,} bytes of profile, over the "
+            f"{MAX_PROFILE_TEXT:,} its builder's environment can carry (MAX_PROFILE_TEXT)"
+        )
+    bb = busybox()
+    return derivation(
+        name, f"{bb}/bin/busybox", ["sh", "-c", _PROFILE_SCRIPT], env={"weftProfile": text}
+    )
+
+
+def _delta(given: EnvDelta | None, where: str) -> Delta:
+    """`given` (a view, a `Delta` or the shorthand) as a checked `Delta`: one made in
+    Python gets the checks one read from JSON has."""
+    if given is None:
+        return Delta()
+    if isinstance(given, Delta):
+        return parse_values(to_values(given), where)
+    if not isinstance(given, Mapping):
+        raise DeltaError(f"{where}an environment is a mapping, not {type(given).__name__}")
+    # A shorthand's values are strings, None or lists: an int version or a mapping of
+    # values can only be a view.
+    if isinstance(given.get("version"), int) or isinstance(given.get("values"), Mapping):
+        return parse_view(given, where)
+    return from_mapping(given, where)
+
+
+def _delta_strings(delta: Delta) -> list[str]:
+    scalars = [v for v in delta.scalars.values() if v is not None]
+    return [*scalars, *(v for updates in delta.lists.values() for u in updates for v in u.values)]
 
 
 class LocalStore:

@@ -2,9 +2,12 @@ import json
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 
-from store import Store
+from bench.daemons import DaemonProc
+from daemon.cli.blocking import BlockingClient, DaemonError
+from store import Store, nar
 from store.derivation import (
     Derivation,
     DerivationError,
@@ -14,6 +17,10 @@ from store.derivation import (
     closure_order,
     with_output_paths,
 )
+from store.environment.delta import Delta, DeltaError, ListOp, ListUpdate
+from store.environment.view import from_mapping
+from store.hashing import format_hash
+from store.paths import PathKind, make_store_path
 from store.recipe import LocalStore, busybox, derivation, source, using
 
 H1 = "blake3:" + "11" * 32
@@ -139,3 +146,158 @@ def test_a_chain_of_derivations_hundreds_deep_is_checked_without_running_out_of_
         assert fresh.is_valid(added.path)
     rebuilt = HashModulo(lambda p: Derivation.from_json(Path(p).read_text()))
     check_output_paths(top, store.store_dir, rebuilt)
+
+
+class PinnedStore:
+    """A recipe store whose paths are what a store at /weft/store would give, whatever
+    the test's state dir: what pins a derivation's paths to constants."""
+
+    store_dir = "/weft/store"
+
+    def add_source(self, path: str, name: str) -> str:
+        raise AssertionError("the pinned derivations have no sources")
+
+    def add_text(self, name: str, text: str, references: list[str]) -> str:
+        data = text.encode()
+        archive = nar.HEADER + nar.file_header(False, len(data)) + data
+        archive += nar.file_trailer(len(data))
+        content = format_hash(blake3.blake3(archive).digest())
+        return str(make_store_path(PathKind.TEXT, content, self.store_dir, name, references))
+
+
+def test_derivations_without_an_env_delta_keep_the_paths_they_had_before_it_existed() -> None:
+    # Computed by the code before `envDelta` existed (commit b16fd31).
+    with using(PinnedStore()):
+        lib = derivation("lib", "/bin/sh", ["-c", "echo lib > $out"], env={"GREETING": "hi"})
+        app = derivation(
+            "app", "/bin/sh", ["-c", f"cat {lib} > $out; echo > $doc"], outputs=("out", "doc")
+        )
+        src = derivation("src.tar", "/bin/sh", ["-c", "fetch"], output_hash=H1)
+        use = derivation("use", "/bin/sh", ["-c", f"cat {src} > $out"], env_delta={})
+    s = "/weft/store/"
+    assert lib.path == s + "m6fvh9q343si5pfgkjxi0pcb8w4y9spb-lib.drv"
+    assert lib.out == s + "ahm3mravddsafb2iwpaakcqj64ixdklh-lib"
+    assert app.path == s + "ydfw3i9pfzfcbsdn7413970xdx29phms-app.drv"
+    assert app.out == s + "pv6l6kr2b19jhd3qmn9yin9z6ylvv5ks-app"
+    assert app.outputs["doc"] == s + "6frq78dsxmkxdgkxk3hwdh9lpzqcfyi5-app-doc"
+    assert src.path == s + "xzwn7r5l8ndwb3d4pb5ii4wvy4hb7bl5-src.tar.drv"
+    assert src.out == s + "8hgifg792jp6kqp2grdfnqybkm25hmv1-src.tar"
+    assert use.path == s + "smas4na700v0caaa8g6cr1k2vczq43n4-use.drv"
+    assert use.out == s + "wqiqain568vpfq5id2aix28pm9igibwg-use"
+    assert "envDelta" not in json.loads(use.drv.to_json())
+
+
+def test_an_env_delta_is_written_parsed_back_and_enters_the_hash() -> None:
+    delta = {"CC": "gcc", "OLD": None, "PATH": [("prepend", ["/opt/bin"]), ("append", ["/z"])]}
+    with using(PinnedStore()):
+        plain = derivation("d", "/bin/sh", ["-c", "env > $out"])
+        with_delta = derivation("d", "/bin/sh", ["-c", "env > $out"], env_delta=delta)
+        other = derivation("d", "/bin/sh", ["-c", "env > $out"], env_delta={"CC": "clang"})
+    doc = json.loads(with_delta.drv.to_json())
+    assert doc["envDelta"] == {
+        "list": {
+            "PATH": [{"op": "prepend", "value": ["/opt/bin"]}, {"op": "append", "value": ["/z"]}]
+        },
+        "scalar": {"CC": "gcc", "OLD": None},
+    }
+    assert Derivation.from_json(with_delta.drv.to_json()) == with_delta.drv
+    assert with_delta.drv.env_delta == from_mapping(delta)
+    assert len({plain.out, with_delta.out, other.out}) == 3
+    assert len({plain.path, with_delta.path, other.path}) == 3
+
+
+def _drv_doc(**changes: object) -> str:
+    drv = Derivation("x", "/b", {"out": Output("/s/x")}, env={"out": "/s/x"})
+    doc = json.loads(drv.to_json())
+    doc.update(changes)
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (_drv_doc(envDelta={"scalar": {"1A": "x"}}), "1A"),
+        (_drv_doc(envDelta={"scalar": {"A-B": "x"}}), "A-B"),
+        (_drv_doc(envDelta={"scalar": {"N": 5}}), "scalar N"),
+        (_drv_doc(envDelta={"list": {"PATH": [{"op": "add", "value": ["/a"]}]}}), "list PATH"),
+        (_drv_doc(envDelta={"list": {"PATH": "/a"}}), "list PATH"),
+        (_drv_doc(envDelta={"scalars": {}}), "unknown keys"),
+        (_drv_doc(envDelta=[]), "must be an object"),
+        (_drv_doc(envDelta={}), "envDelta is empty"),
+        (_drv_doc(envDeltas={"scalar": {"A": "x"}}), "unknown fields \\['envDeltas'\\]"),
+    ],
+)
+def test_a_malformed_env_delta_is_a_derivation_error_naming_what_is_wrong(
+    text: str, says: str
+) -> None:
+    with pytest.raises(DerivationError, match=says):
+        Derivation.from_json(text)
+
+
+def test_a_bad_delta_made_in_python_is_refused_before_anything_is_written(store: Store) -> None:
+    bad = Delta({}, {"A-B": (ListUpdate(ListOp.SET, ("x",)),)})
+    before = sorted(os.listdir(store.store_dir))
+    with using(LocalStore(store)):
+        with pytest.raises(DeltaError, match="A-B"):
+            derivation("d", "/bin/sh", ["-c", "true"], env_delta=bad)
+        with pytest.raises(DeltaError, match="OOPS"):
+            derivation("d", "/bin/sh", ["-c", "true"], env_delta={"OOPS": [("frob", ["x"])]})
+    with pytest.raises(DerivationError, match="A-B"):
+        with_output_paths(
+            Derivation("d", "/b", {"out": Output()}, env_delta=bad),
+            store.store_dir,
+            HashModulo({}.__getitem__),
+        )
+    assert sorted(os.listdir(store.store_dir)) == before
+
+
+def test_store_paths_in_an_env_delta_are_inputs(store: Store) -> None:
+    with using(LocalStore(store)):
+        tools = derivation("tools", "/bin/sh", ["-c", "mkdir -p $out/bin"])
+        text = store.add_text("note", "n").path
+        app = derivation(
+            "app",
+            "/bin/sh",
+            ["-c", "env > $out"],
+            env_delta={"NOTE": text, "PATH": [("prepend", [f"{tools}/bin"])]},
+        )
+    assert dict(app.drv.input_drvs) == {tools.path: ("out",)}
+    assert app.drv.input_srcs == (text,)
+    assert sorted(store.references(app.path)) == sorted([tools.path, text])
+
+
+def _store_entries(d: DaemonProc) -> list[str]:
+    return sorted(e for e in os.listdir(d.store_dir) if not e.startswith("."))
+
+
+def test_the_daemon_refuses_a_hand_written_drv_with_a_malformed_env_delta(
+    daemon: DaemonProc,
+) -> None:
+    with BlockingClient(daemon.socket) as client:
+        store_dir = str(client.call("store-dir"))
+        good = Derivation("hand", "/bin/sh", {"out": Output()}, args=("-c", "env > $out"))
+        good = with_output_paths(good, store_dir, HashModulo({}.__getitem__))
+        doc = json.loads(good.to_json())
+        doc["envDelta"] = {"list": {"PATH": [{"op": "frobnicate", "value": ["/a"]}]}}
+        before = _store_entries(daemon)
+        with pytest.raises(DaemonError, match="list PATH: unknown operation 'frobnicate'"):
+            client.call("add-text", name="hand.drv", text=json.dumps(doc), references=[])
+        doc["envDelta"] = {"scalar": {"1A": "x"}}
+        with pytest.raises(DaemonError, match="'1A'"):
+            client.call("add-text", name="hand.drv", text=json.dumps(doc), references=[])
+        assert _store_entries(daemon) == before
+        # The same derivation with a good delta is added (its output paths recomputed).
+        fixed = with_output_paths(
+            Derivation(
+                "hand",
+                "/bin/sh",
+                {"out": Output()},
+                args=("-c", "env > $out"),
+                env_delta=from_mapping({"PATH": [("prepend", ["/a"])]}),
+            ),
+            store_dir,
+            HashModulo({}.__getitem__),
+        )
+        path = client.call("add-text", name="hand.drv", text=fixed.to_json(), references=[])
+        assert client.call("is-valid", paths=[path["path"]]) == [path["path"]]
+        assert _store_entries(daemon) == sorted([*before, os.path.basename(path["path"])])

@@ -43,6 +43,7 @@ from daemon.proc.spawner import SpawnerDied, SpawnError
 from daemon.sched.retry import Cause
 from daemon.wire.spawner import SpawnRequest
 from store.derivation import Derivation, drv_name
+from store.environment.delta import Expand, apply
 
 logger = logging.getLogger("weft.builds")
 
@@ -263,7 +264,8 @@ class Attempt:
             "PWD": "/build",
         }
         env.update(self.drv.env)
-        return env
+        # After `env`, so that `${@PATH@}` and the lists' old values are the derivation's.
+        return apply(self.drv.env_delta, env, Expand.VIEW)[0]
 
     def _outputs(self, slot: Slot, ending: Ending) -> dict[str, tuple[str, str]]:
         """What the builder left, {output: (where, store path)}; BuildError if it failed."""

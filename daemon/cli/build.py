@@ -188,7 +188,7 @@ def build_args(opts: dict[str, str | bool]) -> dict[str, object]:
     return args
 
 
-def _report(results: list[dict]) -> tuple[list[str], int]:
+def report(results: list[dict]) -> tuple[list[str], int]:
     """The outputs to print, and how many derivations failed, each said on stderr: a
     failure in the daemon's words, which name the derivation and its last log lines."""
     failed = 0
@@ -206,15 +206,39 @@ def _report(results: list[dict]) -> tuple[list[str], int]:
     return printed, failed
 
 
+def progress_of(opts: dict[str, str | bool]) -> Progress:
+    """What the command shows of the daemon's build events on stderr (the builders' own
+    lines too with `--print-build-logs`); its clock starts now."""
+    return Progress("--print-build-logs" in opts, os.isatty(2))
+
+
+def watch(client: BlockingClient, progress: Progress) -> None:
+    client.on_log, client.on_idle = progress.update, progress.flush
+
+
+def build(
+    client: BlockingClient, progress: Progress, drvs: list[str], args: dict[str, object]
+) -> list[dict]:
+    """The `build` request's results; the status line's clock moves while the daemon is
+    quiet, and the line is gone once the request ends."""
+    if progress.terminal:
+        client.on_tick = progress.tick
+    try:
+        return client.call("build", drvs=drvs, **args)
+    finally:
+        client.on_tick = None
+        progress.finish()
+
+
 def store_build(argv: list[str]) -> int:
     opts, targets = BUILD.parse(argv)
     if not targets:
         raise UsageError("no targets given")
     args = build_args(opts)
     link = str(opts.get("--out-link") or "")
-    progress = Progress("--print-build-logs" in opts, os.isatty(2))
+    progress = progress_of(opts)
     with connect(opts) as client:
-        client.on_log, client.on_idle = progress.update, progress.flush
+        watch(client, progress)
         drvs = [d for t in targets for d in evaluate(t, client)]
         links: list[tuple[str, str]] = []
         if link or "--dry-run" in opts:
@@ -227,14 +251,8 @@ def store_build(argv: list[str]) -> int:
                 return 0
             links = plan.links(link)
             refuse_clobbering(links)
-        if progress.terminal:
-            client.on_tick = progress.tick
-        try:
-            results = client.call("build", drvs=drvs, **args)
-        finally:
-            client.on_tick = None
-            progress.finish()
-        printed, failed = _report(results)
+        results = build(client, progress, drvs, args)
+        printed, failed = report(results)
         if printed:
             sys.stdout.write("\n".join(printed) + "\n")
         if not failed:

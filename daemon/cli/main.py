@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "store-why-depends": ("daemon.cli.whydepends", "WHY_DEPENDS", "store_why_depends"),
     "store-export": ("daemon.cli.transfer", "EXPORT", "store_export"),
     "store-import": ("daemon.cli.transfer", "IMPORT", "store_import"),
+    "store-run": ("daemon.cli.run", "RUN", "store_run"),
+    "store-runtime": ("daemon.cli.runtime", "RUNTIME", "store_runtime"),
 }
 
 

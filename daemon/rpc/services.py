@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from daemon.build.builder import Builder
 from daemon.proc.workers import Workers
+from daemon.runtime.service import Runtimes
 from daemon.settings import Settings
 from daemon.upkeep.collector import Collector
 from daemon.upkeep.repair import Repairer
@@ -23,3 +24,5 @@ class Services:
     builder: Builder | None = None
     # None with no builder: nothing can rebuild what `verify --repair` finds.
     repairer: Repairer | None = None
+    # None: a daemon that keeps no runtimes (store-run needs one that does).
+    runtimes: Runtimes | None = None

@@ -7,11 +7,16 @@ order to the inherited value split on `:` with empty entries dropped: `set` repl
 list, `prepend` and `append` insert their block, `unset` clears it and marks it unset
 until a later update revives it.  The result then loses empty entries and duplicates
 (first occurrence kept, inherited entries included); it is unset or the joined list, so
-`set []` gives the empty string.  Scalars are applied before lists, and every value is
-expanded first: `${@NAME@}` is the current value of NAME (uenv's view syntax).
+`set []` gives the empty string.  Scalars are applied before lists, and values are
+expanded: `${@NAME@}` is the current value of NAME (uenv's view syntax).
 
-One difference from uenv: an operation it does not know is refused here, where uenv
-treats it as `unset`; a typo must not silently clear PATH.
+Two differences from uenv.  An operation it does not know is refused here, where uenv
+treats it as `unset`: a typo must not silently clear PATH.  And a list's entries are
+expanded before empty ones are dropped, where uenv expands the joined value after: there,
+prepending `${@UNSET@}` to PATH leaves an empty entry, which means the working directory.
+Variables of one delta are applied in name order, uenv's being unordered: a stored delta
+is canonical JSON, which keeps no other order, and the same delta must mean the same
+environment before it is written and after it is read.
 
 This module does no I/O: the daemon, `store-run` and the builders' environments all apply
 deltas through it, and tests check its rules without a process.
@@ -123,11 +128,22 @@ def simplify(entries: Iterable[str]) -> list[str]:
     return out
 
 
-def evaluate_list(old: str | None, updates: Iterable[ListUpdate]) -> str | None:
-    """The value of a list variable after `updates`, from its inherited value `old`."""
+def evaluate_list(
+    old: str | None,
+    updates: Iterable[ListUpdate],
+    env: Mapping[str, str] | None = None,
+    mode: "Expand | None" = None,
+) -> str | None:
+    """The value of a list variable after `updates`, from its inherited value `old`; with
+    `env`, each update's entries expanded against it (an entry may expand to several)."""
     value = [e for e in (old or "").split(":") if e]
     is_set = True
     for u in updates:
+        if env is not None and u.values:
+            u = ListUpdate(
+                u.op,
+                tuple(":".join(expand(v, env, mode or Expand.VIEW) for v in u.values).split(":")),
+            )
         match u.op:
             case ListOp.SET:
                 value = list(u.values)
@@ -194,11 +210,11 @@ def apply(
     delta: Delta, env: Mapping[str, str], mode: Expand = Expand.VIEW
 ) -> tuple[dict[str, str], list[Change]]:
     """`env` changed by `delta`, and what changed, one `Change` per variable the delta
-    names.  Scalars first, then lists, each value expanded against the environment as it
-    is at that point."""
+    names.  Scalars first, then lists, each in name order, each value expanded against the
+    environment as it is at that point."""
     new = dict(env)
     changes: list[Change] = []
-    for name, value in delta.scalars.items():
+    for name, value in sorted(delta.scalars.items()):
         old = new.get(name)
         if value is None:
             new.pop(name, None)
@@ -206,13 +222,13 @@ def apply(
             continue
         result = new[name] = expand(value, new, mode)
         changes.append(Change(name, VarType.SCALAR, "set", old, value, result))
-    for name, updates in delta.lists.items():
+    for name, updates in sorted(delta.lists.items()):
         old = new.get(name)
-        got = evaluate_list(old, updates)
+        got = evaluate_list(old, updates, new, mode)
         if got is None:
             new.pop(name, None)
         else:
-            got = new[name] = expand(got, new, mode)
+            new[name] = got
         ops = ",".join(str(u.op) for u in updates)
         value = ":".join(v for u in updates for v in u.values)
         changes.append(Change(name, VarType.LIST, ops, old, value, got))

@@ -4,7 +4,7 @@ A handler decodes its arguments, calls one store or service method, and encodes 
 """
 
 from daemon.rpc.context import Operation, RequestContext
-from daemon.rpc.ops import build, closures, maintenance, paths, scheduling, transfer
+from daemon.rpc.ops import build, closures, maintenance, paths, runtimes, scheduling, transfer
 
 
 async def shutdown(ctx: RequestContext) -> None:
@@ -35,4 +35,5 @@ OPERATIONS: dict[str, Operation] = {
     "log": Operation(build.build_log),
     "shutdown": Operation(shutdown, trusted_only=True),
     **scheduling.SCHEDULING_OPERATIONS,
+    **runtimes.RUNTIME_OPERATIONS,
 }
