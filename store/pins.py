@@ -5,11 +5,17 @@ it.  The collector deletes a path only after `begin_delete` said it is not pinne
 anyone who pins a path the collector is deleting waits until the deletion is over; so
 whoever pins first and then checks validity can rely on the answer.  Every method is
 thread-safe: adds and the collector run in worker threads.  Only `pin` can wait.
+
+A pin handed over to a root on disk (store-run's runtimes, `store-build -o`: pin, write
+the root, unpin) could fall between a collection's two looks, at the roots before its
+walk passed and at the pins when it deletes; so while a collection runs
+(`collecting()`), a path pinned at any moment since it began is not deleted by it.
 """
 
 import threading
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -30,6 +36,8 @@ class Pins:
         self._by_owner: dict[Hashable, Counter[str]] = {}
         self._labels: dict[Hashable, str] = {}
         self._deleting: set[str] = set()
+        # Paths pinned since the running collection began; None when none runs.
+        self._since: set[str] | None = None
 
     def pin(self, owner: Hashable, paths: Iterable[str], label: str = "") -> None:
         """Pin `paths` for `owner`, waiting while any of them is being deleted."""
@@ -41,6 +49,8 @@ class Pins:
                 self._labels[owner] = label
             mine.update(paths)
             self._count.update(paths)
+            if self._since is not None:
+                self._since.update(paths)
 
     def release(self, owner: Hashable) -> None:
         """Drop every pin of `owner` (a closed connection, a finished build)."""
@@ -69,10 +79,21 @@ class Pins:
     def begin_delete(self, path: str) -> bool:
         """Claim `path` for deletion; False if it is pinned and must stay."""
         with self._cond:
-            if path in self._count:
+            if path in self._count or (self._since is not None and path in self._since):
                 return False
             self._deleting.add(path)
             return True
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """A collection (marking, then deleting) runs in the block; one at a time."""
+        with self._cond:
+            self._since = set()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._since = None
 
     def end_delete(self, paths: Iterable[str]) -> None:
         with self._cond:

@@ -376,3 +376,31 @@ def test_optimise_and_collect_at_once(store: Store) -> None:
     _collect(store)
     for entry in os.scandir(store.state.links_dir):
         assert entry.stat().st_nlink > 1, entry.name
+
+
+def test_a_pin_handed_over_to_a_root_behind_the_walk_keeps_its_path(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client pins, writes a root on disk, then unpins (store-run's runtimes,
+    # `store-build -o`).  If the root appears after the walk over gcroots/ passed and the
+    # pin is gone before the deletion, only the collection's memory of pins saves it.
+    path = store.add_text("handed-over", "kept\n", []).path
+    from store.gc import roots as roots_module
+
+    real_walk = os.walk
+
+    def walk_then_hand_over(top, *args, **kwargs):  # type: ignore[no-untyped-def]
+        yield from real_walk(top, *args, **kwargs)
+        owner = object()
+        store.pins.pin(owner, [path])
+        os.symlink(path, store.state.gcroots_dir / "late-root")
+        store.pins.release(owner)
+
+    monkeypatch.setattr(roots_module.os, "walk", walk_then_hand_over)
+    with store.pins.collecting():
+        plan = gc.plan(store)
+        assert path in plan.dead  # the walk missed the root, and the pin is gone
+        result = gc.delete(store, plan)
+    assert path not in result.deleted and store.is_valid(path)
+    monkeypatch.undo()
+    assert path in gc.plan(store).live  # the next collection sees the root itself

@@ -72,7 +72,14 @@ def test_empty_starts_from_nothing_and_keep_takes_the_callers_value() -> None:
 def test_parent_starts_from_what_the_parents_command_got() -> None:
     plan = compute(EnvRequest(CALLER, EnvFrom.PARENT), LINKED, [])
     assert plan.env == PARENT_APPLIED
-    assert plan.changes == []
+    # Told from the caller's environment, so that `--print-env --format sh` is right
+    # where it is eval'd: what the parent's lacks, then what it has differently.
+    assert [(c.name, c.op, c.old, c.new) for c in plan.changes] == [
+        ("FOO", "unset", "dirty", None),
+        ("TERM", "unset", "xterm", None),
+        ("PATH", "set", "/usr/bin:/bin", "/p/bin:/usr/bin"),
+        ("A_VAR", "set", None, "from-a"),
+    ]
 
 
 def test_pristine_starts_from_the_outermost_ancestors_captured_environment() -> None:

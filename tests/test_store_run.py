@@ -171,7 +171,7 @@ def test_a_profile_recipe_gives_its_members_bins_in_order_and_its_variables(
 def test_a_profile_that_fails_to_build_runs_nothing(builder: Weft) -> None:
     recipes = _recipes(builder)
     r = builder.run("store-run", "-p", f"{recipes}:app,{recipes}:broken", "--", "echo", "ran")
-    assert (r.returncode, r.stdout) == (1, b"")
+    assert (r.returncode, r.stdout) == (125, b"")
     assert b"broken" in r.stderr and b"failed to build" in r.stderr
     assert json.loads(builder.ok("store-runtime", "--json")) == []
 
@@ -223,7 +223,8 @@ def test_a_nested_run_from_pristine_does_not_see_what_the_outer_command_exported
     a, b = weft.member("a"), weft.member("b")
     inner = f"export FOO=dirty; store-run -p {b} --env-from pristine -- printenv FOO"
     r = weft.run("store-run", "-p", a, "--", "sh", "-c", inner)
-    assert (r.returncode, r.stdout) == (1, b""), r.stderr
+    # printenv's own "not set": store-run's failures exit 125 and say why on stderr.
+    assert (r.returncode, r.stdout, r.stderr) == (1, b"", b"")
 
 
 def test_a_nested_run_from_parent_keeps_the_outer_deltas_and_not_the_exports(
@@ -300,7 +301,7 @@ def test_another_users_runtime_id_is_refused_as_an_unknown_one(weft: Weft) -> No
             "store-run", "--env-from", mode, "--", "true",
             env=weft.env(WEFT_RUNTIME=mine), nobody=True,
         )  # fmt: skip
-        assert theirs.returncode == 1
+        assert theirs.returncode == 125  # store-run's own failure, as env(1)'s
         assert f"runtime {mine}: no runtime of yours with this id" in theirs.stderr.decode()
     unknown = weft.run("store-runtime", "--show", "nonesuch", nobody=True)
     other = weft.run("store-runtime", "--show", mine, nobody=True)
@@ -474,7 +475,7 @@ def test_a_hand_written_profile_that_is_wrong_is_refused_naming_the_variable(
     bad = weft.profile("bad", [], values)
     for argv in (["-p", bad, "--", "echo", "ran"], ["--print-env", "-p", bad]):
         r = weft.run("store-run", *argv)
-        assert r.returncode == 1 and r.stdout == b""
+        assert r.returncode == 125 and r.stdout == b""
         assert named in r.stderr.decode()
     assert json.loads(weft.ok("store-runtime", "--json")) == []
 
@@ -489,3 +490,59 @@ def test_usage_mistakes_exit_2(weft: Weft) -> None:
     ):
         r = weft.run("store-run", *argv)
         assert r.returncode == 2, (argv, r.stderr)
+
+
+def test_the_captured_environment_is_the_callers_not_what_python_adds_at_start(
+    weft: Weft,
+) -> None:
+    # With the C locale, Python sets LC_CTYPE=C.UTF-8 in its own environment (PEP 538):
+    # neither the command nor the runtime's record may get it.
+    env = {"PATH": weft.path, "WEFT_STATE_DIR": str(weft.daemon.state)}
+    r = weft.run("store-run", "--", "env", env=env)
+    assert r.returncode == 0, r.stderr
+    names = {line.partition(b"=")[0] for line in r.stdout.splitlines()}
+    assert names == {b"PATH", b"WEFT_STATE_DIR", b"WEFT_RUNTIME"}
+    runtime = dict(line.split(b"=", 1) for line in r.stdout.splitlines())[b"WEFT_RUNTIME"]
+    captured = weft.run("store-runtime", "--env", runtime.decode(), env=env).stdout
+    assert b"LC_CTYPE" not in captured and b"WEFT_STATE_DIR=" in captured
+
+
+def test_arguments_that_are_not_utf8_are_refused_or_dangling_without_a_traceback(
+    weft: Weft,
+) -> None:
+    for argv in (["--keep", "\udcff"], ["--unset", "A\udcff"], ["--name", "n\udcff"]):
+        r = weft.run("store-run", *argv, "--", "true")
+        assert r.returncode == 2 and b"is not UTF-8" in r.stderr
+        assert b"Traceback" not in r.stderr
+    # A garbled WEFT_RUNTIME is no runtime of the caller's: dangling, and the run goes on.
+    garbled = weft.run("store-run", "--", "true", env=weft.env(WEFT_RUNTIME=b"\xff\xfe"))
+    assert garbled.returncode == 0, garbled.stderr
+
+
+def test_a_store_path_named_like_a_recipe_is_a_member_and_is_never_run(weft: Weft) -> None:
+    trap = weft.base / "src" / "tool.py"
+    trap.parent.mkdir(parents=True, exist_ok=True)
+    trap.write_text("raise SystemExit('EXECUTED AS A RECIPE')\n")
+    path = weft.ok("store-add", str(trap)).strip()
+    r = weft.run("store-run", "-p", path, "--print-env")
+    assert r.returncode == 0 and b"EXECUTED" not in r.stderr, r.stderr
+
+
+def test_a_script_without_a_shebang_line_runs_with_the_shell_as_env_runs_it(
+    weft: Weft,
+) -> None:
+    script = weft.base / "plain-script"
+    script.write_text("echo ran by the shell\nexit 7\n")
+    script.chmod(0o755)
+    r = weft.run("store-run", "--", str(script))
+    assert (r.returncode, r.stdout) == (7, b"ran by the shell\n")
+
+
+def test_another_users_runtime_roots_do_not_show_its_id(weft: Weft) -> None:
+    m = weft.member("m")
+    rid = weft.ok("store-run", "--durable", "-p", m, "--", "printenv", "WEFT_RUNTIME").strip()
+    assert f"runtimes/{rid}/" in weft.ok("store-gc", "--print-roots")
+    theirs = weft.run("store-gc", "--print-roots", nobody=True)
+    assert theirs.returncode == 0, theirs.stderr
+    assert rid.encode() not in theirs.stdout
+    assert f"{{runtime of another user}} -> {m}".encode() in theirs.stdout

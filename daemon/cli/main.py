@@ -1,7 +1,8 @@
 """The store-* commands by the name run as (`bin/store-client`): help, version, dispatch,
 exit codes.  Results go to stdout, progress and diagnostics to stderr.  Exit codes: 0
 success, 1 the operation failed (or, for `--valid` and `store-verify`, found something
-invalid), 2 bad usage.
+invalid), 2 bad usage; `store-run` exits with its command's status, and 125 for its own
+failures, as env(1) does.
 
 Each command is a `Command` spec (its usage, summary and flags, which both `--help` and
 its parser read) and a function of argv, in a module imported only when the command

@@ -15,13 +15,15 @@ import os
 import sys
 
 from daemon.cli.blocking import BlockingClient
-from daemon.cli.common import COMMON, Command, CommandError, Flag, UsageError, connect
+from daemon.cli.common import COMMON, Command, CommandError, Flag, UsageError, connect, say
 
 ENV_FROM = ("current", "parent", "pristine", "empty")
 FORMATS = ("table", "sh")
-# Exit codes of a command that cannot be run, as POSIX shells and env(1) give them.
+# Exit codes of a command that cannot be run, as POSIX shells and env(1) give them, and
+# of store-run's own failures (no daemon, a build failed, a refused profile), env(1)'s.
 NOT_FOUND = 127
 NOT_EXECUTABLE = 126
+FAILED = 125
 # Where a command is looked for when the new environment has no PATH: glibc's execvp's
 # default (confstr _CS_PATH), as `env -i CMD` finds it.
 DEFAULT_PATH = b"/bin:/usr/bin"
@@ -133,10 +135,12 @@ def _profiles(client: BlockingClient, opts: dict[str, str | bool], targets: list
     store_dir = str(client.call("store-dir"))
     named: list[list[str] | str] = []  # per target: its derivations, or a store path
     for target in targets:
-        if target.partition(":")[0].endswith(".py"):
+        path = resolve(target, store_dir)
+        # A recipe is a file of the user's; a store path named `*.py` is a profile member.
+        in_store = path.startswith(store_dir + "/")
+        if not in_store and target.partition(":")[0].endswith(".py"):
             named.append(evaluate(target, client))
             continue
-        path = resolve(target, store_dir)
         named.append([path] if path.endswith(".drv") else path)
     drvs = list(dict.fromkeys(d for n in named if isinstance(n, list) for d in n))
     if not drvs:
@@ -153,37 +157,86 @@ def _all(outputs: dict[str, list[str]], drvs: list[str]) -> list[str]:
     return [p for d in drvs for p in outputs[d]]
 
 
+def caller_environment() -> list[tuple[bytes, bytes]]:
+    """The environment this process was started with.  Not `os.environb`: Python adds
+    `LC_CTYPE=C.UTF-8` to it at start-up when the locale is C (PEP 538), and that is no
+    part of what the caller had.  The kernel's copy of the exec-time block is."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+    except OSError:
+        return list(os.environb.items())
+    pairs = []
+    for entry in block.split(b"\0"):
+        name, eq, value = entry.partition(b"=")
+        if eq and name:
+            pairs.append((name, value))
+    return pairs
+
+
+def _text(value: str, what: str) -> str:
+    """A name or label the daemon gets as text: refused if not UTF-8."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {value!r} is not UTF-8") from None
+    return value
+
+
 def _request(
-    opts: dict[str, str | bool], repeated: dict[str, list[str]], command: list[bytes]
+    opts: dict[str, str | bool],
+    repeated: dict[str, list[str]],
+    command: list[bytes],
+    environment: list[tuple[bytes, bytes]],
 ) -> dict[str, object]:
     """The arguments `runtime-plan` and `runtime-start` share, but the profiles."""
+    parent = dict(environment).get(b"WEFT_RUNTIME", b"")
     return {
-        "env": [[k, v] for k, v in os.environb.items()],
-        "parent": os.environ.get("WEFT_RUNTIME") or None,
+        "env": [list(pair) for pair in environment],
+        # An id is hex: anything else is no runtime of the caller's, and says so as text.
+        "parent": parent.decode(errors="replace") or None,
         "env_from": str(opts.get("--env-from", "current")),
         "pure": "--pure" in opts,
-        "keep": repeated["--keep"],
-        "unset": repeated["--unset"],
+        "keep": [_text(v, "--keep") for v in repeated["--keep"]],
+        "unset": [_text(v, "--unset") for v in repeated["--unset"]],
         "argv": command,
         "cwd": os.getcwdb(),
     }
 
 
 def store_run(argv: list[str]) -> int:
+    """`store-run`; its own failures exit `FAILED`, as env(1)'s do, so that a caller can
+    tell them from the command's exit status (127 and 126 are the shell's, below)."""
+    from daemon.cli.blocking import DaemonError
+
+    try:
+        return _run(argv)
+    except CommandError as e:
+        say(str(e))
+    except DaemonError as e:
+        say(f"error: {e.message}")
+    except (OSError, ConnectionError) as e:
+        say(f"error: {e}")
+    return FAILED
+
+
+def _run(argv: list[str]) -> int:
     opts, repeated, words = parse(argv)
     _check(opts, words)
     targets = _targets(repeated["--profile"])
+    environment = caller_environment()
     # With no command, the shell: the caller's as recorded; the one the new environment
     # names is what runs (the same unless a profile sets SHELL).
-    command = [os.fsencode(w) for w in words] or [os.environb.get(b"SHELL") or DEFAULT_SHELL]
+    shell = dict(environment).get(b"SHELL") or DEFAULT_SHELL
+    command = [os.fsencode(w) for w in words] or [shell]
     with connect(opts) as client:
-        args = _request(opts, repeated, command)
+        args = _request(opts, repeated, command, environment)
         args["profiles"] = _profiles(client, opts, targets)
         if "--print-env" in opts:
             changes = client.call("runtime-plan", **args)["changes"]
             return _print_changes(opts, changes)
         args["durable"] = "--durable" in opts
-        args["name"] = opts.get("--name") or None
+        args["name"] = _text(str(opts["--name"]), "--name") if opts.get("--name") else None
         env = dict(client.call("runtime-start", **args)["env"])
     if not words:
         command = [env.get(b"SHELL") or DEFAULT_SHELL]
@@ -207,6 +260,7 @@ def _find(name: bytes, path: bytes) -> bytes | None:
 
 def _exec(command: list[bytes], env: dict[bytes, bytes]) -> int:
     """Become the command; if it cannot be run, the shell's message and exit code."""
+    import errno
     import signal
 
     program = _find(command[0], env.get(b"PATH", DEFAULT_PATH))
@@ -218,7 +272,13 @@ def _exec(command: list[bytes], env: dict[bytes, bytes]) -> int:
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     try:
-        os.execve(program, command, env)
+        try:
+            os.execve(program, command, env)
+        except OSError as e:
+            if e.errno != errno.ENOEXEC:
+                raise
+            # A script with no `#!` line: execvp and env(1) hand it to the shell.
+            os.execve(DEFAULT_SHELL, [DEFAULT_SHELL, program, *command[1:]], env)
     except OSError as e:
         os.write(2, b"store-run: " + command[0] + f": {e.strerror}\n".encode())
         return NOT_FOUND if isinstance(e, FileNotFoundError) else NOT_EXECUTABLE

@@ -115,14 +115,22 @@ def compute(
     check_size(req.caller, "the caller's environment")
     caller = decode(req.caller)
     env = decode(base_env(req.env_from, req.caller, parent))
-    changes: dict[str, Change] = {}
     if req.pure:
         kept = {*PURE_KEEP, *req.keep}
-        for name in [n for n in env if n not in kept]:
-            _record(changes, _removed(name, env.pop(name)))
+        env = {name: value for name, value in env.items() if name in kept}
     for name in req.keep:
         if name in caller:
             env[name] = caller[name]
+    # Every change is told from the caller's environment, where the command's starts
+    # from (`--print-env --format sh` is eval'd there): first what the start took away
+    # or set differently.
+    changes: dict[str, Change] = {}
+    for name, old in caller.items():
+        if name not in env:
+            _record(changes, _removed(name, old))
+    for name, value in env.items():
+        if caller.get(name) != value:
+            _record(changes, Change(name, VarType.SCALAR, "set", caller.get(name), value, value))
     env, applied = apply(merge(deltas), env)
     for change in applied:
         _record(changes, change)
@@ -189,7 +197,7 @@ def redact(env: Env, globs: Sequence[str]) -> list[tuple[bytes, bytes]]:
 
 
 def _removed(name: str, old: str | None) -> Change:
-    """`--pure` and `--unset` report a removal as a scalar unset."""
+    """A removal (by `--pure`, `--env-from`, `--unset`) is told as a scalar unset."""
     return Change(name, VarType.SCALAR, "unset", old, None, None)
 
 

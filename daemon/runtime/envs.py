@@ -17,6 +17,7 @@ import apsw
 import msgpack
 
 from daemon.runtime.envplan import Env
+from store.records import StoreError
 
 KEY_BYTES = 32
 KEY_FILE = "key"
@@ -37,7 +38,9 @@ class SealedEnvs:
     def get(self, db: apsw.Connection, digest: bytes | None) -> Env:
         row = db.execute("SELECT data FROM Envs WHERE hash = ?", (digest,)).fetchone()
         if row is None:
-            return ()
+            # A visible record's environments are kept as long as it is: this is damage,
+            # and an empty environment in its place would be silently wrong.
+            raise StoreError("a runtime's environment is missing from the runtimes database")
         return [(bytes(n), bytes(v)) for n, v in msgpack.unpackb(row[0], raw=False)]
 
     def prune(self, db: apsw.Connection, hashes: Iterable[bytes]) -> None:

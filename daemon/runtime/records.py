@@ -114,12 +114,6 @@ class Summary:
     parent_status: ParentStatus
 
 
-@dataclass(frozen=True, slots=True)
-class Forgotten:
-    alive: bool  # its process lives: its roots stay until it exits
-    durable: bool
-
-
 class Records:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=DIR_MODE, exist_ok=True)
@@ -200,8 +194,11 @@ class Records:
         with self._lock:
             return self._write(body)
 
-    def forget(self, uid: int, runtime_id: str) -> Forgotten:
-        def body() -> Forgotten:
+    def forget(self, uid: int, runtime_id: str) -> bool:
+        """Drop a runtime's record; True if its process lives (its roots stay until it
+        exits)."""
+
+        def body() -> bool:
             rec = self._get(uid, runtime_id)
             if rec.alive:
                 hashes = self._env_hashes([runtime_id])
@@ -213,7 +210,7 @@ class Records:
                 self._envs.prune(self._db, hashes)
             else:
                 self._delete([runtime_id])
-            return Forgotten(rec.alive, rec.durable)
+            return rec.alive
 
         with self._lock:
             return self._write(body)
@@ -273,13 +270,14 @@ class Records:
         with self._lock:
             return self._select("ended IS NULL", (), visible_only=False)
 
-    def rooted(self) -> set[str]:
-        """The runtimes whose roots should exist: live, or durable and not forgotten."""
+    def rooted(self) -> dict[str, int]:
+        """The runtimes whose roots should exist (live, or durable and not forgotten),
+        with their users' uids."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id FROM Runtimes WHERE ended IS NULL OR (durable AND NOT forgotten)"
+                "SELECT id, uid FROM Runtimes WHERE ended IS NULL OR (durable AND NOT forgotten)"
             )
-            return {row[0] for row in rows}
+            return {row[0]: row[1] for row in rows}
 
     # -- inside the lock --
 
@@ -287,12 +285,13 @@ class Records:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             result = body()
+            self._db.execute("COMMIT")
         except BaseException:
-            # SQLite may have rolled back already (a full disk, say).
+            # SQLite may have rolled back already (a full disk, say); a COMMIT that
+            # failed (busy) leaves the transaction open, and every later BEGIN would fail.
             if not self._db.getautocommit():
                 self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
         return result
 
     def _admit(self, uid: int) -> None:

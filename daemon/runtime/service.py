@@ -32,7 +32,7 @@ from daemon.runtime.envplan import (
 )
 from daemon.runtime.records import ParentStatus, Record, Records, Summary
 from daemon.runtime.roots import RuntimeRoots, new_runtime_id
-from daemon.runtime.watcher import Watcher, boot_id, open_process, ticks_now
+from daemon.runtime.watcher import Watcher, boot_id, open_process, real_uid, ticks_now
 from daemon.settings import Settings
 from store.environment.profile import Profile, read_profile
 from store.layout import StateDir
@@ -115,6 +115,10 @@ class Runtimes:
     async def env(self, uid: int, runtime_id: str, pristine: bool) -> Env:
         return await trio.to_thread.run_sync(self.records.captured, uid, runtime_id, pristine)
 
+    async def owners(self) -> dict[str, int]:
+        """The uid of each runtime that has roots, by id (for `--print-roots`)."""
+        return await trio.to_thread.run_sync(self.records.rooted)
+
     async def forget(self, uid: int, runtime_id: str) -> None:
         """Drop a runtime's record; a durable one's roots go now, unless its process still
         lives: a live one's go when it exits."""
@@ -129,7 +133,10 @@ class Runtimes:
             raise PlanError(f"{len(req.profiles)} profiles: at most {MAX_PROFILES} (make one)")
         profiles, paths = self._pin_profiles(req.profiles, owner)
         parent = self.records.parent(uid, req.parent)
-        deltas = [p.delta(self.settings.search_paths) for p in profiles]
+        # A scalar in one profile says what the variable is for the whole run: no other
+        # profile's members add search paths to it (an explicit list would conflict).
+        scalars = {name for p in profiles for name in p.env.scalars}
+        deltas = [p.delta(self.settings.search_paths, scalars) for p in profiles]
         plan = compute(req.env, parent, deltas, runtime_id)
         if parent is None:
             status = ParentStatus.NONE
@@ -173,6 +180,11 @@ class Runtimes:
         if opened is None:
             raise PlanError(f"the calling process (pid {pid}) has exited")
         pidfd, started_at = opened
+        if real_uid(pid) != uid:
+            # The client handed its socket on and exited, and its pid went to someone
+            # else's process: that one must not hold the runtime's roots.
+            os.close(pidfd)
+            raise PlanError(f"the calling process (pid {pid}) has exited")
         rec = Record(
             id=runtime_id,
             uid=uid,
@@ -203,8 +215,7 @@ class Runtimes:
         return pidfd
 
     def _forget(self, uid: int, runtime_id: str) -> None:
-        forgotten = self.records.forget(uid, runtime_id)
-        if not forgotten.alive:
+        if not self.records.forget(uid, runtime_id):
             self.roots.remove(runtime_id)
 
     def _end(self, runtime_id: str) -> None:
@@ -223,7 +234,7 @@ class Runtimes:
                     self._end(rec.id)
                 else:
                     live.append((rec.id, opened[0]))
-            stray = self.roots.remove_all_but(self.records.rooted())
+            stray = self.roots.remove_all_but(set(self.records.rooted()))
         except BaseException:
             for _, pidfd in live:
                 os.close(pidfd)

@@ -45,6 +45,18 @@ def start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 1 :].split()[_START_FIELD])
 
 
+def real_uid(pid: int) -> int | None:
+    """The real uid of process `pid`, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
+
+
 def ticks_now() -> float:
     """Now, on the clock start times are read on (boot time, suspend included)."""
     return time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS

@@ -91,12 +91,13 @@ class Collector:
     ) -> gc.GCResult:
         """Delete dead paths (or only those of `only`, all of which must be dead)."""
         async with self._lock:
-            full = await self.plan()
-            if only is None:
-                chosen = full
-            else:
-                chosen = await self.workers.long(gc.restrict, full, only, self.store)
-            return await self.workers.long(gc.delete, self.store, chosen, max_freed)
+            with self.store.pins.collecting():
+                full = await self.plan()
+                if only is None:
+                    chosen = full
+                else:
+                    chosen = await self.workers.long(gc.restrict, full, only, self.store)
+                return await self.workers.long(gc.delete, self.store, chosen, max_freed)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.store.store_dir)
@@ -114,8 +115,9 @@ class Collector:
                 return None
             max_free = self.settings.max_free
             want = max_free - free if max_free > 0 else None
-            full = await self.plan()
-            result = await self.workers.long(gc.delete, self.store, full, want)
+            with self.store.pins.collecting():
+                full = await self.plan()
+                result = await self.workers.long(gc.delete, self.store, full, want)
         log.info(
             "automatic collection: %d paths deleted, %d bytes freed",
             len(result.deleted),

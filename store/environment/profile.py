@@ -60,9 +60,11 @@ class Profile:
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
-    def delta(self, table: Mapping[str, Sequence[str]]) -> Delta:
-        """The search paths of the members, then the explicit delta."""
-        searched = search_path_delta(self.members, table, skip=self.env.scalars)
+    def delta(self, table: Mapping[str, Sequence[str]], skip: Iterable[str] = ()) -> Delta:
+        """The search paths of the members, then the explicit delta.  A variable this
+        profile sets as a scalar, or one in `skip` (those other profiles of the same run
+        set as scalars), gets no search path: the scalar says what it is."""
+        searched = search_path_delta(self.members, table, skip={*self.env.scalars, *skip})
         return merge([searched, self.env])
 
 
@@ -70,17 +72,26 @@ def search_path_delta(
     members: Iterable[str], table: Mapping[str, Sequence[str]], skip: Iterable[str] = ()
 ) -> Delta:
     """One prepend per variable of `table`: each member's directories that exist, in
-    member order."""
+    member order.  A directory counts only if it resolves inside the store: the daemon
+    looks as root, and a member's link to `/root/x` must not tell anyone whether that
+    exists."""
     members = list(members)
     skipped = set(skip)
     lists: dict[str, tuple[ListUpdate, ...]] = {}
     for var, dirs in table.items():
         if var in skipped:
             continue
-        found = [f"{m}/{d}" for m in members for d in dirs if os.path.isdir(f"{m}/{d}")]
+        found = [f"{m}/{d}" for m in members for d in dirs if _store_dir_at(m, d)]
         if found:
             lists[var] = (ListUpdate(ListOp.PREPEND, tuple(found)),)
     return Delta({}, lists)
+
+
+def _store_dir_at(member: str, relative: str) -> bool:
+    # Both resolved: the state dir's own path may go through a link.
+    store_dir = os.path.realpath(os.path.dirname(member)) + "/"
+    where = os.path.realpath(f"{member}/{relative}")
+    return where.startswith(store_dir) and os.path.isdir(where)
 
 
 def parse_profile(text: str | bytes, where: str = "") -> Profile:

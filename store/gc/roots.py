@@ -44,7 +44,14 @@ def add_indirect_root(store: Store, link: str) -> Path:
 
 
 def find_roots(store: Store) -> list[Root]:
-    """The roots on disk and in memory.  Dangling `auto/` entries are removed."""
+    """The roots on disk and in memory.  Dangling `auto/` entries are removed.
+
+    The pins are read first: whoever makes a root on disk pins its path beforehand and
+    unpins only after (store-run's runtimes, `store-build -o`), so a root the walk below
+    misses, made after it passed, is among the pins read before it."""
+    pinned = [
+        Root(f"{{{label}}}", p) for label, paths in store.pins.by_owner() for p in sorted(paths)
+    ]
     roots: list[Root] = []
     gcroots = store.state.gcroots_dir
     auto = gcroots / "auto"
@@ -64,9 +71,7 @@ def find_roots(store: Store) -> list[Root]:
                 roots.append(Root(entry, path))
             elif Path(dirpath) == auto:
                 _indirect(store, entry, target, roots)
-    roots += [
-        Root(f"{{{label}}}", p) for label, paths in store.pins.by_owner() for p in sorted(paths)
-    ]
+    roots += pinned
     # A pin may name a path not made yet (a build's output): it roots nothing so far.
     valid = store.valid_paths({r.path for r in roots})
     return [r for r in roots if r.path in valid]

@@ -7,7 +7,7 @@ from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import arg_bool, arg_int, send_lines, str_arg, strs_arg
 from daemon.upkeep.collector import DeadPaths, GCMode, LivePaths, RootsFound
 from daemon.wire.protocol import Code
-from store.gc import GCResult
+from store.gc import GCResult, Root
 
 # The most bytes `max_freed` may say: more than any file system holds, and a signed
 # 64-bit integer wherever it goes.
@@ -53,7 +53,10 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
     only = strs_arg(ctx, "paths", []) or None
     match await ctx.services.collector.run(mode, max_freed, only):
         case RootsFound(roots):
-            await send_lines(ctx, [f"{r.source} -> {r.path}" for r in roots])
+            shown = await _censor_runtimes(ctx, roots)
+            await send_lines(
+                ctx, [f"{source} -> {r.path}" for source, r in zip(shown, roots, strict=True)]
+            )
             return {"roots": len(roots)}
         case GCResult() as deleted:
             await send_lines(ctx, deleted.deleted)
@@ -69,6 +72,25 @@ async def collect_garbage(ctx: RequestContext) -> dict[str, Any]:
         case DeadPaths(paths, nar_bytes):
             await send_lines(ctx, paths)
             return {"dead": len(paths), "bytes": nar_bytes}
+
+
+async def _censor_runtimes(ctx: RequestContext, roots: list[Root]) -> list[str]:
+    """Each root's source, another user's runtime shown as such and not by its id: a
+    runtime id is its user's to know (docs/store-run.md).  Trusted users see all, as
+    they do in Nix."""
+    runtimes = ctx.services.runtimes
+    if runtimes is None or ctx.peer.trusted:
+        return [r.source for r in roots]
+    owners = await runtimes.owners()
+    prefix = str(ctx.services.state.runtime_roots_dir) + "/"
+    shown = []
+    for r in roots:
+        runtime_id = r.source[len(prefix) :].split("/", 1)[0]
+        if r.source.startswith(prefix) and owners.get(runtime_id) != ctx.peer.uid:
+            shown.append("{runtime of another user}")
+        else:
+            shown.append(r.source)
+    return shown
 
 
 async def optimise(ctx: RequestContext) -> dict[str, int]:
