@@ -14,6 +14,7 @@ from bench import (
     flaky_bench,
     gc_bench,
     locker_bench,
+    run_bench,
     spawner_bench,
     store_bench,
     tricks_bench,
@@ -28,6 +29,7 @@ BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "gc": gc_bench.run,
     "flaky": flaky_bench.run,
     "tricks": tricks_bench.run,
+    "run": run_bench.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

@@ -125,6 +125,12 @@ class Records:
         self._db = apsw.Connection(str(path))
         self._db.setbusytimeout(BUSY_TIMEOUT_MS)
         self._db.execute("PRAGMA secure_delete = ON")
+        # A commit with no fsync (WAL, synchronous NORMAL): registering a runtime took
+        # 7.8 ms of a 36 ms `store-run` with the rollback journal's fsyncs, 2 ms without.
+        # A power cut may lose the last records, never corrupt the file; their runtimes'
+        # processes are gone with the machine, and their roots go at the next start.
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
         self._lock = threading.Lock()
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
