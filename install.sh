@@ -14,12 +14,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The spare program (the sandbox's last steps and the builder's exec), static: an exec
-# without the dynamic loader.  With musl where there is one: glibc's start-up asks the CPU
-# for its features dozens of times, and on a virtual machine each question traps to the
-# hypervisor (a spare started 0.43 ms before its exit with glibc, 0.13 ms with musl).
-if [ ! -x spawner/weft-spare ] || [ spawner/spare.c -nt spawner/weft-spare ]; then
-  flags=(-O2 -Wall -Wextra -Werror -static -o spawner/weft-spare.tmp spawner/spare.c)
+# The spare program (the sandbox's last steps and the builder's exec, or the session
+# runner of a build with environments: runner.c), static: an exec without the dynamic
+# loader.  With musl where there is one: glibc's start-up asks the CPU for its features
+# dozens of times, and on a virtual machine each question traps to the hypervisor (a spare
+# started 0.43 ms before its exit with glibc, 0.13 ms with musl).
+spare_sources=(spawner/spare.c spawner/runner.c)
+stale=0
+for f in "${spare_sources[@]}" spawner/runner.h; do
+  [ "$f" -nt spawner/weft-spare ] && stale=1
+done
+if [ ! -x spawner/weft-spare ] || [ $stale = 1 ]; then
+  flags=(-O2 -Wall -Wextra -Werror -static -o spawner/weft-spare.tmp "${spare_sources[@]}")
   if command -v musl-gcc >/dev/null; then
     # musl brings no kernel headers: only those are taken from the system's.
     kernel_headers=$(mktemp -d)

@@ -71,6 +71,10 @@ class Settings:
     load_sample_interval: float = 1.0
     # Where the load signals are read from: /proc, or a directory a test writes.
     load_proc_dir: str = "/proc"
+    # Seconds between SIGTERM and SIGKILL for a build with environments stopped over a
+    # limit or cancelled, in which its exit actions run; and what an action over its own
+    # timeout gets (docs/environments.md).  A build without environments gets KILL_GRACE.
+    environment_grace: float = 10.0
     retries: int = 2
     retry_backoff: float = 1.0
     retry_timeout_factor: float = 2.0
@@ -159,6 +163,9 @@ RANGES: dict[str, tuple[float, float]] = {
     # Seconds.  Each sample reads several /proc files: under 50 ms sampling is itself load;
     # over a minute, admission acts on stale load.
     "load_sample_interval": (0.05, 60),
+    # Seconds.  Under a tenth of a second no exit action could even start; past an
+    # hour, a build stopped or cancelled would hold its slot longer than most builds take.
+    "environment_grace": (0.1, 3600),
     # Each retry is a whole build again.
     "retries": (0, 100),
     # Seconds before the first retry, doubled for each further one.

@@ -19,4 +19,7 @@ hello=$(store-build -o "${TMPDIR:-/tmp}/weft-hello" examples/recipes.py:hello)
 echo "built: $hello"
 "$hello/bin/hello"
 store-query --closure "$report"
+# Build environments (docs/environments.md): a wrapper that logs every step around a
+# build, and one that runs its builder under tighter limits.
+store-build examples/environments/instrument.py examples/environments/limit.py
 store-verify --check-contents

@@ -11,9 +11,10 @@ freezer directory (`SpawnRequest.freezer`, learnt from the requests), each spare
 in a cgroup of its own in it.
 
 For each request (`daemon/wire/spawner.py`: a `SpawnRequest` in one packet, the log pipe's
-write end in SCM_RIGHTS) the spawner lays out the mount points (`sandbox.py`), writes the
-spare's uid and gid maps and passes it the request and the log pipe; the spare binds the
-inputs, pivots and execs.  A setup error comes back on a close-on-exec pipe (EOF with no
+write end in SCM_RIGHTS, and with a plan the report pipe's) the spawner lays out the mount
+points (`sandbox.py`), writes the spare's uid and gid maps and passes it the request and
+the pipes; the spare binds the inputs, pivots and execs (or, with a plan, becomes the
+session runner: `runner.c`).  A setup error comes back on a close-on-exec pipe (EOF with no
 data means the exec happened), and the spawner answers the daemon with the builder's pid
 or the error: the step, errno and path.  Then, unless another request waits, it makes
 the next spare: the clone and the namespaces, most of a spawn's cost, are off the path
@@ -78,7 +79,7 @@ class Spawner:
         self.networks = Networks()
         self.pastas = Pastas()
 
-    def spawn(self, req: SpawnRequest, log_fd: int) -> SpawnReply:
+    def spawn(self, req: SpawnRequest, log_fd: int, report_fd: int | None = None) -> SpawnReply:
         self.freezer, self.reuse_network = req.freezer, req.reuse_network
         try:
             binds = prepare_root(req, self.skeletons[req.network])
@@ -95,7 +96,7 @@ class Spawner:
         except SetupError as e:
             return e.failure
         try:
-            reply = spare.start(req, binds, log_fd)
+            reply = spare.start(req, binds, log_fd, report_fd)
         except BaseException:
             spare.discard()
             raise
@@ -170,11 +171,16 @@ def serve(sock: socket.socket, spawner: Spawner) -> None:
         reply: SpawnReply
         try:
             rid, fields = unpack(data)
-            if truncated or len(fds) != 1:
-                reply = SetupFailure("request", errno.EINVAL, "", "a request carries one log fd")
+            req = None if truncated else decode_request(fields)
+            # The log pipe, and with a plan the runner's report pipe.
+            wanted = 1 if req is None or req.plan is None else 2
+            if req is None or len(fds) != wanted:
+                req = None
+                reply = SetupFailure(
+                    "request", errno.EINVAL, "", "a request carries a log fd (and a report fd)"
+                )
             else:
-                req = decode_request(fields)
-                reply = spawner.spawn(req, fds[0])
+                reply = spawner.spawn(req, fds[0], fds[1] if wanted == 2 else None)
         except Exception as e:
             reply = _failure_of(e)
         finally:

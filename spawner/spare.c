@@ -33,13 +33,16 @@
  *
  * The request is a list of NUL-terminated strings:
  *     "weft-spare-2" builder build_dir slot_store store_dir parent_pid
- *     N_ARGS args... N_ENV "k=v"... N_BINDS paths...
+ *     N_ARGS args... N_ENV "k=v"... N_BINDS paths... [plan...]
  * in the packet, or past a packet's size in a memfd: the packet is then 0xc1 and the
- * request's length (8 bytes, little-endian), the memfd a second descriptor
- * (daemon/wire/packets.py).
+ * request's length (8 bytes, little-endian), the memfd the last descriptor
+ * (daemon/wire/packets.py).  The descriptors: the log pipe, then, with a plan, the report
+ * pipe.  A request with a plan (a derivation with build environments) makes the spare the
+ * session runner (runner.c) instead of the builder: everything up to the exec is the same.
  * A failure is written to the status pipe as a msgpack map {status, step, errno, path,
  * message} before exiting 127; the pipe is close-on-exec, so EOF with no data means the
- * builder's exec happened.
+ * builder's exec happened (or, for a runner, that it closed the pipe where the exec would
+ * be).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -67,6 +70,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <sched.h>
+
+#include "runner.h"
 
 #define BUILD_UID 1000
 #define BUILD_GID 100
@@ -310,11 +315,11 @@ static size_t read_spilled(const char *header, int memfd, char **request) {
     return length;
 }
 
-/* The request and the log pipe (and a memfd holding the request, past a packet's size);
- * exits quietly on EOF (the spawner dropped this spare). */
-static size_t receive(int ctl, char *buf, char **request, int *log_fd) {
-    char control[CMSG_SPACE(2 * sizeof(int))];
-    int fds[2] = {-1, -1};
+/* The request, the log pipe, the report pipe if it has a plan (and a memfd holding the
+ * request, past a packet's size); exits quietly on EOF (the spawner dropped this spare). */
+static size_t receive(int ctl, char *buf, char **request, int *log_fd, int *report_fd) {
+    char control[CMSG_SPACE(3 * sizeof(int))];
+    int fds[3] = {-1, -1, -1}, n_fds = 0;
     struct iovec iov = {buf, MAX_REQUEST};
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -329,18 +334,24 @@ static size_t receive(int ctl, char *buf, char **request, int *log_fd) {
         fail("request", errno, "");
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
-            c->cmsg_len <= CMSG_LEN(sizeof fds))
-            memcpy(fds, CMSG_DATA(c), c->cmsg_len - CMSG_LEN(0));
-    *log_fd = fds[0];
-    if (n == 0 && *log_fd < 0)
+            c->cmsg_len <= CMSG_LEN(sizeof fds)) {
+            n_fds = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            memcpy(fds, CMSG_DATA(c), n_fds * sizeof(int));
+        }
+    if (n == 0 && n_fds == 0)
         _exit(0);
-    if ((msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || *log_fd < 0 || n == 0)
+    if ((msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || n_fds == 0 || n == 0)
         fail("request", EINVAL, "");
     *request = buf;
-    if (n == SPILL_HEADER && (unsigned char)buf[0] == SPILL && fds[1] >= 0)
-        n = read_spilled(buf, fds[1], request);
-    else if (fds[1] >= 0)
+    if (n == SPILL_HEADER && (unsigned char)buf[0] == SPILL && n_fds > 1) {
+        int memfd = fds[--n_fds];
+        fds[n_fds] = -1;
+        n = read_spilled(buf, memfd, request);
+    }
+    if (n_fds > 2)
         fail("request", EINVAL, "");
+    *log_fd = fds[0];
+    *report_fd = fds[1];
     if ((*request)[n - 1])
         fail("request", EINVAL, "");
     return (size_t)n;
@@ -372,7 +383,7 @@ static char **strings(char **cursor, char *end, char *first) {
 }
 
 /* Builders get every signal's default, whatever this process inherited. */
-static void default_signals(void) {
+void default_signals(void) {
     sigset_t none;
     for (int sig = 1; sig < NSIG; sig++)
         signal(sig, SIG_DFL);
@@ -427,12 +438,17 @@ static void die_with_parent(int stat_fd, long parent) {
         fail("parent", ESRCH, "");
 }
 
-static void close_all_but(int keep) {
-    if (syscall(SYS_close_range, 3, keep - 1, 0) == 0 &&
-        syscall(SYS_close_range, keep + 1, ~0U, 0) == 0)
+/* Close every descriptor from 3 on but `keep` and `also` (-1: none). */
+static void close_all_but(int keep, int also) {
+    int low = keep < also ? keep : also, high = keep < also ? also : keep;
+    if (low < 0)
+        low = high;
+    if (syscall(SYS_close_range, 3, low - 1, 0) == 0 &&
+        (high - low < 2 || syscall(SYS_close_range, low + 1, high - 1, 0) == 0) &&
+        syscall(SYS_close_range, high + 1, ~0U, 0) == 0)
         return;
     for (int fd = 3; fd < 1 << 16; fd++)
-        if (fd != keep)
+        if (fd != keep && fd != also)
             close(fd);
 }
 
@@ -497,9 +513,9 @@ int main(int argc, char **argv) {
     char *buf = malloc(MAX_REQUEST);
     if (!buf)
         fail("request", ENOMEM, "");
-    int log_fd;
+    int log_fd, report_fd;
     char *request;
-    size_t n = receive(ctl, buf, &request, &log_fd);
+    size_t n = receive(ctl, buf, &request, &log_fd, &report_fd);
     char *cursor = request, *end = request + n;
     if (strcmp(next(&cursor, end), MAGIC) != 0)
         fail("request", EPROTO, "");
@@ -511,6 +527,12 @@ int main(int argc, char **argv) {
     char **args = strings(&cursor, end, builder);
     char **env = strings(&cursor, end, NULL);
     char **binds = strings(&cursor, end, NULL);
+    /* A plan comes with the report pipe, and only with it. */
+    struct plan *plan = cursor < end ? read_plan(&cursor, end) : NULL;
+    if ((cursor < end || report_fd >= 0) && !plan)
+        fail("request", EINVAL, "plan");
+    if (plan && report_fd < 0)
+        fail("request", EINVAL, "report pipe");
     int stat_fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
     if (stat_fd < 0)
         fail("parent", errno, "/proc/self/stat");
@@ -543,7 +565,12 @@ int main(int argc, char **argv) {
     struct pollfd spawner = {ctl, POLLIN, 0};
     if (poll(&spawner, 1, 0) != 0)
         fail("spawner", ECONNRESET, "");
-    close_all_but(status_fd);
+    close_all_but(status_fd, report_fd);
+    if (plan) {
+        /* The runner is started: nothing more to say on the status pipe. */
+        close(status_fd);
+        run_session(plan, env, report_fd);
+    }
     execve(builder, args, env);
     fail("exec", errno, builder);
 }

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from daemon.wire.packets import outgoing, unpack
 from daemon.wire.spawner import (
+    Plan,
     SetupFailure,
     Spawned,
     SpawnReply,
@@ -58,16 +59,43 @@ def _reported(data: bytes) -> SetupFailure:
 
 
 def _for_spare(req: SpawnRequest, binds: list[str], parent: int) -> bytes:
-    """The request as the spare reads it (spare.c): NUL-terminated strings."""
+    """The request as the spare reads it (spare.c): NUL-terminated strings; a plan's
+    after the rest (runner.c)."""
     env = [f"{k}={v}" for k, v in req.env.items()]
     parts = [SPARE_MAGIC, req.builder, req.build_dir, store_dir_of(req), req.store_dir]
     parts.append(str(parent))
     for part in (req.args, env, binds):
         parts.append(str(len(part)))
         parts.extend(part)
+    if req.plan is not None:
+        parts.extend(_plan_for_runner(req.plan))
     if any("\0" in p for p in parts):
         raise SetupError("request", errno.EINVAL, "", "a NUL byte in the request")
     return b"".join(p.encode() + b"\0" for p in parts)
+
+
+def _counted(items: list[str]) -> list[str]:
+    return [str(len(items)), *items]
+
+
+def _seconds(timeout: float | None) -> str:
+    """A timeout as the runner reads it, and writes it into a hook's JSON: a JSON number
+    (repr's are), or "" for none."""
+    return "" if timeout is None else repr(timeout)
+
+
+def _plan_for_runner(plan: Plan) -> list[str]:
+    parts = ["plan", str(round(plan.grace * 1000)), *_counted(plan.declared)]
+    parts.append(str(len(plan.environments)))
+    for e in plan.environments:
+        parts.append(e.name)
+        parts.extend(_counted([f"{k}={v}" for k, v in e.variables.items()]))
+    parts.append(str(len(plan.steps)))
+    for s in plan.steps:
+        parts.extend((s.kind, str(s.environment), s.label, s.command, *_counted(s.args)))
+        parts.extend((_seconds(s.timeout), s.hook, s.wrapped_command, *_counted(s.wrapped_args)))
+        parts.append(_seconds(s.wrapped_timeout))
+    return parts
 
 
 @dataclass
@@ -104,14 +132,18 @@ class Spare:
             self.pasta.stop()
         _remove_cgroup(self.cgroup)
 
-    def start(self, req: SpawnRequest, binds: list[str], log_fd: int) -> SpawnReply:
+    def start(
+        self, req: SpawnRequest, binds: list[str], log_fd: int, report_fd: int | None = None
+    ) -> SpawnReply:
+        """Make it the builder (or, with a plan and its report pipe, the session runner)."""
         try:
             self._write_maps(req)
         except OSError as e:
             return SetupFailure("uid map", e.errno or 0, e.filename or "", e.strerror or "")
         try:
             request = _for_spare(req, binds, self._parent())
-            with outgoing(request, log_fd) as (buffers, ancillary):
+            fds = log_fd if report_fd is None else (log_fd, report_fd)
+            with outgoing(request, fds) as (buffers, ancillary):
                 self.ctl.sendmsg(buffers, ancillary)
         except OSError as e:
             # The spare died before its request: its status pipe may say why.

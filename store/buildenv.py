@@ -18,6 +18,7 @@ before any build starts: a refusal names the environment and what is wrong.
 """
 
 import math
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -157,13 +158,16 @@ def check_environments(
         raise BuildEnvError(f"{where}{len(envs)} environments: at most {MAX_ENVIRONMENTS}")
     names: set[str] = set()
     wrappers: list[str] = []
+    inputs = list(inputs)  # read twice: a generator would leave `exact` empty
     prefixes = tuple(p.rstrip("/") + "/" for p in inputs)
     exact = {p.rstrip("/") for p in inputs}
     for env in envs:
         _check_name(env.name, names, where)
         at = f"{where}environment {env.name}: "
         for key, value in env.variables.items():
-            if not valid_name(key) or not isinstance(value, str) or "\0" in value:
+            if not (isinstance(key, str) and valid_name(key)) or not (
+                isinstance(value, str) and "\0" not in value
+            ):
                 raise BuildEnvError(
                     f"{at}variable {key!r}: a name of letters, digits and '_' "
                     "with a string value without NUL"
@@ -202,7 +206,12 @@ def _check_name(name: object, seen: set[str], where: str) -> None:
 
 def _check_action(action: Action, at: str, prefixes: tuple[str, ...], exact: set[str]) -> None:
     command = action.command
-    if not isinstance(command, str) or not (command in exact or command.startswith(prefixes)):
+    # A `..` (or `.`, `//`) would let a program outside the inputs pass as one inside.
+    if (
+        not isinstance(command, str)
+        or posixpath.normpath(command) != command
+        or not (command in exact or command.startswith(prefixes))
+    ):
         raise BuildEnvError(
             f"{at}the program {command!r} is not in the derivation's inputs: an action runs "
             "a program of an input store path"
@@ -221,7 +230,8 @@ def _check_action(action: Action, at: str, prefixes: tuple[str, ...], exact: set
 
 
 def parse_environments(doc: object, where: str = "") -> tuple[BuildEnvironment, ...]:
-    """The `environments` of a derivation's JSON, strictly: unknown keys refused."""
+    """The `environments` of a derivation's JSON, strictly: unknown keys and values of the
+    wrong type refused (what the values may be is `check_environments`')."""
     if not isinstance(doc, list) or not doc:
         raise BuildEnvError(f"{where}environments must be a non-empty list")
     return tuple(_parse_environment(e, where) for e in doc)
@@ -235,8 +245,16 @@ def _parse_environment(doc: object, where: str) -> BuildEnvironment:
     if unknown:
         raise BuildEnvError(f"{where}environment {name!r}: unknown keys {unknown}")
     variables = doc.get("variables", {})
-    if not isinstance(variables, dict) or (not variables and "variables" in doc):
-        raise BuildEnvError(f"{where}environment {name!r}: variables is a non-empty object")
+    if not isinstance(name, str):
+        raise BuildEnvError(f"{where}an environment's name is a string, not {name!r}")
+    if (
+        not isinstance(variables, dict)
+        or (not variables and "variables" in doc)
+        or not all(isinstance(v, str) for v in variables.values())
+    ):
+        raise BuildEnvError(
+            f"{where}environment {name!r}: variables is a non-empty object of strings"
+        )
     actions = {
         k: _parse_action(doc[k], f"{where}environment {name!r}: {k}")
         for k in ("enter", "exit", *HOOKS)
@@ -248,10 +266,14 @@ def _parse_environment(doc: object, where: str) -> BuildEnvironment:
 def _parse_action(doc: object, where: str) -> Action:
     if not isinstance(doc, dict) or not set(doc) <= {"command", "args", "timeout"}:
         raise BuildEnvError(f"{where}: an action is {{command, args, timeout}}")
-    args = doc.get("args", [])
-    if not isinstance(args, list):
+    command, args, timeout = doc.get("command"), doc.get("args", []), doc.get("timeout")
+    if not isinstance(command, str):
+        raise BuildEnvError(f"{where}: command is a string")
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise BuildEnvError(f"{where}: args is a list of strings")
-    return Action(doc.get("command"), tuple(args), doc.get("timeout"))  # type: ignore[arg-type]
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+        raise BuildEnvError(f"{where}: timeout is a number of seconds")
+    return Action(command, tuple(args), timeout)
 
 
 def environments_to_json(envs: Sequence[BuildEnvironment]) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ does not change (and rebuild) its dependents.  A fixed-output derivation's outpu
 depends only on its name and expected hash.  See docs/derivations.md.
 
 A derivation may carry an environment delta (`envDelta`, uenv's semantics:
-`store.environment`) applied to its builder's environment after `env`.  Fields added
+`store.environment`) applied to its builder's environment after `env`, and build
+environments entered around its builder (`environments`: `store.buildenv`).  Fields added
 since the first format are written only when they say something, so that every
 derivation written before them keeps its text, its `.drv` path and its output paths.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 import blake3
 
+from store.buildenv import BuildEnvError, BuildEnvironment, environments_to_json, parse_environments
 from store.environment.delta import Delta, DeltaError
 from store.environment.view import parse_values, to_values
 from store.hashing import ALGORITHM, DIGEST_HEX_LEN
@@ -39,7 +41,7 @@ _KEYS = frozenset(
 )
 # Written only when non-empty: a derivation without them is the same text as before they
 # existed.
-_OPTIONAL_KEYS = frozenset({"envDelta"})
+_OPTIONAL_KEYS = frozenset({"envDelta", "environments"})
 
 
 class DerivationError(StoreError, ValueError):
@@ -66,6 +68,8 @@ class Derivation:
     system: str = SYSTEM
     # Applied to the builder's environment after `env` (`${@NAME@}` sees `env`'s values).
     env_delta: Delta = field(default_factory=Delta)
+    # In entering order; their programs are checked against the inputs when added.
+    environments: tuple[BuildEnvironment, ...] = ()
 
     @property
     def is_fixed_output(self) -> bool:
@@ -94,6 +98,8 @@ class Derivation:
         }
         if self.env_delta:
             doc["envDelta"] = to_values(self.env_delta)
+        if self.environments:
+            doc["environments"] = environments_to_json(self.environments)
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -130,6 +136,7 @@ class Derivation:
             input_srcs=_strs(doc["inputSrcs"], "inputSrcs"),
             system=_typed(doc, "system", str),
             env_delta=_env_delta(doc),
+            environments=_environments(doc),
         )
 
 
@@ -144,6 +151,19 @@ def _env_delta(doc: dict[str, Any]) -> Delta:
         # Its text would not be the one `to_json` writes for the same derivation.
         raise DerivationError("malformed derivation: envDelta is empty (leave it out)")
     return delta
+
+
+def _environments(doc: dict[str, Any]) -> tuple[BuildEnvironment, ...]:
+    if "environments" not in doc:
+        return ()
+    try:
+        envs = parse_environments(doc["environments"], "environments: ")
+    except BuildEnvError as e:
+        raise DerivationError(f"malformed derivation: {e}") from None
+    if environments_to_json(envs) != doc["environments"]:
+        # As with envDelta: a text `to_json` would not write (an action without `args`).
+        raise DerivationError("malformed derivation: environments not as weft writes them")
+    return envs
 
 
 def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:

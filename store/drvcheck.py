@@ -2,20 +2,22 @@
 registers: a derivation that could never be built (a name that makes a bad store path or
 looks like a derivation's, an output path its inputs do not give, an input that is not a
 derivation, references other than its inputs, an environment delta with a bad name or
-operation) is refused before anything of the add is written, however it arrives (a text,
-an archive, an import).  Checking at the door rather than at the build means a bad `.drv`
-never sits in the store looking like a good one.
+operation, a build environment no build could run, such as a wrapper with one hook or a
+program outside its inputs) is refused before anything of the add is written, however it
+arrives (a text, an archive, an import).  Checking at the door rather than at the build
+means a bad `.drv` never sits in the store looking like a good one.
 
 A `.drv` path's text never changes, so each one's hash modulo fixed-output inputs and
-output names are remembered, in bounded maps, for the derivations added after it: a recipe
+output paths are remembered, in bounded maps, for the derivations added after it: a recipe
 adding a chain of derivations reads none of its inputs back from disk.
 """
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from store.buildenv import BuildEnvError, check_environments
 from store.derivation import (
     DRV_SUFFIX,
     Derivation,
@@ -28,8 +30,8 @@ from store.lru import Lru
 from store.queries import Queries
 from store.records import NewPath
 
-# Hashes modulo (and output names) remembered across adds: about 200 bytes each, so about
-# 1 MB, and more than the derivations of a large recipe (examples/ has tens; a distribution
+# Hashes modulo (and output paths) remembered across adds: a few hundred bytes each, so
+# about 2 MB, and more than the derivations of a large recipe (examples/ has tens; a distribution
 # has ~10,000, of which an evaluation adds those that changed).
 KNOWN_HASHES = 4096
 # The largest `.drv` read: each is read whole into the daemon's memory, and anyone may add
@@ -46,7 +48,7 @@ class DerivationCheck:
         self.queries = queries
         self.store_dir = queries.store_dir
         self._hashes = Lru[str, str](KNOWN_HASHES)
-        self._outputs = Lru[str, frozenset[str]](KNOWN_HASHES)
+        self._outputs = Lru[str, Mapping[str, str]](KNOWN_HASHES)
 
     def check(self, new: Sequence[NewPath]) -> None:
         """Refuse the batch if any path named `*.drv` in it is not a derivation that checks
@@ -77,15 +79,21 @@ class DerivationCheck:
                     f"{base}: a derivation's references must be its input derivations and "
                     "sources, no more and no fewer"
                 )
+            inputs = list(drv.input_srcs)
             for input_path, outputs in drv.input_drvs.items():
-                have = self._outputs.get(input_path) or frozenset(resolve(input_path).outputs)
-                missing = sorted(set(outputs) - have)
+                have = self._outputs.get(input_path) or _paths(resolve(input_path))
+                missing = sorted(set(outputs) - set(have))
                 if missing:
                     raise DerivationError(f"{base}: {input_path} has no output {missing[0]!r}")
+                inputs.extend(have[o] for o in outputs)
+            try:
+                check_environments(drv.environments, inputs, f"{base}: ")
+            except BuildEnvError as e:
+                raise DerivationError(str(e)) from None
             check_output_paths(drv, self.store_dir, hashes)
         for n in drvs:
             hashes.of_path(n.path)
-            self._outputs.put(n.path, frozenset(parsed[n.path].outputs))
+            self._outputs.put(n.path, _paths(parsed[n.path]))
 
     def _read(self, path: str, batch: dict[str, NewPath]) -> Derivation:
         if not path.endswith(DRV_SUFFIX):
@@ -101,6 +109,10 @@ class DerivationCheck:
             return Derivation.from_json(read_drv_file(where))
         except DerivationError as e:
             raise DerivationError(f"{path}: {e}") from None
+
+
+def _paths(drv: Derivation) -> Mapping[str, str]:
+    return {name: out.path for name, out in drv.outputs.items()}
 
 
 def read_drv_file(where: Path) -> bytes:

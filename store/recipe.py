@@ -33,6 +33,20 @@ delta `env` (a view `{"version": 1, "values": {...}}`, a `Delta` or the shorthan
 
 Both check the delta when they are called: a bad name, an unknown operation or a value
 of the wrong type is a `DeltaError` naming the variable, and nothing is added.
+
+`environments=` names build environments (`store.buildenv`, docs/environments.md), in
+entering order, made with `environment`; an action is `action(command, *args,
+timeout=SECONDS)` or the list `[command, *args]`:
+
+    logging = environment("logging", wrap_env_enter=[f"{wrap}/bin/hook"],
+                          wrap_build=[f"{wrap}/bin/hook"], wrap_env_exit=[f"{wrap}/bin/hook"])
+    tools = environment("tools", variables={"CC": "gcc"},
+                        enter=action(f"{bb}/bin/sh", "-c", "echo weft_env: X=1", timeout=30))
+    app = derivation("app", sh, [...], environments=[logging, tools])
+
+Store paths in actions and variables are inputs; each program must be in one.
+`environment` checks what it can alone (names, variables, all three hooks or none,
+timeouts), `derivation` the rest: a `BuildEnvError` naming the environment, nothing added.
 """
 
 import os
@@ -40,7 +54,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,6 +62,7 @@ from pathlib import Path
 from typing import Protocol
 
 from store import derivation as drvs
+from store.buildenv import Action, BuildEnvError, BuildEnvironment, check_environments
 from store.derivation import DUMMY_HASH, HashModulo, Output, with_output_paths
 from store.environment.delta import Delta, DeltaError
 from store.environment.profile import Profile
@@ -63,6 +78,8 @@ MAX_PROFILE_TEXT = 32 * 4096 - len("weftProfile=") - 1
 _PROFILE_SCRIPT = 'printf "%s" "$weftProfile" > "$out"'
 
 EnvDelta = Delta | Mapping[str, object]
+# An action as recipes write it: `action(...)`, or `[command, *args]`.
+ActionSpec = Action | Sequence[object]
 
 
 class RecipeStore(Protocol):
@@ -169,14 +186,16 @@ def derivation(
     outputs: Iterable[str] = ("out",),
     output_hash: str | None = None,
     env_delta: EnvDelta | None = None,
+    environments: Iterable[BuildEnvironment] = (),
 ) -> Derivation:
     """A derivation, checked and written to the store.  `output_hash` makes it
     fixed-output (`blake3:<hex>` of the output's archive); `""` asks for the hash, as an
     empty `outputHash` does in Nix: the build fails and reports the hash it got.
     `env_delta` (a `Delta`, the shorthand mapping or a view) is applied to the builder's
-    environment after `env`."""
+    environment after `env`; `environments` are entered around the builder, in order."""
     ev = _evaluation()
     delta = _delta(env_delta, f"{name}: env_delta: ")
+    envs = _environments(environments, name)
     if isinstance(outputs, str):
         raise drvs.DerivationError(
             f"{name}: outputs must be a list of names, not the string {outputs!r}"
@@ -190,6 +209,36 @@ def derivation(
     builder = str(builder)
     args = tuple(str(a) for a in args)
     env = {k: str(v) for k, v in (env or {}).items()}
+    texts = (builder, *args, *env.values(), *_delta_strings(delta), *_env_strings(envs))
+    input_drvs, input_srcs = _inputs(ev, inputs, texts)
+    draft = drvs.Derivation(
+        name=name,
+        builder=builder,
+        outputs={o: Output(hash=output_hash) for o in outputs},
+        args=args,
+        env=env,
+        input_drvs=input_drvs,
+        input_srcs=input_srcs,
+        env_delta=delta,
+        environments=envs,
+    )
+    # What drvcheck checks when the daemon adds it, checked before anything is added.
+    used = [ev.by_path[p].outputs[o].path for p, outs in input_drvs.items() for o in outs]
+    check_environments(envs, [*input_srcs, *used], f"{name}: ")
+    final = with_output_paths(draft, ev.store.store_dir, ev.hashes)
+    path = ev.store.add_text(f"{name}.drv", final.to_json(), final.references())
+    ev.by_path[path] = final
+    made = Derivation(final, path)
+    for out_path in made.outputs.values():
+        ev.by_output[out_path] = made
+    return made
+
+
+def _inputs(
+    ev: _Evaluation, given: Iterable[Derivation | str], texts: Iterable[str]
+) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """The input derivations (with the outputs used) and sources: `given`, and the store
+    paths named in `texts` (outputs of this evaluation's derivations, or sources)."""
     input_drvs: dict[str, set[str]] = {}
     input_srcs: set[str] = set()
 
@@ -202,32 +251,89 @@ def derivation(
         else:
             input_srcs.add(path)
 
-    for item in inputs:
+    for item in given:
         if isinstance(item, Derivation):
             input_drvs.setdefault(item.path, set()).update(item.outputs)
         else:
             use(str(item))
-    for text in (builder, *args, *env.values(), *_delta_strings(delta)):
+    for text in texts:
         for found in ev.path_re.findall(text):
             use(found)
-    outs = tuple(outputs)
-    draft = drvs.Derivation(
-        name=name,
-        builder=builder,
-        outputs={o: Output(hash=output_hash) for o in outs},
-        args=args,
-        env=env,
-        input_drvs={p: tuple(sorted(o)) for p, o in input_drvs.items()},
-        input_srcs=tuple(sorted(input_srcs)),
-        env_delta=delta,
-    )
-    final = with_output_paths(draft, ev.store.store_dir, ev.hashes)
-    path = ev.store.add_text(f"{name}.drv", final.to_json(), final.references())
-    ev.by_path[path] = final
-    made = Derivation(final, path)
-    for out_path in made.outputs.values():
-        ev.by_output[out_path] = made
+    return {p: tuple(sorted(o)) for p, o in input_drvs.items()}, tuple(sorted(input_srcs))
+
+
+def action(command: object, *args: object, timeout: float | None = None) -> Action:
+    """`command` (a program in an input store path: a string, or a derivation's output)
+    run with `args` (made strings, as a builder's are), killed after `timeout` seconds
+    (None: only the build's own limits).  Checked in `environment`, which names it."""
+    if not isinstance(command, str | os.PathLike | Derivation):
+        raise BuildEnvError(f"an action's command is a program's path, not {command!r}")
+    return Action(str(command), tuple(str(a) for a in args), timeout)
+
+
+def environment(
+    name: str,
+    enter: ActionSpec | None = None,
+    exit: ActionSpec | None = None,
+    wrap_env_enter: ActionSpec | None = None,
+    wrap_build: ActionSpec | None = None,
+    wrap_env_exit: ActionSpec | None = None,
+    variables: Mapping[str, object] | None = None,
+) -> BuildEnvironment:
+    """A build environment for `derivation(..., environments=[...])`: `variables` set
+    for its actions and everything after, `enter` and `exit` run around the builder, and
+    if it is a wrapper all three hooks.  Checked now, but for what needs the derivation
+    (its inputs, the other environments)."""
+    given = {
+        "enter": enter,
+        "exit": exit,
+        "wrap_env_enter": wrap_env_enter,
+        "wrap_build": wrap_build,
+        "wrap_env_exit": wrap_env_exit,
+    }
+    actions = {k: _action(v, f"environment {name}: {k}") for k, v in given.items() if v is not None}
+    if variables is not None and not isinstance(variables, Mapping):
+        raise BuildEnvError(f"environment {name}: variables is a mapping of names to strings")
+    values = {k: str(v) for k, v in (variables or {}).items()}
+    made = BuildEnvironment(name, values, **actions)
+    # Each program taken as its own input: whether it is among the derivation's inputs is
+    # for `derivation` to say.
+    check_environments([made], [a.command for a in made.actions() if isinstance(a.command, str)])
     return made
+
+
+def _action(spec: ActionSpec, where: str) -> Action:
+    if isinstance(spec, Action):
+        return spec
+    # A string would be one program's path, not a command line split as a shell would.
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
+        raise BuildEnvError(f"{where}: an action is action(...) or a list [command, *args]")
+    try:
+        return action(*spec)
+    except BuildEnvError as e:
+        raise BuildEnvError(f"{where}: {e}") from None
+
+
+def _environments(given: Iterable[BuildEnvironment], name: str) -> tuple[BuildEnvironment, ...]:
+    """`given`, checked but for the programs (which need the inputs, found from them)."""
+    if isinstance(given, BuildEnvironment):
+        raise BuildEnvError(f"{name}: environments must be a list, not one environment")
+    envs = tuple(given or ())
+    for e in envs:
+        if not isinstance(e, BuildEnvironment):
+            raise BuildEnvError(f"{name}: environments are made by environment(), not {e!r}")
+    commands = [a.command for e in envs for a in e.actions() if isinstance(a.command, str)]
+    check_environments(envs, commands, f"{name}: ")
+    return envs
+
+
+def _env_strings(envs: Iterable[BuildEnvironment]) -> list[str]:
+    """Where recipes name store paths in environments: programs, arguments, variables."""
+    return [
+        s
+        for e in envs
+        for s in (*e.variables.values(), *(t for a in e.actions() for t in (a.command, *a.args)))
+    ]
 
 
 def profile(

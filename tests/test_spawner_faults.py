@@ -139,9 +139,11 @@ def test_a_killed_spawner_leaves_no_scratch_directory_behind(
         (first,) = _wait_for_scratch(tmp, lambda names: bool(names))
         assert first.startswith(f"weft-sandbox-{spawner}.")
         os.kill(spawner, signal.SIGKILL)
-        (second,) = _wait_for(lambda: _children(daemon.proc.pid, SPAWNER), 1)
         (now,) = _wait_for_scratch(tmp, lambda names: bool(names) and names != [first])
-        assert now.startswith(f"weft-sandbox-{second}.")
+        # Read once the new scratch dir is there: a look while the replacement started
+        # could catch a process of the start that is not the spawner serving now.
+        (second,) = _wait_for(lambda: _children(daemon.proc.pid, SPAWNER), 1)
+        assert second != spawner and now.startswith(f"weft-sandbox-{second}.")
         # The replacement builds.
         graph = Graph(daemon)
         try:

@@ -1,6 +1,8 @@
 """One attempt at one derivation, in a build slot: the slot laid out, the builder spawned
 in its sandbox with the input closure, watched to its end (`watch.py`), and what it left
-handed to the attempt's `Finish` (register, compare or replace: `outputs.py`).
+handed to the attempt's `Finish` (register, compare or replace: `outputs.py`).  With
+build environments the first process is a session runner instead, which enters them,
+runs the builder and exits them, and reports how that went (`session.py`).
 
 Worker-thread trips are latency on a chain of builds, so an attempt makes as few as it
 can: one before the builder (the outputs looked at again under their locks, the input
@@ -32,12 +34,13 @@ from daemon.build.errors import BuildError
 from daemon.build.events import LogLine
 from daemon.build.job import Job
 from daemon.build.keepfailed import keep_failed
-from daemon.build.logs import LogPipe, LogTail
+from daemon.build.logs import LogPipe, LogTail, ReportPipe
 from daemon.build.outputs import Finish
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
+from daemon.build.session import plan_of, session_ending
 from daemon.build.slots import Slot, mount_points
-from daemon.build.watch import Ending, Watch
+from daemon.build.watch import KILL_GRACE, Ending, Watch
 from daemon.proc.processes import Process
 from daemon.proc.spawner import SpawnerDied, SpawnError
 from daemon.sched.retry import Cause
@@ -178,32 +181,49 @@ class Attempt:
         return closure
 
     async def _build(self, slot: Slot, closure: list[str]) -> Ending:
-        """Spawn the builder and watch it to its end."""
-        with LogPipe() as pipe:
+        """Spawn the builder (or, with environments, its session runner) and watch it to
+        its end."""
+        request = self._request(slot, closure)
+        plan = request.plan
+        with LogPipe() as pipe, ReportPipe(plan is not None) as report:
             self.room.live.add(self.job.drv_path, self.log)
             try:
-                proc = await self._spawn(self._request(slot, closure), pipe)
-                watch = Watch(proc, pipe.reader, self.log, self.opts, self._line, self.job.run)
+                proc = await self._spawn(request, pipe, report)
+                grace = KILL_GRACE if plan is None else self.room.settings.environment_grace
+                watch = Watch(
+                    proc,
+                    pipe.reader,
+                    self.log,
+                    self.opts,
+                    self._line,
+                    self.job.run,
+                    grace,
+                    bool(plan),
+                )
                 ending = await watch.until_exit()
             finally:
                 self.log.end()
+            if plan is not None:
+                ending = session_ending(ending, plan, report.read())
         self.ran = True
         return ending
 
-    async def _spawn(self, request: SpawnRequest, pipe: LogPipe) -> Process:
-        """The builder, started, its output going to `pipe`; BuildError if its sandbox
-        could not be made."""
+    async def _spawn(self, request: SpawnRequest, pipe: LogPipe, report: ReportPipe) -> Process:
+        """The builder, started, its output going to `pipe` (a session runner's report to
+        `report`); BuildError if its sandbox could not be made."""
         # Shielded: the answer is waited for even when the attempt is abandoned (see the
         # module's docstring); a cancellation comes after it.
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + SPAWN_WAIT
             try:
-                self.proc = await self.room.spawner.spawn(request, pipe.write_end)
+                spawner = self.room.spawner
+                self.proc = await spawner.spawn(request, pipe.write_end, report.write_end)
             except SpawnError as e:
                 self.spawner_died = isinstance(e, SpawnerDied)
                 raise BuildError(f"{self.builder} could not be started: {e}", Cause.SETUP) from None
             finally:
                 pipe.close_write_end()
+                report.close_write_end()
         if self.proc is None:
             self.slot_safe = False
             message = f"the spawner did not answer in {SPAWN_WAIT:g} s"
@@ -234,10 +254,12 @@ class Attempt:
         await self.job.tell(LogLine(self.job.drv_path, line))
 
     def _request(self, slot: Slot, closure: list[str]) -> SpawnRequest:
+        env = self._environment()
+        grace = self.room.settings.environment_grace
         return SpawnRequest(
             builder=self.drv.builder,
             args=list(self.drv.args),
-            env=self._environment(),
+            env=env,
             root=str(slot.work / "root"),
             build_dir=str(slot.work / "build"),
             store_dir=self.room.store.store_dir,
@@ -248,10 +270,12 @@ class Attempt:
             network=self.drv.is_fixed_output,
             reuse_network=self.room.settings.reuse_network_namespaces,
             freezer=self.room.pauser.cgroups,
+            plan=plan_of(self.drv, env, self._defaults(), grace),
         )
 
-    def _environment(self) -> dict[str, str]:
-        env = {
+    def _defaults(self) -> dict[str, str]:
+        """What every builder's environment has, unless its derivation says otherwise."""
+        return {
             "PATH": "/path-not-set",
             "HOME": "/homeless-shelter",
             "NIX_STORE": self.room.store.store_dir,
@@ -263,6 +287,9 @@ class Attempt:
             "TEMP": "/build",
             "PWD": "/build",
         }
+
+    def _environment(self) -> dict[str, str]:
+        env = self._defaults()
         env.update(self.drv.env)
         # After `env`, so that `${@PATH@}` and the lists' old values are the derivation's.
         return apply(self.drv.env_delta, env, Expand.VIEW)[0]
@@ -272,6 +299,9 @@ class Attempt:
         builder = self.builder
         if ending.why:
             raise BuildError(f"{builder} {ending.why}{self.log.tail()}", ending.cause, ending.code)
+        if ending.failed:
+            message = f"{builder} failed{ending.failed}{self.log.tail()}"
+            raise BuildError(message, ending.cause, ending.code)
         if ending.code != 0:
             message = f"{builder} failed with exit code {ending.code}{self.log.tail()}"
             raise BuildError(message, Cause.EXIT, ending.code)

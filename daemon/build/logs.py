@@ -1,7 +1,7 @@
-"""Build logs: the pipe a builder writes its log to, the log of a running build as it
-comes (its last lines for the error of a failed one, and what `store-log` of a running
-build reads, or follows), and every finished build's log stored compressed in
-`var/log/<drv>.gz`, for `store-log`.
+"""Build logs: the pipe a builder writes its log to (and the one a session runner reports
+on: `ReportPipe`), the log of a running build as it comes (its last lines for the error
+of a failed one, and what `store-log` of a running build reads, or follows), and every
+finished build's log stored compressed in `var/log/<drv>.gz`, for `store-log`.
 
 The pipe's ends each have one owner that closes them once (`LogPipe`): a number closed
 twice may by then be another task's or thread's descriptor, and closing it breaks that
@@ -79,6 +79,57 @@ class LogPipe:
     ) -> None:
         self.close_write_end()
         self.reader.close()
+
+
+class ReportPipe:
+    """The pipe the session runner of a build with environments reports on
+    (`daemon/build/session.py`): the write end goes to the spawner with the log pipe's
+    (`close_write_end` once it has its copy), the read end is read once the runner has
+    exited, never waited on: the report, a line, is there by then or never comes.
+    Without `wanted` (a build without environments) there is no pipe at all.  Leaving the
+    `with` closes whatever is still open."""
+
+    # A report is one short line (spawner/runner.c); more is not a report.
+    MAX_REPORT = 4096
+
+    def __init__(self, wanted: bool = True) -> None:
+        self._read_end: int | None = None
+        self._write_end: int | None = None
+        if wanted:
+            self._read_end, self._write_end = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(self._read_end, False)
+
+    @property
+    def write_end(self) -> int | None:
+        return self._write_end
+
+    def close_write_end(self) -> None:
+        fd, self._write_end = self._write_end, None
+        if fd is not None:
+            os.close(fd)
+
+    def read(self) -> bytes:
+        """What the runner wrote (b"" for nothing); the pipe is closed after."""
+        fd, self._read_end = self._read_end, None
+        if fd is None:
+            return b""
+        try:
+            return os.read(fd, self.MAX_REPORT)
+        except BlockingIOError:
+            return b""
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "ReportPipe":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close_write_end()
+        fd, self._read_end = self._read_end, None
+        if fd is not None:
+            os.close(fd)
 
 
 class LogTail:

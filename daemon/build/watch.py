@@ -8,6 +8,11 @@ own (docs/sandbox.md): a builder that traps it can stop its children and say why
 and then gets SIGKILL.  Over the log limit, or when its client goes, it is killed at
 once: what it would say next is what is refused, and nobody waits for it.
 
+A build with environments is watched the same way, its first process being the session
+runner (`daemon/build/session.py`), with the grace `environment-grace` (weft.toml) in
+which the runner stops the running step and runs the exit actions due; a cancellation
+stops it the same way (its exit actions always run), within that grace.
+
 While it runs, the scheduler may pause it (`Running.watch`): its deadlines are set aside
 then, and given back, whatever was left of them, when it resumes.
 """
@@ -38,6 +43,10 @@ class Ending:
     code: int  # the exit code, or -N for a death by signal N
     why: str  # why weft stopped it, "" if it exited on its own
     cause: Cause
+    # A build with environments: what failed, said after "failed" in the error (" at
+    # enter tools: exit code 3", ": killed by signal SIGSEGV"); "" when the exit code
+    # says it all.
+    failed: str = ""
 
 
 class Watch:
@@ -49,8 +58,14 @@ class Watch:
         limits: BuildOptions,
         on_line: Callable[[str], Awaitable[None]],
         run: Running | None,
+        grace: float = KILL_GRACE,
+        session: bool = False,
     ) -> None:
+        """`grace`: between SIGTERM and SIGKILL; `session`: the process is a session
+        runner, stopped within the grace when the watch is cancelled too."""
         self.proc = proc
+        self.grace = grace
+        self.session = session
         self.stream = stream
         self.log = log
         self.limits = limits
@@ -72,7 +87,11 @@ class Watch:
                     with deadline, silent:
                         code = await self.proc.wait()
                 except trio.Cancelled:
-                    # The client went away or the daemon is stopping: the whole sandbox dies.
+                    # The client went away or the daemon is stopping: the whole sandbox
+                    # dies, a session's once its exit actions had the grace to run.
+                    if self.session:
+                        with trio.CancelScope(shield=True):
+                            await self._stop()
                     self.proc.kill()
                     raise
                 limits = self.limits
@@ -94,7 +113,7 @@ class Watch:
         """SIGTERM, then SIGKILL if it has not exited within the grace; its exit code."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            with trio.move_on_after(KILL_GRACE):
+            with trio.move_on_after(self.grace):
                 return await self.proc.wait()
         except trio.Cancelled:
             self.proc.kill()

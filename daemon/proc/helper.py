@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -266,7 +266,9 @@ class HelperConnection(ABC, Generic[Request, Reply]):
             # A subclass's bug must not take the daemon down: the reply is lost, not more.
             log.exception("handling a reply of the %s that nobody waited for", self.name)
 
-    async def _send(self, request: Request, fd: int | None = None, rid: int | None = None) -> bool:
+    async def _send(
+        self, request: Request, fd: int | Sequence[int] | None = None, rid: int | None = None
+    ) -> bool:
         """Send a request to the helper serving now; False if it is gone (the request is
         then void, as everything the helper held).  Other send errors are the request's
         (too large, say) and raise."""
@@ -274,7 +276,9 @@ class HelperConnection(ABC, Generic[Request, Reply]):
         data = pack(next(self._ids) if rid is None else rid, self._encode(request))
         return await self._send_on(gen, data, fd)
 
-    async def _send_on(self, gen: _Generation[Reply], data: bytes, fd: int | None) -> bool:
+    async def _send_on(
+        self, gen: _Generation[Reply], data: bytes, fd: int | Sequence[int] | None
+    ) -> bool:
         if gen.ended:
             return False
         try:
@@ -296,7 +300,7 @@ class HelperConnection(ABC, Generic[Request, Reply]):
             raise
         return True
 
-    async def _call(self, request: Request, fd: int | None = None) -> Reply | None:
+    async def _call(self, request: Request, fd: int | Sequence[int] | None = None) -> Reply | None:
         """Send a request and wait for its reply; None if the helper died first.  Made
         while no helper serves, it waits for the next one (a while)."""
         gen = await self._serving()

@@ -7,6 +7,9 @@ monitor then owns: the spawner's spares are orphaned as soon as they are made, a
 daemon, a subreaper, adopts them, by design.  If the spawner dies, requests in flight
 fail with `SpawnerDied` and a new spawner serves the next ones.
 
+A derivation with build environments is started the same way, with a plan of its session
+and a second pipe, for the report of its runner (`daemon/build/session.py`).
+
 A request the builder's exec would refuse (arguments and environment past the kernel's
 limits) fails here, before the spawner makes anything of its sandbox; a request of any
 other size goes through (`daemon.wire.packets` sends a large one in a memfd).
@@ -66,13 +69,19 @@ class SpawnerService(HelperConnection[SpawnRequest, SpawnReply]):
     def spawner_pid(self) -> int:
         return self.pid
 
-    async def spawn(self, request: SpawnRequest, log_fd: int) -> Process:
-        """Start a builder; its stdout and stderr go to `log_fd` (which stays ours)."""
+    async def spawn(
+        self, request: SpawnRequest, log_fd: int, report_fd: int | None = None
+    ) -> Process:
+        """Start a builder; its stdout and stderr go to `log_fd`.  A request with a plan
+        starts the session runner instead, which reports on `report_fd` (both stay ours)."""
+        if (request.plan is None) != (report_fd is None):
+            raise ValueError("a plan goes with a report pipe, and only a plan")
         # The builder inherits the daemon's stack limit, which sets execve's.
         refusal = exec_refusal(request, resource.getrlimit(resource.RLIMIT_STACK)[0])
         if refusal is not None:
             raise SpawnError(refusal)
-        reply = await self._call(request, log_fd)
+        fds = log_fd if report_fd is None else (log_fd, report_fd)
+        reply = await self._call(request, fds)
         if reply is None:
             raise SpawnerDied(
                 SetupFailure("spawner", 0, "", "the spawner died while setting up the sandbox")

@@ -18,7 +18,7 @@ import array
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -40,9 +40,10 @@ MAX_SPILLED = 64 << 20
 # so no inline message starts with it.
 SPILL = b"\xc1"
 _LENGTH = 8  # bytes of the spilled message's length, little-endian, after `SPILL`
-# Ancillary room for two descriptors: a message's own (a lock file, a log pipe) and a
-# spilled message's memfd.  A packet that comes with more arrives truncated, and is refused.
-_FDS = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+# Ancillary room for three descriptors: a message's own (a lock file; a build's log pipe,
+# and the report pipe of its runner when it has environments) and a spilled message's
+# memfd.  A packet that comes with more arrives truncated, and is refused.
+_FDS = socket.CMSG_SPACE(3 * array.array("i").itemsize)
 
 # A message's fields, as msgpack decodes them: each protocol module checks their types.
 Fields = dict[str, Any]
@@ -94,11 +95,14 @@ def spill(data: bytes) -> int:
 
 
 @contextlib.contextmanager
-def outgoing(data: bytes, fd: int | None = None) -> Iterator[tuple[list[bytes], Ancillary]]:
-    """The buffers and ancillary data to send for message `data` with descriptor `fd`:
-    the message itself, or past `MAX_INLINE` its length with the message in a memfd,
-    closed when the block ends (once sent, the receiver has its own)."""
-    fds = [] if fd is None else [fd]
+def outgoing(
+    data: bytes, fd: int | Sequence[int] | None = None
+) -> Iterator[tuple[list[bytes], Ancillary]]:
+    """The buffers and ancillary data to send for message `data` with descriptor `fd`
+    (or descriptors, in order): the message itself, or past `MAX_INLINE` its length with
+    the message in a memfd, closed when the block ends (once sent, the receiver has its
+    own)."""
+    fds = [] if fd is None else [fd] if isinstance(fd, int) else list(fd)
     if len(data) <= MAX_INLINE:
         yield [data], rights(*fds)
         return

@@ -4,8 +4,15 @@
 Each message is one packet (`daemon.wire.packets`): a msgpack map with the request's id.
 
     daemon -> spawner  the fields of a `SpawnRequest`  + the write end of the build's log pipe
+                       (+ the write end of its report pipe, with a `plan`)
     spawner -> daemon  {status: ok, pid, cgroup}
                        {status: error, step, errno, path, message}
+
+A derivation with build environments comes with a `Plan` of its session: the steps
+`store.buildenv.session_steps` orders, with everything the spare's session runner
+(`spawner/runner.c`) needs to run them and nothing it has to work out.  The runner tells
+the daemon how the session ended on the report pipe, in one line (`RunnerReport`); a
+request without a plan is the same, field for field and byte for byte, as before plans.
 
 An error reply is also what the spare program writes to its status pipe when a step of
 the sandbox fails (`spawner/spare.c`), without an id: the spawner passes it on.
@@ -16,7 +23,9 @@ sandbox could exec, the kernel's limits on execve's arguments and environment
 """
 
 import errno
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from daemon.wire.packets import Fields
 
@@ -30,6 +39,69 @@ _STACK_SHARE = 4
 _MOST = (8 << 20) // 4 * 3
 _LEAST = 32 * 4096
 _POINTER = 8
+
+
+@dataclass(frozen=True)
+class PlanEnvironment:
+    name: str
+    variables: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of a session: `command` and `args` run (the action, or the hook wrapping
+    `wrapped_*`); `label` names it in the log."""
+
+    kind: str  # "enter", "build" or "exit"
+    environment: int  # the index of its environment in `Plan.environments`; -1: the build
+    label: str
+    command: str
+    args: list[str]
+    timeout: float | None = None
+    hook: str = ""  # "" when unwrapped, then no wrapped action either
+    wrapped_command: str = ""
+    wrapped_args: list[str] = field(default_factory=list)
+    wrapped_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A build's session, for the runner: the grace between SIGTERM and SIGKILL, the
+    names of the builder's environment that the derivation set (what a hook is told of,
+    with the environments' variables and weft_env lines), the environments in entering
+    order, and the steps (enters in order, the build, exits in reverse)."""
+
+    grace: float
+    declared: list[str]
+    environments: list[PlanEnvironment]
+    steps: list[PlanStep]
+
+
+STEP_KINDS = ("enter", "build", "exit")
+
+
+def encode_plan(plan: Plan) -> Fields:
+    return {
+        "grace": plan.grace,
+        "declared": list(plan.declared),
+        "environments": [[e.name, dict(e.variables)] for e in plan.environments],
+        "steps": [dict(vars(s)) for s in plan.steps],
+    }
+
+
+def decode_plan(fields: Any) -> Plan:
+    """A plan as the spawner reads it; ValueError or TypeError if it is none."""
+    grace = fields["grace"]
+    if not isinstance(grace, int | float) or not math.isfinite(grace) or grace < 0:
+        raise ValueError("a plan's grace is a number of seconds")
+    envs = [
+        PlanEnvironment(str(name), dict(variables)) for name, variables in fields["environments"]
+    ]
+    steps = [PlanStep(**s) for s in fields["steps"]]
+    for s in steps:
+        if s.kind not in STEP_KINDS or not -1 <= s.environment < len(envs):
+            raise ValueError(f"a plan's step {s.label!r}: kind or environment out of range")
+    return Plan(float(grace), [str(n) for n in fields["declared"]], envs, steps)
 
 
 @dataclass
@@ -53,6 +125,9 @@ class SpawnRequest:
     # The daemon's freezer directory: the builder's tree runs in a cgroup of its own in
     # it (best effort: the reply names it, or "").
     freezer: str = ""
+    # A derivation with build environments: the session its runner runs (None: the
+    # builder is exec'd, as ever).
+    plan: Plan | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +156,18 @@ SpawnReply = Spawned | SetupFailure
 
 
 def encode_request(request: SpawnRequest) -> Fields:
-    return dict(vars(request))
+    fields = dict(vars(request))
+    # No `plan` key at all without one: such a request is what it was before plans.
+    plan = fields.pop("plan")
+    if plan is not None:
+        fields["plan"] = encode_plan(plan)
+    return fields
 
 
 def decode_request(fields: Fields) -> SpawnRequest:
     """A field missing or unknown raises TypeError, as the constructor does."""
-    return SpawnRequest(**fields)
+    plan = fields.pop("plan", None)
+    return SpawnRequest(**fields, plan=None if plan is None else decode_plan(plan))
 
 
 def encode_reply(reply: SpawnReply) -> Fields:
@@ -155,3 +236,37 @@ def exec_refusal(request: SpawnRequest, stack_limit: int) -> SetupFailure | None
             f"RLIMIT_STACK, at most 6 MiB)",
         )
     return None
+
+
+# The first word of the runner's report (spawner/runner.c, which says the format).
+REPORT_MAGIC = "weft-runner-1"
+REPORT_ENDS = ("none", "ok", "exit", "signal", "timeout", "exec")
+
+
+@dataclass(frozen=True)
+class RunnerReport:
+    """How a session ended, as its runner reported it: `step` (an index into the plan's
+    steps; -1 for none) decided it, how it `end`ed (one of `REPORT_ENDS`) and its `code`
+    (an exit code, a signal, an exit code or minus a signal after a timeout, an errno);
+    whether the daemon stopped it, and the step that was running then (-1: none)."""
+
+    step: int
+    end: str
+    code: int
+    stopped: bool
+    stop_step: int
+
+
+def decode_report(data: bytes, steps: int) -> RunnerReport | None:
+    """The runner's report of a plan of `steps` steps; None if `data` is not one (no
+    report: the runner died before it wrote one)."""
+    words = data.decode("ascii", "replace").split()
+    if len(words) != 6 or words[0] != REPORT_MAGIC or words[2] not in REPORT_ENDS:
+        return None
+    try:
+        step, code, stopped, stop_step = (int(w) for w in (words[1], *words[3:]))
+    except ValueError:
+        return None
+    if not (-1 <= step < steps and -1 <= stop_step < steps and stopped in (0, 1)):
+        return None
+    return RunnerReport(step, words[2], code, bool(stopped), stop_step)
