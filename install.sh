@@ -15,11 +15,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The spare program (the sandbox's last steps and the builder's exec, or the session
-# runner of a build with environments: runner.c), static: an exec without the dynamic
-# loader.  With musl where there is one: glibc's start-up asks the CPU for its features
+# runner of a build with environments: runner.c and its parts, runner_*.c), static: an
+# exec without the dynamic loader.  With musl where there is one: glibc's start-up asks the CPU for its features
 # dozens of times, and on a virtual machine each question traps to the hypervisor (a spare
 # started 0.43 ms before its exit with glibc, 0.13 ms with musl).
-spare_sources=(spawner/spare.c spawner/runner.c)
+spare_sources=(spawner/spare.c spawner/runner.c spawner/runner_plan.c spawner/runner_steps.c
+  spawner/runner_io.c spawner/runner_env.c)
 stale=0
 for f in "${spare_sources[@]}" spawner/runner.h; do
   [ "$f" -nt spawner/weft-spare ] && stale=1

@@ -248,6 +248,32 @@ def test_an_inner_exit_3_fails_the_build_with_exit_code_3(weft: Weft, where: str
         assert failed in built.stderr
 
 
+def test_an_inner_wrapped_exit_3_fails_a_built_build_naming_the_hook(weft: Weft) -> None:
+    recipe = weft.recipe(
+        """
+        inner = environment("inner", exit=run("echo about to fail; exit 3"))
+        exit_three = derivation("exit-three", sh, ["sh", "-c", "echo ok > $out"], env=path,
+                           environments=[logging(), inner])
+        """
+    )
+    built = weft.build(f"{recipe}:exit_three")
+    assert built.returncode == 1
+    failure = "failed at wrap_env_exit inner: exit code 3"
+    assert failure in built.stderr, built.stderr
+    drv = weft.drv("exit-three")
+    # The history has the step's exit code as the attempt's (its error is in the build's).
+    (attempt,) = weft.history(drv)
+    assert (attempt["outcome"], attempt["exit"]) == ("exit", "3")
+    log = weft.log(drv)
+    assert steps(log) == [
+        *ran("enter logging", "wrap_build"),
+        "weft: wrap_env_exit inner",
+        "weft: wrap_env_exit inner failed: exit code 3",
+        *ran("exit logging"),
+    ]
+    assert "about to fail" in step_lines(log, "wrap_env_exit inner")
+
+
 @pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "unwrapped"])
 def test_a_builder_killed_by_sigsegv_is_reported_as_a_signal(weft: Weft, wrapped: bool) -> None:
     envs = "[logging(), inner]" if wrapped else "[inner]"

@@ -569,11 +569,117 @@ def test_only_a_whole_report_is_believed() -> None:
     step = PlanStep("build", -1, "build", "/s/b", [])
     plan = Plan(2.0, [], [PlanEnvironment("e", {})], [step])
     runner = Ending(1, "", Cause.EXIT)
-    assert decode_report(b"weft-runner-1 0 signal 11 0 -1\n", 1) is not None
-    for forged in (b"", b"weft-runner-1 0 signal 11 0\n", b"weft-runner-1 5 ok 0 0 -1\n"):
-        assert decode_report(forged, 1) is None
+    assert decode_report(b"weft-runner-1 0 signal 11 0 -1\n", plan.steps) is not None
+    forgeries = (b"", b"weft-runner-1 0 signal 11 0\n", b"weft-runner-1 5 ok 0 0 -1\n")
+    # A step without a timeout cannot have timed out.
+    forgeries += (b"weft-runner-1 0 timeout 1 0 -1\n", b"weft-runner-1 -1 timeout 1 0 -1\n")
+    for forged in forgeries:
+        assert decode_report(forged, plan.steps) is None
         ending = session_ending(runner, plan, forged)
         assert (ending.cause, ending.code) == (Cause.SETUP, 1)
         assert "left no report" in ending.failed
     ending = session_ending(runner, plan, b"weft-runner-1 0 signal 11 0 -1\n")
     assert (ending.code, ending.failed) == (-11, ": killed by signal SIGSEGV")
+
+
+def test_a_runner_killed_without_a_report_ends_the_build_as_that_signal() -> None:
+    # The OOM killer can kill a pid namespace's init: the retry policy sees the signal.
+    plan = Plan(2.0, [], [PlanEnvironment("e", {})], [PlanStep("build", -1, "build", "/s/b", [])])
+    ending = session_ending(Ending(-signal.SIGKILL, "", Cause.EXIT), plan, b"")
+    assert (ending.cause, ending.code) == (Cause.EXIT, -signal.SIGKILL)
+    assert ending.failed == ": its session runner left no report (killed by signal SIGKILL)"
+    timed = PlanStep("build", -1, "build", "/s/b", [], 1.5)
+    report = b"weft-runner-1 0 timeout 1 0 -1\n"
+    ending = session_ending(Ending(1, "", Cause.EXIT), Plan(2.0, [], [], [timed]), report)
+    assert (ending.cause, ending.failed) == (Cause.TIMEOUT, " at build: timed out after 1.5 s")
+
+
+def test_a_cancelled_chatty_build_runs_its_exit_actions_within_the_grace(g: Graph) -> None:
+    # The builder fills the log pipe; once its client is gone nobody would read it, and
+    # the runner could not say that the build step ended, nor run the exit action.
+    building, exiting = (f"sleep {n + uuid.uuid4().int % 1000 / 1000:.3f}" for n in (60, 30))
+    drv = g.sh(
+        "cancelled-chatty",
+        f"{g.bb}/bin/busybox yes & {building}",
+        environments=[environment("a", exit=sh(g, f"{exiting}; echo never"))],
+    )
+    code = (
+        "import sys; from daemon.cli.blocking import BlockingClient; "
+        "BlockingClient(sys.argv[1]).call('build', drvs=[sys.argv[2]], max_log_size=1 << 30)"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", code, g.daemon.socket, drv.path], stdout=subprocess.DEVNULL
+    )
+    try:
+        until(lambda: leftovers(building))
+        time.sleep(0.5)  # the pipe is full by now
+        client.kill()
+        until(lambda: leftovers(exiting), GRACE)
+        until(lambda: not leftovers(exiting), GRACE + SLACK)
+    finally:
+        client.kill()
+        client.wait()
+
+
+@pytest.mark.parametrize("leave", ["", "setsid "], ids=["in-its-group", "own-session"])
+def test_output_an_enter_step_leaves_running_does_not_hold_the_session(
+    g: Graph, leave: str
+) -> None:
+    # What the enter step left running writes on into a pipe the runner no longer reads
+    # once the step has ended: it gets EPIPE, and none of its output comes after the step.
+    drv = g.sh(
+        f"flooding-{len(leave)}",
+        "sleep 1; echo built > $out",
+        environments=[
+            environment("a", exit=sh(g, "echo cleaning up")),
+            environment("b", enter=sh(g, f"{leave}{g.bb}/bin/busybox yes > /dev/stdout & exit 0")),
+        ],
+    )
+    started = time.monotonic()
+    (r,) = g.build(drv, timeout=30, retries=0, max_log_size=1 << 30)
+    assert r["status"] == "built", r
+    assert time.monotonic() - started < SLACK
+    log = log_of(g, drv)
+    assert weft_lines(log) == steps("enter b", "build", "exit a")
+    assert "cleaning up\n" in log
+    assert "y" not in log.split("weft: enter b done\n")[1].splitlines()
+
+
+def test_the_runner_holds_no_capability_while_steps_run(g: Graph) -> None:
+    drv = g.sh(
+        "capabilities",
+        "grep -e CapEff -e CapPrm -e NoNewPrivs /proc/1/status > $out",
+        environments=[environment("e", enter=sh(g, "true"))],
+    )
+    (r,) = g.build(drv, retries=0)
+    assert r["status"] == "built", r
+    status = dict(line.split(":\t") for line in Path(drv.out).read_text().splitlines())
+    assert status == {"CapPrm": "0" * 16, "CapEff": "0" * 16, "NoNewPrivs": "1"}
+
+
+def test_what_a_builder_leaves_running_is_killed_before_the_exit_steps(g: Graph) -> None:
+    drv = g.sh(
+        "leftover",
+        "mkdir $out; (sleep 1; echo late > $out/late) & exit 0",
+        environments=[environment("a", exit=sh(g, "sleep 2"))],
+    )
+    (r,) = g.build(drv, retries=0)
+    assert r["status"] == "built", r
+    assert list(Path(drv.out).iterdir()) == []
+
+
+def test_a_hooks_json_file_is_utf_8_whatever_bytes_the_variables_hold(g: Graph) -> None:
+    # An invalid byte, a valid é, a UTF-16 surrogate's three bytes, an ASCII x.
+    value = r"\377\303\251\355\240\200x"
+    drv = g.sh(
+        "json-bytes",
+        "exit 1",
+        environments=[
+            environment("bytes", enter=sh(g, f"printf 'weft_env: BYTES={value}\\n'")),
+            wrapper(g, hook='cp "$WEFT_WRAP_JSON" "$out"'),
+        ],
+    )
+    (r,) = g.build(drv, retries=0)
+    assert r["status"] == "built", r
+    wrap = json.loads(Path(drv.out).read_bytes().decode("utf-8"))
+    assert wrap["environment"]["BYTES"] == "\u00ffé\u00ed\u00a0\u0080x"

@@ -76,7 +76,7 @@ def signal_name(number: int) -> str:
 def _timeout(step: PlanStep) -> float:
     """The timeout the runner held the step to: the nearer of the hook's and the wrapped
     action's."""
-    return min(t for t in (step.timeout, step.wrapped_timeout) if t is not None)
+    return min((t for t in (step.timeout, step.wrapped_timeout) if t is not None), default=0)
 
 
 def _code(report: RunnerReport) -> int:
@@ -111,11 +111,18 @@ def _failure(step: PlanStep, report: RunnerReport) -> str:
 def session_ending(ending: Ending, plan: Plan, data: bytes) -> Ending:
     """The build's end, from the runner's report (`data`) and the watch's `ending` of the
     runner itself (its exit code, and why weft stopped it if it did)."""
-    report = decode_report(data, len(plan.steps))
+    report = decode_report(data, plan.steps)
     if report is None:
         if ending.why:
             return ending
-        said = f"exit code {ending.code}" if ending.code >= 0 else signal_name(-ending.code)
+        if ending.code < 0:
+            # Killed without a word: the OOM killer may take a pid namespace's init, and
+            # the retry policy is to see that signal as a builder's death by it.
+            said = f"killed by signal {signal_name(-ending.code)}"
+            return Ending(
+                ending.code, "", Cause.EXIT, f": its session runner left no report ({said})"
+            )
+        said = f"exit code {ending.code}"
         return Ending(
             ending.code or 1, "", Cause.SETUP, f": its session runner left no report ({said})"
         )

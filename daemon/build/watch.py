@@ -11,7 +11,9 @@ once: what it would say next is what is refused, and nobody waits for it.
 A build with environments is watched the same way, its first process being the session
 runner (`daemon/build/session.py`), with the grace `environment-grace` (weft.toml) in
 which the runner stops the running step and runs the exit actions due; a cancellation
-stops it the same way (its exit actions always run), within that grace.
+stops it the same way (its exit actions always run), within that grace, while the log is
+still read (kept, up to its limit, but sent to nobody): a runner whose log pipe is full
+waits to write it, and would wait out the grace without running an exit action.
 
 While it runs, the scheduler may pause it (`Running.watch`): its deadlines are set aside
 then, and given back, whatever was left of them, when it resumes.
@@ -73,6 +75,8 @@ class Watch:
         self.run = run
         self._why = ""
         self._cause = Cause.EXIT
+        # Set when `_pump` has left the stream: only one task may read it at a time.
+        self._pumped = trio.Event()
 
     async def until_exit(self) -> Ending:
         """Stream the log until EOF while waiting for the builder, within the limits."""
@@ -91,7 +95,7 @@ class Watch:
                     # dies, a session's once its exit actions had the grace to run.
                     if self.session:
                         with trio.CancelScope(shield=True):
-                            await self._stop()
+                            await self._stop_draining()
                     self.proc.kill()
                     raise
                 limits = self.limits
@@ -121,15 +125,32 @@ class Watch:
         self.proc.kill()
         return await self.proc.wait()
 
+    async def _stop_draining(self) -> None:
+        """`_stop` a cancelled session, its log read meanwhile (`_drain`), then no more."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain)
+            await self._stop()
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        """The log after a cancellation: kept up to the limit, the rest dropped."""
+        await self._pumped.wait()
+        while chunk := await self.stream.receive_some(LOG_CHUNK):
+            if self.log.size <= self.limits.max_log_size:
+                self.log.add(chunk)
+
     async def _pump(self, silent: trio.CancelScope) -> None:
         # The stream is borrowed: its owner (the attempt's log pipe) closes it.
-        while chunk := await self.stream.receive_some(LOG_CHUNK):
-            silent.deadline = trio.current_time() + self.limits.max_silent_time
-            for line in self.log.add(chunk):
-                await self.on_line(line)
-            if self.log.size > self.limits.max_log_size:
-                limit = self.limits.max_log_size
-                self._why = f"exceeded the log size limit of {limit} bytes"
-                self._cause = Cause.LOG_LIMIT
-                self.proc.kill()
-                break
+        try:
+            while chunk := await self.stream.receive_some(LOG_CHUNK):
+                silent.deadline = trio.current_time() + self.limits.max_silent_time
+                for line in self.log.add(chunk):
+                    await self.on_line(line)
+                if self.log.size > self.limits.max_log_size:
+                    limit = self.limits.max_log_size
+                    self._why = f"exceeded the log size limit of {limit} bytes"
+                    self._cause = Cause.LOG_LIMIT
+                    self.proc.kill()
+                    break
+        finally:
+            self._pumped.set()

@@ -24,6 +24,7 @@ sandbox could exec, the kernel's limits on execve's arguments and environment
 
 import errno
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,9 +258,9 @@ class RunnerReport:
     stop_step: int
 
 
-def decode_report(data: bytes, steps: int) -> RunnerReport | None:
-    """The runner's report of a plan of `steps` steps; None if `data` is not one (no
-    report: the runner died before it wrote one)."""
+def decode_report(data: bytes, steps: Sequence[PlanStep]) -> RunnerReport | None:
+    """The runner's report of a plan of `steps`; None if `data` is not one (no report: the
+    runner died before it wrote one), or says a step without a timeout timed out."""
     words = data.decode("ascii", "replace").split()
     if len(words) != 6 or words[0] != REPORT_MAGIC or words[2] not in REPORT_ENDS:
         return None
@@ -267,6 +268,13 @@ def decode_report(data: bytes, steps: int) -> RunnerReport | None:
         step, code, stopped, stop_step = (int(w) for w in (words[1], *words[3:]))
     except ValueError:
         return None
-    if not (-1 <= step < steps and -1 <= stop_step < steps and stopped in (0, 1)):
+    n = len(steps)
+    if not (-1 <= step < n and -1 <= stop_step < n and stopped in (0, 1)):
+        return None
+    if words[2] == "timeout" and (step < 0 or not _has_timeout(steps[step])):
         return None
     return RunnerReport(step, words[2], code, bool(stopped), stop_step)
+
+
+def _has_timeout(step: PlanStep) -> bool:
+    return step.timeout is not None or step.wrapped_timeout is not None
