@@ -9,25 +9,28 @@ depends only on its name and expected hash.  See docs/derivations.md.
 
 A derivation may carry an environment delta (`envDelta`, uenv's semantics:
 `store.environment`) applied to its builder's environment after `env`, and build
-environments entered around its builder (`environments`: `store.buildenv`).  Fields added
+environments entered around its builder (`environments`: `store.buildenv`), and
+directories kept when its build stops (`durableDirs`: `store.durabledirs`).  Fields added
 since the first format are written only when they say something, so that every
 derivation written before them keeps its text, its `.drv` path and its output paths.
+Their strict parsing is in `store.drvjson`.
 """
 
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import blake3
 
-from store.buildenv import BuildEnvError, BuildEnvironment, environments_to_json, parse_environments
+from store import drvjson
+from store.buildenv import BuildEnvironment, environments_to_json
+from store.drvjson import DerivationError
+from store.durabledirs import DurableDirError, check_durable_dirs
 from store.environment.delta import Delta, DeltaError
 from store.environment.view import parse_values, to_values
 from store.hashing import ALGORITHM, DIGEST_HEX_LEN
 from store.lru import Lru
 from store.paths import InvalidPath, PathKind, make_store_path, validate_name
-from store.records import StoreError
 
 FORMAT = 1
 SYSTEM = "x86_64-linux"
@@ -41,12 +44,7 @@ _KEYS = frozenset(
 )
 # Written only when non-empty: a derivation without them is the same text as before they
 # existed.
-_OPTIONAL_KEYS = frozenset({"envDelta", "environments"})
-
-
-class DerivationError(StoreError, ValueError):
-    """A derivation that is malformed or inconsistent (a `StoreError`: the store refuses
-    to add it)."""
+_OPTIONAL_KEYS = frozenset({"envDelta", "environments", "durableDirs"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,8 @@ class Derivation:
     env_delta: Delta = field(default_factory=Delta)
     # In entering order; their programs are checked against the inputs when added.
     environments: tuple[BuildEnvironment, ...] = ()
+    # name -> directory under /build kept when the build stops (`store.durabledirs`).
+    durable_dirs: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def is_fixed_output(self) -> bool:
@@ -100,6 +100,8 @@ class Derivation:
             doc["envDelta"] = to_values(self.env_delta)
         if self.environments:
             doc["environments"] = environments_to_json(self.environments)
+        if self.durable_dirs:
+            doc["durableDirs"] = dict(self.durable_dirs)
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -121,69 +123,24 @@ class Derivation:
             raise DerivationError(
                 f"malformed derivation: unknown fields {extra}, missing fields {missing}"
             )
-        outputs = _str_map(doc, "outputs", dict)
-        input_drvs = _str_map(doc, "inputDrvs", list)
+        outputs = drvjson.str_map(doc, "outputs", dict)
+        input_drvs = drvjson.str_map(doc, "inputDrvs", list)
         for k, o in outputs.items():
             if not set(o) <= {"path", "hash"} or not all(isinstance(v, str) for v in o.values()):
                 raise DerivationError(f"malformed derivation: output {k!r} is not {{path, hash}}")
         return cls(
-            name=_typed(doc, "name", str),
-            builder=_typed(doc, "builder", str),
+            name=drvjson.typed(doc, "name", str),
+            builder=drvjson.typed(doc, "builder", str),
             outputs={k: Output(o.get("path", ""), o.get("hash")) for k, o in outputs.items()},
-            args=_strs(doc["args"], "args"),
-            env=_str_map(doc, "env", str),
-            input_drvs={k: _strs(v, f"inputDrvs[{k!r}]") for k, v in input_drvs.items()},
-            input_srcs=_strs(doc["inputSrcs"], "inputSrcs"),
-            system=_typed(doc, "system", str),
-            env_delta=_env_delta(doc),
-            environments=_environments(doc),
+            args=drvjson.strs(doc["args"], "args"),
+            env=drvjson.str_map(doc, "env", str),
+            input_drvs={k: drvjson.strs(v, f"inputDrvs[{k!r}]") for k, v in input_drvs.items()},
+            input_srcs=drvjson.strs(doc["inputSrcs"], "inputSrcs"),
+            system=drvjson.typed(doc, "system", str),
+            env_delta=drvjson.env_delta(doc),
+            environments=drvjson.environments(doc),
+            durable_dirs=drvjson.durable_dirs(doc),
         )
-
-
-def _env_delta(doc: dict[str, Any]) -> Delta:
-    if "envDelta" not in doc:
-        return Delta()
-    try:
-        delta = parse_values(doc["envDelta"], "envDelta: ")
-    except DeltaError as e:
-        raise DerivationError(f"malformed derivation: {e}") from None
-    if not delta:
-        # Its text would not be the one `to_json` writes for the same derivation.
-        raise DerivationError("malformed derivation: envDelta is empty (leave it out)")
-    return delta
-
-
-def _environments(doc: dict[str, Any]) -> tuple[BuildEnvironment, ...]:
-    if "environments" not in doc:
-        return ()
-    try:
-        envs = parse_environments(doc["environments"], "environments: ")
-    except BuildEnvError as e:
-        raise DerivationError(f"malformed derivation: {e}") from None
-    if environments_to_json(envs) != doc["environments"]:
-        # As with envDelta: a text `to_json` would not write (an action without `args`).
-        raise DerivationError("malformed derivation: environments not as weft writes them")
-    return envs
-
-
-def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
-    value = doc[key]
-    if not isinstance(value, kind):
-        raise DerivationError(f"malformed derivation: {key} is not a {kind.__name__}")
-    return value
-
-
-def _strs(value: object, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DerivationError(f"malformed derivation: {what} is not a list of strings")
-    return tuple(value)
-
-
-def _str_map(doc: dict[str, Any], key: str, kind: type) -> dict[str, Any]:
-    value = _typed(doc, key, dict)
-    if not all(isinstance(v, kind) for v in value.values()):
-        raise DerivationError(f"malformed derivation: the values of {key} are not {kind.__name__}s")
-    return value
 
 
 def check_hash(value: object, what: str = "output hash") -> str:
@@ -267,6 +224,10 @@ def _check_strings(drv: Derivation) -> None:
         # A delta made in Python, not read from JSON, gets the checks a parsed one had.
         parse_values(to_values(drv.env_delta), f"{drv.name}: envDelta: ")
     except DeltaError as e:
+        raise DerivationError(str(e)) from None
+    try:
+        check_durable_dirs(drv.durable_dirs, f"{drv.name}: ")
+    except DurableDirError as e:
         raise DerivationError(str(e)) from None
 
 

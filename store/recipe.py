@@ -47,6 +47,12 @@ timeout=SECONDS)` or the list `[command, *args]`:
 Store paths in actions and variables are inputs; each program must be in one.
 `environment` checks what it can alone (names, variables, all three hooks or none,
 timeouts), `derivation` the rest: a `BuildEnvError` naming the environment, nothing added.
+
+`durable_dirs=` names directories under `/build` worth keeping when a build stops
+(`store.durabledirs`, docs/derivations.md), checked when `derivation` is called: a bad
+one is a `DurableDirError` naming it, nothing added.
+
+    app = derivation("app", sh, [...], durable_dirs={"ccache": "/build/ccache"})
 """
 
 import os
@@ -64,9 +70,9 @@ from typing import Protocol
 from store import derivation as drvs
 from store.buildenv import Action, BuildEnvError, BuildEnvironment, check_environments
 from store.derivation import DUMMY_HASH, HashModulo, Output, with_output_paths
-from store.environment.delta import Delta, DeltaError
+from store.durabledirs import check_durable_dirs
 from store.environment.profile import Profile
-from store.environment.view import from_mapping, parse_values, parse_view, to_values
+from store.recipedelta import EnvDelta, as_delta, delta_strings
 from store.store import Store
 
 HOST_BUSYBOX = "/bin/busybox"
@@ -77,7 +83,6 @@ MAX_PROFILE_TEXT = 32 * 4096 - len("weftProfile=") - 1
 # The profile's builder: its text, from the environment, into $out.
 _PROFILE_SCRIPT = 'printf "%s" "$weftProfile" > "$out"'
 
-EnvDelta = Delta | Mapping[str, object]
 # An action as recipes write it: `action(...)`, or `[command, *args]`.
 ActionSpec = Action | Sequence[object]
 
@@ -187,15 +192,18 @@ def derivation(
     output_hash: str | None = None,
     env_delta: EnvDelta | None = None,
     environments: Iterable[BuildEnvironment] = (),
+    durable_dirs: Mapping[str, str] | None = None,
 ) -> Derivation:
     """A derivation, checked and written to the store.  `output_hash` makes it
     fixed-output (`blake3:<hex>` of the output's archive); `""` asks for the hash, as an
     empty `outputHash` does in Nix: the build fails and reports the hash it got.
     `env_delta` (a `Delta`, the shorthand mapping or a view) is applied to the builder's
-    environment after `env`; `environments` are entered around the builder, in order."""
+    environment after `env`; `environments` are entered around the builder, in order;
+    `durable_dirs` (name -> directory under /build) are kept when its build stops."""
     ev = _evaluation()
-    delta = _delta(env_delta, f"{name}: env_delta: ")
+    delta = as_delta(env_delta, f"{name}: env_delta: ")
     envs = _environments(environments, name)
+    dirs = dict(check_durable_dirs(durable_dirs or {}, f"{name}: "))
     if isinstance(outputs, str):
         raise drvs.DerivationError(
             f"{name}: outputs must be a list of names, not the string {outputs!r}"
@@ -209,7 +217,7 @@ def derivation(
     builder = str(builder)
     args = tuple(str(a) for a in args)
     env = {k: str(v) for k, v in (env or {}).items()}
-    texts = (builder, *args, *env.values(), *_delta_strings(delta), *_env_strings(envs))
+    texts = (builder, *args, *env.values(), *delta_strings(delta), *_env_strings(envs))
     input_drvs, input_srcs = _inputs(ev, inputs, texts)
     draft = drvs.Derivation(
         name=name,
@@ -221,6 +229,7 @@ def derivation(
         input_srcs=input_srcs,
         env_delta=delta,
         environments=envs,
+        durable_dirs=dirs,
     )
     # What drvcheck checks when the daemon adds it, checked before anything is added.
     used = [ev.by_path[p].outputs[o].path for p, outs in input_drvs.items() for o in outs]
@@ -343,7 +352,7 @@ def profile(
     order, with the delta `env`: a view `{"version": 1, "values": {...}}`, a `Delta`, or
     the shorthand mapping.  Everything is checked before anything is added."""
     ev = _evaluation()
-    delta = _delta(env, f"profile {name}: ")
+    delta = as_delta(env, f"profile {name}: ")
     if isinstance(paths, str | Derivation):
         raise drvs.DerivationError(f"profile {name}: paths must be a list, not one path")
     members = tuple(str(p) for p in paths)
@@ -360,27 +369,6 @@ def profile(
     return derivation(
         name, f"{bb}/bin/busybox", ["sh", "-c", _PROFILE_SCRIPT], env={"weftProfile": text}
     )
-
-
-def _delta(given: EnvDelta | None, where: str) -> Delta:
-    """`given` (a view, a `Delta` or the shorthand) as a checked `Delta`: one made in
-    Python gets the checks one read from JSON has."""
-    if given is None:
-        return Delta()
-    if isinstance(given, Delta):
-        return parse_values(to_values(given), where)
-    if not isinstance(given, Mapping):
-        raise DeltaError(f"{where}an environment is a mapping, not {type(given).__name__}")
-    # A shorthand's values are strings, None or lists: an int version or a mapping of
-    # values can only be a view.
-    if isinstance(given.get("version"), int) or isinstance(given.get("values"), Mapping):
-        return parse_view(given, where)
-    return from_mapping(given, where)
-
-
-def _delta_strings(delta: Delta) -> list[str]:
-    scalars = [v for v in delta.scalars.values() if v is not None]
-    return [*scalars, *(v for updates in delta.lists.values() for u in updates for v in u.values)]
 
 
 class LocalStore:
