@@ -104,20 +104,20 @@ class Runtimes:
         return planned
 
     async def summaries(self, uid: int) -> list[Summary]:
-        return await trio.to_thread.run_sync(self.records.summaries, uid)
+        return await self.workers.client(self.records.summaries, uid)
 
     async def show(self, uid: int, runtime_id: str) -> tuple[Summary, list[str]]:
-        return await trio.to_thread.run_sync(self.records.summary, uid, runtime_id)
+        return await self.workers.client(self.records.summary, uid, runtime_id)
 
     async def lineage(self, uid: int, runtime_id: str) -> list[Summary]:
-        return await trio.to_thread.run_sync(self.records.lineage, uid, runtime_id)
+        return await self.workers.client(self.records.lineage, uid, runtime_id)
 
     async def env(self, uid: int, runtime_id: str, pristine: bool) -> Env:
-        return await trio.to_thread.run_sync(self.records.captured, uid, runtime_id, pristine)
+        return await self.workers.client(self.records.captured, uid, runtime_id, pristine)
 
     async def owners(self) -> dict[str, int]:
         """The uid of each runtime that has roots, by id (for `--print-roots`)."""
-        return await trio.to_thread.run_sync(self.records.rooted)
+        return await self.workers.client(self.records.rooted)
 
     async def forget(self, uid: int, runtime_id: str) -> None:
         """Drop a runtime's record; a durable one's roots go now, unless its process still
