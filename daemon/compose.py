@@ -10,6 +10,7 @@ import hashlib
 import os
 
 from daemon.build.builder import Builder
+from daemon.build.snapshots import SnapshotService
 from daemon.proc.cpus import Cpus
 from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
@@ -61,6 +62,7 @@ def compose(
         settings.load_sample_interval,
         lambda sample: scheduler.on_sample(sample),
     )
+    snapshots = SnapshotService(store, settings, workers)
     pauser = pauser_for(state)
     scheduler = Scheduler(Admission(limits, settings.max_jobs or cores), load, pauser)
     history = History(store.db)
@@ -80,8 +82,11 @@ def compose(
         pauser=pauser,
         wakeups=QuickWakeups(settings.quick_wakeups),
         workers=workers,
+        snapshots=snapshots,
         collector=collector,
     )
     repairer = Repairer(store, builder)
     runtimes = Runtimes(state, store, settings, workers)
-    return Services(state, store, settings, collector, workers, builder, repairer, runtimes)
+    return Services(
+        state, store, settings, collector, workers, builder, repairer, runtimes, snapshots
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import Any
 
+from store.durabledirs import Scope, ScopeError, check_scopes, parse_scope
 from store.environment.delta import valid_name
 from store.environment.profile import DEFAULT_SEARCH_PATHS
 from store.layout import SETTINGS_FILE, ConfigError, StateDir
@@ -87,6 +88,19 @@ class Settings:
     # Globs of variable names dropped from the environments stored with a runtime
     # (daemon/runtime/); the command still gets them.
     runtime_redact: list[str] = field(default_factory=lambda: list(DEFAULT_RUNTIME_REDACT))
+    # What a build keeps when the scheduler pauses it and when it fails or is committed
+    # (`full` or `data`, docs/snapshots.md), unless its request says; "": not set.  Never
+    # part of a derivation: the same .drv whatever they are.
+    snapshot_on_pause: str = ""
+    snapshot_on_commit: str = ""
+
+    @property
+    def on_pause(self) -> Scope | None:
+        return Scope(self.snapshot_on_pause) if self.snapshot_on_pause else None
+
+    @property
+    def on_commit(self) -> Scope | None:
+        return Scope(self.snapshot_on_commit) if self.snapshot_on_commit else None
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
@@ -123,6 +137,10 @@ class Settings:
                 f"{source}: build-uid-base + build-slots - 1 = "
                 f"{self.build_uid_base + self.build_slots - 1} is past the highest uid ({MAX_UID})"
             )
+        try:
+            check_scopes(self.on_pause, self.on_commit)
+        except ScopeError as e:
+            raise ConfigError(f"{source}: snapshot-on-pause and snapshot-on-commit: {e}") from None
         if 0 < self.max_free < self.min_free:
             raise ConfigError(
                 f"{source}: max-free = {self.max_free} is under min-free = {self.min_free}: "
@@ -173,6 +191,9 @@ RANGES: dict[str, tuple[float, float]] = {
     # Under 1 a retry of a timed-out build would get less time than the one that timed out.
     "retry_timeout_factor": (1, 100),
 }
+# Settings naming a snapshot scope: `full` or `data` (an unknown one is refused, not
+# taken for `full`: store/durabledirs.py).
+SCOPES = ("snapshot_on_pause", "snapshot_on_commit")
 # Settings naming host paths: absolute, and there (a sandbox path that is not makes every
 # build fail at its bind mount).
 HOST_PATHS = ("sandbox_paths", "load_proc_dir")
@@ -202,6 +223,11 @@ def _checked(source: str, key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{source}: {key} must be a list of non-empty strings")
     if want is dict:
         _check_search_paths(source, key, value)
+    if attr in SCOPES:
+        try:
+            parse_scope(value, key)
+        except ScopeError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if attr in HOST_PATHS:
         for path in value if want is list else [value]:
             if not os.path.isabs(path) or not os.path.exists(path):

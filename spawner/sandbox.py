@@ -11,11 +11,13 @@ A builder is set up in two halves, by the spare program (`spare.c`).  Its `settl
 a spare process that waits, in fresh namespaces, for the next request: it mounts what
 every sandbox has (the skeleton read-only, devices, `/tmp`, `/dev/shm`, `/dev/pts`,
 `/proc`), names the host and brings `lo` up.  The rest runs once the request came: it
-binds the build dir, the slot's store dir and the inputs, pivots into the skeleton, drops
-to the build user and execs.  Both only mount: in a user namespace whose root is not
-mapped, creating files fails, so everything to mount on is made here beforehand.  Only a
-mount point inside what the spare mounted itself (the store dir of a state dir under
-/tmp lies in the sandbox's own /tmp) is made there, by the build user.
+binds the slot's tmp dir over that `/tmp` if the request names one (`tmp_dir`: then what
+the build writes to `/tmp` is on disk, for a snapshot to keep), the build dir, the slot's
+store dir and the inputs, pivots into the skeleton, drops to the build user and execs.
+Both only mount: in a user namespace whose root is not mapped, creating files fails, so
+everything to mount on is made here beforehand.  Only a mount point inside what the spare
+mounted itself (the store dir of a state dir under /tmp lies in the sandbox's own /tmp),
+or inside the slot's tmp dir bound there, is made there, by the build user.
 """
 
 import contextlib
@@ -166,6 +168,18 @@ def make_skeleton(where: str, name: str = "root") -> str:
     return root
 
 
+def check_tmp_dir(req: SpawnRequest) -> None:
+    """The request's tmp dir, if it names one, is a directory and no symlink: mount(2)
+    follows one, and would bind wherever it led at the sandbox's /tmp."""
+    if not req.tmp_dir:
+        return
+    with _step("tmp dir", req.tmp_dir):
+        if not os.path.isabs(req.tmp_dir):
+            raise SetupError("tmp dir", errno.EINVAL, req.tmp_dir, "not an absolute path")
+        if not stat.S_ISDIR(os.lstat(req.tmp_dir).st_mode):
+            raise SetupError("tmp dir", errno.ENOTDIR, req.tmp_dir, "not a directory")
+
+
 def store_dir_of(req: SpawnRequest) -> str:
     """The build slot's store dir, on disk: what the builder writes its outputs into."""
     return _inside(req.root, req.store_dir)
@@ -192,10 +206,10 @@ def prepare_root(req: SpawnRequest, skeleton: str) -> list[str]:
         if stat.S_IMODE(st.st_mode) != 0o755:
             os.chmod(store, 0o755)
         _directory(_inside(skeleton, req.store_dir))
-        for p in req.inputs:
+        for p in [*req.inputs, *req.restored]:
             if os.path.dirname(p) != req.store_dir.rstrip("/"):
-                raise SetupError("prepare root", errno.EINVAL, p, "an input is not a store path")
-        wanted = {os.path.basename(p) for p in req.inputs}
+                raise SetupError("prepare root", errno.EINVAL, p, "not a path in the store dir")
+        wanted = {os.path.basename(p) for p in [*req.inputs, *req.restored]}
         wanted.update(
             p[len(in_store) :].split("/")[0] for p in req.sandbox_paths if p.startswith(in_store)
         )

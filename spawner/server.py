@@ -11,14 +11,14 @@ freezer directory (`SpawnRequest.freezer`, learnt from the requests), each spare
 in a cgroup of its own in it.
 
 For each request (`daemon/wire/spawner.py`: a `SpawnRequest` in one packet, the log pipe's
-write end in SCM_RIGHTS, and with a plan the report pipe's) the spawner lays out the mount
-points (`sandbox.py`), writes the spare's uid and gid maps and passes it the request and
-the pipes; the spare binds the inputs, pivots and execs (or, with a plan, becomes the
-session runner: `runner.c`).  A setup error comes back on a close-on-exec pipe (EOF with no
-data means the exec happened), and the spawner answers the daemon with the builder's pid
-or the error: the step, errno and path.  Then, unless another request waits, it makes
-the next spare: the clone and the namespaces, most of a spawn's cost, are off the path
-from request to exec.
+write end in SCM_RIGHTS, and with a plan the report pipe's) the spawner checks its tmp dir
+and lays out the mount points (`sandbox.py`), writes the spare's uid and gid maps and
+passes it the request and the pipes; the spare binds the slot's tmp dir and the inputs,
+pivots and execs (or, with a plan, becomes the session runner: `runner.c`).  A setup
+error comes back on a close-on-exec pipe (EOF with no data means the exec happened), and
+the spawner answers the daemon with the builder's pid or the error: the step, errno and
+path.  Then, unless another request waits, it makes the next spare: the clone and the
+namespaces, most of a spawn's cost, are off the path from request to exec.
 
 It dies with the daemon (the parent-death signal; and EOF on its socket, if the daemon
 died before it asked for that signal), and every builder with it: the builders are the
@@ -47,7 +47,7 @@ from daemon.wire.spawner import (
 )
 from spawner.networks import Networks
 from spawner.pasta import Pastas
-from spawner.sandbox import SetupError, make_skeleton, prepare_root, remove_tree
+from spawner.sandbox import SetupError, check_tmp_dir, make_skeleton, prepare_root, remove_tree
 from spawner.scratch import make_scratch
 from spawner.spares import Spare, make_spare
 
@@ -82,6 +82,7 @@ class Spawner:
     def spawn(self, req: SpawnRequest, log_fd: int, report_fd: int | None = None) -> SpawnReply:
         self.freezer, self.reuse_network = req.freezer, req.reuse_network
         try:
+            check_tmp_dir(req)
             binds = prepare_root(req, self.skeletons[req.network])
             spare = self.spares.pop(req.network, None)
             if spare is not None and (

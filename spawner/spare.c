@@ -25,6 +25,7 @@
  * pid and exits: the spare, orphaned, becomes the child of the nearest subreaper, the
  * daemon, whose process monitor reaps it.  The spare mounts what every sandbox has
  * (settle), then waits on fd 3 for one request and the log pipe (SCM_RIGHTS); it binds
+ * the slot's tmp dir if the request names one (over settle's tmpfs, which it hides),
  * /build, the slot's store dir and the inputs, pivots into the skeleton, drops to the
  * build user, asks for SIGKILL when its parent (the daemon, by adoption) dies, and execs
  * the builder.  In C, so that a spare costs no copy of a Python process and its exec no
@@ -33,7 +34,7 @@
  *
  * The request is a list of NUL-terminated strings:
  *     "weft-spare-2" builder build_dir slot_store store_dir parent_pid
- *     N_ARGS args... N_ENV "k=v"... N_BINDS paths... [plan...]
+ *     N_ARGS args... N_ENV "k=v"... N_BINDS paths... ["tmp" tmp_dir] [plan...]
  * in the packet, or past a packet's size in a memfd: the packet is then 0xc1 and the
  * request's length (8 bytes, little-endian), the memfd the last descriptor
  * (daemon/wire/packets.py).  The descriptors: the log pipe, then, with a plan, the report
@@ -165,8 +166,9 @@ static unsigned long locked_flags(const char *target, const char *source) {
 
 /* A mount point at `target` for `source` where the spawner could make none beforehand:
  * in a file system this process mounted (the sandbox's /tmp, when the store dir lies under
- * /tmp).  Made as the build user, the one user mapped here (a file of an unmapped user
- * cannot be made), by a child, so that this process keeps its ids, which reach host
+ * /tmp), or in the slot's tmp dir bound there (a directory of the daemon's, mode 1777).
+ * Made as the build user, the one user mapped here (a file of an unmapped user cannot be
+ * made), by a child, so that this process keeps its ids, which reach host
  * directories only root may enter; the child starts from the deepest directory there is,
  * entered here, so it needs to enter none of them. */
 static void make_mount_point(const char *source, const char *target) {
@@ -213,7 +215,10 @@ static void make_mount_point(const char *source, const char *target) {
         fail("mount point", ECHILD, target);
 }
 
-static void bind_mount(const char *source, const char *target, int read_only, int recursive) {
+/* `source` bound at `target`, then remounted with `restrictions` (MS_RDONLY, MS_NOSUID...:
+ * a bind takes none of them in the same call), if any. */
+static void bind_mount(const char *source, const char *target, unsigned long restrictions,
+                       int recursive) {
     unsigned long flags = MS_BIND | (recursive ? MS_REC : 0);
     struct stat st;
     if (mount(source, target, NULL, flags, NULL) != 0) {
@@ -225,8 +230,8 @@ static void bind_mount(const char *source, const char *target, int read_only, in
         if (err)
             fail("bind mount", err, source);
     }
-    if (read_only) {
-        unsigned long remount = MS_BIND | MS_REMOUNT | MS_RDONLY | locked_flags(target, source);
+    if (restrictions) {
+        unsigned long remount = MS_BIND | MS_REMOUNT | restrictions | locked_flags(target, source);
         if (mount(NULL, target, NULL, remount, NULL) != 0)
             fail("bind mount", errno, source);
     }
@@ -279,7 +284,7 @@ static void settle(int own_network) {
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
         fail("make / private", errno, "");
     /* A mount of its own (pivot_root needs one), read-only. */
-    bind_mount(skeleton, skeleton, 1, 0);
+    bind_mount(skeleton, skeleton, MS_RDONLY, 0);
     for (size_t i = 0; i < sizeof devices / sizeof *devices; i++) {
         snprintf(host, sizeof host, "/dev/%s", devices[i]);
         snprintf(rel, sizeof rel, "dev/%s", devices[i]);
@@ -527,6 +532,13 @@ int main(int argc, char **argv) {
     char **args = strings(&cursor, end, builder);
     char **env = strings(&cursor, end, NULL);
     char **binds = strings(&cursor, end, NULL);
+    char *tmp_dir = NULL;
+    if (cursor < end && strcmp(cursor, "tmp") == 0) {
+        next(&cursor, end);
+        tmp_dir = next(&cursor, end);
+        if (*tmp_dir != '/')
+            fail("request", EINVAL, "tmp");
+    }
     /* A plan comes with the report pipe, and only with it. */
     struct plan *plan = cursor < end ? read_plan(&cursor, end) : NULL;
     if ((cursor < end || report_fd >= 0) && !plan)
@@ -537,12 +549,17 @@ int main(int argc, char **argv) {
     if (stat_fd < 0)
         fail("parent", errno, "/proc/self/stat");
 
-    /* /build first: a store dir under /build (a state dir there) is then bound in it. */
+    /* /tmp first, then /build: a store dir under either (a state dir there) is then
+     * bound in it.  The slot's tmp dir goes over the tmpfs settle mounted, left empty
+     * beneath: unmounting it would put an expedited RCU grace period (every CPU
+     * interrupted; 30 us on an idle VM) on the way to the exec, for nothing. */
     char target[4200];
+    if (tmp_dir)
+        bind_mount(tmp_dir, inside("tmp", target, sizeof target), MS_NOSUID | MS_NODEV, 0);
     bind_mount(build_dir, inside("build", target, sizeof target), 0, 1);
     bind_mount(slot_store, inside(store_dir, target, sizeof target), 0, 1);
     for (char **p = binds; *p; p++)
-        bind_mount(*p, inside(*p, target, sizeof target), 1, 1);
+        bind_mount(*p, inside(*p, target, sizeof target), MS_RDONLY, 1);
     /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves nothing
      * of the host reachable, and needs no directory to put it in. */
     if (chdir(skeleton) != 0 || syscall(SYS_pivot_root, ".", ".") != 0 ||

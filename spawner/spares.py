@@ -59,14 +59,17 @@ def _reported(data: bytes) -> SetupFailure:
 
 
 def _for_spare(req: SpawnRequest, binds: list[str], parent: int) -> bytes:
-    """The request as the spare reads it (spare.c): NUL-terminated strings; a plan's
-    after the rest (runner.c)."""
+    """The request as the spare reads it (spare.c): NUL-terminated strings; the slot's
+    tmp dir after the binds, if it has one (else the same as before there was one); a
+    plan's after the rest (runner.c)."""
     env = [f"{k}={v}" for k, v in req.env.items()]
     parts = [SPARE_MAGIC, req.builder, req.build_dir, store_dir_of(req), req.store_dir]
     parts.append(str(parent))
     for part in (req.args, env, binds):
         parts.append(str(len(part)))
         parts.extend(part)
+    if req.tmp_dir:
+        parts.extend(("tmp", req.tmp_dir))
     if req.plan is not None:
         parts.extend(_plan_for_runner(req.plan))
     if any("\0" in p for p in parts):

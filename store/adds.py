@@ -15,7 +15,7 @@ import blake3
 from store import nar
 from store.derivation import check_hash
 from store.hashing import format_hash
-from store.ingest import copy_tree, copy_tree_as
+from store.ingest import copy_tree, copy_tree_as, take_tree
 from store.install import Installer
 from store.paths import InvalidPath, PathKind, StorePath, make_store_path, validate_name
 from store.pins import Pins
@@ -72,6 +72,21 @@ class Adder:
         if sig is not None and signature(src) == sig:
             self._sources.put(key, sig, info.path)
         return info
+
+    def take_path(
+        self,
+        src: str | os.PathLike[str],
+        name: str,
+        references: Iterable[str] = (),
+        pin: Hashable | None = None,
+    ) -> PathInfo:
+        """Add a tree nothing else can reach by moving it in (see `Store.take_path`)."""
+
+        def fill(dest: Path) -> tuple[str, int]:
+            got = take_tree(src, dest)
+            return got.nar_hash, got.nar_size
+
+        return self._add(PathKind.SOURCE, name, references, fill, pin)
 
     def add_nar(
         self,

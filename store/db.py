@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import apsw
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 T = TypeVar("T")
 
 _V1 = """
@@ -87,8 +87,28 @@ CREATE TABLE Flaky (
 );
 """
 
+# Version 4: the snapshots of stopped builds (store/snapshots.py), each row a GC root, and
+# the snapshot each attempt left.  The path is not a foreign key into ValidPaths: the row
+# is what keeps its path valid (a root), and a row outlives nothing it names.
+_V4 = """
+CREATE TABLE Snapshots (
+    path     TEXT PRIMARY KEY,
+    drv      TEXT NOT NULL,
+    attempt  INTEGER NOT NULL,
+    scope    TEXT NOT NULL,
+    state    TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    created  REAL NOT NULL,
+    owner    INTEGER NOT NULL,
+    durable  TEXT NOT NULL,
+    nar_size INTEGER NOT NULL
+);
+CREATE INDEX IndexSnapshots ON Snapshots(drv);
+ALTER TABLE BuildAttempts ADD COLUMN snapshot TEXT;
+"""
+
 # MIGRATIONS[n] takes a database at version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 60_000

@@ -33,6 +33,7 @@ class AttemptRecord:
     load_peak: dict[str, object]
     parallelism: int  # the most builds running at once during the attempt
     paused: float  # seconds the build spent paused
+    snapshot: str | None = None  # the snapshot the attempt left (store/snapshots.py), if any
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -40,12 +41,12 @@ class AttemptRecord:
 
 _COLUMNS = (
     "drv, attempt, start_time, end_time, outcome, exit_code, load_start, load_peak, "
-    "parallelism, paused"
+    "parallelism, paused, snapshot"
 )
 
 
 def _record(row: tuple) -> AttemptRecord:
-    drv, attempt, start, end, outcome, code, load_start, load_peak, par, paused = row
+    drv, attempt, start, end, outcome, code, load_start, load_peak, par, paused, snap = row
     return AttemptRecord(
         drv,
         attempt,
@@ -57,6 +58,7 @@ def _record(row: tuple) -> AttemptRecord:
         json.loads(load_peak),
         par,
         paused,
+        snap,
     )
 
 
@@ -70,7 +72,7 @@ class History:
 
         def body(conn) -> bool:  # type: ignore[no-untyped-def]
             conn.execute(
-                f"INSERT INTO BuildAttempts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO BuildAttempts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     attempt.drv,
                     attempt.attempt,
@@ -82,6 +84,7 @@ class History:
                     json.dumps(attempt.load_peak),
                     attempt.parallelism,
                     attempt.paused,
+                    attempt.snapshot,
                 ),
             )
             if attempt.outcome != "built":

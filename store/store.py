@@ -42,6 +42,7 @@ from store.records import (
     VerifyReport,
 )
 from store.recovery import Recovery
+from store.snapshots import Snapshots
 from store.tmparea import TmpArea
 from store.verify import verify
 
@@ -74,6 +75,7 @@ class Store:
             self.db, self.tmp, self._queries, self._recovery, self._installed
         )
         self._adder = Adder(self.tmp, self.pins, self._queries, self._installer)
+        self.snapshots = Snapshots(self.db)
         self.recover()
 
     @classmethod
@@ -129,6 +131,20 @@ class Store:
         the store dir, what holds it, and what in it is no valid path are refused.
         """
         return self._adder.add_path(src, name, references, reader, pin)
+
+    def take_path(
+        self,
+        src: str | os.PathLike[str],
+        name: str,
+        references: Iterable[str] = (),
+        pin: Hashable | None = None,
+    ) -> PathInfo:
+        """Add a tree as a source path by moving it in and making it canonical where it
+        lies, as a built output is (`store.ingest.take_tree`): only for a tree no other
+        process can reach, such as one staged in the store's temporary area.  `src` is
+        gone after an add, and may be after a failed one (the caller removes what is left).
+        With `pin`, as `add_path`."""
+        return self._adder.take_path(src, name, references, pin)
 
     def add_nar(
         self,

@@ -8,8 +8,9 @@ Worker-thread trips are latency on a chain of builds, so an attempt makes as few
 can: one before the builder (the outputs looked at again under their locks, the input
 closure, the slot laid out; none for a check or a repair whose closure is known and whose
 slot was left ready), one after (the `Finish`, and the slot readied for the next
-build).  A failed attempt's build dir is handed to the user if asked
-(`keepfailed.py`); its log is stored and its slot readied in one more trip.
+build).  A snapshot the attempt resumes from is restored in the trip before; a stopped
+one's snapshot is captured, and a failed one's build dir handed to the user if asked
+(`stops.py`); its log is stored and its slot readied in one more trip.
 
 A slot goes back to the slots only once its builder is gone: an attempt abandoned
 mid-build (its client went away, the daemon stops) kills its builder and waits for it,
@@ -31,15 +32,15 @@ import trio
 from daemon.build import leftovers
 from daemon.build.closures import Closures
 from daemon.build.errors import BuildError
-from daemon.build.events import LogLine
+from daemon.build.events import LogLine, Note
 from daemon.build.job import Job
-from daemon.build.keepfailed import keep_failed
 from daemon.build.logs import LogPipe, LogTail, ReportPipe
 from daemon.build.outputs import Finish
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
 from daemon.build.session import plan_of, session_ending
 from daemon.build.slots import Slot, mount_points
+from daemon.build.stops import Resume, Stops
 from daemon.build.watch import KILL_GRACE, Ending, Watch
 from daemon.proc.processes import Process
 from daemon.proc.spawner import SpawnerDied, SpawnError
@@ -87,6 +88,7 @@ class Attempt:
         inputs: Inputs,
         opts: BuildOptions,
         finish: Finish,
+        resume: Resume | None = None,
     ) -> None:
         self.room = room
         self.job = job
@@ -103,6 +105,7 @@ class Attempt:
         self.done = False  # `finished` was called: the outputs are there
         self.slot_safe = True  # nothing of this attempt can run in the slot any more
         self.spawner_died = False  # while it made this attempt's sandbox
+        self.stops = Stops(room, job, drv, opts, resume)
 
     async def run(
         self, needed: Callable[[], bool] | None = None, finished: Callable[[], None] = _nothing
@@ -142,6 +145,7 @@ class Attempt:
         keep = mount_points(closure)
         try:
             built = self._outputs(slot, await self._build(slot, closure))
+            await self.stops.settled()
             await self.room.workers.long(self._finish_and_ready, slot, built, closure, keep)
             if self.job.run is not None:
                 self.job.run.succeeded = True
@@ -149,24 +153,25 @@ class Attempt:
             finished()
             return self.log.data
         except BuildError as e:
-            if self.opts.keep_failed_for is not None and self.ran:
-                raise await self._kept(e, slot) from None
-            raise
+            raise await self.stops.failed(e, slot, closure, self.ran) from None
         finally:
             if not self.cleared:
                 with trio.CancelScope(shield=True):
                     safe = await self._buried(slot)
+                    await self.stops.settled()
                     await trio.to_thread.run_sync(self._wrap_up, slot, keep, safe)
 
     async def _lay_out(self, slot: Slot, needed: Callable[[], bool] | None) -> list[str] | None:
         """The input closure, the slot laid out for it; None if the build is not needed."""
         ready = self.room.slots.take_ready(slot)
         closure = self.inputs.closures.known(self.inputs.paths)
-        if needed is None and ready and closure is not None:
+        if needed is None and ready and closure is not None and self.stops.resume is None:
             return closure
         closure = await trio.to_thread.run_sync(self._prepare, slot, ready, needed)
         if closure is None and ready:
             self.room.slots.mark_ready(slot)
+        if self.stops.restored:
+            await self.job.tell(Note(self.stops.restored, self.job.drv_path))
         return closure
 
     def _prepare(
@@ -178,6 +183,8 @@ class Attempt:
         closure = self.inputs.closures.compute(self.inputs.paths)
         if not ready:
             self.room.slots.lay_out(slot, mount_points(closure))
+        if self.stops.resume is not None:
+            self.stops.restore(slot)
         return closure
 
     async def _build(self, slot: Slot, closure: list[str]) -> Ending:
@@ -200,7 +207,8 @@ class Attempt:
                     grace,
                     bool(plan),
                 )
-                ending = await watch.until_exit()
+                with self.stops.running(slot, closure, proc):
+                    ending = await watch.until_exit()
             finally:
                 self.log.end()
             if plan is not None:
@@ -262,6 +270,8 @@ class Attempt:
             env=env,
             root=str(slot.work / "root"),
             build_dir=str(slot.work / "build"),
+            tmp_dir=str(slot.work / "tmp"),
+            restored=self.stops.outputs,
             store_dir=self.room.store.store_dir,
             host_uid=slot.uid,
             host_gid=slot.gid,
@@ -326,6 +336,7 @@ class Attempt:
             self._ready_slot(slot, keep)
         except OSError as e:
             logger.warning("%s: after the build: %s", self.job.drv_path, e)
+        self.stops.end()
 
     def _wrap_up(self, slot: Slot, keep: set[str], safe: bool) -> None:
         """After a failure: the log stored, the slot readied if nothing of this attempt
@@ -334,8 +345,11 @@ class Attempt:
             if self.ran:
                 self.room.logs.store(self.job.drv_path, self.log.data)
         finally:
-            if safe:
-                self._ready_slot(slot, keep)
+            try:
+                if safe:
+                    self._ready_slot(slot, keep)
+            finally:
+                self.stops.end()
 
     def _ready_slot(self, slot: Slot, keep: set[str]) -> None:
         if self.proc is not None and self.proc.returncode is not None:
@@ -343,14 +357,3 @@ class Attempt:
         # Emptied but for the mount points of this build's inputs, which the next build
         # may share.
         self.room.slots.ready(slot, keep)
-
-    async def _kept(self, e: BuildError, slot: Slot) -> BuildError:
-        """`e`, once the failed build's dir is handed to the user who asked for it."""
-        assert self.opts.keep_failed_for is not None
-        try:
-            kept = await trio.to_thread.run_sync(
-                keep_failed, slot.work / "build", slot.uid, self.name, *self.opts.keep_failed_for
-            )
-        except OSError as err:
-            return BuildError(f"{e}\nthe build dir could not be kept: {err}", e.cause, e.exit_code)
-        return BuildError(f"{e}\nthe build dir is kept at {kept}", e.cause, e.exit_code)

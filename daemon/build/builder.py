@@ -7,13 +7,15 @@ builds shared between requests.  The work is done in:
 - `graph.py`: one request's walk of its graph (`GraphRun`);
 - `shared.py`: a build several requests need, run once, attempt after attempt;
 - `attempt.py`: one attempt in a build slot (`slots.py`), its builder watched
-  (`watch.py`), its log kept (`logs.py`), its outputs registered (`outputs.py`);
+  (`watch.py`), its log kept (`logs.py`), its outputs registered (`outputs.py`), its
+  snapshots restored and captured (`stops.py`, `snapshots.py`);
 - `rebuild.py`: `--check` and repair, building valid derivations again.
 
 When a build may start, and whether a failed one is tried again, is the scheduler's and
 the retry policy's business (`daemon/sched/`, docs/scheduling.md).
 """
 
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 
@@ -28,6 +30,7 @@ from daemon.build.request import BuildOptions, Result
 from daemon.build.room import Room
 from daemon.build.shared import Jobs
 from daemon.build.slots import BuildSlots
+from daemon.build.snapshots import SnapshotService
 from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
@@ -59,6 +62,7 @@ class Builder:
         pauser: Pauser,
         wakeups: QuickWakeups,
         workers: Workers,
+        snapshots: SnapshotService,
         collector: Collector | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -84,6 +88,7 @@ class Builder:
             wakeups=wakeups,
             workers=workers,
             collector=collector,
+            snapshots=snapshots,
             derivations=Derivations(store),
             slots=slots,
             logs=BuildLogs(state.log_dir),
@@ -93,7 +98,10 @@ class Builder:
         self.jobs = Jobs(self.room, retrier)
 
     async def build(self, roots: list[str], opts: BuildOptions, listener: Listener) -> list[Result]:
-        """Build `roots` and what they need; a result for each root."""
+        """Build `roots` and what they need; a result for each root.  A snapshot to resume
+        from seeds the build of the one root (the request names only one)."""
+        if opts.resume_from is not None and len(roots) == 1:
+            opts = dataclasses.replace(opts, resume_into=roots[0])
         return await GraphRun(self.room, self.jobs, roots, opts, listener).run()
 
     def learn(self, path: str, text: str) -> None:

@@ -19,7 +19,8 @@ A leftover is known by one of two marks, each tied to this state dir and no othe
 - the slot's build dir, as its working directory or bound at its `/build`
   (`/proc/<pid>/cwd`, `/proc/<pid>/root/build`: that directory's device and inode).  Both,
   as the spawner's exit removes the sandbox skeleton, which detaches the `/build` mount of
-  builders still running; the builder's working directory stays.
+  builders still running; the builder's working directory stays.  That may be the slot's
+  tmp dir too (bound at `/tmp`: a builder may `cd /tmp`), so it marks a leftover as well.
 
 Only processes of pid namespaces other than the daemon's are taken (an admin's shell
 sitting in a slot's build dir is no leftover), and each takes every process of its pid
@@ -53,6 +54,8 @@ LEFTOVER_WAIT = 10.0
 LEFTOVER_POLL = 0.01
 # The slot a process found in a predecessor's cgroup is in is not known: any.
 ANY_SLOT = -1
+# A slot's directories a builder's working directory may be (its /build and /tmp).
+SLOT_DIRS = ("build", "tmp")
 
 Identity = tuple[int, int]  # a file's (st_dev, st_ino)
 
@@ -65,14 +68,19 @@ def _identity(path: str) -> Identity | None:
     return st.st_dev, st.st_ino
 
 
+def _slot_dirs(work: str) -> list[Identity]:
+    """The identities of a slot's build and tmp dirs, `var/builds/<slot>/{build,tmp}`."""
+    return [ident for name in SLOT_DIRS if (ident := _identity(f"{work}/{name}"))]
+
+
 def build_dirs(builds_dir: Path) -> dict[Identity, int]:
-    """Every slot's build dir under `builds_dir` by its identity: {(dev, ino): slot}.  All
-    there are, not only this daemon's `build-slots`: a predecessor may have had more."""
+    """Every slot's build and tmp dirs under `builds_dir` by identity: {(dev, ino): slot}.
+    All there are, not only this daemon's `build-slots`: a predecessor may have had more."""
     found: dict[Identity, int] = {}
     with contextlib.suppress(FileNotFoundError), os.scandir(builds_dir) as entries:
         for entry in entries:
-            if entry.name.isdigit() and (ident := _identity(f"{entry.path}/build")):
-                found[ident] = int(entry.name)
+            if entry.name.isdigit():
+                found.update((ident, int(entry.name)) for ident in _slot_dirs(entry.path))
     return found
 
 
@@ -210,12 +218,13 @@ def sweep(builds_dir: Path, cgroups: str, wait: float = LEFTOVER_WAIT) -> dict[i
 
 
 def sweep_slot(work: Path, wait: float = LEFTOVER_WAIT) -> list[int]:
-    """`sweep` of one slot, `var/builds/<slot>/`, by its build dir alone (the cgroups
-    are the running daemon's): the pids still there after `wait` s."""
-    ident = _identity(f"{work}/build")
-    if ident is None:
+    """`sweep` of one slot, `var/builds/<slot>/`, by its build and tmp dirs alone (the
+    cgroups are the running daemon's): the pids still there after `wait` s."""
+    idents = _slot_dirs(str(work))
+    if not idents:
         return []
-    return _sweep({ident: int(work.name)}, "", wait).get(int(work.name), [])
+    slot = int(work.name)
+    return _sweep(dict.fromkeys(idents, slot), "", wait).get(slot, [])
 
 
 def _sweep(dirs: dict[Identity, int], cgroups: str, wait: float) -> dict[int, list[int]]:

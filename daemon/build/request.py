@@ -5,6 +5,9 @@ derivation (a `Result`, in a `State`): plain records, encoded once, at the rpc e
 import enum
 from dataclasses import dataclass
 
+from store.durabledirs import Scope
+from store.snapshots import SnapshotRecord
+
 # The limits of one build when its request sets none.  Nix sets none by default; weft
 # bounds every build, loosely enough that a build making progress is never cut short:
 # a day, so that a stuck builder is stopped at last;
@@ -41,6 +44,16 @@ class BuildOptions:
     max_log_size: int = DEFAULT_MAX_LOG_SIZE
     # None: the daemon's retry policy; 0: no retries; N: N retries, flakiness expected.
     retries: int | None = None
+    # The snapshot scopes in effect (docs/snapshots.md): the request's over weft.toml's;
+    # None: not set (the settings' then, if they set one).
+    on_pause: Scope | None = None
+    on_commit: Scope | None = None
+    # A committed snapshot (checked by `SnapshotService.check_resume`) that seeds the
+    # build of the request's one derivation, `resume_into` (set by `Builder.build`).
+    resume_from: SnapshotRecord | None = None
+    resume_into: str = ""
+    # The requesting uid: it owns the snapshots its builds leave.
+    owner: int = 0
 
 
 class State(enum.StrEnum):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from daemon.build.derivations import Derivations
 from daemon.build.logs import BuildLogs, LiveLogs
 from daemon.build.slots import BuildSlots
+from daemon.build.snapshots import SnapshotService
 from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
@@ -29,6 +30,7 @@ class Room:
     wakeups: QuickWakeups
     workers: Workers
     collector: Collector | None  # None: no collection before builds
+    snapshots: SnapshotService
     # The room's own.
     derivations: Derivations
     slots: BuildSlots

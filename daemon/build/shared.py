@@ -7,6 +7,12 @@ attempt under the derivation's output locks (`outputs.py`), in a slot (`attempt.
 its outputs registered (`outputs.Register`).  An attempt is "started", in the request's
 nursery, once its outputs are registered: what follows (the locks released, the log
 stored) goes on there, off the path of the build's dependents.
+
+Each attempt starts from a snapshot when there is one to start from (docs/snapshots.md):
+with durable directories declared, from the last snapshot an earlier attempt left (a
+failed one's, an evicted one's); else from the one the request names (`--resume-from`,
+on every attempt until another is made); else, on the first, from the derivation's paused
+snapshot, which an eviction before a daemon restart left.
 """
 
 import dataclasses
@@ -21,12 +27,16 @@ from daemon.build.job import Hooks, Job
 from daemon.build.outputs import Register, build_owner, lock_files
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
+from daemon.build.stops import Resume, scopes
 from daemon.proc.locks import LockError
 from daemon.sched.retry import Cause
 from daemon.sched.retrying import Failure, RetryRunner
 from daemon.sched.scheduler import Running
 from store.derivation import Derivation, drv_name
+from store.durabledirs import Scope
 from store.records import StoreError
+from store.snapshotfs import Restore
+from store.snapshots import SnapshotRecord, SnapshotState
 
 logger = logging.getLogger("weft.builds")
 
@@ -58,6 +68,9 @@ class Jobs:
             await listener(
                 Note(f"waiting for {drv_name(path)}, which another client is building", path)
             )
+            if opts.resume_from is not None and opts.resume_into == path:
+                ignored = f"--resume-from {opts.resume_from.path} is ignored: the build is running"
+                await listener(Note(f"{drv_name(path)}: {ignored}", path))
             await job.done.wait()
             return job
         job = self._running[path] = Job(path, hooks, [listener])
@@ -107,11 +120,32 @@ class _Attempts:
         self.inputs = inputs
         self.opts = opts
         self.tails = tails
+        self.on_pause = scopes(opts, room.settings)[0]
+        self.last: SnapshotRecord | None = None  # the newest snapshot an attempt left
+        self.first = True
+
+    def _resume(self) -> Resume | None:
+        """What the next attempt starts from."""
+        durable = bool(self.drv.durable_dirs)
+        last = self.last
+        if durable and last is not None:
+            paused = last.state is SnapshotState.PAUSED
+            said = "resuming from the paused snapshot" if paused else "resuming from the snapshot"
+            return Resume(last, Restore.DATA, f"{said} of attempt {last.attempt},")
+        seed = self.opts.resume_from
+        if seed is not None and self.opts.resume_into == self.job.drv_path:
+            # `check_resume` let a full one through only into its own derivation.
+            full = seed.scope is Scope.FULL and seed.drv == self.job.drv_path
+            return Resume(seed, Restore.FULL if full else Restore.DATA, "resuming from")
+        if durable and self.first:
+            return Resume(None, Restore.DATA, "resuming from the paused snapshot")
+        return None
 
     async def attempt(self, run: Running, timeout: float, silence: float) -> Failure | None:
         """One attempt in the scheduler's slot `run`, within these limits; None once the
         outputs are registered."""
         self.job.run = run
+        run.evict_on_pause = self.on_pause is Scope.DATA
         # Told from the scheduler's slot, to every request waiting: a build counts as
         # running only once it may run, and again after each retry's wait.
         await self.job.tell(Started(self.job.drv_path))
@@ -134,11 +168,16 @@ class _Attempts:
         are registered, before the locks are released."""
         job, path = self.job, self.job.drv_path
         register = Register(self.room.store, path, self.drv, self.inputs.closures)
-        attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register)
+        resume = self._resume()
+        self.first = False
+        attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register, resume)
         locked = self.room.locks.exclusive(lock_files(self.drv), build_owner(path), delete=True)
         try:
             async with locked:
-                await attempt.run(register.needed, task_status.started)
+                try:
+                    await attempt.run(register.needed, task_status.started)
+                finally:
+                    self._left(attempt.stops.spent, attempt.stops.made)
             if register.present is not None:
                 note = f"{drv_name(path)}: content already in the store as {register.present}"
                 await job.tell(Note(note, path))
@@ -148,3 +187,10 @@ class _Attempts:
             # The outputs are registered: a locker lost, or a lock file that would not go,
             # costs the build nothing now.
             logger.warning("%s: after the build: %s", build_owner(path), e)
+
+    def _left(self, spent: SnapshotRecord | None, made: SnapshotRecord | None) -> None:
+        """After an attempt: the snapshot the next one starts from."""
+        if spent is not None and self.last is not None and spent.path == self.last.path:
+            self.last = None  # forgotten: garbage from now on
+        if made is not None:
+            self.last = made

@@ -1,7 +1,15 @@
 """Build slots: where a build runs.  Each slot has a host uid and gid for its sandbox
 (`build-uid-base`, `build-slots`) and a work dir kept from build to build,
-`var/builds/<slot>/` (0700, the daemon's): `root/` (the sandbox's store dir inside) and
-`build/` (its `/build`).
+`var/builds/<slot>/` (0700, the daemon's): `root/` (the sandbox's store dir inside),
+`build/` (its `/build`) and `tmp/` (its `/tmp`: on disk rather than a tmpfs, so that a
+`full` snapshot can keep what the build wrote there).
+
+`tmp/` is the daemon's, mode 1777, as a host's /tmp is root's: the sandbox maps its build
+user alone, so inside it `/tmp` is nobody's and sticky, as the tmpfs it replaces was.  The
+build user writes in it, but can change nothing of the directory itself: its mode, an ACL,
+a user attribute (on a sticky directory those are its owner's), so the next build finds it
+as every build does, with nothing to look at on the way (as `build/`'s attributes are).
+A `tmp/` of the slot's uid would be the builder's to change.
 
 A build takes a free slot, waiting while none is; the slot freed last is taken first,
 as its directories and its inputs' mount points are there already.  A slot whose last
@@ -31,6 +39,9 @@ from daemon.proc.spawner import build_ids
 from store.tmparea import remove_tree
 
 logger = logging.getLogger("weft.builds")
+
+# A slot's tmp/, the sandbox's /tmp: what every /tmp is, world-writable and sticky.
+TMP_MODE = 0o1777
 
 
 @dataclass(frozen=True)
@@ -141,9 +152,10 @@ class BuildSlots:
 def prepare_workdir(
     work: Path, store_dir: str, uid: int, gid: int, keep: Collection[str] = ()
 ) -> None:
-    """A slot's directory, kept from build to build: what a build leaves (in `build/`, and
-    in the root's store dir but the mount points named `keep`) is emptied.  Only what is
-    missing or wrong is written: this disk is sometimes slow at any change of metadata."""
+    """A slot's directory, kept from build to build: what a build leaves (in `build/` and
+    `tmp/`, and in the root's store dir but the mount points named `keep`) is emptied.
+    Only what is missing or wrong is written: this disk is sometimes slow at any change of
+    metadata."""
     _own_dir(work.parent, 0o700)
     _own_dir(work, 0o700)
     _own_dir(work / "root", 0o755)
@@ -153,6 +165,7 @@ def prepare_workdir(
         # ACLs or attributes the last builder set on its /build: not for the next one.
         remove_tree(build)
     _own_dir(build, 0o700, uid, gid)
+    _own_dir(work / "tmp", TMP_MODE, os.geteuid(), os.getegid())
 
 
 def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
@@ -174,9 +187,15 @@ def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
 
 
 def _clear_workdir(work: Path, store_dir: str, keep: Collection[str] = ()) -> None:
-    """Empty the build dir, and the root's store dir but for the entries named `keep`: the
-    mount points of inputs (the spawner checks them before it mounts on them again)."""
-    for where, kept in ((work / "build", ()), (work / "root" / store_dir.lstrip("/"), keep)):
+    """Empty the build and tmp dirs, and the root's store dir but for the entries named
+    `keep`: the mount points of inputs (the spawner checks them before it mounts on them
+    again)."""
+    areas = (
+        (work / "build", ()),
+        (work / "tmp", ()),
+        (work / "root" / store_dir.lstrip("/"), keep),
+    )
+    for where, kept in areas:
         if where.is_dir() and not where.is_symlink():
             for name in os.listdir(where):
                 if name not in kept:

@@ -16,7 +16,8 @@ still read (kept, up to its limit, but sent to nobody): a runner whose log pipe 
 waits to write it, and would wait out the grace without running an exit action.
 
 While it runs, the scheduler may pause it (`Running.watch`): its deadlines are set aside
-then, and given back, whatever was left of them, when it resumes.
+then, and given back, whatever was left of them, when it resumes.  Or evict it (on-pause =
+data): killed, it ends as evicted (`Cause.EVICTED`), not as failed.
 """
 
 import signal
@@ -99,14 +100,19 @@ class Watch:
                     self.proc.kill()
                     raise
                 limits = self.limits
-                if self._why:
+                stopped = deadline.cancelled_caught or silent.cancelled_caught
+                # (One that exited 0 before the scheduler's kill reached it is built.)
+                if self.run is not None and self.run.evicted and (stopped or code != 0):
+                    # Killed by the scheduler to free its memory: its attempt is requeued.
+                    self._why, self._cause = "was evicted under memory pressure", Cause.EVICTED
+                elif self._why:
                     pass
                 elif deadline.cancelled_caught:
                     self._why, self._cause = f"timed out after {limits.timeout:g} s", Cause.TIMEOUT
                 elif silent.cancelled_caught:
                     silence = limits.max_silent_time
                     self._why, self._cause = f"was silent for {silence:g} s", Cause.SILENT
-                if deadline.cancelled_caught or silent.cancelled_caught:
+                if stopped:
                     code = await self._stop()
         finally:
             if self.run is not None:

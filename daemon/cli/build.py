@@ -14,17 +14,20 @@ from types import TracebackType
 from daemon.cli.blocking import BlockingClient, DaemonError
 from daemon.cli.common import Command, CommandError, Flag, UsageError, absolute, connect
 from daemon.cli.progress import Progress
+from daemon.cli.snapflags import FLAGS as SNAPSHOT_FLAGS
+from daemon.cli.snapflags import check_resumed, commit, snapshot_args
 
 _DAEMONS = "the daemon's"
 
 BUILD = Command(
     "store-build",
-    "[OPTION...] TARGET...",
+    "[OPTION...] TARGET... | --commit DRV [--on-commit SCOPE]",
     "Build derivations through the daemon; print their output paths.  A TARGET is a .drv\n"
     "store path or a recipe file.py[:name]: the recipe's `default`, else every derivation\n"
     "it defines, unless `:name` picks one.\n"
     "-o LINK links LINK to the first target's `out`, LINK-NAME to its output NAME, and\n"
-    "LINK-2, LINK-2-NAME, ... to the next targets' outputs; each link is a GC root.",
+    "LINK-2, LINK-2-NAME, ... to the next targets' outputs; each link is a GC root.\n"
+    "--commit DRV snapshots DRV's running build instead (docs/snapshots.md).",
     (
         Flag("--max-jobs", "how many builds may run at once", "N", "-j", "the daemon's max-jobs"),
         Flag("--print-build-logs", "print what the builders write", short="-L"),
@@ -37,6 +40,7 @@ BUILD = Command(
         Flag("--max-silent-time", "stop a build silent longer", "SECONDS", default=_DAEMONS),
         Flag("--retries", "retry a failed build up to N times", "N", default=_DAEMONS),
         Flag("--no-retry", "never retry a failed build"),
+        *SNAPSHOT_FLAGS,
     ),
 )
 
@@ -232,14 +236,17 @@ def build(
 
 def store_build(argv: list[str]) -> int:
     opts, targets = BUILD.parse(argv)
+    if "--commit" in opts:
+        return commit(opts, targets)
     if not targets:
         raise UsageError("no targets given")
-    args = build_args(opts)
+    args = build_args(opts) | snapshot_args(opts, targets)
     link = str(opts.get("--out-link") or "")
     progress = progress_of(opts)
     with connect(opts) as client:
         watch(client, progress)
         drvs = [d for t in targets for d in evaluate(t, client)]
+        check_resumed(args, drvs)
         links: list[tuple[str, str]] = []
         if link or "--dry-run" in opts:
             from daemon.cli.plan import Plan, describe, refuse_clobbering

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "store-build": ("daemon.cli.build", "BUILD", "store_build"),
     "store-status": ("daemon.cli.sched", "STATUS", "store_status"),
     "store-history": ("daemon.cli.sched", "HISTORY", "store_history"),
+    "store-snapshot": ("daemon.cli.snapshot", "SNAPSHOT", "store_snapshot"),
     "store-why-depends": ("daemon.cli.whydepends", "WHY_DEPENDS", "store_why_depends"),
     "store-export": ("daemon.cli.transfer", "EXPORT", "store_export"),
     "store-import": ("daemon.cli.transfer", "IMPORT", "store_import"),

@@ -1,7 +1,8 @@
 """`store-status` and `store-history`: the scheduler's view and the build history.
 
 store-status [--json]               load, parallelism in effect, running builds, queue
-store-history [--json] DRV|OUTPUT   every attempt at building a derivation
+store-history [--json] DRV|OUTPUT   every attempt at building a derivation, and the
+                                    snapshot it left (store-snapshot)
 store-history [--json] --flaky      the derivations marked flaky
 store-history --forget DRV|OUTPUT   drop a derivation's attempts and its flaky mark
 """
@@ -52,7 +53,8 @@ def store_status(argv: list[str]) -> int:
         f"parallelism: {status['parallelism']} of max-jobs {status['max_jobs']}"
         + (f" (held back: {', '.join(status['held_back'])})" if status["held_back"] else ""),
         f"running: {len(status['running'])}, queued: {status['queued']}, "
-        f"retries waiting: {status['retries_waiting']}",
+        f"retries waiting: {status['retries_waiting']}, "
+        f"evicted waiting: {status['evicted']}",
     ]
     if status["running"]:
         # Imported only when there are builds to name: it costs a command ~40 ms.
@@ -106,7 +108,19 @@ def store_history(argv: list[str]) -> int:
     if "--json" in opts:
         print_json(history)
         return 0
-    rows = [("attempt", "started", "secs", "outcome", "exit", "jobs", "peak cpu/mem/io", "paused")]
+    rows = [
+        (
+            "attempt",
+            "started",
+            "secs",
+            "outcome",
+            "exit",
+            "jobs",
+            "peak cpu/mem/io",
+            "paused",
+            "snapshot",
+        )
+    ]
     for a in history["attempts"]:
         p = a["load_peak"]
         rows.append(
@@ -119,6 +133,7 @@ def store_history(argv: list[str]) -> int:
                 str(a["parallelism"]),
                 "/".join(_pct(p[r]) for r in ("cpu", "memory", "io")),
                 f"{a['paused']:g}" if a["paused"] else "",
+                a["snapshot"] or "",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -4,6 +4,7 @@
 from dataclasses import dataclass
 
 from daemon.build.builder import Builder
+from daemon.build.snapshots import SnapshotService
 from daemon.proc.workers import Workers
 from daemon.runtime.service import Runtimes
 from daemon.settings import Settings
@@ -26,3 +27,5 @@ class Services:
     repairer: Repairer | None = None
     # None: a daemon that keeps no runtimes (store-run needs one that does).
     runtimes: Runtimes | None = None
+    # None with no builder: builds leave the snapshots, and only they can be resumed.
+    snapshots: SnapshotService | None = None

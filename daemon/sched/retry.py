@@ -12,6 +12,9 @@ none: no load causes that), a derivation marked `noRetry`, and by default a fail
 repeats at low load, or repeats the attempt before it exactly (cause and exit code) at
 low load.  A first failure at low load is retried only when the derivation is known to
 be flaky or failed differently under pressure earlier in this run.
+An eviction (a build whose `on-pause` scope is `data`, killed under memory pressure:
+`scheduler.py`) is no failure: it is tried again once the pressure falls, whatever the
+policy, and counts against no retry budget.
 An explicit retry count (`store-build --retries N`, or `retries` in the derivation's
 environment) says the user expects flakiness: every failure but the deterministic ones is
 retried, up to N times.
@@ -35,6 +38,9 @@ class Cause(enum.StrEnum):
     HASH_MISMATCH = "hash-mismatch"
     REFUSED = "refused"  # the store refused the outputs for another reason
     SETUP = "setup"  # sandbox, locks or store failed around the build
+    # Killed by the scheduler under memory pressure (on-pause = data): requeued, and never
+    # handed to `decide`.
+    EVICTED = "evicted"
 
 
 # Failures another attempt would meet again.

@@ -4,6 +4,10 @@ the history, and the retry policy's word on what follows a failure.
 Whoever waits for the build (its dependents, other clients) goes on waiting while a retry
 is pending: the build is finished only when it succeeds or the policy gives up.  They hear
 of each retry (`Retried`) and of the policy giving up (`Failed`) as the build's progress.
+
+An evicted attempt (`Cause.EVICTED`: killed under memory pressure, its durable directories
+kept) is recorded, told as a note, and followed by another once the scheduler lets it in
+again: no failure, so neither the policy nor the retry budget hears of it.
 """
 
 import dataclasses
@@ -83,10 +87,11 @@ class RetryRunner:
         failures: list[Failed] = []
         cap: int | None = None
         factor = 1.0
+        evicted = False
         while True:
             outcome.attempts += 1
             n = outcome.attempts
-            async with self.scheduler.slot(drv, n, cap) as run:
+            async with self.scheduler.slot(drv, n, cap, evicted) as run:
                 failure = await attempt(run, timeouts[0] * factor, timeouts[1] * factor)
             if failure is not None:
                 failure = dataclasses.replace(
@@ -101,8 +106,12 @@ class RetryRunner:
             if run.spawned or failure is not None:
                 outcome.flaky = await self.workers.background(self._record, run, failure)
             if failure is None:
-                outcome.flaky = outcome.flaky or n > 1
+                outcome.flaky = outcome.flaky or bool(failures)
                 return outcome
+            evicted = failure.cause is Cause.EVICTED
+            if evicted:
+                await tell(events.Note(failure.message, drv))
+                continue
             # Other builds running alongside are load too, whatever the pressure said.
             loaded = self.limits.loaded(run.load_peak) or run.parallelism > 1
             failures.append(Failed(failure.cause, loaded, run.parallelism, failure.exit_code))
@@ -113,11 +122,13 @@ class RetryRunner:
                 outcome.failure = failure
                 # Always told: a status line counts the build as running until it hears.
                 # The policy's reason only where retrying was in question.
-                await tell(events.Failed(drv, decision.why if n > 1 or allowed > 0 else ""))
+                await tell(
+                    events.Failed(drv, decision.why if len(failures) > 1 or allowed > 0 else "")
+                )
                 return outcome
-            retry = events.Retried(
-                drv, n + 1, allowed + 1, decision.delay, decision.cap, decision.why
-            )
+            # Evictions are attempts too, beside the budget's.
+            most = allowed + 1 + n - len(failures)
+            retry = events.Retried(drv, n + 1, most, decision.delay, decision.cap, decision.why)
             await tell(retry)
             await trio.sleep(decision.delay)
             cap, factor = decision.cap, decision.timeout_factor
@@ -135,5 +146,6 @@ class RetryRunner:
                 load_peak=run.load_peak.as_dict(),
                 parallelism=run.parallelism,
                 paused=round(run.paused_total, 3),
+                snapshot=run.snapshot,
             )
         )

@@ -129,6 +129,14 @@ class SpawnRequest:
     # A derivation with build environments: the session its runner runs (None: the
     # builder is exec'd, as ever).
     plan: Plan | None = None
+    # A directory of the build slot's, bound read-write at /tmp (nosuid, nodev), so that
+    # what the build wrote there outlives it (a `full` snapshot keeps it); "": a tmpfs of
+    # the sandbox's own, as before.
+    tmp_dir: str = ""
+    # Outputs' store paths a restored snapshot put in the slot's store dir before the
+    # build: kept there for the builder to go on with, not removed with the rest of what
+    # earlier builds left.
+    restored: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,11 @@ def encode_request(request: SpawnRequest) -> Fields:
     plan = fields.pop("plan")
     if plan is not None:
         fields["plan"] = encode_plan(plan)
+    # Nor a `tmp_dir` key without one: such a request is what it was before it.
+    if not fields["tmp_dir"]:
+        del fields["tmp_dir"]
+    if not fields["restored"]:
+        del fields["restored"]
     return fields
 
 

@@ -1,4 +1,5 @@
-"""GC roots: the symlinks under `var/gcroots/` and the pins of live clients and builds.
+"""GC roots: the symlinks under `var/gcroots/`, the pins of live clients and builds, and
+the records of build snapshots.
 
 A direct root is a symlink under `var/gcroots/` (any depth) pointing into the store, or
 into a file inside a store path, or a plain file there named after a store path (as in
@@ -52,6 +53,9 @@ def find_roots(store: Store) -> list[Root]:
     pinned = [
         Root(f"{{{label}}}", p) for label, paths in store.pins.by_owner() for p in sorted(paths)
     ]
+    # A snapshot's record is its root (store.snapshots); one being made is pinned until
+    # its record has committed.
+    pinned += [Root(f"{{{label}}}", p) for label, p in store.snapshots.roots()]
     roots: list[Root] = []
     gcroots = store.state.gcroots_dir
     auto = gcroots / "auto"

@@ -4,7 +4,16 @@ A handler decodes its arguments, calls one store or service method, and encodes 
 """
 
 from daemon.rpc.context import Operation, RequestContext
-from daemon.rpc.ops import build, closures, maintenance, paths, runtimes, scheduling, transfer
+from daemon.rpc.ops import (
+    build,
+    closures,
+    maintenance,
+    paths,
+    runtimes,
+    scheduling,
+    snapshots,
+    transfer,
+)
 
 
 async def shutdown(ctx: RequestContext) -> None:
@@ -36,4 +45,5 @@ OPERATIONS: dict[str, Operation] = {
     "shutdown": Operation(shutdown, trusted_only=True),
     **scheduling.SCHEDULING_OPERATIONS,
     **runtimes.RUNTIME_OPERATIONS,
+    **snapshots.SNAPSHOT_OPERATIONS,
 }

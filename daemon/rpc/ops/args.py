@@ -108,6 +108,25 @@ def build_options(ctx: RequestContext, default_jobs: int) -> BuildOptions:
     )
 
 
+def snapshot_args(
+    ctx: RequestContext, drvs: list[str]
+) -> tuple[str | None, str | None, str | None]:
+    """A build request's `on_pause`, `on_commit` (scope names, checked by the snapshot
+    service) and `resume_from` (a store path, for a request naming exactly one
+    derivation: a snapshot seeds one build, and which one must not be a guess)."""
+    on_pause, on_commit = opt_str_arg(ctx, "on_pause"), opt_str_arg(ctx, "on_commit")
+    resume_from = opt_str_arg(ctx, "resume_from")
+    if resume_from is not None:
+        ctx.services.store.parse(resume_from)
+        if len(drvs) != 1:
+            raise OpError(
+                Code.BAD_REQUEST,
+                f"'resume_from' seeds exactly one derivation's build; the request names "
+                f"{len(drvs)}",
+            )
+    return on_pause, on_commit, resume_from
+
+
 def encode_info(info: PathInfo) -> dict[str, Any]:
     return {
         "path": info.path,

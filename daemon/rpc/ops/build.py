@@ -4,15 +4,24 @@ The build room's records are encoded here, once: its progress events as `log` fr
 their `kind` (docs/protocol.md), its results as the reply's maps.
 """
 
+import dataclasses
 import functools
 
 import trio
 
 from daemon.build.events import Built, Event, Failed, LogLine, Note, Retried, Started
-from daemon.build.request import Result
+from daemon.build.request import BuildOptions, Result
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
-from daemon.rpc.ops.args import arg_bool, build_options, keep_alive, str_arg, strs_arg
+from daemon.rpc.ops.args import (
+    arg_bool,
+    build_options,
+    keep_alive,
+    snapshot_args,
+    str_arg,
+    strs_arg,
+)
+from daemon.rpc.ops.snapshots import snapshot_service
 from daemon.wire.protocol import Code, LogKind
 from store.derivation import DerivationError
 
@@ -50,6 +59,21 @@ def _encode(result: Result) -> dict[str, object]:
     return encoded
 
 
+async def _with_snapshots(ctx: RequestContext, opts: BuildOptions, drvs: list[str]) -> BuildOptions:
+    """The options with the snapshot scopes in effect (the request's over weft.toml's,
+    both checked) and the snapshot the build resumes from, checked against the rules
+    (docs/snapshots.md); the requester owns what its builds commit."""
+    on_pause, on_commit, resume_from = snapshot_args(ctx, drvs)
+    service = snapshot_service(ctx)
+    pause, commit = await service.effective(on_pause, on_commit)
+    resume = None
+    if resume_from is not None:
+        resume = await service.check_resume(resume_from, drvs[0], ctx.peer.trusted)
+    return dataclasses.replace(
+        opts, on_pause=pause, on_commit=commit, resume_from=resume, owner=ctx.peer.uid
+    )
+
+
 async def build(ctx: RequestContext) -> list[dict[str, object]]:
     builder = ctx.services.builder
     if builder is None:
@@ -57,7 +81,7 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
     drvs = strs_arg(ctx, "drvs")
     for d in drvs:
         ctx.services.store.parse(d)
-    opts = build_options(ctx, builder.max_jobs)
+    opts = await _with_snapshots(ctx, build_options(ctx, builder.max_jobs), drvs)
     try:
         results = await builder.build(drvs, opts, functools.partial(_progress, ctx))
     except DerivationError as e:

@@ -34,7 +34,8 @@ async def status(ctx: RequestContext) -> dict[str, Any]:
 
 
 async def history(ctx: RequestContext) -> dict[str, Any]:
-    """A derivation's attempts (`drv`: a .drv or an output path), or every flaky one."""
+    """A derivation's attempts (`drv`: a .drv or an output path), each with the snapshot
+    it left (`snapshot`, or None: docs/snapshots.md), or every flaky one."""
     builder = _builder(ctx)
     if arg_bool(ctx.args, "flaky"):
         return {"flaky": await trio.to_thread.run_sync(builder.history.flaky)}
