@@ -11,6 +11,7 @@ from pathlib import Path
 from bench import (
     build_bench,
     daemon_bench,
+    eval_bench,
     flaky_bench,
     gc_bench,
     locker_bench,
@@ -26,6 +27,7 @@ BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "locker": locker_bench.run,
     "spawner": spawner_bench.run,
     "build": build_bench.run,
+    "eval": eval_bench.run,
     "gc": gc_bench.run,
     "flaky": flaky_bench.run,
     "tricks": tricks_bench.run,

@@ -25,7 +25,7 @@ from bench.daemons import start_daemon, stop_daemon, tree_env
 from bench.measure import settle
 from bench.nixdaemon import NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
-from daemon.cli.build import DaemonRecipeStore
+from daemon.cli.recipestore import DaemonRecipeStore
 from store import base32
 from store.recipe import busybox, derivation, using
 from store.refscan import ReferenceScanner

@@ -1,5 +1,6 @@
-"""The daemon: round trips, concurrency, memory over a million requests, add throughput,
-and the whole-process cost of one store-query beside nix-store."""
+"""The daemon: round trips, many clients at once (`clients_bench.py`, beside a
+nix-daemon), memory over a million requests, add throughput, and the whole-process cost
+of one store-query beside nix-store."""
 
 import os
 import resource
@@ -12,8 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.clients_bench import bench_clients
 from bench.daemons import DaemonProc, start_daemon, stop_daemon
-from bench.loadgen import run_load
 from bench.measure import Alternating, percentile
 from daemon.cli.blocking import BlockingClient, chunk_reader
 from store import Store, nar
@@ -63,23 +64,6 @@ def bench_round_trips(d: DaemonProc, path: str) -> list[Row]:
                 f"path-info, one client, {PIPELINE_BATCH} in flight",
                 f"{PIPELINED_TOTAL / elapsed:,.0f} replies/s",
                 "target >= 20,000",
-            )
-        )
-    return rows
-
-
-def bench_concurrency(d: DaemonProc, path: str) -> list[Row]:
-    rows: list[Row] = []
-    for connected, active in ((64, 64), (1000, 64), (1000, 1000)):
-        lat = run_load(
-            d.socket, "path-info", {"path": path}, connected, active, max(20, 20_000 // active)
-        )
-        note = "target p99 < 20 ms" if (connected, active) == (1000, 64) else ""
-        rows.append(
-            (
-                f"path-info, {connected} clients connected, {active} active",
-                f"p50 {_ms(percentile(lat, 0.5))}, p99 {_ms(percentile(lat, 0.99))}",
-                f"{len(lat) / sum(lat) * active:,.0f} req/s {note}".strip(),
             )
         )
     return rows
@@ -210,7 +194,7 @@ def run() -> list[Row]:
             path = _seed(d, work)
             rows = bench_process_cost(d, path, work)
             rows += bench_round_trips(d, path)
-            rows += bench_concurrency(d, path)
+            rows += bench_clients(d, work)
             rows += bench_add(d, work)
             rows += bench_memory(d, path)
         finally:

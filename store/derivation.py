@@ -16,35 +16,36 @@ derivation written before them keeps its text, its `.drv` path and its output pa
 Their strict parsing is in `store.drvjson`.
 """
 
+from __future__ import annotations
+
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import blake3
 
 from store import drvjson
-from store.buildenv import BuildEnvironment, environments_to_json
-from store.drvjson import DerivationError
-from store.durabledirs import DurableDirError, check_durable_dirs
-from store.environment.delta import Delta, DeltaError
-from store.environment.view import parse_values, to_values
+from store.drvjson import FORMAT, DerivationError
+from store.environment.delta import Delta
 from store.hashing import ALGORITHM, DIGEST_HEX_LEN
-from store.lru import Lru
 from store.paths import InvalidPath, PathKind, make_store_path, validate_name
 
-FORMAT = 1
+# What only some derivations use is imported where it is used: a recipe's evaluation,
+# which must start quickly, then does without it (and without `typing`).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from store.buildenv import BuildEnvironment
+    from store.lru import Lru
+
 SYSTEM = "x86_64-linux"
 _CACHE_SIZE = 4096
 DRV_SUFFIX = ".drv"
 # What a recipe's `output_hash=""` stands for, as Nix's empty `outputHash` stands for
 # sha256 of zeros: a hash no content has, so the build runs and reports the one it got.
 DUMMY_HASH = f"{ALGORITHM}:{'0' * DIGEST_HEX_LEN}"
-_KEYS = frozenset(
-    {"format", "name", "builder", "args", "env", "system", "outputs", "inputDrvs", "inputSrcs"}
-)
-# Written only when non-empty: a derivation without them is the same text as before they
-# existed.
-_OPTIONAL_KEYS = frozenset({"envDelta", "environments", "durableDirs"})
+# The canonical text: sorted keys, no insignificant whitespace, UTF-8 as it is.  One
+# encoder for all (it keeps no state between calls): `json.dumps` makes one per call.
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -82,65 +83,57 @@ class Derivation:
         return sorted({*self.input_drvs, *self.input_srcs})
 
     def to_json(self) -> str:
-        doc = {
-            "format": FORMAT,
-            "name": self.name,
-            "builder": self.builder,
-            "args": list(self.args),
-            "env": dict(self.env),
-            "system": self.system,
-            "outputs": {
-                k: {"path": o.path, **({"hash": o.hash} if o.hash is not None else {})}
-                for k, o in self.outputs.items()
-            },
-            "inputDrvs": {k: sorted(v) for k, v in self.input_drvs.items()},
-            "inputSrcs": sorted(self.input_srcs),
-        }
-        if self.env_delta:
-            doc["envDelta"] = to_values(self.env_delta)
-        if self.environments:
-            doc["environments"] = environments_to_json(self.environments)
-        if self.durable_dirs:
-            doc["durableDirs"] = dict(self.durable_dirs)
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return _JSON.encode(_doc(self))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Derivation":
+    def from_json(cls, text: str | bytes) -> Derivation:
         """Parse a `.drv`; every field must be there, with its type, and nothing else
-        (the optional ones may be left out)."""
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            # RecursionError: arrays nested deeper than the parser's stack.
-            raise DerivationError(f"malformed derivation: {e}") from None
-        if not isinstance(doc, dict):
-            raise DerivationError("malformed derivation: not a JSON object")
-        if doc.get("format") != FORMAT or type(doc["format"]) is not int:
-            raise DerivationError(f"unknown derivation format {doc.get('format')!r}")
-        if not _KEYS <= set(doc) <= _KEYS | _OPTIONAL_KEYS:
-            extra = sorted(set(doc) - _KEYS - _OPTIONAL_KEYS)
-            missing = sorted(_KEYS - set(doc))
-            raise DerivationError(
-                f"malformed derivation: unknown fields {extra}, missing fields {missing}"
-            )
-        outputs = drvjson.str_map(doc, "outputs", dict)
-        input_drvs = drvjson.str_map(doc, "inputDrvs", list)
-        for k, o in outputs.items():
-            if not set(o) <= {"path", "hash"} or not all(isinstance(v, str) for v in o.values()):
-                raise DerivationError(f"malformed derivation: output {k!r} is not {{path, hash}}")
-        return cls(
-            name=drvjson.typed(doc, "name", str),
-            builder=drvjson.typed(doc, "builder", str),
-            outputs={k: Output(o.get("path", ""), o.get("hash")) for k, o in outputs.items()},
-            args=drvjson.strs(doc["args"], "args"),
-            env=drvjson.str_map(doc, "env", str),
-            input_drvs={k: drvjson.strs(v, f"inputDrvs[{k!r}]") for k, v in input_drvs.items()},
-            input_srcs=drvjson.strs(doc["inputSrcs"], "inputSrcs"),
-            system=drvjson.typed(doc, "system", str),
-            env_delta=drvjson.env_delta(doc),
-            environments=drvjson.environments(doc),
-            durable_dirs=drvjson.durable_dirs(doc),
-        )
+        (the optional ones may be left out): `store.drvjson`."""
+        fields = drvjson.fields(text)
+        outputs = {k: Output(path, hash) for k, (path, hash) in fields.pop("outputs").items()}
+        return cls(outputs=outputs, **fields)
+
+
+def _doc(
+    drv: Derivation,
+    outputs: Mapping[str, Output] | None = None,
+    env: Mapping[str, str] | None = None,
+    input_drvs: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, object]:
+    """`drv`'s JSON document, with `outputs`, `env` or `input_drvs` in place of its own:
+    what hashing a derivation as it would be with them needs, without making it."""
+    doc: dict[str, object] = {
+        "format": FORMAT,
+        "name": drv.name,
+        "builder": drv.builder,
+        "args": list(drv.args),
+        "env": dict(drv.env if env is None else env),
+        "system": drv.system,
+        "outputs": {
+            k: {"path": o.path, **({"hash": o.hash} if o.hash is not None else {})}
+            for k, o in (drv.outputs if outputs is None else outputs).items()
+        },
+        "inputDrvs": {
+            k: sorted(v) for k, v in (drv.input_drvs if input_drvs is None else input_drvs).items()
+        },
+        "inputSrcs": sorted(drv.input_srcs),
+    }
+    if drv.env_delta:
+        from store.environment.view import to_values
+
+        doc["envDelta"] = to_values(drv.env_delta)
+    if drv.environments:
+        from store.buildenv import environments_to_json
+
+        doc["environments"] = environments_to_json(drv.environments)
+    if drv.durable_dirs:
+        doc["durableDirs"] = dict(drv.durable_dirs)
+    return doc
+
+
+def _with(drv: Derivation, **changes: object) -> Derivation:
+    """`dataclasses.replace` without its field checks, which cost more than the rest."""
+    return Derivation(**{**vars(drv), **changes})  # type: ignore[arg-type]
 
 
 def check_hash(value: object, what: str = "output hash") -> str:
@@ -201,11 +194,13 @@ def validate(drv: Derivation) -> Derivation:
             if set(drv.outputs) != {"out"}:
                 raise DerivationError(f"{drv.name}: only a single 'out' output can be fixed")
             check_hash(out.hash, f"{drv.name}: output hash")
+    used: set[str] = set()  # each name once: a derivation of many inputs uses their `out`
     for names in drv.input_drvs.values():
         if not names:
             raise DerivationError(f"{drv.name}: an input derivation with no outputs used")
-        for n in names:
-            check_output_name(n)
+        used.update(names)
+    for n in sorted(used, key=str):
+        check_output_name(n)
     _check_strings(drv)
     return drv
 
@@ -220,15 +215,23 @@ def _check_strings(drv: Derivation) -> None:
     for s in (drv.builder, *drv.args, *drv.env.values()):
         if not isinstance(s, str) or "\0" in s:
             raise DerivationError(f"{drv.name}: a NUL byte in the builder, its arguments or env")
-    try:
-        # A delta made in Python, not read from JSON, gets the checks a parsed one had.
-        parse_values(to_values(drv.env_delta), f"{drv.name}: envDelta: ")
-    except DeltaError as e:
-        raise DerivationError(str(e)) from None
-    try:
-        check_durable_dirs(drv.durable_dirs, f"{drv.name}: ")
-    except DurableDirError as e:
-        raise DerivationError(str(e)) from None
+    # Empty ones, most derivations', pass both checks: they are skipped in the hot loop.
+    if drv.env_delta or not isinstance(drv.env_delta, Delta):
+        from store.environment.delta import DeltaError
+        from store.environment.view import parse_values, to_values
+
+        try:
+            # A delta made in Python, not read from JSON, gets the checks a parsed one had.
+            parse_values(to_values(drv.env_delta), f"{drv.name}: envDelta: ")
+        except DeltaError as e:
+            raise DerivationError(str(e)) from None
+    if drv.durable_dirs != {}:
+        from store.durabledirs import DurableDirError, check_durable_dirs
+
+        try:
+            check_durable_dirs(drv.durable_dirs, f"{drv.name}: ")
+        except DurableDirError as e:
+            raise DerivationError(str(e)) from None
 
 
 Resolver = Callable[[str], Derivation]
@@ -240,7 +243,11 @@ class HashModulo:
 
     def __init__(self, resolve: Resolver, memo: Lru[str, str] | None = None) -> None:
         self._resolve = resolve
-        self._memo = memo if memo is not None else Lru[str, str](_CACHE_SIZE)
+        if memo is None:
+            from store.lru import Lru
+
+            memo = Lru[str, str](_CACHE_SIZE)
+        self._memo = memo
 
     def of_path(self, drv_path: str) -> str:
         known = self._memo.get(drv_path)
@@ -249,11 +256,24 @@ class HashModulo:
         return self._walk(drv_path)[drv_path]
 
     def of(self, drv: Derivation) -> str:
+        return _hash_modulo(drv, self.input_hashes(drv))
+
+    def input_hashes(self, drv: Derivation) -> dict[str, str]:
+        """The hashes of `drv`'s input derivations (none if it is fixed-output)."""
         known: dict[str, str] = {}
         if not drv.is_fixed_output:
             for p in drv.input_drvs:
                 known[p] = self._memo.get(p) or self._walk(p)[p]
-        return _hash_modulo(drv, known)
+        return known
+
+    def remember(self, drv_path: str, drv: Derivation, text: str) -> None:
+        """`drv`, just written at `drv_path` as `text`: its hash, when that is cheap to
+        know now (fixed-output, or no input derivations: then it is its text's), so that
+        the derivations made from it do not read it again."""
+        if drv.is_fixed_output:
+            self._memo.put(drv_path, _hash_modulo(drv, {}))
+        elif not drv.input_drvs:
+            self._memo.put(drv_path, blake3.blake3(text.encode()).hexdigest())
 
     def _walk(self, root: str) -> dict[str, str]:
         """The hashes of `root` and of those of its inputs not remembered, inputs first,
@@ -290,10 +310,17 @@ def _hash_modulo(drv: Derivation, inputs: Mapping[str, str]) -> str:
     if drv.is_fixed_output:
         out = drv.outputs["out"]
         return blake3.blake3(f"fixed:out:{out.hash}:{out.path}".encode()).hexdigest()
+    return _masked_hash(_doc(drv, input_drvs=_masked(drv, inputs)))
+
+
+def _masked(drv: Derivation, inputs: Mapping[str, str]) -> dict[str, Iterable[str]]:
     # Each input derivation stands in as its own hash modulo: a fixed-output input
     # contributes only what it produces, not how.
-    masked = replace(drv, input_drvs={inputs[p]: outs for p, outs in drv.input_drvs.items()})
-    return blake3.blake3(masked.to_json().encode()).hexdigest()
+    return {inputs[p]: outs for p, outs in drv.input_drvs.items()}
+
+
+def _masked_hash(doc: dict[str, object]) -> str:
+    return blake3.blake3(_JSON.encode(doc).encode()).hexdigest()
 
 
 def output_name(drv_name: str, output: str) -> str:
@@ -307,22 +334,17 @@ def with_output_paths(drv: Derivation, store_dir: str, hashes: HashModulo) -> De
     if drv.is_fixed_output:
         expected = drv.outputs["out"].hash
         path = str(make_store_path(PathKind.OUTPUT, f"fixed:out:{expected}", store_dir, drv.name))
-        return replace(drv, outputs={"out": Output(path, expected)}, env={**drv.env, "out": path})
-    blank = replace(
-        drv,
-        outputs={k: Output() for k in drv.outputs},
-        env={**drv.env, **{k: "" for k in drv.outputs}},
-    )
-    digest = hashes.of(blank)
-    paths = {
-        k: str(
-            make_store_path(
-                PathKind.OUTPUT, f"blake3:{digest}", store_dir, output_name(drv.name, k)
-            )
-        )
-        for k in drv.outputs
-    }
-    return replace(drv, outputs={k: Output(p) for k, p in paths.items()}, env={**drv.env, **paths})
+        return _with(drv, outputs={"out": Output(path, expected)}, env={**drv.env, "out": path})
+    # Hashed as it would be with empty output paths and variables, without being made so.
+    blank = {k: Output() for k in drv.outputs}
+    blank_env = {**drv.env, **{k: "" for k in drv.outputs}}
+    masked = _masked(drv, hashes.input_hashes(drv))
+    digest = _masked_hash(_doc(drv, outputs=blank, env=blank_env, input_drvs=masked))
+    paths = {}
+    for k in drv.outputs:
+        name = output_name(drv.name, k)
+        paths[k] = str(make_store_path(PathKind.OUTPUT, f"blake3:{digest}", store_dir, name))
+    return _with(drv, outputs={k: Output(p) for k, p in paths.items()}, env={**drv.env, **paths})
 
 
 def check_output_paths(drv: Derivation, store_dir: str, hashes: HashModulo) -> None:

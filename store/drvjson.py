@@ -1,4 +1,4 @@
-"""Reading a `.drv`'s JSON fields strictly: each with its type, and each optional field
+"""Reading a `.drv`'s JSON strictly: every field with its type, and each optional field
 only as `Derivation.to_json` writes it (left out when empty), so that a `.drv` in the store
 is the text weft would write for the derivation parsed from it.
 
@@ -7,14 +7,33 @@ there; `DerivationError` lives here because both raise it (`store.derivation` ex
 too, where every caller imports it from).
 """
 
-from collections.abc import Mapping
-from typing import Any
+from __future__ import annotations
 
-from store.buildenv import BuildEnvError, BuildEnvironment, environments_to_json, parse_environments
-from store.durabledirs import DurableDirError, check_durable_dirs
-from store.environment.delta import Delta, DeltaError
-from store.environment.view import parse_values
+import json
+from collections.abc import Mapping
+
 from store.records import StoreError
+
+# `typing` itself is an import a recipe's evaluation does without (`store.recipe`).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from store.buildenv import BuildEnvironment
+    from store.environment.delta import Delta
+
+# The modules of the optional fields are imported where those are read: a recipe's
+# evaluation, which reads no `.drv`, then does without them (`store.recipe`).
+Doc = dict[str, object]
+
+
+FORMAT = 1
+_KEYS = frozenset(
+    {"format", "name", "builder", "args", "env", "system", "outputs", "inputDrvs", "inputSrcs"}
+)
+# Written only when non-empty: a derivation without them is the same text as before they
+# existed.
+_OPTIONAL_KEYS = frozenset({"envDelta", "environments", "durableDirs"})
 
 
 class DerivationError(StoreError, ValueError):
@@ -22,7 +41,48 @@ class DerivationError(StoreError, ValueError):
     to add it)."""
 
 
-def env_delta(doc: dict[str, Any]) -> Delta:
+def fields(text: str | bytes) -> dict[str, Any]:
+    """A `.drv`'s fields, by `Derivation`'s names, each checked; its outputs as
+    {name: (path, hash or None)}."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        # RecursionError: arrays nested deeper than the parser's stack.
+        raise DerivationError(f"malformed derivation: {e}") from None
+    if not isinstance(doc, dict):
+        raise DerivationError("malformed derivation: not a JSON object")
+    if doc.get("format") != FORMAT or type(doc["format"]) is not int:
+        raise DerivationError(f"unknown derivation format {doc.get('format')!r}")
+    if not _KEYS <= set(doc) <= _KEYS | _OPTIONAL_KEYS:
+        extra = sorted(set(doc) - _KEYS - _OPTIONAL_KEYS)
+        missing = sorted(_KEYS - set(doc))
+        raise DerivationError(
+            f"malformed derivation: unknown fields {extra}, missing fields {missing}"
+        )
+    outputs = str_map(doc, "outputs", dict)
+    input_drvs = str_map(doc, "inputDrvs", list)
+    for k, o in outputs.items():
+        if not set(o) <= {"path", "hash"} or not all(isinstance(v, str) for v in o.values()):
+            raise DerivationError(f"malformed derivation: output {k!r} is not {{path, hash}}")
+    return {
+        "name": typed(doc, "name", str),
+        "builder": typed(doc, "builder", str),
+        "outputs": {k: (o.get("path", ""), o.get("hash")) for k, o in outputs.items()},
+        "args": strs(doc["args"], "args"),
+        "env": str_map(doc, "env", str),
+        "input_drvs": {k: strs(v, f"inputDrvs[{k!r}]") for k, v in input_drvs.items()},
+        "input_srcs": strs(doc["inputSrcs"], "inputSrcs"),
+        "system": typed(doc, "system", str),
+        "env_delta": env_delta(doc),
+        "environments": environments(doc),
+        "durable_dirs": durable_dirs(doc),
+    }
+
+
+def env_delta(doc: Doc) -> Delta:
+    from store.environment.delta import Delta, DeltaError
+    from store.environment.view import parse_values
+
     if "envDelta" not in doc:
         return Delta()
     try:
@@ -35,9 +95,11 @@ def env_delta(doc: dict[str, Any]) -> Delta:
     return delta
 
 
-def environments(doc: dict[str, Any]) -> tuple[BuildEnvironment, ...]:
+def environments(doc: Doc) -> tuple[BuildEnvironment, ...]:
     if "environments" not in doc:
         return ()
+    from store.buildenv import BuildEnvError, environments_to_json, parse_environments
+
     try:
         envs = parse_environments(doc["environments"], "environments: ")
     except BuildEnvError as e:
@@ -48,9 +110,11 @@ def environments(doc: dict[str, Any]) -> tuple[BuildEnvironment, ...]:
     return envs
 
 
-def durable_dirs(doc: dict[str, Any]) -> Mapping[str, str]:
+def durable_dirs(doc: Doc) -> Mapping[str, str]:
     if "durableDirs" not in doc:
         return {}
+    from store.durabledirs import DurableDirError, check_durable_dirs
+
     dirs = str_map(doc, "durableDirs", str)
     if not dirs:
         # As with envDelta.
@@ -61,7 +125,7 @@ def durable_dirs(doc: dict[str, Any]) -> Mapping[str, str]:
         raise DerivationError(f"malformed derivation: {e}") from None
 
 
-def typed(doc: dict[str, Any], key: str, kind: type) -> Any:
+def typed(doc: Doc, key: str, kind: type) -> Any:
     value = doc[key]
     if not isinstance(value, kind):
         raise DerivationError(f"malformed derivation: {key} is not a {kind.__name__}")
@@ -74,7 +138,7 @@ def strs(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def str_map(doc: dict[str, Any], key: str, kind: type) -> dict[str, Any]:
+def str_map(doc: Doc, key: str, kind: type) -> dict[str, Any]:
     value = typed(doc, key, dict)
     if not all(isinstance(v, kind) for v in value.values()):
         raise DerivationError(f"malformed derivation: the values of {key} are not {kind.__name__}s")

@@ -3,6 +3,7 @@
 See docs/store-paths.md for the fingerprint and why each field is in it.
 """
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ class StorePath:
 
     @classmethod
     def parse(cls, path: str, store_dir: str) -> "StorePath":
+        # Every query of the daemon parses each path it names: one match for a good one,
+        # the checks one by one (and their messages) for the rest.
+        good = _path_pattern(store_dir).fullmatch(path)
+        if good is not None and not good[2].startswith("."):
+            return cls(store_dir.rstrip("/"), good[1], good[2])
         prefix = store_dir.rstrip("/") + "/"
         if not path.startswith(prefix):
             raise InvalidPath(f"path {path!r} is not in the store {store_dir!r}")
@@ -71,6 +77,14 @@ class StorePath:
             raise InvalidPath(f"{base!r} is not a store path base name (<hash>-<name>)")
         validate_name(name)
         return cls(store_dir.rstrip("/"), hash_part, name)
+
+
+@functools.lru_cache(maxsize=4)  # a process has one store dir, tests a few
+def _path_pattern(store_dir: str) -> re.Pattern[str]:
+    """A well-formed store path in `store_dir`, but for a name starting with a period."""
+    hash_part = f"[{base32.ALPHABET}]{{{HASH_PART_LEN}}}"
+    name = f"{_NAME_RE.pattern}".removesuffix("+") + f"{{1,{MAX_NAME_LEN}}}"
+    return re.compile(f"{re.escape(store_dir.rstrip('/'))}/({hash_part})-({name})")
 
 
 def fingerprint(

@@ -19,6 +19,14 @@ LEFT JOIN Refs r ON r.referrer = v.id
 LEFT JOIN ValidPaths rv ON rv.id = r.reference
 WHERE v.path = ?
 """
+# `_INFO_SQL` for many paths at once, each row naming its path.
+_INFOS_SQL = """
+SELECT v.path, v.hash, v.nar_size, v.registration_time, v.deriver, v.ca, v.sigs, rv.path
+FROM ValidPaths v
+LEFT JOIN Refs r ON r.referrer = v.id
+LEFT JOIN ValidPaths rv ON rv.id = r.reference
+WHERE v.path IN (SELECT value FROM json_each(?))
+"""
 _REFERRERS_SQL = (
     "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer "
     "WHERE r.reference = (SELECT id FROM ValidPaths WHERE path = ?) ORDER BY v.path"
@@ -72,11 +80,19 @@ class Queries:
         self.parse(path)
         with self.db.connection() as conn:
             rows = list(conn.execute(_INFO_SQL, (path,)))
-        if not rows:
-            return None
-        nar_hash, nar_size, reg_time, deriver, ca, sigs, _ = rows[0]
-        refs = tuple(sorted(r[6] for r in rows if r[6] is not None))
-        return PathInfo(path, nar_hash, nar_size, refs, reg_time, deriver, ca, tuple(sigs.split()))
+        return _info(path, rows) if rows else None
+
+    def path_infos(self, paths: list[str]) -> dict[str, PathInfo]:
+        """The infos of those of `paths` that are valid, in one read of the database: the
+        daemon asks this for many clients' requests at once."""
+        for p in paths:
+            self.parse(p)
+        with self.db.connection() as conn:
+            rows = list(conn.execute(_INFOS_SQL, (json.dumps(paths),)))
+        found: dict[str, list[tuple]] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(row[1:])
+        return {path: _info(path, rows) for path, rows in found.items()}
 
     def info_or_raise(self, path: str) -> PathInfo:
         info = self.path_info(path)
@@ -164,3 +180,10 @@ def references_first(refs: dict[int, list[int]]) -> list[int]:
     if len(order) != len(refs):
         raise StoreError("reference cycle in the store database")
     return order
+
+
+def _info(path: str, rows: list[tuple]) -> PathInfo:
+    """A path's info from its `_INFO_SQL` rows, one a reference (or one, with none)."""
+    nar_hash, nar_size, reg_time, deriver, ca, sigs, _ = rows[0]
+    refs = tuple(sorted(r[6] for r in rows if r[6] is not None))
+    return PathInfo(path, nar_hash, nar_size, refs, reg_time, deriver, ca, tuple(sigs.split()))

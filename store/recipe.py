@@ -13,7 +13,8 @@ recipes pass inputs to builders with f-strings.  Store paths named in the builde
 arguments or its environment are picked up as inputs (derivation outputs of this
 evaluation, or paths already in the store); `inputs=` adds more.  Evaluating a recipe
 writes sources and `.drv` files into the store it runs against (`using`), which is the
-local store or the daemon.
+local store or the daemon (`store-build` sends the `.drv`s in one batch once the recipe
+has run: a `.drv`'s path is computed here, and `add_text` answers with it at once).
 
 `env_delta=` changes the builder's environment with uenv's semantics
 (`store.environment`), after `env`: a `Delta`, a view (below), or the shorthand
@@ -55,27 +56,33 @@ one is a `DurableDirError` naming it, nothing added.
     app = derivation("app", sh, [...], durable_dirs={"ccache": "/build/ccache"})
 """
 
+from __future__ import annotations
+
 import os
 import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 from store import derivation as drvs
-from store.buildenv import Action, BuildEnvError, BuildEnvironment, check_environments
 from store.derivation import DUMMY_HASH, HashModulo, Output, with_output_paths
-from store.durabledirs import check_durable_dirs
-from store.environment.profile import Profile
-from store.recipedelta import EnvDelta, as_delta, delta_strings
-from store.store import Store
+from store.environment.delta import Delta
+from store.recipebusybox import busybox_path
 
-HOST_BUSYBOX = "/bin/busybox"
+# A recipe's evaluation starts with this module's imports: what only some recipes use
+# (environments, deltas, durable directories, profiles) is imported where it is used,
+# and `typing` not at all.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from store.buildenv import Action, BuildEnvironment
+    from store.recipedelta import EnvDelta
+    from store.recipeenv import ActionSpec
+    from store.store import Store
+
 # A profile reaches its builder as one environment variable, and Linux refuses an execve
 # with a string longer than MAX_ARG_STRLEN (32 pages: 128 KiB), the `name=` included:
 # about 2,000 members.
@@ -83,18 +90,21 @@ MAX_PROFILE_TEXT = 32 * 4096 - len("weftProfile=") - 1
 # The profile's builder: its text, from the environment, into $out.
 _PROFILE_SCRIPT = 'printf "%s" "$weftProfile" > "$out"'
 
-# An action as recipes write it: `action(...)`, or `[command, *args]`.
-ActionSpec = Action | Sequence[object]
+if TYPE_CHECKING:
 
+    class RecipeStore(Protocol):
+        """What evaluating recipes needs from a store: the local one, or a daemon client.
 
-class RecipeStore(Protocol):
-    """What evaluating recipes needs from a store: the local one, or a daemon client."""
+        One may also have `reuse(path, add) -> str` (`store.recipebusybox`): `path`, a
+        source remembered from an earlier evaluation, kept for this one if it is still
+        valid, else added again by `add()`; without it, `busybox()` makes its tree each
+        time."""
 
-    store_dir: str
+        store_dir: str
 
-    def add_source(self, path: str, name: str) -> str: ...
+        def add_source(self, path: str, name: str) -> str: ...
 
-    def add_text(self, name: str, text: str, references: list[str]) -> str: ...
+        def add_text(self, name: str, text: str, references: list[str]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,9 @@ class _Evaluation:
         self.busybox: str | None = None
         self.path_re = re.compile(re.escape(store.store_dir) + r"/[0-9a-z]{32}-[A-Za-z0-9+\-._?=]+")
 
+
+# What a derivation without `env_delta` has: one shared, as a `Delta` is immutable.
+_NO_DELTA = Delta()
 
 _current: ContextVar[_Evaluation] = ContextVar("weft_recipe_store")
 
@@ -161,25 +174,12 @@ def source(path: str | os.PathLike[str], name: str | None = None) -> str:
 
 def busybox() -> str:
     """The bootstrap busybox: Debian's static binary as `<path>/bin/busybox`, with a link
-    per applet, so that `<path>/bin` can be a builder's PATH."""
+    per applet, so that `<path>/bin` can be a builder's PATH (`store.recipebusybox`)."""
     ev = _evaluation()
     if ev.busybox is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            bin_dir = Path(tmp) / "busybox" / "bin"
-            bin_dir.mkdir(parents=True)
-            shutil.copy(HOST_BUSYBOX, bin_dir / "busybox")
-            for applet in _applets():
-                if applet != "busybox":
-                    (bin_dir / applet).symlink_to("busybox")
-            ev.busybox = ev.store.add_source(str(bin_dir.parent), "busybox")
+        store = ev.store
+        ev.busybox = busybox_path(store.store_dir, store.add_source, getattr(store, "reuse", None))
     return ev.busybox
-
-
-def _applets() -> list[str]:
-    import subprocess
-
-    out = subprocess.run([HOST_BUSYBOX, "--list"], capture_output=True, text=True, check=True)
-    return sorted(set(out.stdout.split()))
 
 
 def derivation(
@@ -201,9 +201,11 @@ def derivation(
     environment after `env`; `environments` are entered around the builder, in order;
     `durable_dirs` (name -> directory under /build) are kept when its build stops."""
     ev = _evaluation()
-    delta = as_delta(env_delta, f"{name}: env_delta: ")
-    envs = _environments(environments, name)
-    dirs = dict(check_durable_dirs(durable_dirs or {}, f"{name}: "))
+    # Each check only when there is something to check: most derivations have no delta,
+    # no environments and no durable directories, and each is made in a hot loop.
+    delta = _NO_DELTA if env_delta is None else _as_delta(env_delta, f"{name}: env_delta: ")
+    envs = _environments(environments, name) if environments else ()
+    dirs = _durable_dirs(durable_dirs, name) if durable_dirs else {}
     if isinstance(outputs, str):
         raise drvs.DerivationError(
             f"{name}: outputs must be a list of names, not the string {outputs!r}"
@@ -217,7 +219,15 @@ def derivation(
     builder = str(builder)
     args = tuple(str(a) for a in args)
     env = {k: str(v) for k, v in (env or {}).items()}
-    texts = (builder, *args, *env.values(), *delta_strings(delta), *_env_strings(envs))
+    texts = [builder, *args, *env.values()]
+    if delta:
+        from store.recipedelta import delta_strings
+
+        texts += delta_strings(delta)
+    if envs:
+        from store.recipeenv import strings
+
+        texts += strings(envs)
     input_drvs, input_srcs = _inputs(ev, inputs, texts)
     draft = drvs.Derivation(
         name=name,
@@ -231,11 +241,16 @@ def derivation(
         environments=envs,
         durable_dirs=dirs,
     )
-    # What drvcheck checks when the daemon adds it, checked before anything is added.
-    used = [ev.by_path[p].outputs[o].path for p, outs in input_drvs.items() for o in outs]
-    check_environments(envs, [*input_srcs, *used], f"{name}: ")
+    if envs:
+        from store.buildenv import check_environments
+
+        # What drvcheck checks when the daemon adds it, checked before anything is added.
+        used = [ev.by_path[p].outputs[o].path for p, outs in input_drvs.items() for o in outs]
+        check_environments(envs, [*input_srcs, *used], f"{name}: ")
     final = with_output_paths(draft, ev.store.store_dir, ev.hashes)
-    path = ev.store.add_text(f"{name}.drv", final.to_json(), final.references())
+    text = final.to_json()
+    path = ev.store.add_text(f"{name}.drv", text, final.references())
+    ev.hashes.remember(path, final, text)
     ev.by_path[path] = final
     made = Derivation(final, path)
     for out_path in made.outputs.values():
@@ -265,16 +280,36 @@ def _inputs(
             input_drvs.setdefault(item.path, set()).update(item.outputs)
         else:
             use(str(item))
-    for text in texts:
-        for found in ev.path_re.findall(text):
-            use(found)
+    # One search over all of them: no path spans a NUL, which no store path holds.
+    for found in ev.path_re.findall("\0".join(texts)):
+        use(found)
     return {p: tuple(sorted(o)) for p, o in input_drvs.items()}, tuple(sorted(input_srcs))
+
+
+def _environments(given: Iterable[BuildEnvironment], name: str) -> tuple[BuildEnvironment, ...]:
+    from store.recipeenv import checked
+
+    return checked(given, name)
+
+
+def _as_delta(given: EnvDelta, where: str) -> Delta:
+    from store.recipedelta import as_delta
+
+    return as_delta(given, where)
+
+
+def _durable_dirs(given: Mapping[str, str], name: str) -> dict[str, str]:
+    from store.durabledirs import check_durable_dirs
+
+    return dict(check_durable_dirs(given, f"{name}: "))
 
 
 def action(command: object, *args: object, timeout: float | None = None) -> Action:
     """`command` (a program in an input store path: a string, or a derivation's output)
     run with `args` (made strings, as a builder's are), killed after `timeout` seconds
     (None: only the build's own limits).  Checked in `environment`, which names it."""
+    from store.buildenv import Action, BuildEnvError
+
     if not isinstance(command, str | os.PathLike | Derivation):
         raise BuildEnvError(f"an action's command is a program's path, not {command!r}")
     return Action(str(command), tuple(str(a) for a in args), timeout)
@@ -292,57 +327,12 @@ def environment(
     """A build environment for `derivation(..., environments=[...])`: `variables` set
     for its actions and everything after, `enter` and `exit` run around the builder, and
     if it is a wrapper all three hooks.  Checked now, but for what needs the derivation
-    (its inputs, the other environments)."""
-    given = {
-        "enter": enter,
-        "exit": exit,
-        "wrap_env_enter": wrap_env_enter,
-        "wrap_build": wrap_build,
-        "wrap_env_exit": wrap_env_exit,
-    }
-    actions = {k: _action(v, f"environment {name}: {k}") for k, v in given.items() if v is not None}
-    if variables is not None and not isinstance(variables, Mapping):
-        raise BuildEnvError(f"environment {name}: variables is a mapping of names to strings")
-    values = {k: str(v) for k, v in (variables or {}).items()}
-    made = BuildEnvironment(name, values, **actions)
-    # Each program taken as its own input: whether it is among the derivation's inputs is
-    # for `derivation` to say.
-    check_environments([made], [a.command for a in made.actions() if isinstance(a.command, str)])
-    return made
+    (its inputs, the other environments): `store.recipeenv`."""
+    from store.recipeenv import make_environment
 
-
-def _action(spec: ActionSpec, where: str) -> Action:
-    if isinstance(spec, Action):
-        return spec
-    # A string would be one program's path, not a command line split as a shell would.
-    if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
-        raise BuildEnvError(f"{where}: an action is action(...) or a list [command, *args]")
-    try:
-        return action(*spec)
-    except BuildEnvError as e:
-        raise BuildEnvError(f"{where}: {e}") from None
-
-
-def _environments(given: Iterable[BuildEnvironment], name: str) -> tuple[BuildEnvironment, ...]:
-    """`given`, checked but for the programs (which need the inputs, found from them)."""
-    if isinstance(given, BuildEnvironment):
-        raise BuildEnvError(f"{name}: environments must be a list, not one environment")
-    envs = tuple(given or ())
-    for e in envs:
-        if not isinstance(e, BuildEnvironment):
-            raise BuildEnvError(f"{name}: environments are made by environment(), not {e!r}")
-    commands = [a.command for e in envs for a in e.actions() if isinstance(a.command, str)]
-    check_environments(envs, commands, f"{name}: ")
-    return envs
-
-
-def _env_strings(envs: Iterable[BuildEnvironment]) -> list[str]:
-    """Where recipes name store paths in environments: programs, arguments, variables."""
-    return [
-        s
-        for e in envs
-        for s in (*e.variables.values(), *(t for a in e.actions() for t in (a.command, *a.args)))
-    ]
+    hooks = dict(enter=enter, exit=exit, wrap_env_enter=wrap_env_enter)
+    hooks |= dict(wrap_build=wrap_build, wrap_env_exit=wrap_env_exit)
+    return make_environment(name, hooks, variables, action)
 
 
 def profile(
@@ -352,13 +342,15 @@ def profile(
     order, with the delta `env`: a view `{"version": 1, "values": {...}}`, a `Delta`, or
     the shorthand mapping.  Everything is checked before anything is added."""
     ev = _evaluation()
-    delta = as_delta(env, f"profile {name}: ")
+    delta = _as_delta(env, f"profile {name}: ") if env is not None else _NO_DELTA
     if isinstance(paths, str | Derivation):
         raise drvs.DerivationError(f"profile {name}: paths must be a list, not one path")
     members = tuple(str(p) for p in paths)
     for m in members:
         if not ev.path_re.fullmatch(m):
             raise drvs.DerivationError(f"profile {name}: member {m!r} is not a store path")
+    from store.environment.profile import Profile  # only recipes that make profiles
+
     text = Profile(name, members, delta).to_json()
     if len(text.encode()) > MAX_PROFILE_TEXT:
         raise drvs.DerivationError(
@@ -383,3 +375,6 @@ class LocalStore:
 
     def add_text(self, name: str, text: str, references: list[str]) -> str:
         return self.store.add_text(name, text, references).path
+
+    def reuse(self, path: str, add: Callable[[], str]) -> str:
+        return path if self.store.is_valid(path) else add()

@@ -257,6 +257,10 @@ class Store:
     def path_info(self, path: str) -> PathInfo | None:
         return self._queries.path_info(path)
 
+    def path_infos(self, paths: list[str]) -> dict[str, PathInfo]:
+        """The infos of those of `paths` that are valid, in one read of the database."""
+        return self._queries.path_infos(paths)
+
     def resolve_deriver(self, path: str) -> str | None:
         """The derivation a path stands for: a `.drv` path is its own; an output's is the
         deriver it was registered with, if it is valid and has one; else None."""

@@ -34,10 +34,12 @@ KNOWN_DERIVATIONS = 8192
 
 @dataclass(frozen=True)
 class Graph:
-    """The derivations of a request's closure, by path, and their order, inputs first."""
+    """The derivations of a request's closure, by path, and their order, inputs first;
+    the outputs found valid when it was loaded with them (`Derivations.load`)."""
 
     drvs: dict[str, Derivation]
     order: list[str]
+    valid: frozenset[str] = frozenset()
 
     def inputs(self, path: str) -> list[str]:
         """What `path`'s sandbox shows: the outputs of its input derivations that it uses,
@@ -57,15 +59,21 @@ class Derivations:
         self._checked = Lru[str, Derivation](known)
         self._hashes = Lru[str, str](known)
 
-    def load(self, roots: list[str]) -> Graph:
+    def load(self, roots: list[str], pin: Callable[[list[str]], None] | None = None) -> Graph:
         """The derivations of `roots`' closure, read and checked, inputs first (in a worker
         thread).  Each must be valid in the store, which one query asks; those checked
-        before come from the cache."""
+        before come from the cache.  With `pin`, everything the graph names (derivations,
+        sources, outputs) is pinned with it first, and the same query finds which outputs
+        are valid (`Graph.valid`): a graph with nothing to build costs one query."""
         drvs: dict[str, Derivation] = {}
         read: list[str] = []
         resolve = functools.partial(self._resolve, drvs, read)
         order = closure_order(roots, resolve)
-        valid = self.store.valid_paths(order)
+        produced: list[str] = []
+        if pin is not None:
+            produced = [o.path for p in order for o in drvs[p].outputs.values()]
+            pin([*order, *(s for p in order for s in drvs[p].input_srcs), *produced])
+        valid = self.store.valid_paths([*order, *produced])
         for path in order:
             if path not in valid:
                 raise not_a_derivation(path)
@@ -73,7 +81,7 @@ class Derivations:
         for path in read:
             check_output_paths(drvs[path], self.store.store_dir, hashes)
             self._checked.put(path, drvs[path])
-        return Graph(drvs, order)
+        return Graph(drvs, order, frozenset(valid.intersection(produced)))
 
     def _resolve(self, drvs: dict[str, Derivation], read: list[str], path: str) -> Derivation:
         drv = drvs.get(path) or self._checked.get(path)
@@ -95,7 +103,10 @@ class Derivations:
     def learn(self, path: str, text: str) -> None:
         """A `.drv` just added (as `text`), checked in the adding worker thread as Nix
         checks a derivation it registers: a build of it then finds it checked.  One that
-        does not check out is left for the build to refuse."""
+        does not check out is left for the build to refuse; one known already (a recipe
+        evaluated again adds the same `.drv`s) is not read again."""
+        if self._checked.get(path) is not None:
+            return
         try:
             drv = Derivation.from_json(text)
             resolve = functools.partial(self._resolve_added, path, drv)

@@ -1,11 +1,13 @@
 """One build request's walk of its graph: what is missing, built in dependency order, in
 parallel.
 
-`GraphRun.run` pins and loads the requested derivations and everything they need
-(`derivations.py`), asks the store which outputs are missing, collects garbage first if
-space is low, then runs one task per derivation: each waits for its inputs, then for a
-place among the request's `-j`, and builds (or waits for another request's build of it,
-`shared.py`), checks it again (`--check`, `rebuild.py`), or finds it valid.  A failed
+`GraphRun.run` pins and loads the requested derivations and everything they need, and
+finds which outputs are missing, in one worker-thread trip (`derivations.py`); collects
+garbage first if space is low; settles at once, as valid, the derivations present with
+nothing missing below them (a request with nothing to build starts no task); then runs
+one task per other derivation: each waits for its inputs, then for a place among the
+request's `-j`, and builds (or waits for another request's build of it, `shared.py`),
+checks it again (`--check`, `rebuild.py`), or finds it valid.  A failed
 build stops the builds not started yet, unless `keep_going`; its dependents fail as
 "dependency failed", naming it by its .drv path.  Everything the request reads or makes
 stays pinned until it is over, so a concurrent collection never takes an input, or an
@@ -28,6 +30,9 @@ from daemon.build.room import Room
 from daemon.build.shared import Jobs
 from store.derivation import drv_name
 from store.pins import PinOwner
+
+# What a derivation present with nothing to build ends as: one for all.
+_VALID = Outcome(State.VALID)
 
 
 def _dependency_failed(dep: str, its: Outcome) -> Outcome:
@@ -97,34 +102,49 @@ class GraphRun:
     async def run(self) -> list[Result]:
         try:
             await self._load()
-            await self._find_missing()
             await self._make_room()
             present = len(self.graph.order) - len(self.missing)
             note = f"{len(self.missing)} derivations to build, {present} present"
             await self.listener(Note(note, done=0, total=len(self.missing)))
+            waiting = self._settle_present()
             with self.room.wakeups.held() if self.missing else contextlib.nullcontext():
                 async with trio.open_nursery() as nursery:
-                    for path in self.graph.order:
+                    for path in waiting:
                         nursery.start_soon(self._one, path, nursery)
             return self._results()
         finally:
             self.room.store.pins.release(self.owner)
 
     async def _load(self) -> None:
-        load = functools.partial(self.room.derivations.load, self.roots)
-        self.graph = graph = await pinned(self.room.store, self.owner, self.roots, load)
+        """The graph, and what of it is missing: one worker-thread trip, one query."""
+        store, owner = self.room.store, self.owner
+        pin = functools.partial(store.pins.pin, owner)
+        load = functools.partial(self.room.derivations.load, self.roots, pin)
+        self.graph = graph = await pinned(store, owner, self.roots, load)
         self.finished = {p: trio.Event() for p in graph.order}
+        drvs = graph.drvs
+        self.missing = {
+            p
+            for p in graph.order
+            if any(o.path not in graph.valid for o in drvs[p].outputs.values())
+        }
 
-    async def _find_missing(self) -> None:
-        drvs, store = self.graph.drvs, self.room.store
-        outputs = {p: [o.path for o in d.outputs.values()] for p, d in drvs.items()}
-        srcs = [s for d in drvs.values() for s in d.input_srcs]
-        produced = [o for outs in outputs.values() for o in outs]
-        pins = [*self.graph.order, *srcs, *produced]
-        valid = await pinned(
-            store, self.owner, pins, functools.partial(store.valid_paths, produced)
-        )
-        self.missing = {p for p in self.graph.order if not set(outputs[p]) <= valid}
+    def _settle_present(self) -> list[str]:
+        """Settle now, as valid, the derivations with nothing to wait for: present, not
+        checked again, and nothing missing among their inputs, all the way down (a
+        request with nothing to build starts no task).  The rest, inputs first."""
+        waiting: list[str] = []
+        waits: set[str] = set()
+        checked = set(self.roots) if self.opts.check else set()
+        for path in self.graph.order:
+            inputs = self.graph.drvs[path].input_drvs
+            if path in self.missing or path in checked or not waits.isdisjoint(inputs):
+                waits.add(path)
+                waiting.append(path)
+            else:
+                self.outcomes[path] = _VALID
+                self.finished[path].set()
+        return waiting
 
     async def _make_room(self) -> None:
         """Collect garbage first if free space is low (`min-free`)."""
@@ -161,7 +181,7 @@ class GraphRun:
                 self.room, path, drv, inputs, self.opts, self.listener
             )
         elif path not in self.missing:
-            self.outcomes[path] = Outcome(State.VALID)
+            self.outcomes[path] = _VALID
         else:
             await self._build(path, tails)
 

@@ -14,6 +14,7 @@ from types import TracebackType
 from daemon.cli.blocking import BlockingClient, DaemonError
 from daemon.cli.common import Command, CommandError, Flag, UsageError, absolute, connect
 from daemon.cli.progress import Progress
+from daemon.cli.recipestore import DaemonRecipeStore
 from daemon.cli.snapflags import FLAGS as SNAPSHOT_FLAGS
 from daemon.cli.snapflags import check_resumed, commit, snapshot_args
 
@@ -43,22 +44,6 @@ BUILD = Command(
         *SNAPSHOT_FLAGS,
     ),
 )
-
-
-class DaemonRecipeStore:
-    """Recipes evaluated against the daemon: the store they write into is its store."""
-
-    def __init__(self, client: BlockingClient, store_dir: str) -> None:
-        self.client = client
-        self.store_dir = store_dir
-
-    def add_source(self, path: str, name: str) -> str:
-        return str(self.client.call("add-from-path", path=path, name=name)["path"])
-
-    def add_text(self, name: str, text: str, references: list[str]) -> str:
-        return str(
-            self.client.call("add-text", name=name, text=text, references=references)["path"]
-        )
 
 
 def _store_dir(client: BlockingClient) -> str:
@@ -117,7 +102,8 @@ def evaluate(target: str, client: BlockingClient) -> list[str]:
     # import than a build of a `.drv` path takes, start to finish.
     from store import recipe
 
-    with recipe.using(DaemonRecipeStore(client, _store_dir(client))):
+    recipes = DaemonRecipeStore(client, _store_dir(client), batch=True)
+    with recipes, recipe.using(recipes):
         module = _run_recipe(os.path.abspath(file))
     made = {k: v for k, v in module.items() if isinstance(v, recipe.Derivation)}
     if name:

@@ -4,16 +4,29 @@ The reader feeds bytes to the protocol core and starts a task per request, so on
 connection can pipeline; small queries taken from one read go to the `QueryBatcher`
 together.  The writer sends whatever frames are queued in one write.  Every limit here
 bounds what one client can make the daemon hold.
+
+With a thousand clients each waiting for its answer before it asks again, what a request
+costs the event loop besides its own work is what sets the latency, so the common case
+takes no task switch: an idle connection waits in the `ReadHub` rather than in its reader
+task, and the hub's task reads it and starts its queries itself; a reply goes straight
+to the socket when nothing is queued before it, rather than through the writer task.
+The reader and writer tasks take over whatever has to wait (a limit, backpressure, a
+request other than a query, a socket that is full).
 """
 
 import contextlib
+import enum
 import logging
+import os
+from typing import Any
 
 import trio
 
 from daemon.rpc.auth import Peer
+from daemon.rpc.batcher import Calls
 from daemon.rpc.context import Operation, RequestContext, Serving, Upload, stalled
 from daemon.rpc.errors import OpError, error_for
+from daemon.rpc.output import HIGH_WATER, Output
 from daemon.wire import protocol as p
 
 log = logging.getLogger("weft.daemon")
@@ -25,23 +38,20 @@ log = logging.getLogger("weft.daemon")
 # can leave unread (a client that never reads held 568 MB of them when replies freed
 # their place as they were queued).
 MAX_IN_FLIGHT = 1024
-# Queued output above this makes the tasks that produce it wait for the socket, and the
-# reader start no request: one frame at the protocol's limit (`MAX_FRAME`, 4 MiB) may
-# always be queued.
-HIGH_WATER = 4 << 20
-# Log lines (progress, builders' output) wait this long for company, unless a reply or
-# 64 KiB of them are queued: a client following a chain of quick builds then wakes once
-# per batch rather than twice per build, which on a small machine takes CPU the builds
-# need.  A person watching sees no difference.
-LOG_DELAY = 0.025
-LOG_BATCH = 64 << 10
 # One read from a client's socket: a 1 MiB upload chunk (`MAX_CHUNK`) in one call.
 RECEIVE_SIZE = 1 << 20
-# A closing connection's last frames (a protocol error's reply, say) get this long to
-# go out, polled at this interval: a client that stopped reading cannot hold the task.
-FLUSH_GRACE = 1.0
-FLUSH_POLL = 0.001
 AGENT = "weft-daemon/0.1"
+# What the hub's reads land in before the protocol core copies them: one for every
+# connection, as the hub reads one connection at a time, in one thread.
+_RECEIVED = bytearray(RECEIVE_SIZE)
+
+
+class Handed(enum.Enum):
+    """Why the hub hands a connection back to its reader task (or an exception: a fault
+    in the hub's reading, a protocol error among them, raised in the reader)."""
+
+    END = "the connection is closed, or broken"
+    EVENTS = "events are left for the reader"
 
 
 class ClientConnection:
@@ -51,64 +61,23 @@ class ClientConnection:
         self.peer = peer
         self.proto = p.Connection(p.Role.SERVER)
         self.uploads: dict[int, Upload] = {}
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._out_slots = 0  # requests whose replies are queued: they count until written
-        self._urgent = False  # something queued that is not a log line: send at once
-        self._have_output = trio.lowlevel.ParkingLot()
-        self._drained = trio.lowlevel.ParkingLot()
         self._credit = trio.lowlevel.ParkingLot()
         self._running = 0
         self._finished = trio.lowlevel.ParkingLot()
-        self._closed = False
+        self.output = Output(stream, self.proto, self._release, self._output_taken, str(self))
+        self._fd = stream.socket.fileno()
+        self._handed: Handed | Exception | None = None
+        self._woken = trio.lowlevel.ParkingLot()  # the reader, while the hub watches
+        self._held: p.Event | None = None  # taken from the core by the hub, for the reader
 
     def __str__(self) -> str:
         return f"client pid {self.peer.pid} ({self.peer.user})"
 
     def send_nowait(self, event: p.Event, slots: int = 0) -> bool:
-        """Queue a frame for the writer task, with the places among `MAX_IN_FLIGHT` of the
-        `slots` requests it answers, given back once it is written.  On a closed
-        connection it is dropped: False, and the places stay the caller's."""
-        if self._closed:
-            return False
-        frame = self._frame(event)
-        if frame is None:
-            return False
-        self._out.append(frame)
-        self._out_size += len(frame)
-        self._out_slots += slots
-        if not isinstance(event, p.Log) or self._out_size >= LOG_BATCH:
-            self._urgent = True
-            self._have_output.unpark_all()
-        elif len(self._out) == 1:
-            self._have_output.unpark_all()  # the writer then waits for company
-        return True
-
-    def _frame(self, event: p.Event) -> bytes | None:
-        """`event`'s frame, or what stands in for it when it would exceed `MAX_FRAME` (a
-        reply of 80,000 referrers, a huge log line): raising instead would end the task
-        that sends, which for a query's reply is the batcher's, a system task, whose
-        exception ends the daemon.  None: nothing stands in, and nothing is sent."""
-        try:
-            return self.proto.send(event)
-        except p.FrameTooLarge as e:
-            log.warning("%s: %s too large for a frame: %s", self, type(event).__name__, e)
-            smaller = p.within_frame(event, e.size)
-        if smaller is None:
-            return None
-        try:
-            return self.proto.send(smaller)
-        except p.FrameTooLarge:
-            log.error("%s: %r still too large; dropped", self, type(smaller).__name__)
-            return None
+        return self.output.send_nowait(event, slots)
 
     async def send(self, event: p.Event, slots: int = 0) -> None:
-        """Queue a frame, then wait while too much output is queued: backpressure."""
-        if self._closed:
-            raise trio.ClosedResourceError("connection closed")
-        self.send_nowait(event, slots)
-        while self._out_size > HIGH_WATER and not self._closed:
-            await self._drained.park()
+        await self.output.send(event, slots)
 
     async def wait_credit(self, stream_id: int) -> int:
         """The credit the client granted `stream_id`, once there is some: a download holds
@@ -116,7 +85,7 @@ class ClientConnection:
         idle = self.serving.stream_idle
         with trio.move_on_after(idle):
             while (credit := self.proto.send_credit(stream_id)) == 0:
-                if self._closed:
+                if self.output.closed:
                     raise trio.ClosedResourceError("connection closed")
                 await self._credit.park()
             return credit
@@ -125,12 +94,12 @@ class ClientConnection:
     async def serve(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self.output.writer)
                 try:
                     await self._reader(nursery)
                 finally:
                     # The client is gone or broke the protocol: its requests are moot.
-                    await self._flush_quietly()
+                    await self.output.flush()
                     self._close_output()
                     nursery.cancel_scope.cancel()
         finally:
@@ -139,59 +108,24 @@ class ClientConnection:
             await self.stream.aclose()
 
     def _close_output(self) -> None:
-        """Nothing more will be written (the writer is about to be cancelled): whatever
-        waits for the writer to take output, or for credit, is woken to find it closed,
-        and sends that follow, a cancelled request's last error among them, are dropped
-        rather than left waiting on a writer that is gone."""
-        self._closed = True
-        self._drained.unpark_all()
+        """Nothing more will be written: whatever waits for room, or for credit, is woken
+        to find the connection closed."""
+        self.output.close()
         self._credit.unpark_all()
         self._finished.unpark_all()
 
-    async def _flush_quietly(self) -> None:
-        with trio.move_on_after(FLUSH_GRACE) as scope:
-            scope.shield = True
-            while self._out:
-                await trio.sleep(FLUSH_POLL)
-
-    async def _writer(self) -> None:
-        slots = 0
-        try:
-            while True:
-                while not self._out:
-                    await self._have_output.park()
-                if not self._urgent:
-                    with trio.move_on_after(LOG_DELAY):
-                        await self._have_output.park()
-                data, slots = b"".join(self._out), self._out_slots
-                self._out.clear()
-                self._out_size = self._out_slots = 0
-                self._urgent = False
-                self._drained.unpark_all()
-                self._finished.unpark_all()
-                await self.stream.send_all(data)
-                self._release(slots)
-                slots = 0
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closed = True
-            self._out.clear()
-            self._release(slots + self._out_slots)
-            self._out_size = self._out_slots = 0
-            self._drained.unpark_all()
+    def _output_taken(self) -> None:
+        self._finished.unpark_all()
+        if self.output.closed:
             self._credit.unpark_all()
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         while True:
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            self.proto.receive_data(data)
             queries: list[tuple[p.Request, Operation]] = []
             try:
-                while (event := self.proto.next_event()) is not None:
+                if not await self._wait_for_input():
+                    return
+                while (event := self._next_event()) is not None:
                     op = self._queryable(event)
                     if op is None:
                         await self._dispatch(event, nursery)
@@ -210,6 +144,68 @@ class ClientConnection:
                 if queries:
                     await self._run_queries(queries)
 
+    async def _wait_for_input(self) -> bool:
+        """Leave the connection to the hub until it hands it back: True with events for
+        the reader, False at the connection's end; the hub's fault is raised here."""
+        hub = self.serving.hub
+        self._handed = None
+        hub.watch(self._fd, self._on_readable, self._hand_back)
+        try:
+            while self._handed is None:
+                await self._woken.park()
+        finally:
+            hub.unwatch(self._fd)
+        handed, self._handed = self._handed, None
+        if isinstance(handed, Exception):
+            raise handed
+        return handed is Handed.EVENTS
+
+    def _hand_back(self, why: Handed | Exception) -> None:
+        self.serving.hub.unwatch(self._fd)
+        self._handed = why
+        self._woken.unpark_all()
+
+    def _on_readable(self) -> None:
+        """In the hub's task: read what came, and start the queries at its front while
+        they need no waiting; anything else goes to the reader task."""
+        try:
+            size = os.readv(self._fd, [_RECEIVED])
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if not size:
+            self._hand_back(Handed.END)
+            return
+        with memoryview(_RECEIVED) as view:
+            self.proto.receive_data(view[:size])
+        try:
+            if not self._start_ready_queries():
+                self._hand_back(Handed.EVENTS)
+        except p.ProtocolError as e:
+            self._hand_back(e)
+
+    def _start_ready_queries(self) -> bool:
+        """Start the queries among the events received for as long as they may start at
+        once; False when an event is left (held) for the reader task."""
+        queries: list[tuple[p.Request, Operation]] = []
+        try:
+            while (event := self.proto.next_event()) is not None:
+                op = self._queryable(event)
+                if op is None or not self._has_room(len(queries) + 1):
+                    self._held = event
+                    return False
+                queries.append((event, op))  # type: ignore[arg-type]
+            return True
+        finally:
+            if queries:
+                self._running += len(queries)
+                self._start_queries(queries)
+
+    def _next_event(self) -> p.Event | None:
+        held, self._held = self._held, None
+        return held if held is not None else self.proto.next_event()
+
     def _queryable(self, event: p.Event) -> Operation | None:
         """The operation if `event` is a query this peer may run, to batch with others."""
         if not isinstance(event, p.Request) or self.serving.draining:
@@ -219,43 +215,49 @@ class ClientConnection:
             return None
         return op
 
+    def _has_room(self, n: int) -> bool:
+        """Whether `n` more requests may run now, the client having read most of what
+        was sent to it: a client cannot queue unbounded work or unbounded replies."""
+        return self.output.closed or not (
+            (self._running and self._running + n > MAX_IN_FLIGHT) or self.output.size > HIGH_WATER
+        )
+
     async def _reserve(self, n: int) -> None:
-        """Wait until `n` more requests may run, and the client has read most of what was
-        sent to it: a client cannot queue unbounded work or unbounded replies."""
-        while not self._closed and (
-            (self._running and self._running + n > MAX_IN_FLIGHT) or self._out_size > HIGH_WATER
-        ):
+        """Wait until `n` more requests may run (`_has_room`)."""
+        while not self._has_room(n):
             await self._finished.park()
         self._running += n
 
     def _release(self, n: int) -> None:
         self._running -= n
-        self._finished.unpark_all()
+        if self._finished:  # waking nobody costs trio's ParkingLot microseconds
+            self._finished.unpark_all()
 
     async def _run_queries(self, batch: list[tuple[p.Request, Operation]]) -> None:
         """Run `batch` in the query batcher, once there is room for it."""
         await self._reserve(len(batch))
-        store = self.serving.services.store
+        self._start_queries(batch)
 
-        def work() -> list[p.Event]:
-            replies: list[p.Event] = []
-            for req, op in batch:
-                try:
-                    replies.append(p.Reply(req.id, op.query(store, req.args)))  # type: ignore[misc]
-                except Exception as e:
-                    replies.append(self._error_reply(req, e))
-            return replies
+    def _start_queries(self, batch: list[tuple[p.Request, Operation]]) -> None:
+        """Run `batch`, whose places are reserved, in the query batcher."""
 
-        def done(replies: list[p.Event]) -> None:
+        def done(answers: list[Any]) -> None:
             # Replies to queries skip backpressure: each keeps its place among
             # MAX_IN_FLIGHT until written, so no more are ever queued.
             self.serving.in_flight -= len(batch)
-            for reply in replies:
-                if not self.send_nowait(reply, slots=1):
-                    self._release(1)
+            replies = [
+                self._error_reply(req, answer)
+                if isinstance(answer, Exception)
+                else p.Reply(req.id, answer)
+                for (req, _), answer in zip(batch, answers, strict=True)
+            ]
+            taken = self.output.send_answers(replies)
+            if taken < len(batch):
+                self._release(len(batch) - taken)
 
         self.serving.in_flight += len(batch)
-        self.serving.queries.submit(work, done)
+        calls = Calls(self.serving.services.store, [(op, req.args) for req, op in batch])
+        self.serving.queries.submit(calls, done)
 
     def _error_reply(self, req: p.Request, e: Exception) -> p.Error:
         code, message, details = error_for(e)

@@ -18,6 +18,7 @@ import trio
 from daemon.rpc.auth import Peer
 from daemon.rpc.batcher import QueryBatcher
 from daemon.rpc.errors import OpError
+from daemon.rpc.hub import ReadHub
 from daemon.rpc.services import Services
 from daemon.wire import protocol as p
 from store.store import Store
@@ -54,7 +55,8 @@ class PerUser:
 
 class Serving:
     """What every connection shares: the services, the operations, the query batcher,
-    the per-user limits, and whether the daemon is draining."""
+    the hub idle connections wait in, the per-user limits, and whether the daemon is
+    draining."""
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class Serving:
         self.services = services
         self.operations = operations
         self.queries = QueryBatcher()
+        self.hub = ReadHub()
         self.feeds = PerUser(FEEDS_PER_USER)
         self.stream_idle = stream_idle
         self.draining = False
@@ -211,8 +214,12 @@ class RequestContext:
 
 @dataclass(frozen=True)
 class Operation:
-    """An async handler, or a `query`: a quick blocking store call, run in batches."""
+    """An async handler, or a `query`: a quick blocking store call, run in batches.  A
+    query may have a `many` form: the query of many requests' arguments at once (one read
+    of the database), answering each with its result or the exception that is its error,
+    in order; should it raise, each request is asked alone (`batcher.py`)."""
 
     fn: Callable[[RequestContext], Awaitable[Any]] | None = None
     query: Callable[[Store, dict[str, Any]], Any] | None = None
+    many: Callable[[Store, list[dict[str, Any]]], list[Any]] | None = None
     trusted_only: bool = False

@@ -53,17 +53,26 @@ class Welcome(Record):
 
 class Request(Record):
     __slots__ = ("id", "op", "args")
-    _defaults = {"args": {}}
     id: int
     op: str
     args: dict[str, object]
 
+    # Every request and reply is made with these: `Record`'s general way took a fifth of
+    # the protocol core's time per request.
+    def __init__(self, id: int, op: str, args: dict[str, object] | None = None) -> None:
+        self.id = id
+        self.op = op
+        self.args = {} if args is None else args
+
 
 class Reply(Record):
     __slots__ = ("id", "result")
-    _defaults = {"result": None}
     id: int
     result: object
+
+    def __init__(self, id: int, result: object = None) -> None:
+        self.id = id
+        self.result = result
 
 
 class Error(Record):

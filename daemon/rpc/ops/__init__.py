@@ -22,7 +22,7 @@ async def shutdown(ctx: RequestContext) -> None:
 
 
 OPERATIONS: dict[str, Operation] = {
-    "path-info": Operation(query=paths.path_info),
+    "path-info": Operation(query=paths.path_info, many=paths.path_infos),
     "is-valid": Operation(query=paths.is_valid),
     "references": Operation(query=paths.references),
     "referrers": Operation(query=paths.referrers),
@@ -40,6 +40,7 @@ OPERATIONS: dict[str, Operation] = {
     "add-root": Operation(paths.add_root),
     "store-dir": Operation(query=paths.store_dir),
     "add-text": Operation(paths.add_text),
+    "add-texts": Operation(paths.add_texts),
     "build": Operation(build.build),
     "log": Operation(build.build_log),
     "shutdown": Operation(shutdown, trusted_only=True),

@@ -1,10 +1,13 @@
 """Store paths: queries, adds, dumps and roots (docs/protocol.md)."""
 
+import functools
 import os
+from collections.abc import Hashable
 from typing import Any
 
 import trio
 
+from daemon.build.builder import Builder
 from daemon.rpc.auth import reader_for
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
@@ -19,7 +22,13 @@ from daemon.rpc.ops.args import (
 )
 from daemon.wire.protocol import Code
 from store import gc
+from store.hashing import text_path
 from store.store import PathInfo, Store
+
+# Texts in one `add-texts` request, all added in one transaction: the store's write lock
+# is held while they are written (a few thousand `.drv`s take tens of milliseconds), and a
+# request frame (`MAX_FRAME`, 4 MiB) holds about this many anyway.
+MAX_TEXTS = 4096
 
 
 def path_info(store: Store, args: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +37,18 @@ def path_info(store: Store, args: dict[str, Any]) -> dict[str, Any]:
     if info is None:
         raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
     return encode_info(info)
+
+
+def path_infos(store: Store, many: list[dict[str, Any]]) -> list[Any]:
+    """`path_info` of many requests in one read of the database (the query batcher's)."""
+    paths = [arg_str(args, "path") for args in many]
+    infos = store.path_infos(paths)
+    return [
+        encode_info(infos[path])
+        if path in infos
+        else OpError(Code.NOT_VALID, f"path {path!r} is not valid")
+        for path in paths
+    ]
 
 
 def is_valid(store: Store, args: dict[str, Any]) -> list[str]:
@@ -116,6 +137,61 @@ async def add_text(ctx: RequestContext) -> dict[str, Any]:
         return info
 
     return encode_info(await trio.to_thread.run_sync(add))
+
+
+def texts_arg(ctx: RequestContext) -> list[tuple[str, str, list[str]]]:
+    """`texts`: a list of at most MAX_TEXTS maps {name, text, references}."""
+    value = ctx.args.get("texts")
+    if not isinstance(value, list) or len(value) > MAX_TEXTS:
+        raise OpError(Code.BAD_REQUEST, f"'texts' must be a list of at most {MAX_TEXTS} texts")
+    items = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise OpError(Code.BAD_REQUEST, "each of 'texts' is a map {name, text, references}")
+        items.append((arg_str(item, "name"), item["text"], arg_strs(item, "references", [])))
+    return items
+
+
+async def add_texts(ctx: RequestContext) -> dict[str, list[str]]:
+    """Many texts in one transaction (a recipe's `.drv`s: docs/protocol.md), once the paths
+    in `require` are pinned for the connection and found valid."""
+    items = texts_arg(ctx)
+    required = strs_arg(ctx, "require", [])
+    for path in required:
+        ctx.services.store.parse(path)
+    add = functools.partial(
+        _add_texts, ctx.services.store, ctx.services.builder, ctx.conn, items, required
+    )
+    return await ctx.services.workers.client(add)
+
+
+def _add_texts(
+    store: Store,
+    builder: Builder | None,
+    conn: Hashable,
+    items: list[tuple[str, str, list[str]]],
+    required: list[str],
+) -> dict[str, list[str]]:
+    """`{"paths": [...]}` in the order of `items`, or `{"not_valid": [...]}`, naming the
+    required paths that are not valid, with nothing added.  Each path is computed first
+    (`text_path`) and all are pinned, then one query finds those already valid: an
+    evaluation adds mostly what it added before, and those need nothing more."""
+    paths = [text_path(store.store_dir, name, text.encode(), refs) for name, text, refs in items]
+    store.pins.pin(conn, [*required, *paths])
+    valid = store.valid_paths([*required, *paths])
+    missing = [p for p in required if p not in valid]
+    if missing:
+        return {"not_valid": missing}
+    new = [(item, i) for i, item in enumerate(items) if paths[i] not in valid]
+    if new:
+        infos = store.add_texts([item for item, _ in new], pin=conn)
+        for (_, i), info in zip(new, infos, strict=True):
+            paths[i] = info.path
+    if builder is not None:
+        for path, (_, text, _) in zip(paths, items, strict=True):
+            if path.endswith(".drv"):
+                builder.learn(path, text)
+    return {"paths": paths}
 
 
 def store_dir(store: Store, args: dict[str, Any]) -> str:
