@@ -17,7 +17,6 @@ sees half a path.  Every method blocks; the daemon calls them from worker thread
 
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import apsw
 
@@ -103,13 +102,6 @@ class Store:
     def deletion_dir(self) -> str:
         """A new directory in `.tmp` to move deleted paths into (see `recover`)."""
         return self._recovery.deletion_dir()
-
-    def move_out(self, path: str, into: str) -> str | None:
-        """Rename a path out of the store into `into`, a `deletion_dir()`."""
-        return self._recovery.move_out(path, into)
-
-    def move_back(self, entry: str | Path, final: str | Path) -> None:
-        self._recovery.move_back(entry, final)
 
     # -- adding -----------------------------------------------------------------------
 

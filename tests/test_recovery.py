@@ -22,8 +22,8 @@ from store.tmparea import owner_alive, owner_token
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
-# Enough paths for a collection of several batches (`store.gc.BATCH_SIZE`, 256), so that a
-# kill lands in the middle of one; the issue's case had thousands.
+# Enough paths for a collection of several batches (paced, starting at `store.gc.BATCH_SIZE`,
+# 256), so that a kill lands in the middle of one; the issue's case had thousands.
 PATHS = 3000
 ROOTED = 50
 
@@ -94,16 +94,16 @@ def test_an_owner_token_of_a_recycled_pid_or_another_boot_is_dead() -> None:
 KILLED_COLLECTOR = textwrap.dedent("""
     import os, signal, sys
     from store import Store, gc
-    from store.recovery import Recovery
+    from store.gc import moving
     store = Store.open(sys.argv[1])
-    real, calls = Recovery.move_out, 0
-    def move_out(self, path, into):
+    real, calls = moving.move_out, 0
+    def move_out(store_fd, into_fd, name):
         global calls
         calls += 1
         if calls == int(sys.argv[2]):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, path, into)
-    Recovery.move_out = move_out
+        return real(store_fd, into_fd, name)
+    moving.move_out = move_out
     gc.delete(store, gc.plan(store))
 """)
 

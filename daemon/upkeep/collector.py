@@ -4,6 +4,12 @@
 `daemon/proc/workers.py`); this layer serialises collections, applies
 `weft.toml`'s keep settings, answers `store-gc`'s modes, and runs the automatic collection
 that builds ask for when free space is under `min-free`.
+
+A collection answers once its dead paths are out of the store (unregistered, and renamed
+out of it): their space comes back after, at the disk's pace, in the collector's
+`Reclaimer` (`store/gc/reclaim.py`), whose threads run at the lowest priority.  A
+collection asked for space (`--max-freed`, or the automatic one before builds) waits for
+it.  docs/gc.md says why.
 """
 
 import logging
@@ -16,6 +22,7 @@ import trio
 from daemon.proc.workers import Workers
 from daemon.settings import Settings
 from store import gc
+from store.gc.reclaim import Reclaimer
 from store.store import Store
 
 log = logging.getLogger("weft.gc")
@@ -57,6 +64,9 @@ class Collector:
         self.settings = settings
         self.workers = workers
         self._lock = trio.Lock()
+        self.reclaimer = Reclaimer(
+            lambda: gc.remove_unused_links(store), wrap=workers.cpus.background
+        )
 
     async def run(
         self, mode: GCMode, max_freed: int | None = None, only: list[str] | None = None
@@ -89,7 +99,10 @@ class Collector:
     async def collect(
         self, max_freed: int | None = None, only: list[str] | None = None
     ) -> gc.GCResult:
-        """Delete dead paths (or only those of `only`, all of which must be dead)."""
+        """Delete dead paths (or only those of `only`, all of which must be dead); with
+        `max_freed`, once that much space is back (else once the paths are out of the
+        store, the space coming back after)."""
+        wait = max_freed is not None
         async with self._lock:
             with self.store.pins.collecting():
                 full = await self.plan()
@@ -97,7 +110,9 @@ class Collector:
                     chosen = full
                 else:
                     chosen = await self.workers.long(gc.restrict, full, only, self.store)
-                return await self.workers.long(gc.delete, self.store, chosen, max_freed)
+                return await self.workers.long(
+                    gc.delete, self.store, chosen, max_freed, None, self.reclaimer, wait
+                )
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.store.store_dir)
@@ -117,7 +132,9 @@ class Collector:
             want = max_free - free if max_free > 0 else None
             with self.store.pins.collecting():
                 full = await self.plan()
-                result = await self.workers.long(gc.delete, self.store, full, want)
+                result = await self.workers.long(
+                    gc.delete, self.store, full, want, None, self.reclaimer, True
+                )
         log.info(
             "automatic collection: %d paths deleted, %d bytes freed",
             len(result.deleted),

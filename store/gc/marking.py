@@ -36,8 +36,11 @@ class Graph:
 class Plan:
     roots: list[Root]
     live: set[str]
-    dead: list[str]  # referrers before references: the order to delete in
+    dead: list[str]  # referrers before references, wave by wave: the order to delete in
     sizes: dict[str, int] = field(default_factory=dict)
+    # Of each dead path, its row id when marked and its wave: no dead path refers to one of
+    # its own wave, so a wave's paths go in one statement (`store.gc.deletion`).
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def load_graph(store: Store) -> Graph:
@@ -79,23 +82,29 @@ def mark(
     return live
 
 
-def referrers_first(graph: Graph, dead: set[int]) -> list[int]:
-    """Order dead paths so each comes before everything it references."""
+def referrers_first(graph: Graph, dead: set[int]) -> list[tuple[int, int]]:
+    """Dead paths with their waves, in the order to delete them: wave 0 is what no dead
+    path refers to, wave n+1 what only paths of waves up to n refer to; within a wave, by
+    row id (neighbours in the table go together)."""
     waiting = dict.fromkeys(dead, 0)
     for node in dead:
         for ref in set(graph.refs.get(node, ())):
             if ref in waiting:
                 waiting[ref] += 1
-    ready = sorted((n for n, k in waiting.items() if k == 0), reverse=True)
-    order: list[int] = []
-    while ready:
-        node = ready.pop()
-        order.append(node)
-        for ref in set(graph.refs.get(node, ())):
-            if ref in waiting:
-                waiting[ref] -= 1
-                if waiting[ref] == 0:
-                    ready.append(ref)
+    wave = sorted(n for n, k in waiting.items() if k == 0)
+    order: list[tuple[int, int]] = []
+    depth = 0
+    while wave:
+        order += [(node, depth) for node in wave]
+        following = []
+        for node in wave:
+            for ref in set(graph.refs.get(node, ())):
+                if ref in waiting:
+                    waiting[ref] -= 1
+                    if waiting[ref] == 0:
+                        following.append(ref)
+        wave = sorted(following)
+        depth += 1
     return order
 
 
@@ -106,11 +115,13 @@ def plan(store: Store, keep_outputs: bool = False, keep_derivations: bool = True
     root_paths = {r.path for r in roots} | store.pins.pinned()
     live = mark(graph, root_paths, keep_outputs, keep_derivations)
     dead = referrers_first(graph, set(graph.paths) - live)
+    paths = graph.paths
     return Plan(
         roots,
-        {graph.paths[i] for i in live},
-        [graph.paths[i] for i in dead],
-        {graph.paths[i]: graph.sizes[i] for i in dead},
+        {paths[i] for i in live},
+        [paths[i] for i, _ in dead],
+        {paths[i]: graph.sizes[i] for i, _ in dead},
+        {paths[i]: (i, wave) for i, wave in dead},
     )
 
 
@@ -133,6 +144,7 @@ def restrict(full: Plan, paths: Iterable[str], store: Store) -> Plan:
         full.live,
         [p for p in full.dead if p in wanted],
         {p: full.sizes[p] for p in wanted},
+        {p: full.rows[p] for p in wanted},
     )
 
 
