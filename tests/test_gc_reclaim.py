@@ -273,3 +273,27 @@ def test_a_daemon_killed_while_it_gives_space_back_leaves_a_whole_store(
     # The next open removes what the killed daemon had not: unregistered already.
     assert _registered_and_present(state) == {paths[7]}
     assert _deletion_dirs(state / "store") == []
+
+
+def test_an_entry_that_cannot_be_removed_is_counted_and_the_rest_goes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _fill(store, 100)
+    stuck = os.path.basename(paths[42])
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        if os.path.basename(str(path)) == stuck:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    reclaimer = Reclaimer()
+    result = gc.delete(store, gc.plan(store), reclaimer=reclaimer)
+    monkeypatch.undo()
+    assert sorted(result.deleted) == sorted(paths)  # unregistered all the same
+    assert reclaimer.totals.errors >= 1 and reclaimer.totals.entries_removed == 99
+    # Left in its deletion directory, which the next open (after this process) removes.
+    (left,) = _deletion_dirs(Path(store.store_dir))
+    assert os.listdir(Path(store.store_dir) / ".tmp" / left) == [stuck]
+    _consistent(store)

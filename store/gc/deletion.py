@@ -48,12 +48,14 @@ T = TypeVar("T")
 # pace of the one before, within [MIN_BATCH, MAX_BATCH].  A transaction holds the write
 # lock, so adds and builds that register paths wait for it (queries do not: WAL readers
 # never wait): TXN_SECONDS is what a registration waits at worst.  The larger a batch, the
-# fewer pages each path costs its commit: 0.6 a path at 4,096, 2 at 512 (100,000 dead
-# beside 100,000 live).
+# fewer pages each path costs its commit and the checkpoints after it (each deleted row
+# dirties a page of two indexes ordered by hash): 0.6 pages a path at 8,192 and more, 2 at
+# 512, and commits and checkpoints were a third of the transactions' time at 4,096 (100,000
+# dead paths beside 100,000 live).
 BATCH_SIZE = 256
 MIN_BATCH = 32
-MAX_BATCH = 4096
-TXN_SECONDS = 0.1
+MAX_BATCH = 16384
+TXN_SECONDS = 0.25
 # The page cache of the collection's connection while it deletes (the pool's default is
 # 2 MiB): a batch touches a page of each index per path, a transaction whose pages do not
 # fit writes them twice, and pages kept from one batch to the next are not read again.
@@ -156,7 +158,7 @@ class _Stages:
                         reclaimer.put(batch.into, list(batch.names.values()))
                         result.deleted += deleted
                         result.kept += batch.pinned + sorted(refused)
-                        result.bytes_freed += sum(batch.sizes.get(p, 0) for p in deleted)
+                        result.bytes_freed += sum(batch.sizes.values())
             finally:
                 mover.stop()
         finally:
@@ -181,9 +183,7 @@ class _Stages:
         """Unregister what the database lets go, a wave per statement, and rename back
         what it refused: (deleted, refused)."""
         deleted: list[str] = []
-        rows = self.plan.rows
-        for wave in _waves(batch.claimed, self.plan):
-            ids = [rows[p][0] for p in wave]
+        for wave, ids in _waves(batch.claimed, self.plan):
             gone = unregister(self.conn, ids, self.here)
             if len(gone) == len(ids):
                 deleted += wave
@@ -205,22 +205,26 @@ class _Stages:
             }
         for path in refused & batch.names.keys():
             move_back(batch.into_fd, store_fd, batch.names.pop(path))
+            del batch.sizes[path]
         return deleted, refused
 
 
-def _waves(paths: list[str], gc_plan: Plan) -> Iterator[list[str]]:
-    """`paths` (in plan order) cut where their wave changes."""
+def _waves(paths: list[str], gc_plan: Plan) -> Iterator[tuple[list[str], list[int]]]:
+    """`paths` (in plan order) cut where their wave changes, each with its row ids."""
+    rows = gc_plan.rows
     wave: list[str] = []
+    ids: list[int] = []
     current = None
     for path in paths:
-        n = gc_plan.rows[path][1]
+        row, n = rows[path]
         if n != current and wave:
-            yield wave
-            wave = []
+            yield wave, ids
+            wave, ids = [], []
         current = n
         wave.append(path)
+        ids.append(row)
     if wave:
-        yield wave
+        yield wave, ids
 
 
 def _transaction(conn: apsw.Connection, body: Callable[[], T]) -> T:

@@ -43,23 +43,29 @@ class Plan:
     rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+# The derivation that built each path, and the outputs of each derivation, both valid:
+# joined by the database, so that only row ids cross into Python (a store's derivers are
+# as many strings as it has outputs).
+_DERIVERS = "SELECT v.id, d.id FROM ValidPaths AS v JOIN ValidPaths AS d ON d.path = v.deriver"
+_OUTPUTS = "SELECT o.drv, v.id FROM DerivationOutputs AS o JOIN ValidPaths AS v ON v.path = o.path"
+_REFS = "SELECT referrer, reference FROM Refs WHERE referrer != reference"
+
+
 def load_graph(store: Store) -> Graph:
     with store.db.read() as conn:
-        rows = list(conn.execute("SELECT id, path, deriver, nar_size FROM ValidPaths"))
-        ref_rows = list(conn.execute("SELECT referrer, reference FROM Refs"))
-        out_rows = list(conn.execute("SELECT drv, path FROM DerivationOutputs"))
-    paths = {i: p for i, p, _, _ in rows}
-    ids = {p: i for i, p in paths.items()}
-    sizes = {i: s for i, _, _, s in rows}
-    derivers = {i: ids[d] for i, _, d, _ in rows if d is not None and d in ids}
+        rows = conn.execute("SELECT id, path, nar_size FROM ValidPaths").fetchall()
+        derivers: dict[int, int] = dict(conn.execute(_DERIVERS).fetchall())
+        ref_rows = conn.execute(_REFS).fetchall()
+        out_rows = conn.execute(_OUTPUTS).fetchall()
+    paths = {i: p for i, p, _ in rows}
+    ids = dict(zip(paths.values(), paths.keys(), strict=True))
+    sizes = {i: s for i, _, s in rows}
     refs: dict[int, list[int]] = {}
     for referrer, reference in ref_rows:
-        if referrer != reference:
-            refs.setdefault(referrer, []).append(reference)
+        refs.setdefault(referrer, []).append(reference)
     outputs: dict[int, list[int]] = {}
-    for drv, path in out_rows:
-        if path in ids:
-            outputs.setdefault(drv, []).append(ids[path])
+    for drv, out in out_rows:
+        outputs.setdefault(drv, []).append(out)
     return Graph(paths, ids, refs, derivers, outputs, sizes)
 
 

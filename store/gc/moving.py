@@ -36,8 +36,8 @@ class Moved:
     into_fd: int  # owned by the batch: `close` closes it
     claimed: list[str]  # in plan order; `Pins.end_delete` is owed for each
     pinned: list[str]  # pinned when reached: not claimed, left alone
-    names: dict[str, str] = field(default_factory=dict)  # path -> its name there, if moved
-    sizes: dict[str, int] = field(default_factory=dict)  # path -> bytes its removal frees
+    names: dict[str, str] = field(default_factory=dict)  # path -> its name there, if out
+    sizes: dict[str, int] = field(default_factory=dict)  # of the same: bytes their removal frees
 
     def close(self) -> None:
         os.close(self.into_fd)
@@ -137,14 +137,19 @@ class Mover:
         pinned: list[str] = []
         for path in paths:
             (claimed if pins.begin_delete(path) else pinned).append(path)
-        into = self.store.deletion_dir()
-        batch = Moved(into, os.open(into, DIR_FLAGS), claimed, pinned)
+        try:
+            into = self.store.deletion_dir()
+            batch = Moved(into, os.open(into, DIR_FLAGS), claimed, pinned)
+        except BaseException:
+            pins.end_delete(claimed)
+            raise
+        store_fd, into_fd, names, sizes = self.store_fd, batch.into_fd, batch.names, batch.sizes
         try:
             for path in claimed:
                 name = path.rpartition("/")[2]
-                if move_out(self.store_fd, batch.into_fd, name):
-                    batch.names[path] = name
-                    batch.sizes[path] = bytes_freed(into, batch.into_fd, name)
+                if move_out(store_fd, into_fd, name):
+                    names[path] = name
+                    sizes[path] = bytes_freed(into, into_fd, name)
         except BaseException:
             self.undo(batch)
             raise

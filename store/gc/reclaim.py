@@ -1,18 +1,20 @@
 """Reclaiming the space of deleted paths: removing what a collection moved out of the store.
 
-A collection's transactions move each dead path out of the store into a deletion directory
-(`store.gc.deletion`); from then on the path is gone for everyone (unregistered, its name
-free for a new add), and only its space remains to be given back.  That is one unlink per
-file, and an unlink waits for the disk: on the VM of bench/RESULTS.md (ext4 mounted with
-`discard`, no journal) each one of a file with data waits about 0.3 ms for its discard and
-uses about 40 µs of CPU.  The removal is bound by the disk's latency, not the CPU, so it
-runs in many threads at once, each taking a chunk of a deletion directory, mostly asleep.
+A collection moves each dead path out of the store into a deletion directory and
+unregisters it (`store.gc.moving`, `store.gc.deletion`); from then on the path is gone for
+everyone (its name free for a new add), and only its space remains to be given back.  That
+is one unlink per file, and an unlink waits for the disk: on the VM of bench/RESULTS.md
+(ext4 mounted with `discard`, no journal) each one of a file with data waits about 0.3 ms
+for its discard and uses about 40 µs of CPU.  The removal is bound by the disk's latency,
+not the CPU, so it runs in many threads at once, each taking a chunk of a deletion
+directory, mostly asleep.
 
 The `Reclaimer` outlives a collection: the daemon lets a collection answer once its paths
 are out of the store, and the reclaimer goes on (docs/gc.md, "Space comes back after the
-reply").  Its threads start when work comes and end when there is none, so an idle daemon
-keeps none; they are not daemon threads, so a process that exits first finishes the
-removal it started (a killed one leaves it to `Store.recover` at the next open).
+reply"), though it starts no removal while a collection's transactions run (`paused`).
+Its threads start when work comes and end when there is none, so an idle daemon keeps
+none; they are not daemon threads, so a process that exits first finishes the removal it
+started (a killed one leaves it to `Store.recover` at the next open).
 """
 
 import logging
@@ -157,22 +159,30 @@ class Reclaimer:
             lingered = not self._cond.wait(LINGER_SECONDS)
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                step, d, chunk = self._next()
-                if step is _Step.END:
-                    return
-                self._busy += 1
-            try:
-                if d is not None:
-                    self._remove(d, chunk)
-                else:
-                    self._run_cleanup()
-            finally:
+        try:
+            while True:
                 with self._cond:
-                    self._busy -= 1
-                    if self._idle():
-                        self._cond.notify_all()
+                    step, d, chunk = self._next()
+                    if step is _Step.END:
+                        return
+                    self._busy += 1
+                try:
+                    if d is not None:
+                        self._remove(d, chunk)
+                    else:
+                        self._run_cleanup()
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+                        if self._idle():
+                            self._cond.notify_all()
+        except BaseException:
+            # Not an OSError (those are counted and logged): the thread ends, and another
+            # takes its place if work is left.
+            with self._cond:
+                self._running -= 1
+                self._start()
+            raise
 
     def _remove(self, d: _Dir, names: list[str]) -> None:
         removed = 0
@@ -184,9 +194,10 @@ class Reclaimer:
             try:
                 for name in names:
                     try:
-                        os.unlink(name, dir_fd=fd)
-                    except IsADirectoryError:
-                        remove_tree(os.path.join(d.path, name))
+                        try:
+                            os.unlink(name, dir_fd=fd)
+                        except IsADirectoryError:
+                            remove_tree(os.path.join(d.path, name))
                     except FileNotFoundError:
                         continue
                     except OSError as e:
