@@ -12,12 +12,12 @@ _EXPORTS = {
     "PathKind": "store.paths",
     "StorePath": "store.paths",
     "make_store_path": "store.paths",
-    "HashMismatch": "store.records",
-    "InvalidReference": "store.records",
-    "NotValid": "store.records",
+    "HashMismatch": "store.errors",
+    "InvalidReference": "store.errors",
+    "NotValid": "store.errors",
     "PathInfo": "store.records",
     "Store": "store.store",
-    "StoreError": "store.records",
+    "StoreError": "store.errors",
     "VerifyReport": "store.records",
 }
 

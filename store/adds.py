@@ -14,13 +14,14 @@ import blake3
 
 from store import nar
 from store.derivation import check_hash
+from store.errors import HashMismatch, NotValid, StoreError
 from store.hashing import format_hash
 from store.ingest import copy_tree, copy_tree_as, take_tree
 from store.install import Installer
 from store.paths import InvalidPath, PathKind, StorePath, make_store_path, validate_name
 from store.pins import Pins
 from store.queries import Queries
-from store.records import HashMismatch, NewPath, NotValid, PathInfo, Reader, StoreError
+from store.records import NewPath, PathInfo, Reader
 from store.sourcecache import SourceCache, signature
 from store.tmparea import TmpArea, remove_tree
 

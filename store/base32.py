@@ -14,10 +14,17 @@ def encoded_length(n_bytes: int) -> int:
     return (n_bytes * 8 - 1) // 5 + 1
 
 
+# Every pair of digits, by the 10 bits they encode: a store path's hash part is 16 lookups.
+_PAIRS = tuple(a + b for a in ALPHABET for b in ALPHABET)
+
+
 def encode(digest: bytes) -> str:
     value = int.from_bytes(digest, "little")
     n = encoded_length(len(digest))
-    return "".join(ALPHABET[(value >> (5 * i)) & 31] for i in range(n - 1, -1, -1))
+    # An odd digit count starts with a single digit, the most significant.
+    head = ALPHABET[(value >> (5 * (n - 1))) & 31] if n % 2 else ""
+    pairs = range(5 * (n - n % 2) - 10, -1, -10)
+    return head + "".join([_PAIRS[(value >> shift) & 1023] for shift in pairs])
 
 
 def decode(text: str, n_bytes: int) -> bytes:

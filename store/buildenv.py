@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from store.environment.delta import valid_name
-from store.records import StoreError
+from store.errors import StoreError
 
 # More environments than a session has phases is a mistake, not a design; and each adds
 # processes to every build of the derivation.

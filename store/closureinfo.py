@@ -10,9 +10,10 @@ import json
 from collections.abc import Iterable
 
 from store.db import Database
+from store.errors import NotValid
 from store.paths import StorePath
 from store.queries import references_first
-from store.records import NotValid, PathInfo
+from store.records import PathInfo
 
 # One row per (path, reference): a path's own columns repeat on each of its rows.
 _CLOSURE_INFO_SQL = """

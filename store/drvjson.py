@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from store.records import StoreError
+from store.errors import StoreError
 
 # `typing` itself is an import a recipe's evaluation does without (`store.recipe`).
 TYPE_CHECKING = False

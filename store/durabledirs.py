@@ -24,7 +24,7 @@ typo that silently keeps everything is not what the user asked for.
 from collections.abc import Mapping
 from enum import StrEnum
 
-from store.records import StoreError
+from store.errors import StoreError
 
 # Substrate's limit; each is bound into the sandbox and copied at each stop, and 8 is
 # more than a build's caches and databases.

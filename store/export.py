@@ -18,8 +18,9 @@ import blake3
 
 from store import nar
 from store.closureinfo import closure_infos
+from store.errors import HashMismatch
 from store.hashing import format_hash
-from store.records import HashMismatch, PathInfo
+from store.records import PathInfo
 from store.store import Store
 
 MAGIC = b"weft-export"

@@ -38,10 +38,11 @@ import blake3
 from store import nar
 from store.derivation import Derivation, DerivationError
 from store.drvcheck import read_drv_file
+from store.errors import HashMismatch, InvalidReference, StoreError
 from store.export import MAGIC, MAX_FIELD, TAG_END, TAG_PATH, VERSION, StreamError
 from store.hashing import format_hash
 from store.paths import InvalidPath, PathKind, StorePath, make_store_path
-from store.records import HashMismatch, InvalidReference, NewPath, StoreError
+from store.records import NewPath
 from store.refscan import ReferenceScanner
 from store.store import Store
 from store.streamreader import READ_SIZE, StreamReader

@@ -20,9 +20,9 @@ import blake3
 
 from store import nar
 from store.creds import reading_as
+from store.errors import StoreError
 from store.hashing import format_hash
 from store.nar import UnsupportedFileType
-from store.records import StoreError
 from store.tmparea import remove_tree
 
 # Files up to this size are read in one call and hashed with their framing in one update.

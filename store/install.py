@@ -20,9 +20,10 @@ import apsw
 
 from store.db import Database
 from store.drvcheck import DerivationCheck
+from store.errors import HashMismatch, InvalidReference, NotValid, StoreError
 from store.ingest import copy_tree, take_tree
 from store.queries import Queries, references_first
-from store.records import HashMismatch, InvalidReference, NewPath, NotValid, PathInfo, StoreError
+from store.records import NewPath, PathInfo
 from store.recovery import Recovery
 from store.refscan import scan_path
 from store.tmparea import TmpArea, remove_tree

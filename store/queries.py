@@ -9,8 +9,9 @@ import json
 from collections.abc import Iterable
 
 from store.db import Database
+from store.errors import NotValid, StoreError
 from store.paths import StorePath
-from store.records import ByDeriver, NotValid, PathInfo, StoreError
+from store.records import ByDeriver, PathInfo
 
 _INFO_SQL = """
 SELECT v.hash, v.nar_size, v.registration_time, v.deriver, v.ca, v.sigs, rv.path

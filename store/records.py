@@ -1,4 +1,4 @@
-"""The store's vocabulary: the errors it refuses with and the records it answers with.
+"""The store's vocabulary: the records it answers with (its errors: `store/errors.py`).
 
 Kept apart from the code that makes them so that every part of the store, and its callers,
 can name them without importing the `Store` class.
@@ -6,22 +6,6 @@ can name them without importing the `Store` class.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-
-class StoreError(Exception):
-    """An operation the store refuses, with a message meant for the user."""
-
-
-class InvalidReference(StoreError):
-    """A path was added with a reference that is not valid in the store."""
-
-
-class HashMismatch(StoreError):
-    """Content did not have the hash it was declared to have."""
-
-
-class NotValid(StoreError):
-    """A query named a path that is not valid."""
 
 
 @dataclass(frozen=True, slots=True)

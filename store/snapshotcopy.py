@@ -18,7 +18,7 @@ import shutil
 import stat
 
 from store import nar
-from store.records import StoreError
+from store.errors import StoreError
 from store.refscan import ReferenceScanner
 from store.snapshots import SnapshotTooLarge
 

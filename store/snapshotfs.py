@@ -30,9 +30,9 @@ from pathlib import Path
 
 from store.derivation import drv_name
 from store.durabledirs import ROOT, Scope, check_durable_dirs
+from store.errors import StoreError
 from store.paths import MAX_NAME_LEN
 from store.pins import PinOwner
-from store.records import StoreError
 from store.refscan import ReferenceScanner
 from store.snapshotcopy import DIR_FLAGS, Merger, Stager, member, open_member
 from store.snapshots import MAX_SNAPSHOT_SIZE, SnapshotRecord, SnapshotState

@@ -23,7 +23,7 @@ import apsw
 from store.db import Database
 from store.derivation import DRV_SUFFIX, drv_name
 from store.durabledirs import Scope
-from store.records import StoreError
+from store.errors import StoreError
 
 # A derivation that fails again and again (a flaky test, a retry loop, a user committing
 # by hand) keeps its latest 16: enough to go back several attempts, while a loop cannot

@@ -23,23 +23,14 @@ import apsw
 from store import nar
 from store.adds import Adder
 from store.db import Database
+from store.errors import HashMismatch, InvalidReference, NotValid, StoreError
 from store.install import Installer
 from store.layout import StateDir
 from store.optimise import OptimiseStats, optimise_paths
 from store.paths import StorePath
 from store.pins import PinOwner, Pins
 from store.queries import Queries
-from store.records import (
-    ByDeriver,
-    HashMismatch,
-    InvalidReference,
-    NewPath,
-    NotValid,
-    PathInfo,
-    Reader,
-    StoreError,
-    VerifyReport,
-)
+from store.records import ByDeriver, NewPath, PathInfo, Reader, VerifyReport
 from store.recovery import Recovery
 from store.snapshots import Snapshots
 from store.tmparea import TmpArea

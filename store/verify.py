@@ -9,8 +9,9 @@ import os
 from collections.abc import Iterable
 
 from store.db import Database
+from store.errors import NotValid
 from store.hashing import hash_path
-from store.records import NotValid, VerifyReport
+from store.records import VerifyReport
 
 
 def verify(

@@ -34,7 +34,7 @@ from store.environment.profile import (
     search_path_delta,
 )
 from store.environment.view import from_mapping, parse_values, parse_view, to_values, to_view
-from store.records import StoreError
+from store.errors import StoreError
 
 SET, UNSET, PREPEND, APPEND = ListOp.SET, ListOp.UNSET, ListOp.PREPEND, ListOp.APPEND
 

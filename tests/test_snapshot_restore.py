@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from store.durabledirs import Scope
+from store.errors import StoreError
 from store.history import AttemptRecord, History
-from store.records import StoreError
 from store.snapshotfs import Restore, RestoreTarget, restore
 from store.store import Store
 from tests.test_snapshot_store import (  # noqa: F401 (fixtures, used by name)

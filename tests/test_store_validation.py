@@ -14,12 +14,12 @@ from bench.daemons import DaemonProc
 from daemon.cli.blocking import BlockingClient, DaemonError
 from store import Store, nar
 from store.derivation import DUMMY_HASH, Derivation, DerivationError, Output
+from store.errors import NotValid, StoreError
 from store.hashing import format_hash, hash_path
 from store.ingest import SourceHoldsDestination, copy_tree
 from store.nar import UnsupportedFileType
 from store.paths import InvalidPath, PathKind, make_store_path
 from store.recipe import LocalStore, derivation, using
-from store.records import NotValid, StoreError
 from tests.daemon_fixtures import Graph
 
 H1 = "blake3:" + "11" * 32

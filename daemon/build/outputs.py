@@ -15,8 +15,8 @@ from daemon.build.closures import Closures
 from daemon.build.errors import BuildError
 from daemon.sched.retry import Cause
 from store.derivation import Derivation, drv_name
+from store.errors import HashMismatch
 from store.hashing import hash_path
-from store.records import HashMismatch
 from store.store import Store
 
 # {output name: (where the builder left it, its store path)} and the input closure, in a

@@ -16,8 +16,8 @@ from daemon.build.request import BuildOptions, Outcome, State
 from daemon.build.room import Room
 from daemon.proc.locks import LockError
 from store.derivation import Derivation, DerivationError, drv_name
+from store.errors import StoreError
 from store.pins import PinOwner
-from store.records import StoreError
 
 
 async def check(

@@ -34,7 +34,7 @@ from daemon.sched.retrying import Failure, RetryRunner
 from daemon.sched.scheduler import Running
 from store.derivation import Derivation, drv_name
 from store.durabledirs import Scope
-from store.records import StoreError
+from store.errors import StoreError
 from store.snapshotfs import Restore
 from store.snapshots import SnapshotRecord, SnapshotState
 

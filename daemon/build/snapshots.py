@@ -27,7 +27,7 @@ from daemon.proc.workers import Workers
 from daemon.settings import Settings
 from store.derivation import drv_name
 from store.durabledirs import Scope, check_scopes, parse_scope
-from store.records import StoreError
+from store.errors import StoreError
 from store.snapshots import NotASnapshot, SnapshotRecord, SnapshotState
 from store.store import Store
 

@@ -40,8 +40,8 @@ from daemon.sched.retry import Cause
 from daemon.settings import Settings
 from store.derivation import Derivation, drv_name
 from store.durabledirs import Scope
+from store.errors import StoreError
 from store.pins import PinOwner
-from store.records import StoreError
 from store.snapshotfs import Capture, Restore, RestoreTarget, capture, restore
 from store.snapshots import SnapshotRecord, SnapshotState
 

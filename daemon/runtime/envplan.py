@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from store.environment.delta import Change, Delta, VarType, apply, merge, valid_name
-from store.records import NotValid, StoreError
+from store.errors import NotValid, StoreError
 
 Env = Sequence[tuple[bytes, bytes]]
 

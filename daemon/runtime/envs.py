@@ -17,7 +17,7 @@ import apsw
 import msgpack
 
 from daemon.runtime.envplan import Env
-from store.records import StoreError
+from store.errors import StoreError
 
 KEY_BYTES = 32
 KEY_FILE = "key"

@@ -35,8 +35,8 @@ from daemon.runtime.roots import RuntimeRoots, new_runtime_id
 from daemon.runtime.watcher import Watcher, boot_id, open_process, real_uid, ticks_now
 from daemon.settings import Settings
 from store.environment.profile import Profile, read_profile
+from store.errors import NotValid
 from store.layout import StateDir
-from store.records import NotValid
 from store.store import Store
 
 log = logging.getLogger("weft.runtimes")

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from store.records import StoreError
+from store.errors import StoreError
 
 
 class DeltaError(StoreError, ValueError):

@@ -11,8 +11,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from store.errors import StoreError
 from store.gc.roots import Root, find_roots
-from store.records import StoreError
 from store.store import Store
 
 

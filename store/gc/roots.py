@@ -14,8 +14,8 @@ from pathlib import Path
 import blake3
 
 from store import base32
+from store.errors import StoreError
 from store.paths import StorePath
-from store.records import StoreError
 from store.store import Store
 
 # An indirect root's entry is named by a hash of its link, as long as a store path's hash
