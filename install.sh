@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 apt_packages=(nix-bin busybox-static python3 python3-venv gcc libc6-dev musl-tools util-linux
-  passt)
+  passt postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -49,5 +49,42 @@ fi
 # A plain path entry, not setuptools' import-hook finder: the finder costs every
 # command 20 ms of start-up.
 .venv/bin/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
+# remote/wire's message modules, generated from our .proto files by the installed grpcio-tools
+# (generated code demands a protobuf runtime at least as new as its protoc): again when a .proto
+# changed or grpcio-tools did.
+tools_version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("grpcio-tools"))')
+regen=0
+[ "$(cat remote/wire/.generated 2>/dev/null)" = "$tools_version" ] || regen=1
+for f in remote/wire/*.proto; do
+  [ "$f" -nt "${f%.proto}_pb2.py" ] && regen=1
+done
+if [ $regen = 1 ]; then
+  .venv/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. remote/wire/*.proto
+  echo "$tools_version" >remote/wire/.generated
+fi
 # Commands start faster from compiled bytecode, and some environments never write it.
-.venv/bin/python -m compileall -q store daemon locker spawner >/dev/null
+packages=(store daemon locker spawner remote)
+[ -d worker ] && packages+=(worker)
+.venv/bin/python -m compileall -q "${packages[@]}" >/dev/null
+
+# The remote-execution engine (BuildGrid) of the one-machine farm (contrib/remote/farm) and of the
+# remote tests, in a venv of its own: it wants a newer Python than Debian's and pins its own
+# grpcio, protobuf and SQLAlchemy. 0.9.1 needs Python >= 3.13 (pyenv's, where the machine has
+# one); from Debian 12's 3.11 the newest that installs is 0.4.4, with psycopg2.
+engine_python=/usr/bin/python3
+engine_spec='buildgrid[database]==0.4.4'
+for candidate in ~/.pyenv/versions/3.1[3-9]*/bin/python3 python3.13 python3.14; do
+  if command -v "$candidate" >/dev/null &&
+    "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 13))' 2>/dev/null; then
+    engine_python=$(command -v "$candidate")
+    engine_spec='buildgrid==0.9.1'
+    break
+  fi
+done
+if [ "$(cat .venv-bgd/weft-engine 2>/dev/null)" != "$engine_spec" ] || [ ! -x .venv-bgd/bin/bgd ]; then
+  rm -rf .venv-bgd
+  "$engine_python" -m venv .venv-bgd
+  .venv-bgd/bin/pip install -q --disable-pip-version-check "$engine_spec" 2>&1 |
+    { grep -v "^WARNING: Location" || true; } >&2
+  echo "$engine_spec" >.venv-bgd/weft-engine
+fi

@@ -6,6 +6,7 @@ together; no other module makes a service.  A daemon without builds (tests run o
 process) makes `Services` with the store's alone.
 """
 
+import dataclasses
 import hashlib
 import os
 
@@ -16,6 +17,7 @@ from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
 from daemon.proc.workers import Workers
+from daemon.remote.executor import RemoteExecutor
 from daemon.rpc.services import Services
 from daemon.runtime.service import Runtimes
 from daemon.sched.admission import Admission, Limits
@@ -66,9 +68,25 @@ def compose(
     pauser = pauser_for(state)
     scheduler = Scheduler(Admission(limits, settings.max_jobs or cores), load, pauser)
     history = History(store.db)
-    retrier = RetryRunner(
-        scheduler, history, limits, RetrySettings.from_settings(settings), workers
-    )
+    retry = RetrySettings.from_settings(settings)
+    retrier = RetryRunner(scheduler, history, limits, retry, workers)
+    remote = None
+    if settings.remote_endpoint:
+        # Remote builds wait in a scheduler of their own, `remote-max-jobs` at once: a
+        # local slot is not theirs, and their load is the farm's (no limit is set, and
+        # the load monitor samples only for the local one).
+        unloaded = dataclasses.replace(
+            limits,
+            cpu=0.0,
+            memory=0.0,
+            io=0.0,
+            load_per_core=0.0,
+            min_available=0,
+            pause_memory=0.0,
+        )
+        remote_runs = Scheduler(Admission(unloaded, settings.remote_max_jobs), load, pauser)
+        remote_retrier = RetryRunner(remote_runs, history, limits, retry, workers)
+        remote = (RemoteExecutor(settings), remote_retrier)
     builder = Builder(
         state,
         store,
@@ -84,6 +102,7 @@ def compose(
         workers=workers,
         snapshots=snapshots,
         collector=collector,
+        remote=remote,
     )
     repairer = Repairer(store, builder)
     runtimes = Runtimes(state, store, settings, workers)

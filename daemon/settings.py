@@ -7,11 +7,13 @@ is in it: each setting is a knob of the daemon's, which hands the store what it 
 
 import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import Any
 
+from daemon.remote.policy import Policy, parse_policy
 from store.durabledirs import Scope, ScopeError, check_scopes, parse_scope
 from store.environment.delta import valid_name
 from store.environment.profile import DEFAULT_SEARCH_PATHS
@@ -93,6 +95,17 @@ class Settings:
     # part of a derivation: the same .drv whatever they are.
     snapshot_on_pause: str = ""
     snapshot_on_commit: str = ""
+    # Remote builds on a REAPI engine (docs/remote.md): where it listens (`unix:///abs`,
+    # `grpc://host:port` or `host:port`; "": remote builds off), its instance name, how
+    # many remote builds run at once, platform properties the Action carries beside
+    # weft's own, which builds go (`all`, `overflow`, `none`; "": `overflow`), and whether
+    # a build goes on locally while the engine cannot be reached.
+    remote_endpoint: str = ""
+    remote_instance: str = ""
+    remote_max_jobs: int = 4
+    remote_platform: dict[str, str] = field(default_factory=dict)
+    remote_policy: str = ""
+    remote_fallback: bool = True
 
     @property
     def on_pause(self) -> Scope | None:
@@ -101,6 +114,11 @@ class Settings:
     @property
     def on_commit(self) -> Scope | None:
         return Scope(self.snapshot_on_commit) if self.snapshot_on_commit else None
+
+    @property
+    def remote(self) -> Policy:
+        """The configured remote policy (`effective` makes it none without an endpoint)."""
+        return Policy(self.remote_policy) if self.remote_policy else Policy.OVERFLOW
 
     @classmethod
     def from_toml(cls, text: str, source: str = SETTINGS_FILE) -> "Settings":
@@ -188,6 +206,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "retries": (0, 100),
     # Seconds before the first retry, doubled for each further one.
     "retry_backoff": (0, 3600),
+    # Remote builds at once: each holds an Execute stream, and a thread of the engine's
+    # (BuildGrid refuses with RESOURCE_EXHAUSTED past its pool); 256 is far past a farm's.
+    "remote_max_jobs": (1, 256),
     # Under 1 a retry of a timed-out build would get less time than the one that timed out.
     "retry_timeout_factor": (1, 100),
 }
@@ -221,8 +242,20 @@ def _checked(source: str, key: str, value: Any, default: Any) -> Any:
             )
     if want is list and not all(type(v) is str and v for v in value):
         raise ConfigError(f"{source}: {key} must be a list of non-empty strings")
-    if want is dict:
+    if attr == "remote_platform":
+        _check_platform(source, key, value)
+    elif want is dict:
         _check_search_paths(source, key, value)
+    if attr == "remote_policy":
+        try:
+            parse_policy(value, key)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if attr == "remote_endpoint" and value and not ENDPOINT.fullmatch(value):
+        raise ConfigError(
+            f"{source}: {key}: {value!r} is not unix:///ABSOLUTE/PATH, grpc://HOST:PORT or "
+            "HOST:PORT"
+        )
     if attr in SCOPES:
         try:
             parse_scope(value, key)
@@ -253,6 +286,22 @@ def _check_search_paths(source: str, key: str, table: dict[str, Any]) -> None:
                     f"{source}: {key}.{var}: {d!r} must be a directory relative to a member, "
                     "without '..' or ':'"
                 )
+
+
+# What `remote-endpoint` may be: a Unix socket by absolute path, or a host and port
+# (TLS is not supported: docs/remote.md).
+ENDPOINT = re.compile(r"unix:///\S+|(grpc://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
+# Platform properties weft sets itself on every Action (docs/remote.md).
+OWN_PROPERTIES = ("weft-store-dir", "OSFamily", "ISA")
+
+
+def _check_platform(source: str, key: str, table: dict[str, Any]) -> None:
+    """Extra platform properties: strings, none of weft's own names."""
+    for name, value in table.items():
+        if type(value) is not str or not name:
+            raise ConfigError(f"{source}: {key}.{name} must be a string")
+        if name in OWN_PROPERTIES:
+            raise ConfigError(f"{source}: {key}.{name} is set by weft itself")
 
 
 def read_settings(state: StateDir) -> Settings:

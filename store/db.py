@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import apsw
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 T = TypeVar("T")
 
 _V1 = """
@@ -107,8 +107,24 @@ CREATE INDEX IndexSnapshots ON Snapshots(drv);
 ALTER TABLE BuildAttempts ADD COLUMN snapshot TEXT;
 """
 
+# Version 5: each path's REAPI node (store/remotedigests.py), computed on its first remote
+# build and kept for good: a path is hashed for the remote engine once per store, ever.
+# Keyed by the path's row: it goes with the path (the collector deletes these rows with
+# its waves, store/gc/unregister.py; the foreign key covers every other deletion).
+_V5 = """
+CREATE TABLE RemoteDigests (
+    path       INTEGER PRIMARY KEY REFERENCES ValidPaths(id) ON DELETE CASCADE,
+    kind       TEXT NOT NULL,
+    hash       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    executable INTEGER NOT NULL,
+    target     TEXT NOT NULL,
+    tree       BLOB NOT NULL
+);
+"""
+
 # MIGRATIONS[n] takes a database at version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 60_000

@@ -288,3 +288,27 @@ async def test_an_evicted_build_goes_before_new_builds_once_nothing_runs() -> No
         scheduler.on_sample(dataclasses.replace(IDLE, memory=70.0))
     assert started == ["old", "evicted", "new"]
     assert scheduler.status()["evicted"] == 0
+
+
+async def test_a_slot_is_free_only_when_a_build_asking_now_would_start_at_once() -> None:
+    limits = Limits(0, 0, 0, 0, 0, resume_fraction=0.5, pause_memory=50, cores=1)
+    scheduler = Scheduler(Admission(limits, max_jobs=1), _Monitor(), SIGNALS)  # type: ignore[arg-type]
+    held = trio.Event()
+    frees: list[bool] = [scheduler.free()]
+
+    async def build(drv: str, evicted: bool = False) -> None:
+        async with scheduler.slot(drv, 2 if evicted else 1, None, evicted):
+            await held.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(build, "running")
+        await trio.testing.wait_all_tasks_blocked()
+        frees.append(scheduler.free())  # the one slot taken
+        nursery.start_soon(build, "evicted", True)
+        held.set()
+        await trio.testing.wait_all_tasks_blocked()
+        # Nothing runs, but the evicted build goes first, at the next sample.
+        frees.append(scheduler.free())
+        scheduler.on_sample(IDLE)
+    frees.append(scheduler.free())
+    assert frees == [True, False, False, True]

@@ -41,13 +41,13 @@ from daemon.build.room import Room
 from daemon.build.session import plan_of, session_ending
 from daemon.build.slots import Slot, mount_points
 from daemon.build.stops import Resume, Stops
+from daemon.build.variables import build_environment, defaults
 from daemon.build.watch import KILL_GRACE, Ending, Watch
 from daemon.proc.processes import Process
 from daemon.proc.spawner import SpawnerDied, SpawnError
 from daemon.sched.retry import Cause
 from daemon.wire.spawner import SpawnRequest
 from store.derivation import Derivation, drv_name
-from store.environment.delta import Expand, apply
 
 logger = logging.getLogger("weft.builds")
 
@@ -284,25 +284,10 @@ class Attempt:
         )
 
     def _defaults(self) -> dict[str, str]:
-        """What every builder's environment has, unless its derivation says otherwise."""
-        return {
-            "PATH": "/path-not-set",
-            "HOME": "/homeless-shelter",
-            "NIX_STORE": self.room.store.store_dir,
-            "NIX_BUILD_TOP": "/build",
-            "NIX_BUILD_CORES": self.room.cores,
-            "TMPDIR": "/build",
-            "TEMPDIR": "/build",
-            "TMP": "/build",
-            "TEMP": "/build",
-            "PWD": "/build",
-        }
+        return defaults(self.room.store.store_dir, self.room.cores)
 
     def _environment(self) -> dict[str, str]:
-        env = self._defaults()
-        env.update(self.drv.env)
-        # After `env`, so that `${@PATH@}` and the lists' old values are the derivation's.
-        return apply(self.drv.env_delta, env, Expand.VIEW)[0]
+        return build_environment(self.drv, self.room.store.store_dir, self.room.cores)
 
     def _outputs(self, slot: Slot, ending: Ending) -> dict[str, tuple[str, str]]:
         """What the builder left, {output: (where, store path)}; BuildError if it failed."""

@@ -9,7 +9,8 @@ builds shared between requests.  The work is done in:
 - `attempt.py`: one attempt in a build slot (`slots.py`), its builder watched
   (`watch.py`), its log kept (`logs.py`), its outputs registered (`outputs.py`), its
   snapshots restored and captured (`stops.py`, `snapshots.py`);
-- `rebuild.py`: `--check` and repair, building valid derivations again.
+- `rebuild.py`: `--check` and repair, building valid derivations again;
+- `daemon/remote/`: builds sent to a REAPI engine instead, by the remote policy.
 
 When a build may start, and whether a failed one is tried again, is the scheduler's and
 the retry policy's business (`daemon/sched/`, docs/scheduling.md).
@@ -35,6 +36,7 @@ from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
 from daemon.proc.workers import Workers
+from daemon.remote.executor import RemoteExecutor
 from daemon.sched.loadsignals import LoadMonitor
 from daemon.sched.pauser import Pauser
 from daemon.sched.retrying import RetryRunner
@@ -64,7 +66,10 @@ class Builder:
         workers: Workers,
         snapshots: SnapshotService,
         collector: Collector | None = None,
+        remote: tuple[RemoteExecutor, RetryRunner] | None = None,
     ) -> None:
+        """`remote`: the remote executor and the retry runner of remote builds (with
+        their own scheduler), when an engine is set."""
         self.scheduler = scheduler
         self.load = load
         self.history = history
@@ -94,8 +99,9 @@ class Builder:
             logs=BuildLogs(state.log_dir),
             live=LiveLogs(),
             cores=str(settings.cores or os.cpu_count() or 1),
+            remote=remote[0] if remote is not None else None,
         )
-        self.jobs = Jobs(self.room, retrier)
+        self.jobs = Jobs(self.room, retrier, remote[1] if remote is not None else None)
 
     async def build(self, roots: list[str], opts: BuildOptions, listener: Listener) -> list[Result]:
         """Build `roots` and what they need; a result for each root.  A snapshot to resume
@@ -128,3 +134,5 @@ class Builder:
 
     def close(self) -> None:
         self.pauser.close()
+        if self.room.remote is not None:
+            self.room.remote.close()

@@ -5,6 +5,7 @@ derivation (a `Result`, in a `State`): plain records, encoded once, at the rpc e
 import enum
 from dataclasses import dataclass
 
+from daemon.remote.policy import Policy
 from store.durabledirs import Scope
 from store.snapshots import SnapshotRecord
 
@@ -54,6 +55,8 @@ class BuildOptions:
     resume_into: str = ""
     # The requesting uid: it owns the snapshots its builds leave.
     owner: int = 0
+    # Which builds go to the remote engine (`--remote`); None: weft.toml's `remote-policy`.
+    remote: Policy | None = None
 
 
 class State(enum.StrEnum):

@@ -11,6 +11,7 @@ from daemon.proc.locks import LockService
 from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
 from daemon.proc.workers import Workers
+from daemon.remote.executor import RemoteExecutor
 from daemon.sched.pauser import Pauser
 from daemon.sched.scheduler import Scheduler
 from daemon.settings import Settings
@@ -37,3 +38,5 @@ class Room:
     logs: BuildLogs
     live: LiveLogs  # the logs of the builds running now
     cores: str  # NIX_BUILD_CORES
+    # The remote engine's executor; None: remote builds off (no `remote-endpoint`).
+    remote: RemoteExecutor | None = None

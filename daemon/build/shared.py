@@ -17,20 +17,22 @@ snapshot, which an eviction before a daemon restart left.
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
 from daemon.build.attempt import Attempt, Inputs
 from daemon.build.errors import BuildError
-from daemon.build.events import Listener, Note, Started
+from daemon.build.events import Failed, Listener, Note, Started
 from daemon.build.job import Hooks, Job
 from daemon.build.outputs import Register, build_owner, lock_files
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
 from daemon.build.stops import Resume, scopes
 from daemon.proc.locks import LockError
+from daemon.remote.policy import Fallback, StayLocal, Where, choose, on_unavailable
 from daemon.sched.retry import Cause
-from daemon.sched.retrying import Failure, RetryRunner
+from daemon.sched.retrying import Failure, Outcome, RetryRunner
 from daemon.sched.scheduler import Running
 from store.derivation import Derivation, drv_name
 from store.durabledirs import Scope
@@ -38,15 +40,22 @@ from store.errors import StoreError
 from store.snapshotfs import Restore
 from store.snapshots import SnapshotRecord, SnapshotState
 
+if TYPE_CHECKING:
+    from daemon.remote.attempt import RemoteAttempt
+
 logger = logging.getLogger("weft.builds")
 
 
 class Jobs:
     """The builds running in the daemon, by derivation."""
 
-    def __init__(self, room: Room, retrier: RetryRunner) -> None:
+    def __init__(
+        self, room: Room, retrier: RetryRunner, remote_retrier: RetryRunner | None = None
+    ) -> None:
         self.room = room
         self.retrier = retrier
+        # Remote builds' attempts, in their own scheduler (None: no remote engine).
+        self.remote_retrier = remote_retrier
         self._running: dict[str, Job] = {}
 
     async def build(
@@ -76,14 +85,7 @@ class Jobs:
         job = self._running[path] = Job(path, hooks, [listener])
         attempts = _Attempts(self.room, job, drv, inputs, opts, tails)
         try:
-            outcome = await self.retrier.run(
-                path,
-                dict(drv.env),
-                opts.retries,
-                (opts.timeout, opts.max_silent_time),
-                attempts.attempt,
-                job.tell,
-            )
+            outcome = await self._attempts(attempts)
             job.attempts, job.flaky = outcome.attempts, outcome.flaky
             if outcome.failure is not None:
                 job.error = outcome.failure.message
@@ -100,6 +102,54 @@ class Jobs:
             del self._running[path]
             job.done.set()
         return job
+
+    async def _attempts(self, attempts: "_Attempts") -> Outcome:
+        """The build, attempt after attempt: on the remote engine if the remote policy
+        sends it there (`daemon/remote/policy.py`), locally otherwise, or after all when
+        it cannot go (a name REAPI cannot carry, the engine unreachable)."""
+        job, drv, opts = attempts.job, attempts.drv, attempts.opts
+        retrier = self.retrier
+        if self.remote_retrier is not None and await self._goes_remote(attempts):
+            retrier, attempts.remote = self.remote_retrier, True
+        limits = (opts.timeout, opts.max_silent_time)
+        env = dict(drv.env)
+        try:
+            return await retrier.run(
+                job.drv_path, env, opts.retries, limits, attempts.attempt, job.tell
+            )
+        except StayLocal as e:
+            attempts.remote = False
+            line = e.why
+            if e.unreachable:
+                remote = self.room.remote
+                assert remote is not None
+                fallback, line = on_unavailable(remote.policy(opts.remote), remote.fallback, e.why)
+                logger.warning("%s: %s", job.drv_path, line)
+                if fallback is Fallback.FAIL:
+                    await job.tell(Failed(job.drv_path, ""))
+                    return Outcome(attempts=1, failure=Failure(Cause.SETUP, line))
+            await job.tell(Note(f"{drv_name(job.drv_path)}: {line}", job.drv_path))
+        return await self.retrier.run(
+            job.drv_path, env, opts.retries, limits, attempts.attempt, job.tell
+        )
+
+    async def _goes_remote(self, attempts: "_Attempts") -> bool:
+        """Whether this build goes to the remote engine, as it is about to start; a
+        build that could have gone and stays says why in its log."""
+        remote, opts = self.room.remote, attempts.opts
+        assert remote is not None
+        choice = choose(
+            remote.policy(opts.remote),
+            attempts.drv.env,
+            self.room.scheduler.free(),
+            durable=bool(attempts.drv.durable_dirs),
+            keep_failed=opts.keep_failed_for is not None,
+        )
+        if choice.why:
+            await attempts.job.tell(
+                Note(f"{drv_name(attempts.job.drv_path)}: {choice.why}", attempts.job.drv_path)
+            )
+        return choice.where is Where.REMOTE
 
 
 class _Attempts:
@@ -123,6 +173,7 @@ class _Attempts:
         self.on_pause = scopes(opts, room.settings)[0]
         self.last: SnapshotRecord | None = None  # the newest snapshot an attempt left
         self.first = True
+        self.remote = False  # the attempts go to the remote engine
 
     def _resume(self) -> Resume | None:
         """What the next attempt starts from."""
@@ -168,16 +219,28 @@ class _Attempts:
         are registered, before the locks are released."""
         job, path = self.job, self.job.drv_path
         register = Register(self.room.store, path, self.drv, self.inputs.closures)
-        resume = self._resume()
-        self.first = False
-        attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register, resume)
+        attempt: Attempt | RemoteAttempt
+        if self.remote and self.room.remote is not None:
+            # Here: the remote attempt loads gRPC, which a daemon whose builds all stay
+            # local never needs.
+            from daemon.remote import attempt as remote_attempt
+
+            remote = self.room.remote
+            attempt = remote_attempt.RemoteAttempt(
+                self.room, remote, job, self.drv, self.inputs, limits, register
+            )
+        else:
+            resume = self._resume()
+            self.first = False
+            attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register, resume)
         locked = self.room.locks.exclusive(lock_files(self.drv), build_owner(path), delete=True)
         try:
             async with locked:
                 try:
                     await attempt.run(register.needed, task_status.started)
                 finally:
-                    self._left(attempt.stops.spent, attempt.stops.made)
+                    if isinstance(attempt, Attempt):
+                        self._left(attempt.stops.spent, attempt.stops.made)
             if register.present is not None:
                 note = f"{drv_name(path)}: content already in the store as {register.present}"
                 await job.tell(Note(note, path))

@@ -19,6 +19,9 @@ from daemon.cli.snapflags import FLAGS as SNAPSHOT_FLAGS
 from daemon.cli.snapflags import check_resumed, commit, snapshot_args
 
 _DAEMONS = "the daemon's"
+# `--remote`'s words (daemon/remote/policy.py's `Policy`, not imported: a command loads
+# little).
+REMOTE_POLICIES = ("all", "overflow", "none")
 
 BUILD = Command(
     "store-build",
@@ -41,6 +44,13 @@ BUILD = Command(
         Flag("--max-silent-time", "stop a build silent longer", "SECONDS", default=_DAEMONS),
         Flag("--retries", "retry a failed build up to N times", "N", default=_DAEMONS),
         Flag("--no-retry", "never retry a failed build"),
+        Flag(
+            "--remote",
+            "which builds go to the remote engine: all, overflow (when local slots are full) "
+            "or none",
+            "POLICY",
+            default="remote-policy in weft.toml",
+        ),
         *SNAPSHOT_FLAGS,
     ),
 )
@@ -171,6 +181,11 @@ def build_args(opts: dict[str, str | bool]) -> dict[str, object]:
         raise UsageError("give --retries or --no-retry, not both")
     if retries is not None or "--no-retry" in opts:
         args["retries"] = retries or 0
+    remote = opts.get("--remote")
+    if remote is not None:
+        if remote not in REMOTE_POLICIES:
+            raise UsageError(f"--remote takes one of {', '.join(REMOTE_POLICIES)}, not {remote!r}")
+        args["remote"] = remote
     for flag, key in (("--timeout", "timeout"), ("--max-silent-time", "max_silent_time")):
         seconds = _seconds(opts, flag)
         if seconds is not None:

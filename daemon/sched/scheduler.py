@@ -134,6 +134,11 @@ class Scheduler:
         caps = [r.cap for r in self.running if r.cap is not None]
         return self.admission.may_start(len(self.running), caps, cap, bool(self._retry_caps))
 
+    def free(self) -> bool:
+        """Whether a build asking now would start at once: nothing waits before it and
+        the admission lets one more in (the `overflow` remote policy's question)."""
+        return self.queued == 0 and self._may_start(None)
+
     @asynccontextmanager
     async def slot(
         self, drv: str, attempt: int = 1, cap: int | None = None, evicted: bool = False

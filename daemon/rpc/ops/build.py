@@ -11,12 +11,14 @@ import trio
 
 from daemon.build.events import Built, Event, Failed, LogLine, Note, Retried, Started
 from daemon.build.request import BuildOptions, Result
+from daemon.remote.policy import Policy, parse_policy
 from daemon.rpc.context import RequestContext
 from daemon.rpc.errors import OpError
 from daemon.rpc.ops.args import (
     arg_bool,
     build_options,
     keep_alive,
+    opt_str_arg,
     snapshot_args,
     str_arg,
     strs_arg,
@@ -74,6 +76,17 @@ async def _with_snapshots(ctx: RequestContext, opts: BuildOptions, drvs: list[st
     )
 
 
+def _remote(ctx: RequestContext) -> Policy | None:
+    """The request's remote policy (`remote`: all, overflow or none), if it names one."""
+    value = opt_str_arg(ctx, "remote")
+    if value is None:
+        return None
+    try:
+        return parse_policy(value, "'remote'")
+    except ValueError as e:
+        raise OpError(Code.BAD_REQUEST, str(e)) from None
+
+
 async def build(ctx: RequestContext) -> list[dict[str, object]]:
     builder = ctx.services.builder
     if builder is None:
@@ -82,6 +95,7 @@ async def build(ctx: RequestContext) -> list[dict[str, object]]:
     for d in drvs:
         ctx.services.store.parse(d)
     opts = await _with_snapshots(ctx, build_options(ctx, builder.max_jobs), drvs)
+    opts = dataclasses.replace(opts, remote=_remote(ctx))
     try:
         results = await builder.build(drvs, opts, functools.partial(_progress, ctx))
     except DerivationError as e:
