@@ -9,12 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    bigadd_bench,
     build_bench,
     daemon_bench,
     eval_bench,
     flaky_bench,
     gc_bench,
     locker_bench,
+    remote_bench,
     run_bench,
     spawner_bench,
     store_bench,
@@ -32,6 +34,8 @@ BENCHES: dict[str, Callable[[], list[tuple[str, str, str]]]] = {
     "flaky": flaky_bench.run,
     "tricks": tricks_bench.run,
     "run": run_bench.run,
+    "bigadd": bigadd_bench.run,
+    "remote": remote_bench.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
