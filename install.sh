@@ -63,9 +63,7 @@ if [ $regen = 1 ]; then
   echo "$tools_version" >remote/wire/.generated
 fi
 # Commands start faster from compiled bytecode, and some environments never write it.
-packages=(store daemon locker spawner remote)
-[ -d worker ] && packages+=(worker)
-.venv/bin/python -m compileall -q "${packages[@]}" >/dev/null
+.venv/bin/python -m compileall -q store daemon locker spawner remote worker >/dev/null
 
 # The remote-execution engine (BuildGrid) of the one-machine farm (contrib/remote/farm) and of the
 # remote tests, in a venv of its own: it wants a newer Python than Debian's and pins its own

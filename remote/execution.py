@@ -89,6 +89,9 @@ class Execution:
                 wait = reapi_pb2.WaitExecutionRequest(name=follower.name)
                 call = self._execution.WaitExecution(wait)
         finally:
+            # Ends a stream left open (a callback that raised, an interrupt): the engine
+            # holds a thread for each one.  A no-op on a stream that has ended.
+            call.cancel()
             if follower.name is not None:
                 with self._lock:
                     self._streams.pop(follower.name, None)

@@ -126,7 +126,8 @@ def read(
             out.write(response.data)
     except grpc.RpcError as e:
         raise translate(e, f"ByteStream.Read {digest.hash}") from None
-    except DigestMismatch:
+    except BaseException:
+        # Too many bytes, or the destination failing (disk full): the server stops sending.
         call.cancel()
         raise
     verifier.finish()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -114,7 +115,8 @@ def test_overflow_asks_the_engine_once_every_local_slot_is_taken() -> None:
     daemon, d = _daemon("/var/tmp", 'remote-endpoint = "unix://{dir}/bgd.sock"\nmax-jobs = 1\n')
     g = Graph(daemon)
     try:
-        slow = g.sh("slow", "sleep 1.5; echo slow > $out")
+        # Running still when the second request comes, on a busy machine too.
+        slow = g.sh("slow", "sleep 5; echo slow > $out")
         late = g.sh("late", "echo late > $out")
         results: list[dict] = []
         first = threading.Thread(target=lambda: results.extend(g.build(slow)))
@@ -171,3 +173,43 @@ def test_a_source_holding_a_name_that_is_not_utf8_is_built_locally_and_says_why(
         assert not any("unreachable" in n for n in notes), notes
     finally:
         shutil.rmtree(tree)
+
+
+def test_a_fixed_output_already_in_the_store_is_not_sent_to_the_engine(
+    unreachable: Graph, tmp_path: Path
+) -> None:
+    # Found under the locks, before the engine is asked: the remote attempt ends as a
+    # local one does, the outputs there.
+    payload = tmp_path / "payload"
+    payload.write_text("downloaded once\n")
+    present = unreachable.client.call("add-from-path", path=str(payload), name="payload")
+    fetch = unreachable.sh("fetch", "exit 1", output_hash=present["nar_hash"])
+    [r] = unreachable.build(fetch)
+    assert r["status"] == "built", r
+    assert Path(fetch.out).read_text() == "downloaded once\n"
+    notes = _notes(unreachable)
+    assert any("content already in the store" in n for n in notes), notes
+    assert not any("unreachable" in n for n in notes), notes
+
+
+def test_an_operation_given_up_before_the_engine_named_it_is_cancelled_once_named() -> None:
+    # Else the stream's thread, and the build on the farm, would run on to their end.
+    from daemon.remote.attempt import _Operation
+    from remote.execution import Execution, Stage
+
+    cancelled: list[str] = []
+
+    class Engine:
+        def cancel(self, name: str) -> None:
+            cancelled.append(name)
+
+    operation = _Operation(cast(Execution, Engine()), "/store/x.drv")
+    assert operation.abandon() == ""
+    operation.staged(Stage.QUEUED, "op-1")
+    operation.staged(Stage.EXECUTING, "op-1")
+    assert cancelled == ["op-1"]
+    named = _Operation(cast(Execution, Engine()), "/store/y.drv")
+    named.staged(Stage.QUEUED, "op-2")
+    assert named.abandon() == "op-2"  # the caller cancels it
+    named.staged(Stage.EXECUTING, "op-2")
+    assert cancelled == ["op-1"]

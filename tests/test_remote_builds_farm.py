@@ -241,6 +241,9 @@ def test_a_tampered_output_blob_is_refused_and_nothing_registered(site: Site) ->
         assert "refused" in r["message"], r
         assert not g.client.call("is-valid", paths=[drv.out])
         assert not Path(drv.out).exists()
+        # What was downloaded went with the failure, not left for the next start.
+        tmp = Path(drv.out).parent / ".tmp"
+        assert not [e for e in os.listdir(tmp) if e.endswith(".remote")]
     finally:
         g.close()
         stop_daemon(daemon)
@@ -250,7 +253,8 @@ def test_a_worker_killed_mid_build_leaves_the_build_to_another_and_nothing_parti
     site: Site, remote: Graph
 ) -> None:
     marker = f"weft-survivor-{time.monotonic_ns()}"
-    drv = remote.sh("survivor", f"echo {marker} > $out.part; sleep 2; mv $out.part $out")
+    # Long enough for the kill to land mid-build on a busy machine (seen, then killed).
+    drv = remote.sh("survivor", f"echo {marker} > $out.part; sleep 6; mv $out.part $out")
     results: list[dict] = []
     caller = threading.Thread(target=lambda: results.extend(remote.build(drv, retries=0)))
     caller.start()

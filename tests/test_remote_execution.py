@@ -6,7 +6,8 @@ engine that is gone told apart from one that refuses."""
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from remote.action import add_action, command_for, platform_for
 from remote.cas import Cas
 from remote.channel import open_channel
 from remote.digests import Blobs, Digest, sha256_digest, to_proto
-from remote.errors import Cancelled, RemoteUnavailable
+from remote.errors import Cancelled, RemoteError, RemoteUnavailable
 from remote.execution import Execution, Stage, outcome
 from remote.inputs import input_root
 from remote.wire import reapi_pb2, reapi_pb2_grpc
@@ -90,14 +91,36 @@ def test_the_stream_is_taken_up_again_after_the_engine_restarts(farm: Farm) -> N
         running = _Running(execution, _action(cas, "restarted"))
         assert running.queued.wait(SEEN_TIMEOUT), running.error
         name = running.stages[-1][1]
+        first = _stream_of(execution, name)
         farm.stop_engine()
         farm.start_engine()
-        # Still waiting on the same operation, through WaitExecution.
-        running.thread.join(3)
+        # Still waiting on the same operation, through a WaitExecution stream of its own.
+        assert _wait_for(lambda: _stream_of(execution, name) not in (None, first)), running.error
         assert running.thread.is_alive(), running.error
         execution.cancel(name)
         running.thread.join(SEEN_TIMEOUT)
         assert isinstance(running.error, Cancelled)
+
+
+def _stream_of(execution: Execution, name: str) -> object:
+    with execution._lock:
+        return execution._streams.get(name)
+
+
+def _wait_for(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + SEEN_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_an_action_the_engine_refuses_is_an_error_not_an_unreachable_engine(farm: Farm) -> None:
+    # The Action was never uploaded: the engine answers, and no local fallback may hide it.
+    with _clients(farm) as (_, execution), pytest.raises(RemoteError) as refused:
+        execution.execute(sha256_digest(b"an action never uploaded"))
+    assert not isinstance(refused.value, RemoteUnavailable), refused.value
 
 
 def test_a_cached_result_answers_execute_at_once(farm: Farm) -> None:

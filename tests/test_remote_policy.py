@@ -3,7 +3,7 @@
 
 import pytest
 
-from daemon.cli.build import build_args
+from daemon.cli.build import REMOTE_POLICIES, build_args
 from daemon.cli.common import UsageError
 from daemon.remote.policy import (
     Fallback,
@@ -150,3 +150,15 @@ def test_a_build_with_durable_directories_stays_local() -> None:
 def test_a_request_keeping_failed_builds_builds_locally() -> None:
     choice = choose(Policy.ALL, {}, local_free=False, keep_failed=True)
     assert choice.where is Where.LOCAL and "--keep-failed" in choice.why
+
+
+def test_a_build_seeded_with_a_snapshot_builds_locally() -> None:
+    # `--resume-from` restores the snapshot into a local build dir: a remote build would
+    # silently start from nothing.
+    choice = choose(Policy.ALL, {}, local_free=False, resumed=True)
+    assert choice.where is Where.LOCAL and "snapshot" in choice.why
+
+
+def test_store_build_knows_the_policies_the_daemon_knows() -> None:
+    # A copy in the command, which does not import the daemon's modules.
+    assert tuple(p.value for p in Policy) == REMOTE_POLICIES

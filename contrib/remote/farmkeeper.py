@@ -46,6 +46,7 @@ def reap() -> None:
             return
         if pid == 0:
             return
+        farmprocs.reaped(pid)
 
 
 def start_farm(farm: Farm, workers: int) -> None:

@@ -18,6 +18,11 @@ from pathlib import Path
 # How often a wait re-reads /proc: short enough that a stop takes no longer than it must.
 POLL_SECONDS = 0.02
 
+# The Popen of each running child, held until the keeper reaps it: a Popen dropped while its
+# child runs is put on subprocess's own list and waitpid()ed at the next Popen, a second
+# reaper that could collect a later child given the same pid.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 @dataclass
 class Proc:
@@ -63,8 +68,16 @@ def spawn(
             env=env,
             cwd=cwd,
         )
+    _children[child.pid] = child
     stat = _stat(child.pid)
     return Proc(pid=child.pid, start=stat[1] if stat else 0, log=str(log))
+
+
+def reaped(pid: int) -> None:
+    """The keeper has collected `pid`: its Popen (if it was one of ours) is done with."""
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.returncode = 0  # known collected: its __del__ leaves it to nobody
 
 
 def this_process(log: str) -> Proc:

@@ -16,7 +16,9 @@ snapshot, which an eviction before a daemon restart left.
 """
 
 import dataclasses
+import importlib
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 import trio
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from daemon.remote.attempt import RemoteAttempt
 
 logger = logging.getLogger("weft.builds")
+
+# The remote attempt's module, loaded on a daemon's first remote build.
+REMOTE_ATTEMPT = "daemon.remote.attempt"
 
 
 class Jobs:
@@ -144,6 +149,7 @@ class Jobs:
             self.room.scheduler.free(),
             durable=bool(attempts.drv.durable_dirs),
             keep_failed=opts.keep_failed_for is not None,
+            resumed=opts.resume_from is not None and opts.resume_into == attempts.job.drv_path,
         )
         if choice.why:
             await attempts.job.tell(
@@ -221,10 +227,12 @@ class _Attempts:
         register = Register(self.room.store, path, self.drv, self.inputs.closures)
         attempt: Attempt | RemoteAttempt
         if self.remote and self.room.remote is not None:
-            # Here: the remote attempt loads gRPC, which a daemon whose builds all stay
-            # local never needs.
-            from daemon.remote import attempt as remote_attempt
-
+            # Here, and in a thread the first time: the remote attempt loads gRPC (some
+            # 80 ms, the loop's otherwise), which a daemon whose builds all stay local
+            # never needs.
+            remote_attempt = sys.modules.get(REMOTE_ATTEMPT) or await trio.to_thread.run_sync(
+                importlib.import_module, REMOTE_ATTEMPT
+            )
             remote = self.room.remote
             attempt = remote_attempt.RemoteAttempt(
                 self.room, remote, job, self.drv, self.inputs, limits, register

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -46,7 +47,7 @@ from remote.errors import (
     RemoteError,
     RemoteUnavailable,
 )
-from remote.execution import Stage, outcome
+from remote.execution import Execution, Stage, outcome
 from remote.outputs import fetch_outputs, read_log
 from remote.wire import reapi_pb2
 from store.derivation import Derivation, drv_name
@@ -66,13 +67,41 @@ TIMEOUT_MARGIN = 120.0
 
 class _Operation:
     """The operation an Execute stream follows, once the engine named it (told from the
-    stream's worker thread)."""
+    stream's worker thread).  A build given up on before the engine named its operation
+    has it cancelled from that thread as soon as it is named: else the stream's thread
+    and the build on the farm would run on to their end."""
 
-    def __init__(self) -> None:
+    def __init__(self, execution: Execution, drv_path: str) -> None:
+        self.execution = execution
+        self.drv_path = drv_path
         self.name = ""
+        self._abandoned = False
+        self._cancelled = False
+        self._lock = threading.Lock()
 
     def staged(self, stage: Stage, name: str) -> None:
-        self.name = name or self.name
+        with self._lock:
+            self.name = name or self.name
+            late = self._abandoned and self.name and not self._cancelled
+            self._cancelled = self._cancelled or bool(late)
+        if late:
+            _cancel_now(self.execution, self.name, self.drv_path)
+
+    def abandon(self) -> str:
+        """The operation given up on: its name if known, for the caller to cancel it;
+        "" and it is cancelled once named."""
+        with self._lock:
+            self._abandoned = True
+            self._cancelled = bool(self.name)
+            return self.name
+
+
+def _cancel_now(execution: Execution, name: str, drv_path: str) -> None:
+    # In a worker thread; an engine that cannot be told is logged, the stream ends anyway.
+    try:
+        execution.cancel(name)
+    except RemoteError as e:
+        logger.warning("%s: cancelling %s: %s", drv_path, name, e)
 
 
 class RemoteAttempt:
@@ -103,6 +132,11 @@ class RemoteAttempt:
         failed; StayLocal if it cannot go remote."""
         prepared = await self.room.workers.long(self._prepare, needed)
         if prepared is None:
+            # The outputs are there already (made meanwhile, or a fixed output's
+            # content found): done, as a local attempt is; the caller waits for
+            # `finished`.
+            self.done = True
+            finished()
             return
         engine = await self._call(self.remote.engine)
         self.room.live.add(self.job.drv_path, self.log)
@@ -155,6 +189,11 @@ class RemoteAttempt:
         except NotRepresentable as e:
             # A name inside a path or a symlink's target not in UTF-8, a special file.
             raise StayLocal(f"built locally: {printable(str(e))}") from None
+        except UnicodeEncodeError:
+            # A lone surrogate (a JSON escape) in the builder, its arguments or its
+            # environment: a Command's strings are UTF-8.
+            why = "its builder, arguments or environment are not UTF-8, which REAPI cannot carry"
+            raise StayLocal(f"built locally: {why}") from None
 
     async def _call(self, fn: Callable[..., T], *args: object, abandon: bool = False) -> T:
         """A library call: an engine gone is a fallback, outputs that cannot be taken a
@@ -195,7 +234,7 @@ class RemoteAttempt:
     ) -> reapi_pb2.ExecuteResponse:
         """One Execute stream to its end; a cancellation, or the timeout, cancels the
         operation."""
-        operation = _Operation()
+        operation = _Operation(engine.execution, self.job.drv_path)
         execute = functools.partial(
             engine.execution.execute, action, skip_cache=skip_cache, on_stage=operation.staged
         )
@@ -220,14 +259,15 @@ class RemoteAttempt:
         return BuildError(f"{self.builder} failed remotely: {e}{self.log.tail()}", Cause.SETUP)
 
     async def _cancel(self, engine: Engine, operation: _Operation) -> None:
-        """Cancel the operation, if the engine named it yet, within `CANCEL_WAIT`."""
-        if not operation.name:
+        """Cancel the operation within `CANCEL_WAIT` (once named, if the engine has not
+        named it yet).  Not under the executor's limiter: its threads may all be taken,
+        and a cancellation must not wait for one."""
+        name = operation.abandon()
+        if not name:
             return
+        cancel = functools.partial(_cancel_now, engine.execution, name, self.job.drv_path)
         with trio.move_on_after(CANCEL_WAIT):
-            try:
-                await self.remote.call(engine.execution.cancel, operation.name, abandon=True)
-            except RemoteError as e:
-                logger.warning("%s: cancelling %s: %s", self.job.drv_path, operation.name, e)
+            await trio.to_thread.run_sync(cancel, abandon_on_cancel=True)
 
     async def _tell_log(
         self, engine: Engine, result: reapi_pb2.ActionResult | None, cached: bool

@@ -22,6 +22,7 @@ from daemon.settings import Settings
 
 if TYPE_CHECKING:
     import grpc
+
     from remote.cas import Cas
     from remote.execution import Execution
 
@@ -29,7 +30,8 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 # Threads beyond `remote-max-jobs`: while every running remote build holds one in its
-# Execute stream, the next builds' uploads (and a cancellation) still get one each.
+# Execute stream, the next builds' uploads still get one each (a cancellation takes a
+# thread outside the limiter: it must never wait for one).
 UPLOAD_MARGIN = 4
 
 
@@ -65,9 +67,8 @@ class RemoteExecutor:
                 # Here, not at the top: gRPC and the wire modules take a while to load,
                 # which a daemon without remote builds never pays.
                 from remote.cas import Cas
-                from remote.execution import Execution
-
                 from remote.channel import open_channel
+                from remote.execution import Execution
 
                 channel = open_channel(self.endpoint)
                 self._engine = Engine(

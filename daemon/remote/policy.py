@@ -77,17 +77,22 @@ def choose(
     *,
     durable: bool = False,
     keep_failed: bool = False,
+    resumed: bool = False,
 ) -> Choice:
     """Where one build runs, as it is about to start: `env` is its derivation's,
     `local_free` says whether a local build slot would take it now, `durable` whether it
     keeps durable directories (its snapshots are this store's), `keep_failed` whether
-    its request wants a failed build's directory (only a local build leaves one)."""
+    its request wants a failed build's directory (only a local build leaves one),
+    `resumed` whether its request seeds it with a snapshot (`--resume-from`: restored into
+    a local build dir)."""
     if policy is Policy.NONE:
         return Choice(Where.LOCAL)
     if _prefers_local(env):
         return Choice(Where.LOCAL, "built locally: the derivation sets preferLocalBuild")
     if durable:
         return Choice(Where.LOCAL, "built locally: its durable directories' snapshots are local")
+    if resumed:
+        return Choice(Where.LOCAL, "built locally: it resumes from a snapshot of this store")
     if keep_failed:
         return Choice(Where.LOCAL, "built locally: --keep-failed keeps a local build's directory")
     if policy is Policy.OVERFLOW and local_free:
