@@ -36,6 +36,10 @@ pytestmark = needs_engine()
 # A builder's process seen from the host, or gone: the worker's private daemon starts
 # (or kills) it within a second or two; a generous bound for a loaded machine.
 PROCESS_SECONDS = 30
+# A build that must still be running when the test stops its worker: from seeing its
+# builder to the kill or SIGTERM is a log read and a signal, well under this on a busy
+# machine (the build then runs again, whole, on the other worker).
+HELD_SECONDS = 4
 # An Execute of a trivial build takes well under a second; a lease lost with a killed
 # worker waits for the farm's bot timeout (10 s) first.
 EXECUTE_SECONDS = 120
@@ -232,7 +236,7 @@ def test_an_action_over_its_timeout_is_stopped_and_reported_as_deadline_exceeded
     assert response.status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert "timed out" in response.status.message
     assert marker.encode() in remote.cas.read(response.result.stdout_digest)
-    assert not builder_pids(marker)
+    wait_until("the builder to be killed", lambda: not builder_pids(marker))
 
 
 def test_an_input_root_at_odds_with_the_workers_store_or_unproven_fails_the_lease(
@@ -242,7 +246,9 @@ def test_an_input_root_at_odds_with_the_workers_store_or_unproven_fails_the_leas
     fake = tmp_path / "fake"
     fake.write_text("not what the store holds\n")
     d = g.sh("victim", "echo ok > $out")
-    # busybox is valid in the worker's store by now: the same name with other contents.
+    # A build first, so that busybox is valid in the worker's store whatever ran before.
+    assert remote.execute(remote.action(g.sh("warm", "echo > $out"))).result.exit_code == 0
+    # The same name as busybox with other contents.
     response = remote.execute(remote.action(d, forged={g.bb: str(fake)}))
     assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "with other contents" in response.status.message
@@ -251,7 +257,12 @@ def test_an_input_root_at_odds_with_the_workers_store_or_unproven_fails_the_leas
     response = remote.execute(remote.action(d, forged={stranger: str(fake)}))
     assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "neither content-addressed" in response.status.message
+    # The very output to build: it would make the build "valid" with the engine's contents.
+    response = remote.execute(remote.action(d, forged={d.out: str(fake)}))
+    assert response.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "neither content-addressed" in response.status.message
     store = remote.farm.dir / "workers" / "0" / "state" / "store"
+    assert not (store / os.path.basename(d.out)).exists()
     assert not (store / os.path.basename(stranger)).exists()
     assert (store / os.path.basename(g.bb) / "bin" / "busybox").exists()
 
@@ -270,7 +281,7 @@ def two_workers(daemon_dir: Path, remote: Remote) -> Iterator[Remote]:
 def test_a_worker_killed_mid_build_has_its_lease_given_to_another(two_workers: Remote) -> None:
     r = two_workers
     marker = f"weft-killed-{os.getpid()}-{time.monotonic_ns()}"
-    d = r.graph.sh("survivor", f"echo {marker}; sleep 2; echo done > $out")
+    d = r.graph.sh("survivor", f"echo {marker}; sleep {HELD_SECONDS}; echo done > $out")
     action = r.action(d)
     outcome: list[object] = []
     t = threading.Thread(target=lambda: outcome.append(r.execution.execute(action)), daemon=True)
@@ -289,7 +300,7 @@ def test_a_worker_killed_mid_build_has_its_lease_given_to_another(two_workers: R
 def test_the_worker_stops_on_sigterm_handing_back_its_lease(two_workers: Remote) -> None:
     r = two_workers
     marker = f"weft-term-{os.getpid()}-{time.monotonic_ns()}"
-    d = r.graph.sh("handed-back", f"echo {marker}; sleep 2; echo done > $out")
+    d = r.graph.sh("handed-back", f"echo {marker}; sleep {HELD_SECONDS}; echo done > $out")
     action = r.action(d)
     outcome: list[object] = []
     t = threading.Thread(target=lambda: outcome.append(r.execution.execute(action)), daemon=True)
@@ -323,8 +334,10 @@ def test_worker_state_dir_holds_the_outputs(remote: Remote) -> None:
 
 
 def test_a_worker_outlives_an_engine_restart_and_builds_again(remote: Remote) -> None:
+    errors = remote.farm.worker_log(0).count(": engine: ")
     remote.farm.stop_engine()
-    time.sleep(1)  # the worker meets the engine gone, and waits
+    # The worker meets the engine gone (its long poll fails), and waits.
+    wait_until("the engine's error", lambda: remote.farm.worker_log(0).count(": engine: ") > errors)
     remote.farm.start_engine()
     d = remote.graph.sh("after-restart", "echo back > $out")
     response = remote.execute(remote.action(d))
@@ -348,7 +361,7 @@ def test_a_worker_with_max_jobs_2_builds_two_leases_at_once_and_stops_cleanly(
     r = Remote(remote.graph, farm)
     try:
         markers = [f"weft-pair-{i}-{os.getpid()}-{time.monotonic_ns()}" for i in range(2)]
-        # Long enough for both to be seen running at once, imports and all.
+        # Long enough for the second lease to come while the first builds, imports and all.
         actions = [
             r.action(r.graph.sh(f"pair{i}", f"echo {m}; sleep 5; echo {i} > $out"))
             for i, m in enumerate(markers)
@@ -360,10 +373,15 @@ def test_a_worker_with_max_jobs_2_builds_two_leases_at_once_and_stops_cleanly(
         ]
         for t in threads:
             t.start()
-        wait_until("both builders at once", lambda: all(builder_pids(m) for m in markers))
         for t in threads:
             t.join(EXECUTE_SECONDS)
         assert len(outcome) == 2
+        # Both leases taken before either ended.  (Not "both builders at once": the private
+        # daemon's own admission may hold a build back while the machine is loaded.)
+        lines = log.read_text().splitlines()
+        building = [i for i, line in enumerate(lines) if ": building " in line]
+        ended = [i for i, line in enumerate(lines) if ": exit " in line]
+        assert len(building) == 2 and len(ended) == 2 and building[1] < ended[0], lines
         for response in outcome:
             assert isinstance(response, reapi_pb2.ExecuteResponse)
             assert response.result.execution_metadata.worker == "pair"

@@ -8,6 +8,7 @@ cancels a request whose client is gone, killing its builder.
 """
 
 import ctypes
+import os
 import re
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from daemon.cli.blocking import BlockingClient, NoDaemon
@@ -31,6 +33,9 @@ DAEMON_STOP_SECONDS = 20
 # (`max-log-size`) is larger, but a log of this size is already unreadable and every byte
 # of it is uploaded; the tail is what explains a failure, so the head is dropped.
 MAX_LOG_BYTES = 32 << 20
+# The private daemon's own log (its stderr) is appended to across the worker's restarts;
+# past this size it is moved aside once (one old copy kept) when the next daemon starts.
+MAX_DAEMON_LOG_BYTES = 64 << 20
 PR_SET_PDEATHSIG = 1
 _EXIT_CODE = re.compile(r"exit code (-?\d+)")
 _TIMED_OUT = "timed out after"
@@ -59,6 +64,8 @@ class PrivateDaemon:
     def start(self) -> None:
         cmd = [sys.executable, "-P", "-m", "daemon.cli.daemon", "--foreground", "--init"]
         cmd += ["--state-dir", self.state_dir]
+        if os.path.exists(self.log_path) and os.path.getsize(self.log_path) > MAX_DAEMON_LOG_BYTES:
+            os.replace(self.log_path, self.log_path + ".old")
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent
@@ -117,7 +124,7 @@ class _Log:
     """The builder's lines, the newest MAX_LOG_BYTES of them."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: deque[bytes] = deque()
         self.size = 0
 
     def add(self, line: str) -> None:
@@ -125,7 +132,7 @@ class _Log:
         self.parts.append(data)
         self.size += len(data)
         while self.size > MAX_LOG_BYTES and len(self.parts) > 1:
-            self.size -= len(self.parts.pop(0))
+            self.size -= len(self.parts.popleft())
 
     def text(self) -> bytes:
         return b"".join(self.parts)[-MAX_LOG_BYTES:]

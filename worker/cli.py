@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from worker.build import PrivateDaemon
@@ -27,6 +28,9 @@ DEFAULT_MAX_JOBS = 1
 # The worker's own files inside its state dir: the private daemon's log and the scratch
 # where inputs are fetched before their import.
 WORKER_DIR = "worker"
+# How often the worker looks whether its daemon is alive and its view of the state dir
+# intact: a second's delay is nothing against a build, and costs two system calls.
+WATCH_SECONDS = 1.0
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -64,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse(sys.argv[1:] if argv is None else argv)
     real = os.path.abspath(opts.state_dir)
     logical = os.path.abspath(opts.as_state_dir or opts.state_dir)
+    from worker.namespace import identity, show_at, still_shown
+
     if logical != real:
         # Before any thread: unshare(CLONE_NEWNS) needs a process that shares nothing.
-        from worker.namespace import show_at
-
-        show_at(real, logical)
+        view = show_at(real, logical)
+    else:
+        os.makedirs(real, exist_ok=True)
+        view = identity(real)
     name = opts.name or f"{socket.gethostname()}:{real}"
     own = os.path.join(logical, WORKER_DIR)
     os.makedirs(own, exist_ok=True)
@@ -82,13 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     daemon = PrivateDaemon(logical, os.path.join(own, "daemon.log"))
     daemon.start()
     try:
-        return serve(opts, name, daemon, own, stop)
+        return serve(opts, name, daemon, own, stop, lambda: still_shown(logical, view))
     finally:
         daemon.stop()
 
 
 def serve(
-    opts: argparse.Namespace, name: str, daemon: PrivateDaemon, own: str, stop: threading.Event
+    opts: argparse.Namespace,
+    name: str,
+    daemon: PrivateDaemon,
+    own: str,
+    stop: threading.Event,
+    view_ok: Callable[[], bool],
 ) -> int:
     from remote.cas import Cas
     from remote.channel import open_channel
@@ -100,12 +112,12 @@ def serve(
     channel = open_channel(opts.endpoint)
     cas = Cas(channel, opts.instance)
     runner = LeaseRunner(
-        cas, Materialiser(cas, os.path.join(own, "scratch")), daemon, name, store_dir
+        cas, Materialiser(cas, os.path.join(own, "scratch")), daemon, name, store_dir, view_ok
     )
     offered = properties(store_dir, opts.property)
     session = BotSession(channel, opts.instance, name, offered, opts.max_jobs, runner, stop)
     say(f"store-worker {name}: serving {store_dir} for {opts.endpoint}")
-    watcher = threading.Thread(target=_watch_daemon, args=(daemon, stop), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(daemon, view_ok, stop), daemon=True)
     watcher.start()
     try:
         session.run()
@@ -114,13 +126,18 @@ def serve(
     if not daemon.alive():
         say(f"store-worker {name}: its private daemon died; see {daemon.log_path}")
         return 1
+    if not view_ok():
+        say(f"store-worker {name}: {own} is no longer its own state dir (renamed or removed?)")
+        return 1
     return 0
 
 
-def _watch_daemon(daemon: PrivateDaemon, stop: threading.Event) -> None:
-    """A worker whose daemon died can build nothing: it stops (to be restarted)."""
-    while not stop.wait(1.0):
-        if not daemon.alive():
+def _watch(daemon: PrivateDaemon, view_ok: Callable[[], bool], stop: threading.Event) -> None:
+    """A worker whose daemon died can build nothing, and one whose state dir is no longer
+    shown at the daemons' path would build into the host's store: it stops (its running
+    leases handed back) to be restarted."""
+    while not stop.wait(WATCH_SECONDS):
+        if not daemon.alive() or not view_ok():
             stop.set()
 
 

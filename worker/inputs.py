@@ -194,12 +194,14 @@ def _drv_references(path: str, where: str) -> list[str]:
 def _check_unproven(metas: list[_Meta], found: InputRoot, where: dict[str, str]) -> None:
     """A path whose name proves no content address must be an output of a derivation of
     the closure: nothing else may come in unchecked (the worker trusts the closure's
-    derivations, which the importer checks, not arbitrary paths named like outputs)."""
+    derivations, which the importer checks, not arbitrary paths named like outputs).
+    The outputs of the `.drv` to build never count: an input root that brought them would
+    make its build "valid" with the engine's contents, for this lease and every later one."""
     unproven = {m.path for m in metas if m.ca is None}
     if not unproven:
         return
     for path in found.paths:
-        if path.endswith(".drv"):
+        if path.endswith(".drv") and path != found.drv_path:
             try:
                 drv = Derivation.from_json(read_drv_file(Path(where.get(path, path))))
             except (DerivationError, OSError, ValueError) as e:

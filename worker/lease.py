@@ -12,6 +12,7 @@ another worker.
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -46,8 +47,10 @@ class LeaseRunner:
         daemon: PrivateDaemon,
         name: str,
         store_dir: str,
+        view_ok: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cas = cas
+        self.view_ok = view_ok
         self.materialiser = materialiser
         self.daemon = daemon
         self.name = name
@@ -101,6 +104,9 @@ class LeaseRunner:
             raise InputError(
                 f"{self.name} serves store dir {self.store_dir}, not {platform[STORE_DIR_PROPERTY]}"
             )
+        if not self.view_ok():
+            # The bind mount is gone: the path would show the host's store (the worker stops).
+            raise RuntimeError(f"{self.store_dir} no longer shows this worker's store")
         # One connection for the whole lease: its temporary roots keep the inputs, and then
         # the outputs, from the private daemon's collector until the result is uploaded.
         with self.daemon.client() as client:

@@ -34,12 +34,31 @@ def _check(result: int, what: str) -> None:
         raise NamespaceError(err, f"{what}: {os.strerror(err)}")
 
 
-def show_at(real: str, logical: str) -> None:
+def identity(path: str) -> tuple[int, int]:
+    """What tells one directory from another, whatever path shows it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def show_at(real: str, logical: str) -> tuple[int, int]:
     """Enter a new mount namespace (nothing mounted in it propagates back) in which the
-    directory `real` is also seen at `logical`."""
+    directory `real` is also seen at `logical`; its identity, for `still_shown`."""
     os.makedirs(real, exist_ok=True)
     os.makedirs(logical, exist_ok=True)
+    # Before the mount: a `real` inside `logical` is no longer at its path after it.
+    want = identity(real)
     libc = _libc()
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
     _check(libc.mount(os.fsencode(real), os.fsencode(logical), None, MS_BIND, None), "bind mount")
+    return want
+
+
+def still_shown(logical: str, want: tuple[int, int]) -> bool:
+    """Whether `logical` still shows the worker's own state dir.  A rename or removal of
+    the logical directory in the host's namespace detaches the bind mount (Linux >= 3.18):
+    the path would then show the host's directory, the daemons' own store."""
+    try:
+        return identity(logical) == want
+    except OSError:
+        return False

@@ -98,6 +98,7 @@ class BotSession:
         self.name = name
         self.worker = device_properties(properties)
         self.worker.configs.add(key="capacity", value=str(capacity))
+        self.capacity = capacity
         self.run_lease = run_lease
         self.jobs: dict[str, Job] = {}
         self.changed = threading.Event()
@@ -177,8 +178,15 @@ class BotSession:
             job.state = JobState.ABANDONED
             del self.jobs[lease_id]
         for lease_id, lease in offered.items():
-            if lease_id not in self.jobs and lease.state == ACTIVE:
+            if lease_id in self.jobs or lease.state != ACTIVE:
+                continue
+            running = sum(j.state == JobState.RUNNING for j in self.jobs.values())
+            if running < self.capacity:
                 self._start(lease)
+            else:
+                # BuildGrid offers no more than the capacity; an engine that does gets the
+                # lease back at once (UNAVAILABLE: given to another bot), not a thread more.
+                self._refuse(lease)
 
     def _start(self, lease: bots_pb2.Lease) -> None:
         job = Job(lease.id)
@@ -187,6 +195,12 @@ class BotSession:
             target=self._run_job, args=(job, lease), name=f"lease {lease.id}", daemon=True
         )
         job.thread.start()
+
+    def _refuse(self, lease: bots_pb2.Lease) -> None:
+        say(f"store-worker {self.name}: lease {lease.id}: over capacity, handed back")
+        status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="busy")
+        job = Job(lease.id, state=JobState.DONE, completed=completed_lease(lease.id, status, None))
+        self.jobs[lease.id] = job
 
     def _run_job(self, job: Job, lease: bots_pb2.Lease) -> None:
         try:
