@@ -252,7 +252,7 @@ def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
         "exit 1"
     )
     failing = graph.sh("keepme", script)
-    (r,) = graph.build(failing, keep_failed=True)
+    (r,) = graph.build(failing, keep_failed=True, retries=0)
     assert r["status"] == "failed"
     kept = Path(r["message"].rsplit("the build dir is kept at ", 1)[1].strip())
     try:
