@@ -19,7 +19,8 @@ from remote.channel import open_channel
 from remote.wire import reapi_pb2, reapi_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-BGD_CANDIDATES = (REPO / ".venv-bgd" / "bin" / "bgd", Path("/var/tmp/bgd-probe/bin/bgd"))
+# The engine install.sh puts in a venv of its own.
+BGD = REPO / ".venv-bgd" / "bin" / "bgd"
 # bgd imports a lot before it serves: seconds on this machine, more under load.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -54,7 +55,7 @@ thread-pool-size: 16
 
 
 def bgd_path() -> Path | None:
-    return next((p for p in BGD_CANDIDATES if p.exists()), None)
+    return BGD if BGD.exists() else None
 
 
 @dataclass
