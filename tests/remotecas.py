@@ -6,10 +6,13 @@ blob the way a broken or hostile engine would serve it.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +134,14 @@ def tamper(path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     os.chmod(path, 0o644)
     path.write_bytes(bytes(data))
+
+
+@contextmanager
+def cas_server(parent: str, instance: str = "") -> Iterator[CasServer]:
+    """A CAS-only bgd under `parent` for the block, stopped and removed after it."""
+    server = start_cas_server(parent, instance)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)

@@ -16,7 +16,7 @@ from remote.cas import MAX_BATCH_BLOBS, Cas
 from remote.channel import open_channel
 from remote.digests import Blobs, Digest, node_of, sha256_digest
 from remote.errors import BlobMissing, DigestMismatch, RemoteError, RemoteUnavailable
-from tests.remotecas import REPO, CasServer, bgd_path, start_cas_server, tamper
+from tests.remotecas import REPO, CasServer, bgd_path, cas_server, start_cas_server, tamper
 
 pytestmark = pytest.mark.skipif(bgd_path() is None, reason="no bgd (install.sh sets it up)")
 
@@ -25,10 +25,8 @@ BIG = 9 * 1024 * 1024 + 17  # over a 4 MiB batch: goes through ByteStream, in ch
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[CasServer]:
-    s = start_cas_server("/tmp")
-    yield s
-    s.stop()
-    subprocess.run(["rm", "-rf", str(s.dir)], check=True)
+    with cas_server("/tmp") as s:
+        yield s
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ that climb out, a symlink under a directory's name, missing or tampered blobs, e
 trees) refused with nothing written outside the destination."""
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from remote.errors import DigestMismatch, OutputError, RemoteError
 from remote.execution import Execution
 from remote.outputs import Budget, fetch_outputs, materialise, read_log, result_for
 from remote.wire import reapi_pb2, reapi_pb2_grpc
-from tests.remotecas import CasServer, bgd_path, start_cas_server, tamper
+from tests.remotecas import CasServer, bgd_path, cas_server, tamper
 
 pytestmark = pytest.mark.skipif(bgd_path() is None, reason="no bgd (install.sh sets it up)")
 
@@ -25,10 +24,8 @@ STORE = "/var/tmp/w/store"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[CasServer]:
-    s = start_cas_server("/var/tmp")
-    yield s
-    s.stop()
-    subprocess.run(["rm", "-rf", str(s.dir)], check=True)
+    with cas_server("/var/tmp") as s:
+        yield s
 
 
 @pytest.fixture

@@ -278,16 +278,25 @@ def two_workers(daemon_dir: Path, remote: Remote) -> Iterator[Remote]:
     shutil.rmtree(farm_dir, ignore_errors=True)
 
 
-def test_a_worker_killed_mid_build_has_its_lease_given_to_another(two_workers: Remote) -> None:
-    r = two_workers
-    marker = f"weft-killed-{os.getpid()}-{time.monotonic_ns()}"
-    d = r.graph.sh("survivor", f"echo {marker}; sleep {HELD_SECONDS}; echo done > $out")
+def _held_on_one_worker(
+    r: Remote, tag: str, name: str
+) -> tuple[str, list[object], threading.Thread, int]:
+    """A build held running on one of the two workers, executed in a thread: its marker,
+    where the thread puts the response, the thread, and which worker builds it."""
+    marker = f"weft-{tag}-{os.getpid()}-{time.monotonic_ns()}"
+    d = r.graph.sh(name, f"echo {marker}; sleep {HELD_SECONDS}; echo done > $out")
     action = r.action(d)
     outcome: list[object] = []
     t = threading.Thread(target=lambda: outcome.append(r.execution.execute(action)), daemon=True)
     t.start()
     wait_until("the builder to start", lambda: bool(builder_pids(marker)))
     first = next(i for i in (0, 1) if f"building {d.path}" in r.farm.worker_log(i))
+    return marker, outcome, t, first
+
+
+def test_a_worker_killed_mid_build_has_its_lease_given_to_another(two_workers: Remote) -> None:
+    r = two_workers
+    marker, outcome, t, first = _held_on_one_worker(r, "killed", "survivor")
     r.farm.kill_worker(first)
     wait_until("the killed worker's builder to die", lambda: not builder_pids(marker) or outcome)
     t.join(PROCESS_SECONDS * 4)
@@ -299,14 +308,7 @@ def test_a_worker_killed_mid_build_has_its_lease_given_to_another(two_workers: R
 
 def test_the_worker_stops_on_sigterm_handing_back_its_lease(two_workers: Remote) -> None:
     r = two_workers
-    marker = f"weft-term-{os.getpid()}-{time.monotonic_ns()}"
-    d = r.graph.sh("handed-back", f"echo {marker}; sleep {HELD_SECONDS}; echo done > $out")
-    action = r.action(d)
-    outcome: list[object] = []
-    t = threading.Thread(target=lambda: outcome.append(r.execution.execute(action)), daemon=True)
-    t.start()
-    wait_until("the builder to start", lambda: bool(builder_pids(marker)))
-    first = next(i for i in (0, 1) if f"building {d.path}" in r.farm.worker_log(i))
+    _, outcome, t, first = _held_on_one_worker(r, "term", "handed-back")
     r.farm.stop_worker(first)
     t.join(PROCESS_SECONDS * 2)
     [response] = outcome
