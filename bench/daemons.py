@@ -1,6 +1,7 @@
 """A real store-daemon process in the foreground on a state dir, for benchmarks and tests:
 started, waited for until its socket answers, stopped with SIGTERM."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -110,3 +111,14 @@ def stop_daemon(d: DaemonProc) -> None:
         except subprocess.TimeoutExpired:
             d.proc.kill()
             d.proc.wait()
+
+
+def processes_naming(text: str) -> list[int]:
+    """The pids of the processes whose command line holds `text` (a state or runtime
+    dir: what a test or a benchmark started there, to stop at its end)."""
+    found = []
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if name.isdigit() and text.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
+                found.append(int(name))
+    return found

@@ -10,12 +10,18 @@ run, so that each pair meets the same machine:
   evaluation not included, as the issue's row has it);
 - the same again with nothing to build: `store-build wide.py` (evaluate, add the `.drv`s,
   check validity) against `nix-build drvs.nix -A wide` (the same three steps).
+`store-build` is the command as install.sh installs it: the command server's client, with
+the user's server started (by one untimed command) before the first round, as it is once a
+user has run any command in the last quarter of an hour.  The no-op is also timed with
+`WEFT_COMMAND_SERVER=0`, the interpreter's start and the imports paid by each command.
 The medians of each round's weft/Nix ratio are reported: the disk of this VM changes speed
 tenfold for minutes, so only ratios of runs taken side by side mean anything.
 """
 
 import contextlib
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.daemons import start_daemon, stop_daemon
+from bench.daemons import processes_naming, start_daemon, stop_daemon
 from bench.measure import settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 
@@ -37,6 +43,7 @@ ROUNDS = 5
 # so one run is noise, and the machine's load drifts within a round.
 NOOP_RUNS = 7
 STORE_BUILD = str(Path(sys.executable).parent / "store-build")
+DIRECT = {"WEFT_COMMAND_SERVER": "0"}
 
 RECIPE = """\
 from store.recipe import busybox, derivation
@@ -72,20 +79,49 @@ def _timed(command: list[str], **kwargs: object) -> float:
     return took
 
 
+Weft = tuple[Callable[[], float], Callable[[], float], Callable[[], float]]
+
+
 @contextlib.contextmanager
-def _weft(work: Path, nonce: str) -> Iterator[tuple[Callable[[], float], Callable[[], float]]]:
-    """(evaluate and build, nothing to build) with `store-build`, each a call timing one
-    whole command, against a daemon of this round."""
+def _weft(work: Path, nonce: str, env: dict[str, str]) -> Iterator[Weft]:
+    """(evaluate and build, nothing to build, nothing to build without the command
+    server) with `store-build`, each a call timing one whole command, against a daemon of
+    this round."""
     state = work / "weft-state"
     state.mkdir(parents=True)
     recipe = work / "wide.py"
     recipe.write_text(RECIPE.format(nonce=nonce, leaves=LEAVES))
     d = start_daemon(state)
     try:
-        command = [sys.executable, STORE_BUILD, "--socket", d.socket, str(recipe)]
-        yield (lambda: _timed([*command, "-j", str(JOBS)])), (lambda: _timed(command))
+        command = [STORE_BUILD, "--socket", d.socket, str(recipe)]
+        yield (
+            lambda: _timed([*command, "-j", str(JOBS)], env=env),
+            lambda: _timed(command, env=env),
+            lambda: _timed(command, env={**env, **DIRECT}),
+        )
     finally:
         stop_daemon(d)
+
+
+@contextlib.contextmanager
+def _command_server(runtime: Path) -> Iterator[dict[str, str]]:
+    """The environment of the bench's `store-build` commands, with a command server of
+    their own in `runtime`, started before the first timed command and stopped after the
+    last."""
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("WEFT_COMMAND_SERVER", None)
+    subprocess.run([STORE_BUILD, "--version"], env=env, check=True, capture_output=True)
+    sockets = runtime / "weft"
+    deadline = time.monotonic() + 30
+    while not any(sockets.glob("cmd-*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield env
+    finally:
+        for pid in processes_naming(str(runtime)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
 
 def _nix_bb(work: Path, nix: Nix) -> str:
@@ -131,54 +167,61 @@ def _nix(work: Path, nonce: str) -> Iterator[tuple[Callable[[], float], Callable
         yield build, noop
 
 
-def _round(work: Path, nonce: str, weft_first: bool) -> tuple[tuple[float, float], ...]:
-    """((weft's build, weft's no-op), (Nix's build, Nix's no-op)) of one round: the builds
-    one after the other, then the no-op commands in turns, run by run, so that each pair
-    sees the same machine."""
-    with _weft(work, nonce) as weft, _nix(work, nonce) as nix:
+def _round(
+    work: Path, nonce: str, weft_first: bool, env: dict[str, str]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """((weft's build, no-op, no-op without the server), (Nix's build, no-op)) of one
+    round: the builds one after the other, then the no-op commands in turns, run by run,
+    so that each pair sees the same machine."""
+    with _weft(work, nonce, env) as weft, _nix(work, nonce) as nix:
         builds: dict[str, float] = {}
-        for name, (build, _) in (("weft", weft), ("nix", nix))[:: 1 if weft_first else -1]:
+        for name, build in (("weft", weft[0]), ("nix", nix[0]))[:: 1 if weft_first else -1]:
             settle()
             builds[name] = build()
-        noops: dict[str, list[float]] = {"weft": [], "nix": []}
+        noops: dict[str, list[float]] = {"weft": [], "direct": [], "nix": []}
+        contenders = (("weft", weft[1]), ("direct", weft[2]), ("nix", nix[1]))
         for i in range(NOOP_RUNS):
-            for name, (_, noop) in (("weft", weft), ("nix", nix))[:: 1 if i % 2 else -1]:
+            for name, noop in contenders[:: 1 if i % 2 else -1]:
                 settle()
                 noops[name].append(noop())
-    return tuple((builds[n], statistics.median(noops[n])) for n in ("weft", "nix"))
+    med = {n: statistics.median(t) for n, t in noops.items()}
+    return (builds["weft"], med["weft"], med["direct"]), (builds["nix"], med["nix"])
 
 
 def run() -> list[Row]:
-    weft: list[tuple[float, float]] = []
-    nix: list[tuple[float, float]] = []
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
+    weft: list[tuple[float, ...]] = []
+    nix: list[tuple[float, ...]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp,
+        _command_server(Path(tmp) / "run") as env,
+    ):
         for round_ in range(ROUNDS):
             work = Path(tmp) / f"round-{round_}"
             work.mkdir()
             try:
-                ours, theirs = _round(work, uuid.uuid4().hex, round_ % 2 == 0)
+                ours, theirs = _round(work, uuid.uuid4().hex, round_ % 2 == 0, env)
             except NixUnavailable as e:
                 return [("evaluation", "Nix unavailable", str(e))]
             weft.append(ours)
             nix.append(theirs)
     n = LEAVES + 1
     rows: list[Row] = []
-    for i, (head, unit, scale, goal) in enumerate(
-        (
-            (f"evaluate and build {n} trivial derivations, -j{JOBS}", "ms/drv", 1000 / n, 0.25),
-            (f"{n} derivations, nothing to build (whole command)", "s", 1.0, 0.5),
-        )
+    for i, j, head, unit, scale, goal in (
+        (0, 0, f"evaluate and build {n} trivial derivations, -j{JOBS}", "ms/drv", 1000 / n, 0.25),
+        (1, 1, f"{n} derivations, nothing to build (whole command)", "s", 1.0, 0.5),
+        (2, 1, "the same, WEFT_COMMAND_SERVER=0 (no command server)", "s", 1.0, None),
     ):
-        ratios = [a[i] / b[i] for a, b in zip(weft, nix, strict=True)]
+        ratios = [a[i] / b[j] for a, b in zip(weft, nix, strict=True)]
         w = statistics.median(r[i] for r in weft) * scale
-        x = statistics.median(r[i] for r in nix) * scale
-        met = sum(r <= goal for r in ratios)
+        x = statistics.median(r[j] for r in nix) * scale
+        verdict = "" if goal is None else f"; goal <= {goal}, met in "
+        verdict += "" if goal is None else f"{sum(r <= goal for r in ratios)}/{ROUNDS}"
         rows.append(
             (
                 head,
                 f"weft {w:.3g} {unit}, Nix {x:.3g} {unit}; medians of {ROUNDS} rounds",
                 f"weft/Nix {statistics.median(ratios):.2f} (rounds: "
-                f"{', '.join(f'{r:.2f}' for r in ratios)}); goal <= {goal}, met in {met}/{ROUNDS}",
+                f"{', '.join(f'{r:.2f}' for r in ratios)}){verdict}",
             )
         )
     return rows

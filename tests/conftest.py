@@ -1,11 +1,33 @@
+import contextlib
 import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from bench.daemons import processes_naming
 from store import Store
 
 pytest_plugins = ["tests.daemon_fixtures"]
+
+
+_RUNTIME = tempfile.mkdtemp(prefix="weft-tests-run-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The command servers `store-build` starts (cmdserver/) live in a runtime dir of the
+    test run's own, set before any test module copies the environment: no server of the
+    user's serves the tests, and `pytest_unconfigure` stops the run's own."""
+    os.environ["XDG_RUNTIME_DIR"] = _RUNTIME
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for pid in processes_naming(_RUNTIME):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
 
 
 @pytest.fixture

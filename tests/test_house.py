@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
-PACKAGES = ("store", "daemon", "locker", "spawner", "remote", "worker", "bench")
+PACKAGES = ("store", "daemon", "locker", "spawner", "remote", "worker", "cmdserver", "bench")
 # protoc's output (install.sh makes it from remote/wire/*.proto, git ignores it): read as
 # the .proto files it comes from, not as code of ours.
 GENERATED = ("_pb2.py", "_pb2_grpc.py")
@@ -91,6 +91,20 @@ def test_the_worker_uses_no_trio_and_of_the_daemon_only_its_client() -> None:
         )
         for name, imports in IMPORTS.items()
         if _top(name) == "worker"
+    }
+    assert {n: i for n, i in bad.items() if i} == {}
+
+
+def test_the_command_server_uses_no_trio_and_of_the_daemon_only_its_commands() -> None:
+    bad = {
+        name: sorted(
+            i
+            for i in imports
+            if _top(i) in ("trio", "locker", "spawner", "remote", "worker")
+            or (_top(i) == "daemon" and not i.startswith("daemon.cli"))
+        )
+        for name, imports in IMPORTS.items()
+        if _top(name) == "cmdserver"
     }
     assert {n: i for n, i in bad.items() if i} == {}
 

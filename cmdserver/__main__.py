@@ -1,0 +1,39 @@
+"""`python -m cmdserver SOCKET [--idle SECONDS]`: the user's command server on SOCKET,
+started by the client (`client.c`) when it finds none, in a session of its own.
+
+It imports what `store-build` imports before it evaluates a recipe, claims the socket
+(another server may have won it: this one then leaves), and serves until idle.
+"""
+
+import argparse
+import importlib
+
+from cmdserver.listen import Listener
+from cmdserver.serve import IDLE_EXIT, Server
+
+# What the commands it runs import before their first request: every module of these is
+# loaded once here, and shared (copy-on-write) by every command's fork.
+PRELOAD = (
+    "daemon.cli.main",
+    "daemon.cli.build",
+    "daemon.cli.progress",
+    "daemon.cli.recipestore",
+    "store.recipe",
+    "store.recipebusybox",
+    "runpy",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m cmdserver")
+    parser.add_argument("socket")
+    parser.add_argument("--idle", type=float, default=IDLE_EXIT, help="seconds unused to leave")
+    args = parser.parse_args()
+    for module in PRELOAD:
+        importlib.import_module(module)
+    listener = Listener.claim(args.socket)
+    if listener is not None:
+        Server(listener, args.idle).serve()
+
+
+main()
