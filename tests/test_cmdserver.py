@@ -276,17 +276,17 @@ def test_a_server_whose_code_changed_declines_and_the_client_starts_a_new_one(
     old = runtime.serving()
     module = ROOT / "store" / "recipebusybox.py"
     before = module.stat()
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     try:
-        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
         declined = _probe(runtime, tmp_path)
+        # Run directly, by the client, while the old server leaves and a new one starts.
+        assert declined["ppid"] != old
+        _wait_for(lambda: _gone(old), 10)
+        new = runtime.serving()
+        assert new != old
+        assert _probe(runtime, tmp_path)["ppid"] == new
     finally:
         os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
-    # Run directly, by the client, while the old server leaves and a new one starts.
-    assert declined["ppid"] != old
-    _wait_for(lambda: _gone(old), 10)
-    new = runtime.serving()
-    assert new != old
-    assert _probe(runtime, tmp_path)["ppid"] == new
 
 
 def test_a_client_with_another_pythonpath_runs_its_command_itself(
