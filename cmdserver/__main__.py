@@ -6,6 +6,7 @@ It imports what `store-build` imports before it evaluates a recipe, claims the s
 """
 
 import argparse
+import gc
 import importlib
 
 from cmdserver.listen import Listener
@@ -31,6 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     for module in PRELOAD:
         importlib.import_module(module)
+    # What is loaded now is shared by every command's fork; out of the collector's sight,
+    # it stays shared: a collection in a command would otherwise touch (and so copy)
+    # every page of it.
+    gc.freeze()
     listener = Listener.claim(args.socket)
     if listener is not None:
         Server(listener, args.idle).serve()

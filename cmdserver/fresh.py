@@ -4,8 +4,10 @@ command's environment says.
 
 A module is read once, when the server imports it; an edit afterwards (a `git pull`, a
 reinstall) would otherwise go unseen by every later command.  So the server notes the
-size and modification time of every file it has loaded, and of the interpreter, and
-looks again before each command: about 200 `stat` calls, a fraction of a millisecond.
+size and modification time of the interpreter and of every file it has loaded from
+outside the interpreter's own installation (weft's modules, the venv's packages), and
+looks again before each command: a few dozen `stat` calls.  The standard library changes
+only with the interpreter, whose binary a package upgrade replaces.
 """
 
 import os
@@ -39,9 +41,10 @@ class Fingerprint:
     def now(cls) -> "Fingerprint":
         """What the server runs on, taken once its imports are done."""
         paths = {os.path.realpath(sys.executable)}
+        base = os.path.join(sys.base_prefix, "")
         for module in list(sys.modules.values()):
             path = getattr(module, "__file__", None)
-            if isinstance(path, str):
+            if isinstance(path, str) and not path.startswith(base):
                 paths.add(path)
         return cls({p: _stamp(p) for p in sorted(paths)}, _startup_env(dict(os.environb)))
 
