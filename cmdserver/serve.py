@@ -21,6 +21,7 @@ from cmdserver import child, wire
 from cmdserver.fresh import Fingerprint
 from cmdserver.incoming import Incoming
 from cmdserver.listen import Listener
+from daemon.cli.main import COMMANDS
 
 # Commands running at once.  Each is a fork of the server (its pages shared until
 # written) that grows by what its recipe makes; past this the client runs the command
@@ -118,6 +119,8 @@ class Server:
     def _declined(self, conn: socket.socket, request: wire.Request) -> wire.Declined | None:
         if not _same_user(conn):
             return wire.Declined.CREDENTIALS
+        if request.name not in COMMANDS:
+            return wire.Declined.COMMAND
         if self.fingerprint.changed() is not None:
             return wire.Declined.STALE
         if not self.fingerprint.same_startup(request.env):

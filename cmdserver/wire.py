@@ -50,6 +50,9 @@ class Declined(enum.IntEnum):
     # The working directory is gone or unreadable: the command is best run where the
     # client is, and reports that itself.
     CWD = 5
+    # Not a store-* command (the client was installed under another name): run directly,
+    # it fails as such a command does.
+    COMMAND = 6
 
 
 class BadRequest(ValueError):

@@ -10,7 +10,7 @@ import pytest
 from bench.daemons import processes_naming
 from store import Store
 
-pytest_plugins = ["tests.daemon_fixtures"]
+pytest_plugins = ["tests.daemon_fixtures", "tests.cmdserver_fixtures"]
 
 
 _RUNTIME = tempfile.mkdtemp(prefix="weft-tests-run-")
