@@ -129,8 +129,11 @@ static int socket_path(char *out, size_t size) {
 }
 
 /* A server for the next command, detached from us (its own session, no terminal, our
- * environment), started by a grandchild so that init reaps it. */
+ * environment, `<socket>.log` for its output), started by a grandchild so that init
+ * reaps it. */
 static void start_server(const char *path) {
+    char log[4096];
+    snprintf(log, sizeof log, "%s.log", path);
     pid_t pid = fork();
     if (pid < 0) return;
     if (pid > 0) {
@@ -142,13 +145,14 @@ static void start_server(const char *path) {
     /* Not the first client's directory, which it would otherwise hold busy for as long
      * as it lives (an unmount would fail on it). */
     if (chdir("/") < 0) _exit(127);
-    int null = open("/dev/null", O_RDWR);
-    if (null >= 0) {
-        dup2(null, 0);
-        dup2(null, 1);
-        dup2(null, 2);
-        if (null > 2) close(null);
-    }
+    /* Nothing to read; what it says (a traceback, if it ever fails) goes to a log beside
+     * its socket, begun again by each server. */
+    int null = open("/dev/null", O_RDONLY);
+    int out = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0600);
+    if (null < 0 || out < 0) _exit(127);
+    dup2(null, 0);
+    dup2(out, 1);
+    dup2(out, 2);
     /* The server's descriptors are its own: nothing of ours (a pipe a caller waits on
      * to close, say) may live on in it. */
     if (syscall(SYS_close_range, 3, ~0u, 0) < 0)

@@ -142,7 +142,13 @@ class Server:
                 self._stop()
             return
         server = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # out of processes or memory: the client may have better luck
+            _send(conn, wire.reply(wire.Reply.DECLINED, wire.Declined.BUSY))
+            incoming.close_fds()
+            conn.close()
+            return
         if pid == 0:
             child.become(request, incoming.fds, server)
         incoming.close_fds()

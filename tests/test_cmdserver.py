@@ -137,6 +137,24 @@ def test_ctrl_c_at_the_client_interrupts_its_command(runtime: Runtime, tmp_path:
     wait_for(lambda: _gone(command), 10)
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_z_stops_the_client_and_its_command_and_fg_continues_both(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    probe(runtime, tmp_path)
+    runtime.serving()
+    client, command = _start_sleeper(runtime, tmp_path)
+    client.send_signal(signal.SIGTSTP)
+    wait_for(lambda: _state(client.pid) == "T" and _state(command) == "T", 10)
+    client.send_signal(signal.SIGCONT)
+    wait_for(lambda: _state(client.pid) != "T" and _state(command) != "T", 10)
+    client.send_signal(signal.SIGINT)
+    assert client.wait(10) == 130
+
+
 def test_a_client_killed_outright_takes_its_command_with_it(
     runtime: Runtime, tmp_path: Path
 ) -> None:
