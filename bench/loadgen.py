@@ -53,6 +53,9 @@ class Load:
     seconds: float  # the whole run: every client asked all along
     requests: int  # answered in all, warm-up and the window's end included
     daemon_cpu: float  # the daemon's processes' CPU seconds over them all
+    # Seconds the daemon's threads were ready to run but waited for a CPU: other
+    # processes' work, or the generator's own, which preempts a daemon sharing its CPU.
+    daemon_wait: float
 
     @property
     def throughput(self) -> float:
@@ -61,6 +64,10 @@ class Load:
     @property
     def cpu_per_request(self) -> float:
         return self.daemon_cpu / self.requests
+
+    @property
+    def wait_per_request(self) -> float:
+        return self.daemon_wait / self.requests
 
     @property
     def concurrency(self) -> float:
@@ -151,11 +158,11 @@ def _workers_of(socks: list[socket.socket]) -> list[int]:
     return pids
 
 
-def _cpu(pids: list[int]) -> float:
-    """CPU seconds of every thread of `pids` so far, from the scheduler's nanosecond
-    counts: a forked Nix worker runs a fraction of a clock tick a round, which the tick
-    counts of /proc/PID/stat round to nothing or to a whole tick."""
-    total = 0
+def _cpu(pids: list[int]) -> dict[str, tuple[int, int]]:
+    """Nanoseconds every thread of `pids` ran, and waited to run, so far, by thread, from
+    the scheduler's counts: a forked Nix worker runs a fraction of a clock tick a round,
+    which the tick counts of /proc/PID/stat round to nothing or to a whole tick."""
+    counts: dict[str, tuple[int, int]] = {}
     for pid in pids:
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
@@ -164,10 +171,22 @@ def _cpu(pids: list[int]) -> float:
         for tid in tasks:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
+                    ran, waited = f.read().split()[:2]
+                counts[tid] = (int(ran), int(waited))
             except (FileNotFoundError, ProcessLookupError):
                 continue
-    return total / 1e9
+    return counts
+
+
+def _cpu_since(before: dict[str, tuple[int, int]], pids: list[int]) -> tuple[float, float]:
+    """Seconds `pids`' threads ran, and waited to run, since `before`, thread by thread: a
+    thread that ended meanwhile (a worker thread idle for long, as trio's leave) takes its
+    counts with it, which a difference of totals would take for negative time."""
+    ran = waited = 0
+    for tid, (r, w) in _cpu(pids).items():
+        r0, w0 = before.get(tid, (0, 0))
+        ran, waited = ran + r - r0, waited + w - w0
+    return ran / 1e9, waited / 1e9
 
 
 def run(exe: Path, target: Target, active: int, seconds: float) -> Load:
@@ -191,11 +210,11 @@ def run(exe: Path, target: Target, active: int, seconds: float) -> Load:
             capture_output=True,
             text=True,
         )
-        cpu, elapsed = _cpu(pids) - cpu0, time.monotonic() - start
+        (cpu, wait), elapsed = _cpu_since(cpu0, pids), time.monotonic() - start
         if done.returncode:
             raise LoadFailed(done.stderr.strip())
         lat = array.array("d", files[1].read_bytes())
-    return Load(lat.tolist(), elapsed, int(done.stdout), cpu)
+    return Load(lat.tolist(), elapsed, int(done.stdout), cpu, wait)
 
 
 def _prepare_child(fds: list[int]) -> None:

@@ -18,6 +18,7 @@ from daemon.proc.spawner import SpawnerService
 from daemon.proc.wakeups import QuickWakeups
 from daemon.proc.workers import Workers
 from daemon.remote.executor import RemoteExecutor
+from daemon.rpc.infocache import InfoCache
 from daemon.rpc.services import Services
 from daemon.runtime.service import Runtimes
 from daemon.sched.admission import Admission, Limits
@@ -106,6 +107,7 @@ def compose(
     )
     repairer = Repairer(store, builder)
     runtimes = Runtimes(state, store, settings, workers)
+    infos = InfoCache(str(store.db.path))
     return Services(
-        state, store, settings, collector, workers, builder, repairer, runtimes, snapshots
+        state, store, settings, collector, workers, infos, builder, repairer, runtimes, snapshots
     )

@@ -197,8 +197,11 @@ def serve(state: StateDir, settings: Settings, path: str, foreground: bool, grac
         gc.set_threshold(100_000, 50, 100)
         trio.run(run, daemon, monitor, locks, spawner, lock_lost, sock, path, grace)
     finally:
-        if services is not None and services.runtimes is not None:
-            services.runtimes.close()
+        if services is not None:
+            # Its read-only connection to the database goes with the store's.
+            services.infos.forget()
+            if services.runtimes is not None:
+                services.runtimes.close()
         store.close()
     log.info("stopped")
     return 0

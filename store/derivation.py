@@ -18,24 +18,32 @@ Their strict parsing is in `store.drvjson`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import blake3
 
 from store import drvjson
-from store.drvjson import FORMAT, DerivationError
+from store.drvjson import DerivationError
 from store.environment.delta import Delta
 from store.hashing import ALGORITHM, DIGEST_HEX_LEN
-from store.paths import InvalidPath, PathKind, make_store_path, validate_name
+from store.paths import InvalidPath, PathKind, store_path, validate_name
 
 # What only some derivations use is imported where it is used: a recipe's evaluation,
 # which must start quickly, then does without it (and without `typing`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from store.buildenv import BuildEnvironment
-    from store.lru import Lru
+
+    class Memo(Protocol):
+        """Hashes modulo by `.drv` path: a bounded `store.lru.Lru`, or an evaluation's."""
+
+        def get(self, key: str) -> str | None: ...
+
+        def put(self, key: str, value: str) -> None: ...
+
 
 SYSTEM = "x86_64-linux"
 _CACHE_SIZE = 4096
@@ -43,9 +51,6 @@ DRV_SUFFIX = ".drv"
 # What a recipe's `output_hash=""` stands for, as Nix's empty `outputHash` stands for
 # sha256 of zeros: a hash no content has, so the build runs and reports the one it got.
 DUMMY_HASH = f"{ALGORITHM}:{'0' * DIGEST_HEX_LEN}"
-# The canonical text: sorted keys, no insignificant whitespace, UTF-8 as it is.  One
-# encoder for all (it keeps no state between calls): `json.dumps` makes one per call.
-_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class Output:
     path: str = ""
     # A fixed-output derivation's expected content hash, `blake3:<hex>` of the archive.
     hash: str | None = None
+
+
+# An output before its path is known, one for all: a recipe makes two for each derivation.
+BLANK_OUTPUT = Output()
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,9 @@ class Derivation:
 
     @property
     def is_fixed_output(self) -> bool:
-        return set(self.outputs) == {"out"} and self.outputs["out"].hash is not None
+        # Asked a few times for each derivation a recipe makes: no set built for it.
+        out = self.outputs.get("out")
+        return out is not None and out.hash is not None and len(self.outputs) == 1
 
     def output_path(self, name: str = "out") -> str:
         return self.outputs[name].path
@@ -83,7 +94,7 @@ class Derivation:
         return sorted({*self.input_drvs, *self.input_srcs})
 
     def to_json(self) -> str:
-        return _JSON.encode(_doc(self))
+        return drvjson.text(self)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Derivation:
@@ -94,46 +105,12 @@ class Derivation:
         return cls(outputs=outputs, **fields)
 
 
-def _doc(
-    drv: Derivation,
-    outputs: Mapping[str, Output] | None = None,
-    env: Mapping[str, str] | None = None,
-    input_drvs: Mapping[str, Iterable[str]] | None = None,
-) -> dict[str, object]:
-    """`drv`'s JSON document, with `outputs`, `env` or `input_drvs` in place of its own:
-    what hashing a derivation as it would be with them needs, without making it."""
-    doc: dict[str, object] = {
-        "format": FORMAT,
-        "name": drv.name,
-        "builder": drv.builder,
-        "args": list(drv.args),
-        "env": dict(drv.env if env is None else env),
-        "system": drv.system,
-        "outputs": {
-            k: {"path": o.path, **({"hash": o.hash} if o.hash is not None else {})}
-            for k, o in (drv.outputs if outputs is None else outputs).items()
-        },
-        "inputDrvs": {
-            k: sorted(v) for k, v in (drv.input_drvs if input_drvs is None else input_drvs).items()
-        },
-        "inputSrcs": sorted(drv.input_srcs),
-    }
-    if drv.env_delta:
-        from store.environment.view import to_values
-
-        doc["envDelta"] = to_values(drv.env_delta)
-    if drv.environments:
-        from store.buildenv import environments_to_json
-
-        doc["environments"] = environments_to_json(drv.environments)
-    if drv.durable_dirs:
-        doc["durableDirs"] = dict(drv.durable_dirs)
-    return doc
-
-
 def _with(drv: Derivation, **changes: object) -> Derivation:
-    """`dataclasses.replace` without its field checks, which cost more than the rest."""
-    return Derivation(**{**vars(drv), **changes})  # type: ignore[arg-type]
+    """`dataclasses.replace` without its field checks nor the frozen class's `__init__`
+    (a call per field), which cost more than the rest: a copy of its fields, changed."""
+    made = object.__new__(Derivation)
+    made.__dict__.update(vars(drv), **changes)
+    return made
 
 
 def check_hash(value: object, what: str = "output hash") -> str:
@@ -189,7 +166,8 @@ def validate(drv: Derivation) -> Derivation:
         raise DerivationError(f"{drv.name}: a derivation needs at least one output")
     for k, out in drv.outputs.items():
         check_output_name(k)
-        validate_name(output_name(drv.name, k))
+        if k != "out":  # else the name, checked with `.drv` after it above
+            validate_name(output_name(drv.name, k))
         if out.hash is not None:
             if set(drv.outputs) != {"out"}:
                 raise DerivationError(f"{drv.name}: only a single 'out' output can be fixed")
@@ -211,10 +189,14 @@ def _check_strings(drv: Derivation) -> None:
     for key in drv.env:
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise DerivationError(f"{drv.name}: environment variable name {key!r} is not valid")
-    # The builder's command line and environment cross to the spawner as C strings.
-    for s in (drv.builder, *drv.args, *drv.env.values()):
-        if not isinstance(s, str) or "\0" in s:
-            raise DerivationError(f"{drv.name}: a NUL byte in the builder, its arguments or env")
+    # The builder's command line and environment cross to the spawner as C strings: one
+    # join finds a NUL, or a value that is not a string (a TypeError), in all of them.
+    try:
+        bad = "\0" in "".join([drv.builder, *drv.args, *drv.env.values()])
+    except TypeError:
+        bad = True
+    if bad:
+        raise DerivationError(f"{drv.name}: a NUL byte in the builder, its arguments or env")
     # Empty ones, most derivations', pass both checks: they are skipped in the hot loop.
     if drv.env_delta or not isinstance(drv.env_delta, Delta):
         from store.environment.delta import DeltaError
@@ -238,10 +220,10 @@ Resolver = Callable[[str], Derivation]
 
 
 class HashModulo:
-    """Hashes of derivations modulo fixed-output inputs, with a bounded memo by path (its
-    own, or `memo`, which may outlive it: a `.drv` path's hash never changes)."""
+    """Hashes of derivations modulo fixed-output inputs, with a memo by path (its own,
+    bounded, or `memo`, which may outlive it: a `.drv` path's hash never changes)."""
 
-    def __init__(self, resolve: Resolver, memo: Lru[str, str] | None = None) -> None:
+    def __init__(self, resolve: Resolver, memo: Memo | None = None) -> None:
         self._resolve = resolve
         if memo is None:
             from store.lru import Lru
@@ -270,10 +252,10 @@ class HashModulo:
         """`drv`, just written at `drv_path` as `text`: its hash, when that is cheap to
         know now (fixed-output, or no input derivations: then it is its text's), so that
         the derivations made from it do not read it again."""
-        if drv.is_fixed_output:
+        if not drv.input_drvs and not drv.is_fixed_output:
+            self._memo.put(drv_path, _digest(text))
+        elif drv.is_fixed_output:
             self._memo.put(drv_path, _hash_modulo(drv, {}))
-        elif not drv.input_drvs:
-            self._memo.put(drv_path, blake3.blake3(text.encode()).hexdigest())
 
     def _walk(self, root: str) -> dict[str, str]:
         """The hashes of `root` and of those of its inputs not remembered, inputs first,
@@ -310,7 +292,7 @@ def _hash_modulo(drv: Derivation, inputs: Mapping[str, str]) -> str:
     if drv.is_fixed_output:
         out = drv.outputs["out"]
         return blake3.blake3(f"fixed:out:{out.hash}:{out.path}".encode()).hexdigest()
-    return _masked_hash(_doc(drv, input_drvs=_masked(drv, inputs)))
+    return _digest(drvjson.text(drv, input_drvs=_masked(drv, inputs)))
 
 
 def _masked(drv: Derivation, inputs: Mapping[str, str]) -> dict[str, Iterable[str]]:
@@ -319,8 +301,9 @@ def _masked(drv: Derivation, inputs: Mapping[str, str]) -> dict[str, Iterable[st
     return {inputs[p]: outs for p, outs in drv.input_drvs.items()}
 
 
-def _masked_hash(doc: dict[str, object]) -> str:
-    return blake3.blake3(_JSON.encode(doc).encode()).hexdigest()
+def _digest(text: str) -> str:
+    # `hexdigest` costs the binding half again what `digest().hex()` does.
+    return blake3.blake3(text.encode()).digest().hex()
 
 
 def output_name(drv_name: str, output: str) -> str:
@@ -330,20 +313,33 @@ def output_name(drv_name: str, output: str) -> str:
 def with_output_paths(drv: Derivation, store_dir: str, hashes: HashModulo) -> Derivation:
     """The derivation, checked (`validate`), with its output paths (and the matching
     variables) filled in."""
-    validate(drv)
+    return _with_output_paths(validate(drv), store_dir, hashes, None)
+
+
+def finish(drv: Derivation, store_dir: str, hashes: HashModulo) -> tuple[Derivation, str]:
+    """`with_output_paths`, and the text of the derivation it makes (`to_json`): a recipe's
+    derivation, written once hashed."""
+    fixed = drvjson.fixed_parts(validate(drv))
+    made = _with_output_paths(drv, store_dir, hashes, fixed)
+    return made, drvjson.text(made, fixed=fixed)
+
+
+def _with_output_paths(
+    drv: Derivation, store_dir: str, hashes: HashModulo, fixed: drvjson.Fixed | None
+) -> Derivation:
     if drv.is_fixed_output:
         expected = drv.outputs["out"].hash
-        path = str(make_store_path(PathKind.OUTPUT, f"fixed:out:{expected}", store_dir, drv.name))
+        path = store_path(PathKind.OUTPUT, f"fixed:out:{expected}", store_dir, drv.name)
         return _with(drv, outputs={"out": Output(path, expected)}, env={**drv.env, "out": path})
     # Hashed as it would be with empty output paths and variables, without being made so.
-    blank = {k: Output() for k in drv.outputs}
+    blank = {k: BLANK_OUTPUT for k in drv.outputs}
     blank_env = {**drv.env, **{k: "" for k in drv.outputs}}
     masked = _masked(drv, hashes.input_hashes(drv))
-    digest = _masked_hash(_doc(drv, outputs=blank, env=blank_env, input_drvs=masked))
+    digest = _digest(drvjson.text(drv, blank, blank_env, masked, fixed))
     paths = {}
     for k in drv.outputs:
         name = output_name(drv.name, k)
-        paths[k] = str(make_store_path(PathKind.OUTPUT, f"blake3:{digest}", store_dir, name))
+        paths[k] = store_path(PathKind.OUTPUT, f"blake3:{digest}", store_dir, name)
     return _with(drv, outputs={k: Output(p) for k, p in paths.items()}, env={**drv.env, **paths})
 
 
@@ -365,13 +361,19 @@ def closure_order(roots: Iterable[str], resolve: Resolver) -> list[str]:
             state[path] = 2
             order.append(path)
             continue
-        if state.get(path) == 2:
+        seen = state.get(path)
+        if seen == 2:
             continue
-        if state.get(path) == 1:
+        if seen == 1:
             raise DerivationError(f"derivation cycle through {path}")
+        inputs = resolve(path).input_drvs
+        if not inputs:  # most of a large graph: done at once
+            state[path] = 2
+            order.append(path)
+            continue
         state[path] = 1
         stack.append((path, True))
-        for dep in sorted(resolve(path).input_drvs, reverse=True):
+        for dep in sorted(inputs, reverse=True):
             if state.get(dep) != 2:
                 stack.append((dep, False))
     return order

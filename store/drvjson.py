@@ -1,6 +1,11 @@
-"""Reading a `.drv`'s JSON strictly: every field with its type, and each optional field
-only as `Derivation.to_json` writes it (left out when empty), so that a `.drv` in the store
-is the text weft would write for the derivation parsed from it.
+"""A `.drv`'s JSON: read strictly (every field with its type, and each optional field only
+as `Derivation.to_json` writes it, left out when empty), so that a `.drv` in the store is
+the text weft would write for the derivation parsed from it; and written (`write`).
+
+A recipe writes two texts per derivation (the one hashed for its output paths, and its
+`.drv`), and `json` spends more on its generality than on the bytes: `write` writes the
+fields every derivation has by hand, byte for byte as the canonical encoder (`ENCODER`)
+writes them, with that encoder's own string encoding, and leaves the optional fields to it.
 
 Apart from `store.derivation` so that the derivation's model and hashing stay readable
 there; `DerivationError` lives here because both raise it (`store.derivation` exports it
@@ -10,17 +15,60 @@ too, where every caller imports it from).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from store.errors import StoreError
 
 # `typing` itself is an import a recipe's evaluation does without (`store.recipe`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Protocol
 
     from store.buildenv import BuildEnvironment
     from store.environment.delta import Delta
+
+    # What writing needs of `store.derivation`'s records, which import this module.
+    class Output(Protocol):
+        @property
+        def path(self) -> str: ...
+
+        @property
+        def hash(self) -> str | None: ...
+
+    class Derivation(Protocol):
+        @property
+        def name(self) -> str: ...
+
+        @property
+        def builder(self) -> str: ...
+
+        @property
+        def outputs(self) -> Mapping[str, Output]: ...
+
+        @property
+        def args(self) -> tuple[str, ...]: ...
+
+        @property
+        def env(self) -> Mapping[str, str]: ...
+
+        @property
+        def input_drvs(self) -> Mapping[str, tuple[str, ...]]: ...
+
+        @property
+        def input_srcs(self) -> tuple[str, ...]: ...
+
+        @property
+        def system(self) -> str: ...
+
+        @property
+        def env_delta(self) -> Delta: ...
+
+        @property
+        def environments(self) -> tuple[BuildEnvironment, ...]: ...
+
+        @property
+        def durable_dirs(self) -> Mapping[str, str]: ...
+
 
 # The modules of the optional fields are imported where those are read: a recipe's
 # evaluation, which reads no `.drv`, then does without them (`store.recipe`).
@@ -28,6 +76,11 @@ Doc = dict[str, object]
 
 
 FORMAT = 1
+# The canonical text: sorted keys, no insignificant whitespace, UTF-8 as it is.  One
+# encoder for all (it keeps no state between calls): `json.dumps` makes one per call.
+ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# What ENCODER writes a string as (with ensure_ascii=False): a TypeError for anything else.
+_string = json.encoder.encode_basestring
 _KEYS = frozenset(
     {"format", "name", "builder", "args", "env", "system", "outputs", "inputDrvs", "inputSrcs"}
 )
@@ -143,3 +196,133 @@ def str_map(doc: Doc, key: str, kind: type) -> dict[str, Any]:
     if not all(isinstance(v, kind) for v in value.values()):
         raise DerivationError(f"malformed derivation: the values of {key} are not {kind.__name__}s")
     return value
+
+
+Fixed = tuple[str, str, str, str]
+
+
+def text(
+    drv: Derivation,
+    outputs: Mapping[str, Output] | None = None,
+    env: Mapping[str, str] | None = None,
+    input_drvs: Mapping[str, Iterable[str]] | None = None,
+    fixed: Fixed | None = None,
+) -> str:
+    """The text of `drv` (`Derivation.to_json`), with `outputs`, `env` or `input_drvs` in
+    place of its own (what hashing it as it would be with them needs, without making it),
+    and its `fixed_parts` if known: written by hand, or by ENCODER when a field is not of
+    the type a checked derivation has (the same text, or the same error, as ENCODER's)."""
+    outputs = drv.outputs if outputs is None else outputs
+    env = drv.env if env is None else env
+    input_drvs = drv.input_drvs if input_drvs is None else input_drvs
+    try:
+        return _write(drv, outputs, env, input_drvs, fixed or _fixed_parts(drv))
+    except TypeError:
+        return ENCODER.encode(document(drv, outputs, env, input_drvs))
+
+
+def document(
+    drv: Derivation,
+    outputs: Mapping[str, Output],
+    env: Mapping[str, str],
+    input_drvs: Mapping[str, Iterable[str]],
+) -> dict[str, object]:
+    """`drv`'s JSON document, with `outputs`, `env` and `input_drvs`: what ENCODER writes."""
+    doc: dict[str, object] = {
+        "format": FORMAT,
+        "name": drv.name,
+        "builder": drv.builder,
+        "args": list(drv.args),
+        "env": dict(env),
+        "system": drv.system,
+        "outputs": {
+            k: {"path": o.path, **({"hash": o.hash} if o.hash is not None else {})}
+            for k, o in outputs.items()
+        },
+        "inputDrvs": {k: sorted(v) for k, v in input_drvs.items()},
+        "inputSrcs": sorted(drv.input_srcs),
+    }
+    if drv.env_delta:
+        from store.environment.view import to_values
+
+        doc["envDelta"] = to_values(drv.env_delta)
+    if drv.environments:
+        from store.buildenv import environments_to_json
+
+        doc["environments"] = environments_to_json(drv.environments)
+    if drv.durable_dirs:
+        doc["durableDirs"] = dict(drv.durable_dirs)
+    return doc
+
+
+def fixed_parts(drv: Derivation) -> Fixed | None:
+    """The parts of `drv`'s text that its output paths and its inputs' hashes leave as they
+    are: a recipe's derivation is written twice, hashed with its output paths blank, then
+    with them.  None when ENCODER has to write it (`text`)."""
+    try:
+        return _fixed_parts(drv)
+    except TypeError:
+        return None
+
+
+def _fixed_parts(drv: Derivation) -> Fixed:
+    """The text around `env`, `inputDrvs` and `outputs`' contents, written as ENCODER does;
+    a TypeError for a field of the wrong type."""
+    head = ['{"args":[', _strings(drv.args), '],"builder":', _string(drv.builder)]
+    if drv.durable_dirs:
+        head += [',"durableDirs":', ENCODER.encode(dict(drv.durable_dirs))]
+    middle = ["}"]
+    if drv.env_delta:
+        from store.environment.view import to_values
+
+        middle += [',"envDelta":', ENCODER.encode(to_values(drv.env_delta))]
+    if drv.environments:
+        from store.buildenv import environments_to_json
+
+        middle += [',"environments":', ENCODER.encode(environments_to_json(drv.environments))]
+    middle.append(f',"format":{FORMAT:d},"inputDrvs":{{')
+    srcs = _strings(sorted(drv.input_srcs))
+    tail = f'}},"inputSrcs":[{srcs}],"name":{_string(drv.name)},"outputs":{{'
+    return "".join(head) + ',"env":{', "".join(middle), tail, f'}},"system":{_string(drv.system)}}}'
+
+
+def _write(
+    drv: Derivation,
+    outputs: Mapping[str, Output],
+    env: Mapping[str, str],
+    input_drvs: Mapping[str, Iterable[str]],
+    fixed: Fixed,
+) -> str:
+    """ENCODER's text of `drv`'s document (its keys in their sorted order) with `outputs`,
+    `env` and `input_drvs`, around its `fixed` parts; a TypeError as `_fixed_parts`."""
+    head, middle, tail, end = fixed
+    variables = ",".join([f"{_string(k)}:{_string(v)}" for k, v in sorted(env.items())])
+    # Most derivations have no input derivation, and one output: no sorting for those.
+    drvs = ""
+    if input_drvs:
+        used = sorted(input_drvs.items())
+        drvs = ",".join([f"{_string(k)}:[{_used(v)}]" for k, v in used])
+    if len(outputs) == 1:
+        ((name, output),) = outputs.items()
+        outs = f"{_string(name)}:{_output(output)}"
+    else:
+        outs = ",".join([f"{_string(k)}:{_output(o)}" for k, o in sorted(outputs.items())])
+    return "".join([head, variables, middle, drvs, tail, outs, end])
+
+
+def _used(outputs: Iterable[str]) -> str:
+    # Most input derivations are used for one output: no sorting for those.
+    if isinstance(outputs, tuple) and len(outputs) == 1:
+        return _string(outputs[0])
+    return _strings(sorted(outputs))
+
+
+def _strings(values: Iterable[str]) -> str:
+    return ",".join(map(_string, values))
+
+
+def _output(output: Output) -> str:
+    path = _string(output.path)
+    if output.hash is None:
+        return f'{{"path":{path}}}'
+    return f'{{"hash":{_string(output.hash)},"path":{path}}}'

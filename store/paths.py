@@ -60,8 +60,14 @@ class StorePath:
 
     @classmethod
     def parse(cls, path: str, store_dir: str) -> "StorePath":
-        # Every query of the daemon parses each path it names: one match for a good one,
-        # the checks one by one (and their messages) for the rest.
+        # Every query of the daemon parses each path it names, mostly paths it parsed a
+        # moment ago (a build request's whole closure, each time it is asked for): those
+        # are remembered.
+        return _parsed(path, store_dir)
+
+    @classmethod
+    def _parse(cls, path: str, store_dir: str) -> "StorePath":
+        # One match for a good one, the checks one by one (and their messages) for the rest.
         good = _path_pattern(store_dir).fullmatch(path)
         if good is not None and not good[2].startswith("."):
             return cls(store_dir.rstrip("/"), good[1], good[2])
@@ -77,6 +83,17 @@ class StorePath:
             raise InvalidPath(f"{base!r} is not a store path base name (<hash>-<name>)")
         validate_name(name)
         return cls(store_dir.rstrip("/"), hash_part, name)
+
+
+# Paths `StorePath.parse` remembers: a few large closures' worth, each entry a hundred
+# bytes or two besides the path, which its caller holds anyway.
+PARSED_PATHS = 16384
+
+
+# Only paths that parse are kept (an exception is not cached), each as its immutable record.
+@functools.lru_cache(maxsize=PARSED_PATHS)
+def _parsed(path: str, store_dir: str) -> StorePath:
+    return StorePath._parse(path, store_dir)
 
 
 @functools.lru_cache(maxsize=4)  # a process has one store dir, tests a few
@@ -99,7 +116,9 @@ def fingerprint(
     if self_reference:
         refs.append("self")
     return ":".join(
-        [FINGERPRINT_VERSION, kind.value, content_hash, store_dir, name, ",".join(refs)]
+        # `_value_`, the member's own attribute: `.value` is a property costing what the rest
+        # of a fingerprint does.
+        [FINGERPRINT_VERSION, kind._value_, content_hash, store_dir, name, ",".join(refs)]
     )
 
 
@@ -114,5 +133,22 @@ def make_store_path(
     store_dir = store_dir.rstrip("/")
     validate_name(name)
     fp = fingerprint(kind, content_hash, store_dir, name, references, self_reference)
-    digest = blake3.blake3(fp.encode()).digest(length=HASH_PART_BYTES)
-    return StorePath(store_dir, base32.encode(digest), name)
+    return StorePath(store_dir, _hash_part(fp), name)
+
+
+def store_path(
+    kind: PathKind, content_hash: str, store_dir: str, name: str, references: Iterable[str] = ()
+) -> str:
+    """`make_store_path`'s path as the string its callers mostly want, without the parsed
+    object: a recipe computes two per derivation, and the daemon one per `.drv` it is
+    sent again (`add-texts`)."""
+    store_dir = store_dir.rstrip("/")
+    validate_name(name)
+    fp = fingerprint(kind, content_hash, store_dir, name, references)
+    return f"{store_dir}/{_hash_part(fp)}-{name}"
+
+
+def _hash_part(fingerprint: str) -> str:
+    # The length as a positional argument: the binding parses a keyword argument in three
+    # times what the hash of a fingerprint takes.
+    return base32.encode(blake3.blake3(fingerprint.encode()).digest(HASH_PART_BYTES))

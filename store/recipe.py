@@ -67,7 +67,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from store import derivation as drvs
-from store.derivation import DUMMY_HASH, HashModulo, Output, with_output_paths
+from store.derivation import BLANK_OUTPUT, DUMMY_HASH, HashModulo, Output, finish
 from store.environment.delta import Delta
 from store.recipebusybox import busybox_path
 
@@ -129,11 +129,22 @@ class Derivation:
 class _Evaluation:
     def __init__(self, store: RecipeStore) -> None:
         self.store = store
-        self.by_output: dict[str, Derivation] = {}
+        # An output path -> the derivation of this evaluation that makes it, and the
+        # output's name.
+        self.by_output: dict[str, tuple[Derivation, str]] = {}
         self.by_path: dict[str, drvs.Derivation] = {}
-        self.hashes = HashModulo(lambda p: self.by_path[p])
+        self.hashes = HashModulo(lambda p: self.by_path[p], _Hashes())
         self.busybox: str | None = None
         self.path_re = re.compile(re.escape(store.store_dir) + r"/[0-9a-z]{32}-[A-Za-z0-9+\-._?=]+")
+
+
+class _Hashes(dict[str, str]):
+    """An evaluation's hashes modulo, by `.drv` path: one for each derivation it made
+    (`_Evaluation.by_path` holds those), so no bound, and no lock (it runs in one thread):
+    a bounded memo's upkeep costs a recipe more than the hash it keeps."""
+
+    def put(self, key: str, value: str) -> None:
+        self[key] = value
 
 
 # What a derivation without `env_delta` has: one shared, as a `Delta` is immutable.
@@ -217,7 +228,7 @@ def derivation(
         )
         output_hash = DUMMY_HASH
     builder = str(builder)
-    args = tuple(str(a) for a in args)
+    args = tuple(map(str, args))
     env = {k: str(v) for k, v in (env or {}).items()}
     texts = [builder, *args, *env.values()]
     if delta:
@@ -232,7 +243,9 @@ def derivation(
     draft = drvs.Derivation(
         name=name,
         builder=builder,
-        outputs={o: Output(hash=output_hash) for o in outputs},
+        outputs={
+            o: BLANK_OUTPUT if output_hash is None else Output(hash=output_hash) for o in outputs
+        },
         args=args,
         env=env,
         input_drvs=input_drvs,
@@ -247,14 +260,13 @@ def derivation(
         # What drvcheck checks when the daemon adds it, checked before anything is added.
         used = [ev.by_path[p].outputs[o].path for p, outs in input_drvs.items() for o in outs]
         check_environments(envs, [*input_srcs, *used], f"{name}: ")
-    final = with_output_paths(draft, ev.store.store_dir, ev.hashes)
-    text = final.to_json()
+    final, text = finish(draft, ev.store.store_dir, ev.hashes)
     path = ev.store.add_text(f"{name}.drv", text, final.references())
     ev.hashes.remember(path, final, text)
     ev.by_path[path] = final
     made = Derivation(final, path)
-    for out_path in made.outputs.values():
-        ev.by_output[out_path] = made
+    for output, out in final.outputs.items():
+        ev.by_output[out.path] = (made, output)
     return made
 
 
@@ -269,9 +281,8 @@ def _inputs(
     def use(path: str) -> None:
         known = ev.by_output.get(path)
         if known is not None:
-            input_drvs.setdefault(known.path, set()).update(
-                k for k, p in known.outputs.items() if p == path
-            )
+            made, output = known
+            input_drvs.setdefault(made.path, set()).add(output)
         else:
             input_srcs.add(path)
 

@@ -24,6 +24,7 @@ from store import nar
 from store.adds import Adder
 from store.db import Database
 from store.errors import HashMismatch, InvalidReference, NotValid, StoreError
+from store.hashing import TextPaths
 from store.install import Installer
 from store.layout import StateDir
 from store.optimise import OptimiseStats, optimise_paths
@@ -66,6 +67,7 @@ class Store:
         )
         self._adder = Adder(self.tmp, self.pins, self._queries, self._installer)
         self.snapshots = Snapshots(self.db)
+        self._text_paths = TextPaths(self.store_dir)
         self.recover()
 
     @classmethod
@@ -163,6 +165,12 @@ class Store:
         """Add many (name, text, references) files in one transaction; a reference may
         name another file of the batch."""
         return self._adder.add_texts(items, pin)
+
+    def text_path(self, name: str, text: str, references: Iterable[str] = ()) -> str:
+        """The path `add_text` gives `text` named `name` with `references`, without adding
+        it; remembered for the texts seen before (`TextPaths`: an evaluation sends the
+        same `.drv`s again and again)."""
+        return self._text_paths.path(name, text, references)
 
     def add_outputs(
         self,

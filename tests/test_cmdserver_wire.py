@@ -57,6 +57,7 @@ def test_a_client_installed_under_another_name_is_told_to_run_it_itself(
     runtime: Runtime, tmp_path: Path
 ) -> None:
     probe(runtime, tmp_path)
+    runtime.serving()
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(runtime.socket()))
         request = raw_request([], []).replace(b"store-build", b"store-nothing", 1)

@@ -152,6 +152,8 @@ def test_clients_leaving_with_queries_in_flight_leave_nothing_behind(daemon: Dae
     paths = _paths(daemon, 10)
     with BlockingClient(daemon.socket) as c:
         c.call("is-valid", paths=[])
+        # The path-info cache's own database connection opens at the first path-info.
+        c.call("path-info", path=paths[0])
         before = _open_fds(daemon.proc.pid)
     for _ in range(200):
         s = socket.socket(socket.AF_UNIX)

@@ -143,21 +143,21 @@ def test_a_reply_larger_than_the_socket_takes_is_finished_by_the_writer_in_order
     theirs.close()
 
 
-def _doubled(store: str, args: dict[str, Any]) -> str:
+def _doubled(services: str, args: dict[str, Any]) -> str:
     if not isinstance(args.get("n"), int):
         raise ValueError(f"bad n in {args}")
-    return f"{store}:{args['n'] * 2}"
+    return f"{services}:{args['n'] * 2}"
 
 
 def test_queries_of_one_operation_from_many_connections_share_one_call() -> None:
     many_calls: list[int] = []
 
-    def doubled_many(store: str, many: list[dict[str, Any]]) -> list[Any]:
+    def doubled_many(services: str, many: list[dict[str, Any]]) -> list[Any]:
         many_calls.append(len(many))
-        return [_doubled(store, args) for args in many]
+        return [_doubled(services, args) for args in many]
 
     op = Operation(query=_doubled, many=doubled_many)
-    alone = Operation(query=lambda store, args: "alone")
+    alone = Operation(query=lambda services, args: "alone")
     answers: dict[int, list[Any]] = {}
 
     async def main() -> None:
@@ -174,7 +174,7 @@ def test_queries_of_one_operation_from_many_connections_share_one_call() -> None
 
 
 def test_a_query_alone_in_its_batch_is_asked_in_its_own_form() -> None:
-    op = Operation(query=_doubled, many=lambda store, many: pytest.fail("many of one"))
+    op = Operation(query=_doubled, many=lambda services, many: pytest.fail("many of one"))
     answers: list[Any] = []
 
     async def main() -> None:
@@ -187,8 +187,8 @@ def test_a_query_alone_in_its_batch_is_asked_in_its_own_form() -> None:
 
 
 def test_a_many_form_that_raises_leaves_each_request_its_own_answer() -> None:
-    def strict_many(store: str, many: list[dict[str, Any]]) -> list[Any]:
-        return [_doubled(store, args) for args in many]  # raises for the bad one
+    def strict_many(services: str, many: list[dict[str, Any]]) -> list[Any]:
+        return [_doubled(services, args) for args in many]  # raises for the bad one
 
     op = Operation(query=_doubled, many=strict_many)
     answers: list[Any] = []
@@ -208,7 +208,7 @@ def test_a_many_form_that_raises_leaves_each_request_its_own_answer() -> None:
 def test_a_many_form_that_answers_short_is_logged_and_each_request_asked_alone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    op = Operation(query=_doubled, many=lambda store, many: ["only one"])
+    op = Operation(query=_doubled, many=lambda services, many: ["only one"])
     answers: list[Any] = []
 
     async def main() -> None:

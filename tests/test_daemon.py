@@ -451,6 +451,7 @@ def test_stop_command_and_embedded_default_start(tmp_path: Path) -> None:
 
 async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> None:
     from daemon.proc.workers import Workers
+    from daemon.rpc.infocache import InfoCache
     from daemon.rpc.ops import OPERATIONS
     from daemon.rpc.server import Daemon
     from daemon.rpc.services import Services
@@ -462,7 +463,9 @@ async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> No
     state = StateDir.at(tmp_path / "state")
     store = Store(state)
     workers = Workers()
-    services = Services(state, store, Settings(), Collector(store, Settings(), workers), workers)
+    collector = Collector(store, Settings(), workers)
+    infos = InfoCache(str(store.db.path))
+    services = Services(state, store, Settings(), collector, workers, infos)
     daemon = Daemon(services, OPERATIONS)
     sock_path = str(tmp_path / "s.sock")
     listener = trio.SocketListener(await _bound(sock_path))
@@ -483,6 +486,7 @@ async def test_temp_roots_live_until_the_connection_closes(tmp_path: Path) -> No
             while store.pins.pinned():
                 await trio.sleep(0.01)
         daemon.shutdown_requested.set()
+    infos.forget()
     store.close()
 
 

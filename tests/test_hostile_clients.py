@@ -18,6 +18,7 @@ import trio
 
 from daemon.cli.blocking import BlockingClient
 from daemon.proc.workers import Workers
+from daemon.rpc.infocache import InfoCache
 from daemon.rpc.ops import OPERATIONS
 from daemon.rpc.server import Daemon
 from daemon.rpc.services import Services
@@ -222,7 +223,9 @@ async def _serve_in_process(state: Path, idle: float, body) -> None:  # type: ig
     store = Store(StateDir.at(state))
     workers = Workers()
     settings = Settings()
-    services = Services(store.state, store, settings, Collector(store, settings, workers), workers)
+    collector = Collector(store, settings, workers)
+    infos = InfoCache(str(store.db.path))
+    services = Services(store.state, store, settings, collector, workers, infos)
     daemon = Daemon(services, OPERATIONS, stream_idle=idle)
     sock = trio.socket.socket(trio.socket.AF_UNIX)
     path = str(state.parent / "s.sock")
@@ -234,6 +237,7 @@ async def _serve_in_process(state: Path, idle: float, body) -> None:  # type: ig
             await trio.to_thread.run_sync(body, path, store)
             daemon.shutdown_requested.set()
     finally:
+        infos.forget()
         store.close()
 
 

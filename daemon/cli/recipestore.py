@@ -12,9 +12,10 @@ an evaluation needs its `.drv` files in the store before it ends: a source's con
 added as it is, with no references found in it.
 
 A path remembered from an earlier evaluation (`reuse`: the busybox tree,
-`store.recipebusybox`) goes with the first request, which pins it and asks whether it is
-still valid before adding anything: if it was collected since, it is added again and the
-request sent again.
+`store.recipebusybox`) goes first, with the paths of the texts, in a request that pins them
+all and asks whether they are valid, sending no text: an evaluation that reuses a path has
+most likely run before, and then nothing more is sent.  A reused path collected since is
+added again, and the texts not all valid are sent.
 
 A batch the daemon refuses is sent again a text at a time, in order, as evaluating without
 a batch does: the refusal is the one `add-text` gives, at the line of the recipe that made
@@ -65,7 +66,10 @@ class _Text:
     def refused(self, message: str) -> CommandError:
         """The daemon's refusal of this text, at the recipe's line, naming the text."""
         said = message if self.name in message else f"{self.name}: {message}"
-        return CommandError(f"{self.where or 'error'}: {said}")
+        if self.where is None:
+            return CommandError(f"error: {said}")
+        file, line = self.where
+        return CommandError(f"{file}:{line}: {said}")
 
     def check(self, got: str) -> None:
         if got != self.path:
@@ -136,19 +140,18 @@ class DaemonRecipeStore:
         if reused and not batches:
             batches = [[]]
         for i, batch in enumerate(batches):
-            self._send(batch, reused if i == 0 else [])
+            self._send(batch, reused if i == 0 else [], ask_first=bool(reused))
 
-    def _send(self, batch: list[_Text], reused: list[tuple[str, Callable[[], str]]]) -> None:
-        texts = [t.as_arg() for t in batch]
+    def _send(
+        self, batch: list[_Text], reused: list[tuple[str, Callable[[], str]]], ask_first: bool
+    ) -> None:
         try:
-            reply = self.client.call("add-texts", texts=texts, require=[p for p, _ in reused])
-            missing = set(reply.get("not_valid") or ())
-            if missing:
-                _add_again([r for r in reused if r[0] in missing])
-                reply = self.client.call("add-texts", texts=texts)
+            if ask_first and self._valid_already(batch, reused):
+                return
+            reply = self.client.call("add-texts", texts=[t.as_arg() for t in batch])
         except DaemonError:
             # Refused: the refusal of the text that has it, at its line.  The reused
-            # paths were not looked at, so they are made sure of first.
+            # paths may not have been looked at, so they are made sure of first.
             _add_again(reused)
             for t in batch:
                 try:
@@ -158,6 +161,20 @@ class DaemonRecipeStore:
             return
         for t, got in zip(batch, reply["paths"], strict=True):
             t.check(got)
+
+    def _valid_already(
+        self, batch: list[_Text], reused: list[tuple[str, Callable[[], str]]]
+    ) -> bool:
+        """Whether every text of `batch` is in the store already, asked with the reused
+        paths (all pinned for the connection; a reused one not valid is added again).  An
+        evaluation that reuses a path has run against this store before, most likely the
+        same recipe, whose texts are then all valid: its paths alone are sent, a tenth of
+        the bytes, and the daemon hashes no text."""
+        required = [*(p for p, _ in reused), *(t.path for t in batch)]
+        reply = self.client.call("add-texts", texts=[], require=required)
+        missing = set(reply.get("not_valid") or ())
+        _add_again([r for r in reused if r[0] in missing])
+        return not missing
 
     def _add_one(self, name: str, text: str, references: list[str]) -> str:
         reply = self.client.call("add-text", name=name, text=text, references=references)
@@ -190,12 +207,20 @@ def _batches(texts: list[_Text]) -> list[list[_Text]]:
     return batches
 
 
-def _caller() -> str | None:
-    """`file:line` of the deepest frame of the user's code now running."""
+# Whether each file met is weft's or the standard library's: asked for a few frames of
+# every text a recipe makes.
+_THEIRS: dict[str, bool] = {}
+
+
+def _caller() -> tuple[str, int] | None:
+    """The file and line of the deepest frame of the user's code now running."""
     frame = sys._getframe(2)
     while frame is not None:
         file = frame.f_code.co_filename
-        if not file.startswith(NOT_THE_USERS):
-            return f"{file}:{frame.f_lineno}"
+        theirs = _THEIRS.get(file)
+        if theirs is None:
+            theirs = _THEIRS[file] = file.startswith(NOT_THE_USERS)
+        if not theirs:
+            return file, frame.f_lineno
         frame = frame.f_back
     return None

@@ -64,11 +64,12 @@ class Query(Protocol):
 
 
 class Calls:
-    """Queries of requests, each an operation and its arguments, against `store`: as work
+    """Queries of requests, each an operation and its arguments, asked of `services` (the
+    daemon's `Services`: its store, and the caches of what the store answered): as work
     for the batcher, each request's result, or the exception that is its answer."""
 
-    def __init__(self, store: Any, calls: list[tuple[Query, dict[str, Any]]]) -> None:
-        self.store = store
+    def __init__(self, services: Any, calls: list[tuple[Query, dict[str, Any]]]) -> None:
+        self.services = services
         self.calls = calls
 
     def __call__(self) -> list[Any]:
@@ -109,46 +110,47 @@ def _run_all(works: list[Callable[[], Any]]) -> list[Any]:
 def _run_together(works: list[Calls]) -> list[list[Any]]:
     """The answers of every call of `works`, those of one `many` in one call of it."""
     answers: list[list[Any]] = [[None] * len(work.calls) for work in works]
-    # By the `many` and the store (its identity: two stores are never one).
+    # By the `many` and the services (their identity: each daemon's are one, with one
+    # store, and the requests of two daemons' stores never share a read).
     groups: dict[tuple[Any, int], list[tuple[int, int]]] = {}
     for w, work in enumerate(works):
         for c, (op, args) in enumerate(work.calls):
             if op.many is not None:
-                groups.setdefault((op.many, id(work.store)), []).append((w, c))
+                groups.setdefault((op.many, id(work.services)), []).append((w, c))
             else:
-                answers[w][c] = _one(work.store, op, args)
+                answers[w][c] = _one(work.services, op, args)
     for (many, _), places in groups.items():
         if len(places) == 1:  # alone: its own query, not a many of one
             w, c = places[0]
-            answers[w][c] = _one(works[w].store, *works[w].calls[c])
+            answers[w][c] = _one(works[w].services, *works[w].calls[c])
             continue
-        store = works[places[0][0]].store
+        services = works[places[0][0]].services
         calls = [works[w].calls[c] for w, c in places]
-        for (w, c), answer in zip(places, _many(many, store, calls), strict=True):
+        for (w, c), answer in zip(places, _many(many, services, calls), strict=True):
             answers[w][c] = answer
     return answers
 
 
-def _one(store: Any, op: Query, args: dict[str, Any]) -> Any:
+def _one(services: Any, op: Query, args: dict[str, Any]) -> Any:
     try:
         assert op.query is not None
-        return op.query(store, args)
+        return op.query(services, args)
     except Exception as e:
         return e
 
 
 def _many(
     many: Callable[[Any, list[dict[str, Any]]], list[Any]],
-    store: Any,
+    services: Any,
     calls: list[tuple[Query, dict[str, Any]]],
 ) -> list[Any]:
     """`many`'s answers to `calls`; should it raise (one request's bad argument fails the
     call), each request is asked alone, and gets its own answer or error."""
     try:
-        answers = many(store, [args for _, args in calls])
+        answers = many(services, [args for _, args in calls])
         if len(answers) == len(calls):
             return answers
         log.error("%r answered %d of %d requests", many, len(answers), len(calls))
     except Exception:
         pass
-    return [_one(store, op, args) for op, args in calls]
+    return [_one(services, op, args) for op, args in calls]

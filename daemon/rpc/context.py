@@ -21,7 +21,6 @@ from daemon.rpc.errors import OpError
 from daemon.rpc.hub import ReadHub
 from daemon.rpc.services import Services
 from daemon.wire import protocol as p
-from store.store import Store
 
 T = TypeVar("T")
 # A stream that moves nothing this long (an upload's client sends no byte, a download's
@@ -214,12 +213,13 @@ class RequestContext:
 
 @dataclass(frozen=True)
 class Operation:
-    """An async handler, or a `query`: a quick blocking store call, run in batches.  A
-    query may have a `many` form: the query of many requests' arguments at once (one read
+    """An async handler, or a `query`: a quick blocking store call, run in batches, given
+    the daemon's `Services` (its store, and the cache of path infos).  A query may have a
+    `many` form: the query of many requests' arguments at once (one read
     of the database), answering each with its result or the exception that is its error,
     in order; should it raise, each request is asked alone (`batcher.py`)."""
 
     fn: Callable[[RequestContext], Awaitable[Any]] | None = None
-    query: Callable[[Store, dict[str, Any]], Any] | None = None
-    many: Callable[[Store, list[dict[str, Any]]], list[Any]] | None = None
+    query: Callable[[Services, dict[str, Any]], Any] | None = None
+    many: Callable[[Services, list[dict[str, Any]]], list[Any]] | None = None
     trusted_only: bool = False

@@ -80,20 +80,22 @@ class ReadHub:
                 for fd, _ in epoll.poll(0, TURN):
                     # An earlier callback of this turn may have unwatched it.
                     watch = self._watched.get(fd)
-                    if watch is not None:
-                        self._call(fd, watch)
+                    if watch is None:
+                        continue
+                    try:
+                        watch.on_readable()
+                    except Exception as e:
+                        self._fault(fd, watch, e)
         finally:
             self._epoll = None
             self._watched.clear()
             epoll.close()
 
-    def _call(self, fd: int, watch: Watch) -> None:
+    def _fault(self, fd: int, watch: Watch, e: Exception) -> None:
+        """`watch`'s callback raised `e`: its watch ends, and its owner is told."""
+        if self._watched.get(fd) is watch:
+            self.unwatch(fd)
         try:
-            watch.on_readable()
-        except Exception as e:
-            if self._watched.get(fd) is watch:
-                self.unwatch(fd)
-            try:
-                watch.on_fault(e)
-            except Exception:
-                log.exception("the fault of fd %d's watch could not be handed on", fd)
+            watch.on_fault(e)
+        except Exception:
+            log.exception("the fault of fd %d's watch could not be handed on", fd)

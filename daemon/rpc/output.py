@@ -80,6 +80,12 @@ class Output:
         how many were taken; the places of the others stay the caller's."""
         if self.closed:
             return 0
+        if len(answers) == 1:  # a client that asks one thing at a time: most of them
+            frame = self._frame(answers[0])
+            if frame is None:
+                return 0
+            self._put(frame, 1, True)
+            return 1
         frames = [frame for answer in answers if (frame := self._frame(answer)) is not None]
         if frames:
             self._put(frames[0] if len(frames) == 1 else b"".join(frames), len(frames), True)
@@ -87,11 +93,18 @@ class Output:
 
     def _put(self, frame: bytes, slots: int, urgent: bool) -> None:
         if urgent and not self._out and not self._sending:
-            frame = self._write_now(frame)
-            if not frame:
+            # Written without waiting; what did not fit is the writer's.  A broken socket
+            # leaves it all to the writer, whose write fails the same way and closes the
+            # connection.
+            try:
+                written = os.write(self._fd, frame)
+            except OSError:
+                written = 0
+            if written == len(frame):
                 if slots:
                     self._release(slots)
                 return
+            frame = frame[written:]
         self._out.append(frame)
         self.size += len(frame)
         self._slots += slots
@@ -108,16 +121,6 @@ class Output:
         self.send_nowait(event, slots)
         while self.size > HIGH_WATER and not self.closed:
             await self._drained.park()
-
-    def _write_now(self, frame: bytes) -> bytes:
-        """Write `frame` to the socket without waiting; what did not fit, for the writer.
-        A broken socket leaves it all to the writer, whose write fails the same way and
-        closes the connection."""
-        try:
-            written = os.write(self._fd, frame)
-        except OSError:
-            return frame
-        return frame[written:]
 
     def _frame(self, event: p.Event) -> bytes | None:
         """`event`'s frame, or what stands in for it when it would exceed `MAX_FRAME` (a

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from daemon.build.builder import Builder
 from daemon.build.snapshots import SnapshotService
 from daemon.proc.workers import Workers
+from daemon.rpc.infocache import InfoCache
 from daemon.runtime.service import Runtimes
 from daemon.settings import Settings
 from daemon.upkeep.collector import Collector
@@ -21,6 +22,8 @@ class Services:
     settings: Settings
     collector: Collector
     workers: Workers
+    # The store's path infos, kept between path-info queries (`infocache.py`).
+    infos: InfoCache
     # None: a daemon that serves the store but does not build (no locker, no spawner).
     builder: Builder | None = None
     # None with no builder: nothing can rebuild what `verify --repair` finds.

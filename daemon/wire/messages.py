@@ -75,6 +75,15 @@ class Reply(Record):
         self.result = result
 
 
+class Packed(Record):
+    """A reply's result already in msgpack (a kept path info, say): sent as it is, so that
+    an answer given again and again is encoded once.  The receiver gets the value it
+    encodes; only the sender's `Reply` ever holds one."""
+
+    __slots__ = ("body",)
+    body: bytes
+
+
 class Error(Record):
     __slots__ = ("id", "code", "message", "details")
     _defaults = {"details": {}}

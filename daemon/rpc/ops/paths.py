@@ -20,9 +20,9 @@ from daemon.rpc.ops.args import (
     str_arg,
     strs_arg,
 )
-from daemon.wire.protocol import Code
+from daemon.rpc.services import Services
+from daemon.wire.protocol import Code, Packed, packed
 from store import gc
-from store.hashing import text_path
 from store.store import PathInfo, Store
 
 # Texts in one `add-texts` request, all added in one transaction: the store's write lock
@@ -31,38 +31,42 @@ from store.store import PathInfo, Store
 MAX_TEXTS = 4096
 
 
-def path_info(store: Store, args: dict[str, Any]) -> dict[str, Any]:
-    path = arg_str(args, "path")
-    info = store.path_info(path)
-    if info is None:
-        raise OpError(Code.NOT_VALID, f"path {path!r} is not valid")
-    return encode_info(info)
+def path_info(services: Services, args: dict[str, Any]) -> Packed:
+    (answer,) = path_infos(services, [args])
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
-def path_infos(store: Store, many: list[dict[str, Any]]) -> list[Any]:
-    """`path_info` of many requests in one read of the database (the query batcher's)."""
+def path_infos(services: Services, many: list[dict[str, Any]]) -> list[Any]:
+    """`path_info` of many requests in one read of the database (the query batcher's), or
+    none when the daemon's cache has them all (`Services.infos`)."""
     paths = [arg_str(args, "path") for args in many]
+    return services.infos.lookup(paths, functools.partial(_lookup, services.store))
+
+
+def _lookup(store: Store, paths: list[str]) -> list[Any]:
     infos = store.path_infos(paths)
     return [
-        encode_info(infos[path])
+        packed(encode_info(infos[path]))
         if path in infos
         else OpError(Code.NOT_VALID, f"path {path!r} is not valid")
         for path in paths
     ]
 
 
-def is_valid(store: Store, args: dict[str, Any]) -> list[str]:
+def is_valid(services: Services, args: dict[str, Any]) -> list[str]:
     paths = arg_strs(args, "paths")
-    valid = store.valid_paths(paths)
+    valid = services.store.valid_paths(paths)
     return [p for p in paths if p in valid]
 
 
-def references(store: Store, args: dict[str, Any]) -> list[str]:
-    return store.references(arg_str(args, "path"))
+def references(services: Services, args: dict[str, Any]) -> list[str]:
+    return services.store.references(arg_str(args, "path"))
 
 
-def referrers(store: Store, args: dict[str, Any]) -> list[str]:
-    return store.referrers(arg_str(args, "path"))
+def referrers(services: Services, args: dict[str, Any]) -> list[str]:
+    return services.store.referrers(arg_str(args, "path"))
 
 
 async def closure(ctx: RequestContext) -> list[str]:
@@ -174,9 +178,10 @@ def _add_texts(
 ) -> dict[str, list[str]]:
     """`{"paths": [...]}` in the order of `items`, or `{"not_valid": [...]}`, naming the
     required paths that are not valid, with nothing added.  Each path is computed first
-    (`text_path`) and all are pinned, then one query finds those already valid: an
-    evaluation adds mostly what it added before, and those need nothing more."""
-    paths = [text_path(store.store_dir, name, text.encode(), refs) for name, text, refs in items]
+    (`Store.text_path`: most were sent before) and all are pinned, then one query finds those
+    already valid: an evaluation adds mostly what it added before, and those need nothing
+    more."""
+    paths = [store.text_path(name, text, refs) for name, text, refs in items]
     store.pins.pin(conn, [*required, *paths])
     valid = store.valid_paths([*required, *paths])
     missing = [p for p in required if p not in valid]
@@ -194,5 +199,5 @@ def _add_texts(
     return {"paths": paths}
 
 
-def store_dir(store: Store, args: dict[str, Any]) -> str:
-    return store.store_dir
+def store_dir(services: Services, args: dict[str, Any]) -> str:
+    return services.store.store_dir
