@@ -128,7 +128,8 @@ def _rounds(work: Path, local: DaemonProc, remote: DaemonProc) -> tuple[list[Row
         (
             f"overhead of a remote build (a chain of {CHAIN} trivial builds)",
             f"{statistics.median(overheads):.0f} ms a build over a local one",
-            "rounds: " + ", ".join(f"{x:.0f}" for x in overheads)
+            "rounds: "
+            + ", ".join(f"{x:.0f}" for x in overheads)
             + f"; local {statistics.median(lt for lt, _ in chain) / CHAIN * 1000:.0f} ms a build",
         ),
     ]
