@@ -10,6 +10,8 @@ import json
 import time
 from dataclasses import dataclass
 
+import apsw
+
 from store.db import Database
 
 # Failures that may come from the machine rather than the derivation (retry.Cause values):
@@ -69,41 +71,12 @@ class History:
     def record(self, attempt: AttemptRecord) -> bool:
         """Record an attempt; a success after a failure of the same derivation (in this run or
         an earlier one) marks it flaky.  Whether it is marked now."""
+        return self.record_many([attempt])[0]
 
-        def body(conn) -> bool:  # type: ignore[no-untyped-def]
-            conn.execute(
-                f"INSERT INTO BuildAttempts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    attempt.drv,
-                    attempt.attempt,
-                    attempt.start_time,
-                    attempt.end_time,
-                    attempt.outcome,
-                    attempt.exit_code,
-                    json.dumps(attempt.load_start),
-                    json.dumps(attempt.load_peak),
-                    attempt.parallelism,
-                    attempt.paused,
-                    attempt.snapshot,
-                ),
-            )
-            if attempt.outcome != "built":
-                return False
-            failed_before = conn.execute(
-                "SELECT 1 FROM BuildAttempts WHERE drv = ? AND outcome IN"
-                f" ({','.join('?' * len(LOAD_SENSITIVE))})"
-                " AND coalesce(exit_code, 0) NOT IN"
-                f" ({','.join('?' * len(DETERMINISTIC_EXITS))}) LIMIT 1",
-                (attempt.drv, *LOAD_SENSITIVE, *DETERMINISTIC_EXITS),
-            ).fetchone()
-            if failed_before:
-                conn.execute(
-                    "INSERT OR IGNORE INTO Flaky (drv, marked) VALUES (?, ?)",
-                    (attempt.drv, int(time.time())),
-                )
-            return bool(failed_before)
-
-        return self.db.write(body)
+    def record_many(self, attempts: list[AttemptRecord]) -> list[bool]:
+        """`record` for each attempt, in order, in one transaction: one write of the
+        database for the attempts of several builds."""
+        return self.db.write(lambda conn: [_insert(conn, a) for a in attempts])
 
     def forget(self, drv: str) -> tuple[int, bool]:
         """Drop every attempt at `drv` and its flaky mark: how many attempts there were,
@@ -145,3 +118,39 @@ class History:
                 " FROM Flaky f ORDER BY f.marked, f.drv"
             ).fetchall()
         return [{"drv": d, "marked": m, "failed": f, "built": b} for d, m, f, b in rows]
+
+
+def _insert(conn: apsw.Connection, attempt: AttemptRecord) -> bool:
+    """One attempt's row, and the flaky mark it earns (whether it did), in `conn`'s
+    transaction."""
+    conn.execute(
+        f"INSERT INTO BuildAttempts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            attempt.drv,
+            attempt.attempt,
+            attempt.start_time,
+            attempt.end_time,
+            attempt.outcome,
+            attempt.exit_code,
+            json.dumps(attempt.load_start),
+            json.dumps(attempt.load_peak),
+            attempt.parallelism,
+            attempt.paused,
+            attempt.snapshot,
+        ),
+    )
+    if attempt.outcome != "built":
+        return False
+    failed_before = conn.execute(
+        "SELECT 1 FROM BuildAttempts WHERE drv = ? AND outcome IN"
+        f" ({','.join('?' * len(LOAD_SENSITIVE))})"
+        " AND coalesce(exit_code, 0) NOT IN"
+        f" ({','.join('?' * len(DETERMINISTIC_EXITS))}) LIMIT 1",
+        (attempt.drv, *LOAD_SENSITIVE, *DETERMINISTIC_EXITS),
+    ).fetchone()
+    if failed_before:
+        conn.execute(
+            "INSERT OR IGNORE INTO Flaky (drv, marked) VALUES (?, ?)",
+            (attempt.drv, int(time.time())),
+        )
+    return bool(failed_before)

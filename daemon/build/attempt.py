@@ -124,11 +124,12 @@ class Attempt:
                     self.room.slots.withhold(slot)
             if log is not None:
                 # A successful build's log is stored once its dependents went on and its
-                # slot is free: making a file is sometimes slow on a busy disk.
-                try:
-                    await self.room.workers.background(self.room.logs.store, self.job.drv_path, log)
-                except OSError as e:
-                    logger.warning("%s: storing the log: %s", self.job.drv_path, e)
+                # slot is free: making a file is sometimes slow on a busy disk.  With
+                # other builds' logs and history records, in one trip.
+                logs = self.room.logs
+                error = await self.room.workers.batched(logs.store_many, (self.job.drv_path, log))
+                if error is not None:
+                    logger.warning("%s: storing the log: %s", self.job.drv_path, error)
         finally:
             # Until here `store-log` reads it live; from here, stored.
             self.room.live.remove(self.job.drv_path, self.log)

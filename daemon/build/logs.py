@@ -23,6 +23,8 @@ all.
 
 import gzip
 import os
+import stat
+import threading
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,6 +33,11 @@ from types import TracebackType
 
 import trio
 
+# The one file every empty log is a link to (`BuildLogs`); no derivation's log has this
+# name, which is no store path's.
+EMPTY_LOG = ".empty.gz"
+# More than an empty log compresses to (20 bytes), so a longer file is seen as one.
+EMPTY_LOG_MAX = 64
 # The lines of a failed build's log its error shows: Nix's `log-lines` default.
 LOG_TAIL = 25
 # The bytes of one log line reported (to waiting clients, and in a failed build's error);
@@ -236,10 +243,17 @@ class LiveLogs:
 
 
 class BuildLogs:
-    """The stored logs, one file per derivation (the last build's)."""
+    """The stored logs, one file per derivation (the last build's).
+
+    Every empty log is one file, `EMPTY_LOG`, linked at each derivation's name: a build
+    that writes nothing (most trivial ones) then costs the disk a link, not a new file
+    (on a file system slow to allocate inodes, the most a trivial build's log costs).
+    A log file is never written in place once stored, only replaced, so the links stay
+    what they were."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
+        self._empty: Path | None = None  # once made or found
 
     def _path(self, drv_path: str) -> Path:
         return self.log_dir / f"{os.path.basename(drv_path)}.gz"
@@ -247,19 +261,66 @@ class BuildLogs:
     def store(self, drv_path: str, data: bytes) -> None:
         """Replace the derivation's log with `data`, atomically (in a worker thread)."""
         path = self._path(drv_path)
-        tmp = path.with_suffix(".gz.tmp")
-        # Compressed in one call, gzip header and all (wbits 31): a GzipFile costs more
-        # than the compression of most logs.
-        view = memoryview(zlib.compress(data, LOG_COMPRESSION, 31))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        if not data:
+            try:
+                os.link(self._empty_log(), path)
+                return
+            except FileExistsError:
+                pass  # an earlier build's log: replaced as any other
+        _write_replacing(path, data)
+
+    def _empty_log(self) -> Path:
+        if self._empty is None:
+            # Made once per daemon, or again if it is not what it must be.
+            empty = self.log_dir / EMPTY_LOG
+            if _read_plain(empty) != zlib.compress(b"", LOG_COMPRESSION, 31):
+                # A name of this thread's own: a failed build's thread may make it too.
+                _write_replacing(empty, b"", f"{EMPTY_LOG}.{threading.get_native_id()}.tmp")
+            self._empty = empty
+        return self._empty
+
+    def store_many(self, logs: list[tuple[str, bytes]]) -> list[OSError | None]:
+        """`store` for each (derivation, log): each one's error, if it could not be
+        stored (in a worker thread, batched: `Workers.batched`)."""
+        errors: list[OSError | None] = []
+        for drv_path, data in logs:
+            try:
+                self.store(drv_path, data)
+            except OSError as e:
+                errors.append(e)
+            else:
+                errors.append(None)
+        return errors
 
     def read(self, drv_path: str) -> bytes:
         """The derivation's stored log; FileNotFoundError if it has none."""
         with gzip.open(self._path(drv_path), "rb") as f:
             return f.read()
+
+
+def _write_replacing(path: Path, data: bytes, tmp_name: str = "") -> None:
+    """`path` holding `data` compressed, put in place of what was there in one step,
+    written first at `tmp_name` (`<name>.tmp` if not given) beside it."""
+    tmp = path.with_name(tmp_name or f"{path.name}.tmp")
+    # Compressed in one call, gzip header and all (wbits 31): a GzipFile costs more than
+    # the compression of most logs.
+    view = memoryview(zlib.compress(data, LOG_COMPRESSION, 31))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_plain(path: Path) -> bytes | None:
+    """A regular file's bytes (None: missing, or not a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, EMPTY_LOG_MAX) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)

@@ -70,6 +70,13 @@ class Register:
         # A fixed output's content found in the store under another name, if it was.
         self.present: str | None = None
 
+    def missing(self) -> bool:
+        """Whether an output is missing, looked at without the locks (in a worker
+        thread); a fixed-output build's content may be in the store by another name, which
+        only `needed` looks for."""
+        outs = [o.path for o in self.drv.outputs.values()]
+        return not self.drv.is_fixed_output and self.store.valid_paths(outs) != set(outs)
+
     def needed(self) -> bool:
         """Whether the outputs are still missing (in a worker thread, under the locks:
         another process may have made them meanwhile)."""

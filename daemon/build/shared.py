@@ -18,6 +18,7 @@ snapshot, which an eviction before a daemon restart left.
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from daemon.build.outputs import Register, build_owner, lock_files
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
 from daemon.build.stops import Resume, scopes
-from daemon.proc.locks import LockError
+from daemon.proc.locks import LockError, make_lock_files
 from daemon.remote.policy import Fallback, StayLocal, Where, choose, on_unavailable
 from daemon.sched.retry import Cause
 from daemon.sched.retrying import Failure, Outcome, RetryRunner
@@ -241,11 +242,20 @@ class _Attempts:
             resume = self._resume()
             self.first = False
             attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register, resume)
-        locked = self.room.locks.exclusive(lock_files(self.drv), build_owner(path), delete=True)
+        paths = lock_files(self.drv)
+        # One worker-thread trip before the locks: their files made, and the outputs
+        # looked for.  Granted on the files this made, the locks were nobody's since that
+        # look (`locks.make_lock_files`): no other look under them is needed.
+        fds, missing = await trio.to_thread.run_sync(_made, paths, register)
+        locked = self.room.locks.exclusive(paths, build_owner(path), delete=True, fds=fds)
         try:
-            async with locked:
+            async with locked as held:
                 try:
-                    await attempt.run(register.needed, task_status.started)
+                    if isinstance(attempt, Attempt):
+                        looked = missing and all(h.first for h in held)
+                        await attempt.run(None if looked else register.needed, task_status.started)
+                    else:
+                        await attempt.run(register.needed, task_status.started)
                 finally:
                     if isinstance(attempt, Attempt):
                         self._left(attempt.stops.spent, attempt.stops.made)
@@ -265,3 +275,15 @@ class _Attempts:
             self.last = None  # forgotten: garbage from now on
         if made is not None:
             self.last = made
+
+
+def _made(paths: list[str], register: Register) -> tuple[dict[str, int], bool]:
+    """The lock files opened, and whether they were all made now and the outputs are
+    missing (in a worker thread)."""
+    fds, fresh = make_lock_files(paths)
+    try:
+        return fds, fresh and register.missing()
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise

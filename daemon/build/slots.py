@@ -16,6 +16,13 @@ as its directories and its inputs' mount points are there already.  A slot whose
 build left it ready for the next (laid out, emptied but for its inputs' mount points)
 needs no worker-thread trip before the next build starts in it.
 
+When the store dir lies under the sandbox's /tmp or /build (a state dir there), the spare
+makes the store dir's mount point in the slot's `tmp/` or `build/` itself, as the build
+user.  The directories down to it are kept from build to build, each only as the spare
+made it (the slot's ids, 0755, no attribute, no inode flag the area has not, nothing else
+in it): a build sees the same /tmp as in a slot made anew, and the next build makes no
+directory and the slot's readying removes none, on a disk slow at each.
+
 No slot is used before what a killed predecessor left running in any of them is gone
 (`leftovers.py`): the first build to want a slot waits for that.  A slot something still
 runs in then, or whose builder would not die when its build was abandoned, or where a
@@ -24,11 +31,13 @@ life (and logged): a slot handed to a build while another process writes there c
 that build.
 """
 
+import errno
+import fcntl
 import logging
 import os
 import stat
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +51,20 @@ logger = logging.getLogger("weft.builds")
 
 # A slot's tmp/, the sandbox's /tmp: what every /tmp is, world-writable and sticky.
 TMP_MODE = 0o1777
+# The areas of a slot bound in the sandbox where the spare makes the store dir's mount
+# point itself when the store dir lies there, and the mode it makes each directory with.
+MOUNT_AREAS = ("tmp", "build")
+MOUNT_POINT_MODE = 0o755
+# FS_IOC_GETFLAGS (_IOR('f', 1, long)): a file's inode flags (chattr), whose
+# owner may set some of them (noatime, nodump, dirsync...).
+_GETFLAGS = 0x80086601
+# A flag the file system sets by itself on a directory grown past one block (ext4's
+# hashed index): no build's doing.
+_INDEX_FLAG = 0x1000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# What opening a path with `_DIR_FLAGS` fails with when it is no directory: missing, a
+# file or a symlink.
+_NOT_A_DIR = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 @dataclass(frozen=True)
@@ -155,30 +178,32 @@ def prepare_workdir(
     """A slot's directory, kept from build to build: what a build leaves (in `build/` and
     `tmp/`, and in the root's store dir but the mount points named `keep`) is emptied.
     Only what is missing or wrong is written: this disk is sometimes slow at any change of
-    metadata."""
-    _own_dir(work.parent, 0o700)
-    _own_dir(work, 0o700)
-    _own_dir(work / "root", 0o755)
-    _clear_workdir(work, store_dir, keep)
-    build = work / "build"
-    if build.is_dir() and os.listxattr(build, follow_symlinks=False):
+    metadata.  (Paths as strings: this runs after every build, and pathlib's joins cost
+    more than the system calls.)"""
+    w = os.fspath(work)
+    _own_dir(os.path.dirname(w), 0o700)
+    _own_dir(w, 0o700)
+    _own_dir(f"{w}/root", 0o755)
+    _clear_workdir(w, store_dir, uid, gid, keep)
+    build = f"{w}/build"
+    if _is_dir(build) and os.listxattr(build, follow_symlinks=False):
         # ACLs or attributes the last builder set on its /build: not for the next one.
         remove_tree(build)
     _own_dir(build, 0o700, uid, gid)
-    _own_dir(work / "tmp", TMP_MODE, os.geteuid(), os.getegid())
+    _own_dir(f"{w}/tmp", TMP_MODE, os.geteuid(), os.getegid())
 
 
-def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
+def _own_dir(path: str, mode: int, uid: int = -1, gid: int = -1) -> None:
     """A directory at `path` with `mode` (and owner, if given), made or fixed if needed."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         # Builds in other slots may make the same parents at the same time.
-        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        os.makedirs(path, mode, exist_ok=True)
         st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         remove_tree(path)
-        path.mkdir(mode=mode)
+        os.mkdir(path, mode)
         st = os.lstat(path)
     if stat.S_IMODE(st.st_mode) != mode:
         os.chmod(path, mode)
@@ -186,17 +211,100 @@ def _own_dir(path: Path, mode: int, uid: int = -1, gid: int = -1) -> None:
         os.chown(path, uid, gid)
 
 
-def _clear_workdir(work: Path, store_dir: str, keep: Collection[str] = ()) -> None:
+def _is_dir(path: str) -> bool:
+    """A directory itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _clear_workdir(
+    work: str, store_dir: str, uid: int, gid: int, keep: Collection[str] = ()
+) -> None:
     """Empty the build and tmp dirs, and the root's store dir but for the entries named
     `keep`: the mount points of inputs (the spawner checks them before it mounts on them
-    again)."""
-    areas = (
-        (work / "build", ()),
-        (work / "tmp", ()),
-        (work / "root" / store_dir.lstrip("/"), keep),
-    )
-    for where, kept in areas:
-        if where.is_dir() and not where.is_symlink():
-            for name in os.listdir(where):
-                if name not in kept:
-                    remove_tree(where / name)
+    again).  In the area holding the store dir's own mount point, the directories down
+    to it stay if they are as the spare made them."""
+    area, chain = mount_chain(store_dir)
+    for name in ("build", "tmp"):
+        _clear_keeping(f"{work}/{name}", chain if name == area else (), uid, gid)
+    root_store = os.path.join(work, "root", store_dir.lstrip("/"))
+    for name in _look(root_store, False)[1]:
+        if name not in keep:
+            remove_tree(f"{root_store}/{name}")
+
+
+def mount_chain(store_dir: str) -> tuple[str, list[str]]:
+    """The slot's area (`tmp` or `build`) where the spare makes the store dir's mount
+    point, and the names down to it; ("", []) when the store dir lies elsewhere (its
+    mount point is the spawner's, in the skeleton)."""
+    parts = [p for p in store_dir.split("/") if p]
+    if len(parts) > 1 and parts[0] in MOUNT_AREAS:
+        return parts[0], parts[1:]
+    return "", []
+
+
+def _clear_keeping(where: str, chain: Sequence[str], uid: int, gid: int) -> None:
+    """Empty `where` but for the directories named by `chain`, one in the next, each
+    emptied of all else; one not as the spare made it goes, with what it holds.  (Not
+    a directory: left for `_own_dir` to replace.)"""
+    flags, names = _look(where, bool(chain))
+    here = where
+    for name in chain:
+        for entry in names:
+            if entry != name:
+                remove_tree(f"{here}/{entry}")
+        below = f"{here}/{name}"
+        as_made = _as_made(below, uid, gid, flags)
+        if as_made is None:
+            remove_tree(below)
+            return
+        names, here = as_made, below
+    for entry in names:
+        remove_tree(f"{here}/{entry}")
+
+
+def _look(path: str, flags: bool) -> tuple[int | None, list[str]]:
+    """A directory's entries (none if it is not one, or a symlink), and its inode flags
+    if asked for, through one descriptor."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in _NOT_A_DIR:
+            return None, []
+        raise
+    try:
+        return (_fd_flags(fd) if flags else None), os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def _as_made(path: str, uid: int, gid: int, flags: int | None) -> list[str] | None:
+    """What `path` holds, if it is a directory as the spare makes a mount point's: the
+    build user's, 0755, without extended attributes (ACLs included) and with the inode
+    flags of the area it is in; else None."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return None  # gone, a symlink, not a directory
+    try:
+        st = os.fstat(fd)
+        made = (
+            (st.st_uid, st.st_gid) == (uid, gid)
+            and stat.S_IMODE(st.st_mode) == MOUNT_POINT_MODE
+            and not os.listxattr(fd)
+            and _fd_flags(fd) == flags
+        )
+        return os.listdir(fd) if made else None
+    finally:
+        os.close(fd)
+
+
+def _fd_flags(fd: int) -> int | None:
+    """The inode flags but the file system's own, None where it has none."""
+    try:
+        raw = fcntl.ioctl(fd, _GETFLAGS, bytes(8))
+    except OSError:
+        return None
+    return int.from_bytes(raw[:4], "little") & ~_INDEX_FLAG

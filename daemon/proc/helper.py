@@ -325,6 +325,9 @@ class HelperConnection(ABC, Generic[Request, Reply]):
     async def _serving(self) -> _Generation[Reply]:
         """The helper serving now, for `_still_serving`; between a death and the next
         start, the next one (waited for a while: then the dead one)."""
+        if not self._gen.ended:
+            # Serving: no deadline to set up, twice on every lock's way.
+            return self._gen
         with trio.move_on_after(RESTART_WAIT):
             while self._gen.ended and not self._closing:
                 await self._changed.wait()

@@ -83,6 +83,10 @@ class Held:
     path: str
     key: Key
     mode: Mode
+    # Granted on the descriptor the caller opened beforehand (`make_lock_files`), that
+    # file still at its path.  If the caller made the file, nobody held it before: they
+    # would have deleted it.
+    first: bool = False
 
 
 @dataclass
@@ -121,6 +125,28 @@ def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
 
 def _open_lock_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+
+def make_lock_files(paths: Collection[str]) -> tuple[dict[str, int], bool]:
+    """Lock files opened ahead of `hold` (in a worker thread, with other work), and
+    whether this call made every one of them (none was there).  A file made here and
+    still at its path when the lock is granted was held by nobody in between, as every
+    owner that deletes its lock files deletes them before it lets go (Nix's rule)."""
+    fds: dict[str, int] = {}
+    fresh = True
+    try:
+        for path in paths:
+            try:
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                fds[path] = os.open(path, flags, 0o600)
+            except FileExistsError:
+                fresh = False
+                fds[path] = _open_lock_file(path)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds, fresh
 
 
 class LockService(HelperConnection[Request, Reply]):
@@ -202,12 +228,17 @@ class LockService(HelperConnection[Request, Reply]):
             raise LockerDied(DIED)
         return reply
 
-    async def lock(self, path: str, mode: Mode, owner: str, wait: bool = True) -> Held:
-        """Lock one file; stale lock files (deleted or replaced meanwhile) are retried."""
+    async def lock(
+        self, path: str, mode: Mode, owner: str, wait: bool = True, fd: int | None = None
+    ) -> Held:
+        """Lock one file; stale lock files (deleted or replaced meanwhile) are retried.
+        `fd`, if given, is the file opened already (closed here)."""
+        first = fd is not None
         while True:
-            # Creating a file can take milliseconds on a slow disk: not on the loop.  (The
-            # stale check below only looks at an inode just opened, in the cache.)
-            fd = await trio.to_thread.run_sync(_open_lock_file, path)
+            if fd is None:
+                # Creating a file can take milliseconds on a slow disk: not on the loop.
+                # (The stale check below only looks at an inode just opened, in the cache.)
+                fd = await trio.to_thread.run_sync(_open_lock_file, path)
             try:
                 # Inside the `try`: this waits exactly when the locker has died, which is
                 # when holders' scopes are cancelled, and the fd must be closed then too.
@@ -215,6 +246,7 @@ class LockService(HelperConnection[Request, Reply]):
                 reply = await self._locker_call(Lock(owner, mode, wait), fd)
             finally:
                 os.close(fd)
+                fd = None
             if not self._still_serving(serving):
                 # Granted by a locker that died before we got here: the lock went with it.
                 raise LockerDied(DIED)
@@ -226,7 +258,8 @@ class LockService(HelperConnection[Request, Reply]):
             if _still_current(path, key):
                 state = self._owners.setdefault(owner, _Owner())
                 state.keys[key] = state.keys.get(key, 0) + 1
-                return Held(path, key, mode)
+                return Held(path, key, mode, first)
+            first = False
             await self._send(Unlock(owner, key))
 
     async def unlock(self, held: Held, owner: str, delete: bool = False) -> None:
@@ -259,8 +292,16 @@ class LockService(HelperConnection[Request, Reply]):
 
     @asynccontextmanager
     async def hold(
-        self, paths: Sequence[str], mode: Mode, owner: str, wait: bool = True, delete: bool = False
+        self,
+        paths: Sequence[str],
+        mode: Mode,
+        owner: str,
+        wait: bool = True,
+        delete: bool = False,
+        fds: dict[str, int] | None = None,
     ) -> AsyncIterator[list[Held]]:
+        """`fds`: lock files opened already (`make_lock_files`), each closed here."""
+        fds = fds if fds is not None else {}
         state = self._owners.setdefault(owner, _Owner())
         scope = trio.CancelScope()
         state.scopes.add(scope)
@@ -268,7 +309,7 @@ class LockService(HelperConnection[Request, Reply]):
         try:
             with scope:
                 for path in sorted(set(paths)):
-                    held.append(await self.lock(path, mode, owner, wait))
+                    held.append(await self.lock(path, mode, owner, wait, fds.pop(path, None)))
                 yield held
         except Exception as e:
             # What the body raised as it was cancelled (an exception group of its tasks,
@@ -277,6 +318,8 @@ class LockService(HelperConnection[Request, Reply]):
                 raise LockLost(f"{owner}: {LOST}") from e
             raise
         finally:
+            for fd in fds.values():
+                os.close(fd)  # not reached: the lock before it failed
             state.scopes.discard(scope)
             if not state.lost:
                 with trio.CancelScope(shield=True):
@@ -290,10 +333,15 @@ class LockService(HelperConnection[Request, Reply]):
             raise LockLost(f"{owner}: {LOST}")
 
     def exclusive(
-        self, paths: Sequence[str], owner: str, wait: bool = True, delete: bool = False
+        self,
+        paths: Sequence[str],
+        owner: str,
+        wait: bool = True,
+        delete: bool = False,
+        fds: dict[str, int] | None = None,
     ) -> "AsyncIterator[list[Held]]":
         """Hold `paths` exclusively; with `delete`, the lock files go when released."""
-        return self.hold(paths, Mode.EXCLUSIVE, owner, wait, delete)  # type: ignore[return-value]
+        return self.hold(paths, Mode.EXCLUSIVE, owner, wait, delete, fds)  # type: ignore[return-value]
 
     def shared(
         self, paths: Sequence[str], owner: str, wait: bool = True

@@ -12,12 +12,13 @@ These are reads of in-memory kernel files, microseconds each: `LoadMonitor` does
 the event loop once per interval rather than pay a worker-thread trip.
 """
 
+import dataclasses
 import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import trio
 
@@ -43,12 +44,14 @@ class LoadSample:
         return getattr(self, resource)
 
     def as_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        del d["time"]
-        return d
+        # Not `asdict`, which copies every field deeply: this runs on the loop, twice for
+        # every build's history record.
+        return {name: getattr(self, name) for name in _RECORDED}
 
 
 IDLE = LoadSample(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
+# What a history record keeps of a sample: all but its time, which means nothing after.
+_RECORDED = tuple(f.name for f in dataclasses.fields(LoadSample) if f.name != "time")
 
 
 def peak(a: LoadSample, b: LoadSample) -> LoadSample:

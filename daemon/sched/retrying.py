@@ -104,7 +104,9 @@ class RetryRunner:
                 )
             # An attempt that found its outputs already there ran nothing: not history.
             if run.spawned or failure is not None:
-                outcome.flaky = await self.workers.background(self._record, run, failure)
+                # With other builds' records and logs, in one trip and one transaction.
+                record = _record(run, failure)
+                outcome.flaky = await self.workers.batched(self.history.record_many, record)
             if failure is None:
                 outcome.flaky = outcome.flaky or bool(failures)
                 return outcome
@@ -133,19 +135,18 @@ class RetryRunner:
             await trio.sleep(decision.delay)
             cap, factor = decision.cap, decision.timeout_factor
 
-    def _record(self, run: Running, failure: Failure | None) -> bool:
-        return self.history.record(
-            AttemptRecord(
-                drv=run.drv,
-                attempt=run.attempt,
-                start_time=run.started,
-                end_time=run.ended,
-                outcome="built" if failure is None else str(failure.cause),
-                exit_code=failure.exit_code if failure is not None else 0,
-                load_start=run.load_start.as_dict(),
-                load_peak=run.load_peak.as_dict(),
-                parallelism=run.parallelism,
-                paused=round(run.paused_total, 3),
-                snapshot=run.snapshot,
-            )
-        )
+
+def _record(run: Running, failure: Failure | None) -> AttemptRecord:
+    return AttemptRecord(
+        drv=run.drv,
+        attempt=run.attempt,
+        start_time=run.started,
+        end_time=run.ended,
+        outcome="built" if failure is None else str(failure.cause),
+        exit_code=failure.exit_code if failure is not None else 0,
+        load_start=run.load_start.as_dict(),
+        load_peak=run.load_peak.as_dict(),
+        parallelism=run.parallelism,
+        paused=round(run.paused_total, 3),
+        snapshot=run.snapshot,
+    )
