@@ -65,10 +65,12 @@ fi
 # Commands start faster from compiled bytecode, and some environments never write it.
 .venv/bin/python -m compileall -q store daemon locker spawner remote worker cmdserver >/dev/null
 
-# store-build is the command server's client (cmdserver/client.c): it runs the command in
-# the user's server, whose imports are done, or this checkout's script when there is none.
-# Static with musl, as the spare is, for the same reason; it names this checkout and its
-# interpreter, so it is made again at every install, and replaces the script pip made.
+# The store-* commands are the command server's client (cmdserver/client.c): it runs the
+# command in the user's server, whose imports are done, or this checkout's script when there
+# is none; but store-run and store-runtime, which exec the user's program, in the user's own
+# process.  Static with musl, as the spare is, for the same reason; it names this checkout
+# and its interpreter, so it is made again at every install, and replaces the scripts pip
+# made.
 client_flags=(-O2 -Wall -Wextra -Werror -static -DWEFT_PYTHON="\"$PWD/.venv/bin/python\""
   -DWEFT_ROOT="\"$PWD\"" -o cmdserver/store-command.tmp cmdserver/client.c)
 if command -v musl-gcc >/dev/null; then
@@ -77,7 +79,12 @@ else
   cc "${client_flags[@]}"
 fi
 mv cmdserver/store-command.tmp cmdserver/store-command
-ln -sfn ../../cmdserver/store-command .venv/bin/store-build
+for command in bin/store-*; do
+  case "${command#bin/}" in
+  store-client | store-run | store-runtime) ;;
+  *) ln -sfn ../../cmdserver/store-command ".venv/bin/${command#bin/}" ;;
+  esac
+done
 
 # The remote-execution engine (BuildGrid) of the one-machine farm (contrib/remote/farm) and of the
 # remote tests, in a venv of its own: it wants a newer Python than Debian's and pins its own

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.clients_bench import bench_clients
-from bench.daemons import DaemonProc, start_daemon, stop_daemon
+from bench.daemons import DaemonProc, command_server, start_daemon, stop_daemon
 from bench.measure import Alternating, percentile
 from daemon.cli.blocking import BlockingClient, chunk_reader
 from store import Store, nar
@@ -149,8 +149,12 @@ def bench_add(d: DaemonProc, work: Path) -> list[Row]:
 
 
 def bench_process_cost(d: DaemonProc, path: str, work: Path) -> list[Row]:
+    with command_server(work / "run") as env:
+        return _process_cost(d, path, work, {**env, "WEFT_SOCKET": d.socket})
+
+
+def _process_cost(d: DaemonProc, path: str, work: Path, env: dict[str, str]) -> list[Row]:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "WEFT_SOCKET": d.socket}
     rows = []
 
     def median_ms(cmd: list[str], env: dict[str, str]) -> float:

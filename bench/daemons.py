@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+# The installed command, the command server's client (cmdserver/).
+_STORE_BUILD = str(Path(sys.executable).parent / "store-build")
 
 
 def tree_env(tree: Path | None) -> dict[str, str] | None:
@@ -122,3 +126,24 @@ def processes_naming(text: str) -> list[int]:
             if name.isdigit() and text.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
                 found.append(int(name))
     return found
+
+
+@contextlib.contextmanager
+def command_server(runtime: Path) -> Iterator[dict[str, str]]:
+    """The environment of a bench's store-* commands, with a command server of their own
+    in `runtime` (cmdserver/), started before the first timed command and stopped after
+    the last: the commands as a user runs them, who has run one in the last 15 minutes."""
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("WEFT_COMMAND_SERVER", None)
+    subprocess.run([_STORE_BUILD, "--version"], env=env, check=True, capture_output=True)
+    sockets = runtime / "weft"
+    deadline = time.monotonic() + 30
+    while not any(sockets.glob("cmd-*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield env
+    finally:
+        for pid in processes_naming(str(runtime)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)

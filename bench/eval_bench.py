@@ -19,9 +19,7 @@ tenfold for minutes, so only ratios of runs taken side by side mean anything.
 """
 
 import contextlib
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.daemons import processes_naming, start_daemon, stop_daemon
+from bench.daemons import command_server, start_daemon, stop_daemon
 from bench.measure import settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 
@@ -103,27 +101,6 @@ def _weft(work: Path, nonce: str, env: dict[str, str]) -> Iterator[Weft]:
         stop_daemon(d)
 
 
-@contextlib.contextmanager
-def _command_server(runtime: Path) -> Iterator[dict[str, str]]:
-    """The environment of the bench's `store-build` commands, with a command server of
-    their own in `runtime`, started before the first timed command and stopped after the
-    last."""
-    runtime.mkdir(mode=0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    env.pop("WEFT_COMMAND_SERVER", None)
-    subprocess.run([STORE_BUILD, "--version"], env=env, check=True, capture_output=True)
-    sockets = runtime / "weft"
-    deadline = time.monotonic() + 30
-    while not any(sockets.glob("cmd-*.sock")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield env
-    finally:
-        for pid in processes_naming(str(runtime)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-
 def _nix_bb(work: Path, nix: Nix) -> str:
     bb_dir = work / "nix-busybox" / "bin"
     bb_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +170,7 @@ def run() -> list[Row]:
     nix: list[tuple[float, ...]] = []
     with (
         tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp,
-        _command_server(Path(tmp) / "run") as env,
+        command_server(Path(tmp) / "run") as env,
     ):
         for round_ in range(ROUNDS):
             work = Path(tmp) / f"round-{round_}"

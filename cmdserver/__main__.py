@@ -1,8 +1,9 @@
 """`python -m cmdserver SOCKET [--idle SECONDS]`: the user's command server on SOCKET,
 started by the client (`client.c`) when it finds none, in a session of its own.
 
-It imports what `store-build` imports before it evaluates a recipe, claims the socket
-(another server may have won it: this one then leaves), and serves until idle.
+It imports what the commands import before their first request (store-build's evaluator
+included), claims the socket (another server may have won it: this one then leaves), and
+serves until idle.
 """
 
 import argparse
@@ -11,17 +12,19 @@ import importlib
 
 from cmdserver.listen import Listener
 from cmdserver.serve import IDLE_EXIT, Server
+from cmdserver.wire import DIRECT_COMMANDS
+from daemon.cli.main import COMMANDS
 
 # What the commands it runs import before their first request: every module of these is
-# loaded once here, and shared (copy-on-write) by every command's fork.
+# loaded once here, and shared (copy-on-write) by every command's fork: store-build's
+# evaluator, and each served command's own module.
 PRELOAD = (
-    "daemon.cli.main",
-    "daemon.cli.build",
     "daemon.cli.progress",
     "daemon.cli.recipestore",
     "store.recipe",
     "store.recipebusybox",
     "runpy",
+    *sorted({module for name, (module, _, _) in COMMANDS.items() if name not in DIRECT_COMMANDS}),
 )
 
 

@@ -119,7 +119,7 @@ class Server:
     def _declined(self, conn: socket.socket, request: wire.Request) -> wire.Declined | None:
         if not _same_user(conn):
             return wire.Declined.CREDENTIALS
-        if request.name not in COMMANDS:
+        if request.name not in COMMANDS or request.name in wire.DIRECT_COMMANDS:
             return wire.Declined.COMMAND
         if self.fingerprint.changed() is not None:
             return wire.Declined.STALE

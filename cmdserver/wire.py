@@ -27,6 +27,11 @@ STREAMS = 3
 MAX_REQUEST = 8 << 20
 
 
+# The commands never served: they exec the user's program, which belongs in the user's own
+# process (its terminal's job control, its parent); install.sh does not make them clients.
+DIRECT_COMMANDS = frozenset({"store-run", "store-runtime"})
+
+
 class Reply(enum.IntEnum):
     PID = 1
     EXIT = 2
