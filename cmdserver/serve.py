@@ -27,6 +27,10 @@ from daemon.cli.main import COMMANDS
 # written) that grows by what its recipe makes; past this the client runs the command
 # itself, which costs the usual start-up and nothing else.
 MAX_COMMANDS = 32
+# Connections whose requests are still arriving: a client writes its request at once, so
+# more than this at a time are stalled or flooding, and a new one is closed on at once
+# (its client runs the command itself) rather than take the server's descriptors.
+MAX_INCOMING = 64
 # A server nobody used for this long leaves, with its memory (about 40 MB): the next
 # command starts a new one and runs directly meanwhile.
 IDLE_EXIT = 15 * 60.0
@@ -95,8 +99,11 @@ class Server:
         while self.listener is not None:
             try:
                 conn, _ = self.listener.sock.accept()
-            except BlockingIOError:
+            except OSError:  # none waiting; or no descriptor left, until one is closed
                 return
+            if len(self._incoming()) >= MAX_INCOMING:
+                conn.close()
+                continue
             conn.setblocking(False)
             incoming = Incoming(conn)
             self.selector.register(conn, selectors.EVENT_READ, (Kind.INCOMING, incoming))

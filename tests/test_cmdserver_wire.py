@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cmdserver import wire
+from cmdserver.serve import MAX_INCOMING
 from tests.cmdserver_fixtures import (
     ROOT,
     Runtime,
@@ -51,6 +52,28 @@ def test_malformed_and_stalled_requests_leave_the_server_serving_others(
         assert probe(runtime, tmp_path)["ppid"] == server
         assert time.monotonic() - started < 5
     assert servers(runtime.path) == [server]
+
+
+def test_a_flood_of_silent_connections_is_capped_and_commands_still_run(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    probe(runtime, tmp_path)
+    server = runtime.serving()
+    with contextlib.ExitStack() as stack:
+        silent = []
+        for _ in range(MAX_INCOMING + 8):
+            s = stack.enter_context(socket.socket(socket.AF_UNIX))
+            s.connect(str(runtime.socket()))
+            silent.append(s)
+        # Past the cap, the newest are closed on at once.
+        over = silent[-1]
+        over.settimeout(10)
+        assert over.recv(8) == b""
+        # A command meanwhile runs (by its client, the server being full), and the server
+        # lives on.
+        assert probe(runtime, tmp_path)["ppid"] != server
+        assert servers(runtime.path) == [server]
+    wait_for(lambda: probe(runtime, tmp_path)["ppid"] == server, 20)
 
 
 def test_a_client_installed_under_another_name_is_told_to_run_it_itself(
