@@ -46,13 +46,16 @@ def become(request: Request, streams: list[int], server: int) -> NoReturn:
 
     sys.argv = [request.name, *map(os.fsdecode, request.argv)]
     try:
-        code = run(request.name, sys.argv[1:])
-    except SystemExit as e:  # a recipe's sys.exit(), as the interpreter would end on it
-        code = _exit_code(e)
-    except BaseException:  # below this frame is the server's loop
-        traceback.print_exc()
-        code = 1
-    finish(code)
+        try:
+            code = run(request.name, sys.argv[1:])
+        except SystemExit as e:  # a recipe's sys.exit(), as the interpreter would end on it
+            code = _exit_code(e)
+        except BaseException:  # below this frame is the server's loop
+            traceback.print_exc()
+            code = 1
+        finish(code)
+    finally:
+        os._exit(1)  # `finish` leaves; should it fail instead, nothing unwinds further
 
 
 def _exit_code(e: SystemExit) -> int:
