@@ -13,21 +13,28 @@ from store import Store
 pytest_plugins = ["tests.daemon_fixtures", "tests.cmdserver_fixtures"]
 
 
-_RUNTIME = tempfile.mkdtemp(prefix="weft-tests-run-")
+# Made when pytest configures, not when this module is imported: test modules import it
+# again (`from tests.conftest import ...`), and each import would make another.
+_RUNTIME = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The command servers `store-build` starts (cmdserver/) live in a runtime dir of the
-    test run's own, set before any test module copies the environment: no server of the
-    user's serves the tests, and `pytest_unconfigure` stops the run's own."""
-    os.environ["XDG_RUNTIME_DIR"] = _RUNTIME
+    """The command servers the store-* commands start (cmdserver/) live in a runtime dir of
+    the test run's own, set before any test module copies the environment: no server of
+    the user's serves the tests, and `pytest_unconfigure` stops the run's own."""
+    runtime = tempfile.mkdtemp(prefix="weft-tests-run-")
+    config.stash[_RUNTIME] = runtime
+    os.environ["XDG_RUNTIME_DIR"] = runtime
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for pid in processes_naming(_RUNTIME):
+    runtime = config.stash.get(_RUNTIME, None)
+    if runtime is None:
+        return
+    for pid in processes_naming(runtime):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    shutil.rmtree(_RUNTIME, ignore_errors=True)
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture
