@@ -51,6 +51,26 @@ def builder_daemon() -> Iterator[DaemonProc]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+ONE_SLOT = "build-slots = 1\nmax-jobs = 1\n"
+
+
+@pytest.fixture(params=["/var/tmp", "/tmp"], ids=["state-in-var-tmp", "state-in-tmp"])
+def one_slot(request: pytest.FixtureRequest) -> Iterator["Graph"]:
+    """A daemon with one build slot, its state dir under /var/tmp or /tmp (whose path the
+    sandbox's own /tmp then holds: the store dir's mount point is made in it)."""
+    where = Path(tempfile.mkdtemp(prefix="weft-one-slot-", dir=request.param))
+    where.chmod(0o755)
+    state = where / "state"
+    state.mkdir()
+    (state / "weft.toml").write_text(ONE_SLOT)
+    d = start_daemon(state)
+    graph = Graph(d)
+    yield graph
+    graph.close()
+    stop_daemon(d)
+    shutil.rmtree(where, ignore_errors=True)
+
+
 class Graph:
     def __init__(self, daemon: DaemonProc) -> None:
         self.daemon = daemon

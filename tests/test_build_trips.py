@@ -10,12 +10,9 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from daemon.build.logs import EMPTY_LOG, BuildLogs
@@ -24,9 +21,8 @@ from daemon.proc.locks import Mode, make_lock_files, running_locker
 from daemon.proc.workers import Workers
 from store.db import Database
 from store.history import AttemptRecord, History
-from tests.daemon_fixtures import Graph, start_daemon, stop_daemon
+from tests.daemon_fixtures import Graph
 
-ONE_SLOT = "build-slots = 1\nmax-jobs = 1\n"
 SLOT_UID = 30007
 # What a builder prints of its /tmp: every entry but the store's contents, its mode and
 # owner.
@@ -34,21 +30,6 @@ LOOK = (
     "cd /tmp && find . | grep -v /store/ | sort"
     " | while read f; do stat -c '%n %a %u %g' \"$f\"; done > $out"
 )
-
-
-@pytest.fixture(params=["/tmp", "/var/tmp"], ids=["state-in-tmp", "state-in-var-tmp"])
-def one_slot(request: pytest.FixtureRequest) -> Iterator[Graph]:
-    where = Path(tempfile.mkdtemp(prefix="weft-trips-", dir=request.param))
-    where.chmod(0o755)
-    state = where / "state"
-    state.mkdir()
-    (state / "weft.toml").write_text(ONE_SLOT)
-    d = start_daemon(state)
-    graph = Graph(d)
-    yield graph
-    graph.close()
-    stop_daemon(d)
-    shutil.rmtree(where, ignore_errors=True)
 
 
 def _look(graph: Graph) -> str:

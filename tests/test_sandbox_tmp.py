@@ -11,7 +11,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,30 +22,12 @@ from daemon.settings import Settings
 from daemon.wire.spawner import SpawnRequest, decode_request, encode_request
 from spawner.sandbox import SetupError, check_tmp_dir
 from spawner.spares import _for_spare
-from tests.daemon_fixtures import DaemonProc, Graph, start_daemon, stop_daemon
+from tests.daemon_fixtures import DaemonProc, Graph
 
 # How long the host side waits for what a builder does, and a builder for the host.
 WAIT = 30.0
 POLL = 0.05
 # One slot, so that every build of a test runs in slot 0.
-ONE_SLOT = "build-slots = 1\nmax-jobs = 1\n"
-
-
-@pytest.fixture(params=["/var/tmp", "/tmp"], ids=["state-in-var-tmp", "state-in-tmp"])
-def one_slot(request: pytest.FixtureRequest) -> Iterator[Graph]:
-    """A daemon with one build slot, its state dir under /var/tmp or /tmp (whose path the
-    sandbox's own /tmp then holds: the store dir's mount point is made in it)."""
-    where = Path(tempfile.mkdtemp(prefix="weft-sandbox-tmp-", dir=request.param))
-    where.chmod(0o755)
-    state = where / "state"
-    state.mkdir()
-    (state / "weft.toml").write_text(ONE_SLOT)
-    d = start_daemon(state)
-    graph = Graph(d)
-    yield graph
-    graph.close()
-    stop_daemon(d)
-    shutil.rmtree(where, ignore_errors=True)
 
 
 def _slot(d: DaemonProc, index: int = 0) -> Path:
