@@ -246,7 +246,7 @@ class _Attempts:
         # One worker-thread trip before the locks: their files made, and the outputs
         # looked for.  Granted on the files this made, the locks were nobody's since that
         # look (`locks.make_lock_files`): no other look under them is needed.
-        fds, missing = await trio.to_thread.run_sync(_made, paths, register)
+        fds, missing = await self.room.workers.long(_made, paths, register)
         locked = self.room.locks.exclusive(paths, build_owner(path), delete=True, fds=fds)
         try:
             async with locked as held:
