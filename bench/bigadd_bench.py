@@ -22,7 +22,7 @@ from pathlib import Path
 import blake3
 
 from bench.daemons import start_daemon, stop_daemon
-from bench.measure import Alternating
+from bench.measure import SCRATCH, Alternating
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 
 Row = tuple[str, str, str]
@@ -149,7 +149,7 @@ def _rows(alt: Alternating, no_nix: str = "") -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
         work = Path(tmp)
         try:
             with scratch_nix(work) as nix:

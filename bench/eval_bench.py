@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.daemons import command_server, start_daemon, stop_daemon
-from bench.measure import settle
+from bench.measure import SCRATCH, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 
 Row = tuple[str, str, str]
@@ -169,7 +169,7 @@ def run() -> list[Row]:
     weft: list[tuple[float, ...]] = []
     nix: list[tuple[float, ...]] = []
     with (
-        tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp,
+        tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp,
         command_server(Path(tmp) / "run") as env,
     ):
         for round_ in range(ROUNDS):

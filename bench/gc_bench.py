@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from bench.daemons import DaemonProc, start_daemon, stop_daemon, tree_env
-from bench.measure import percentile, settle
+from bench.measure import SCRATCH, percentile, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
 from store import gc
@@ -320,7 +320,7 @@ def _large_rows(
 
 def run() -> list[Row]:
     tag = uuid.uuid4().hex
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
         work = Path(tmp)
         rows = _side_by_side(work, tag)
         marking, live_path = _marking(work, tag)

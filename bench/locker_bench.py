@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from bench.measure import percentile
+from bench.measure import SCRATCH, percentile
 from daemon.proc.locks import running_locker
 from daemon.wire.locker import Mode
 
@@ -98,5 +98,5 @@ async def _bench(work: Path) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
         return trio.run(_bench, Path(tmp))

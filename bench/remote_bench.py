@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.daemons import DaemonProc, start_daemon, stop_daemon
+from bench.measure import SCRATCH
 
 Row = tuple[str, str, str]
 ROUNDS = 3
@@ -171,7 +172,7 @@ def _upload(endpoint: str, work: Path) -> Row:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-remote-bench-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-remote-bench-", dir=SCRATCH) as tmp:
         work = Path(tmp)
         local_state, remote_state = work / "local", work / "remote"
         with _farm(work, remote_state) as endpoint:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.daemons import start_daemon, stop_daemon
-from bench.measure import settle
+from bench.measure import SCRATCH, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
 
@@ -156,7 +156,7 @@ def _rows(times: dict[str, list[float]], skipped: str) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-run-bench-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-run-bench-", dir=SCRATCH) as tmp:
         work = Path(tmp)
         tree = _tree(work)
         d = start_daemon(work / "weft-state")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from bench.measure import percentile
+from bench.measure import SCRATCH, percentile
 from daemon.proc.processes import ProcessMonitor
 from daemon.proc.spawner import SpawnerService, start_spawner_process
 from daemon.wire.spawner import SpawnRequest
@@ -161,5 +161,5 @@ def run() -> list[Row]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
         print(json.dumps(trio.run(_measure, Path(tmp))))

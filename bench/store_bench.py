@@ -12,7 +12,7 @@ from pathlib import Path
 
 import blake3
 
-from bench.measure import Alternating
+from bench.measure import SCRATCH, Alternating
 from store import Store
 from store.tmparea import remove_tree
 
@@ -178,7 +178,7 @@ def bench_queries(tmp: Path) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir="/var/tmp") as d:
+    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as d:
         tmp = Path(d)
         rows = bench_large_add(tmp) + bench_small_add(tmp) + bench_queries(tmp)
     return rows

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from bench.build_bench import CHAIN, INDEPENDENT, weft_graphs
+from bench.measure import SCRATCH
 
 Row = tuple[str, str, str]
 ROUNDS = 5
@@ -39,7 +40,7 @@ def run() -> list[Row]:
     variants = _variants()
     names = list(variants)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory(prefix="weft-tricks-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="weft-tricks-", dir=SCRATCH) as tmp:
         for round_ in range(ROUNDS):
             nonce = uuid.uuid4().hex
             shift = round_ % len(names)

@@ -148,7 +148,8 @@ class Adder:
                     continue
                 present.add(path)
                 entry = self.tmp.new_entry()
-                new.append(NewPath(entry, path, nar_hash, size, refs, f"text:{nar_hash}"))
+                ca = f"text:{nar_hash}"
+                new.append(NewPath(entry, path, nar_hash, size, refs, ca, contents=data))
                 _write_text(entry, data)
             installed = {i.path: i for i in self.installer.install(new)} if new else {}
         finally:

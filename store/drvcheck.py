@@ -8,8 +8,10 @@ arrives (a text, an archive, an import).  Checking at the door rather than at th
 means a bad `.drv` never sits in the store looking like a good one.
 
 A `.drv` path's text never changes, so each one's hash modulo fixed-output inputs and
-output paths are remembered, in bounded maps, for the derivations added after it: a recipe
-adding a chain of derivations reads none of its inputs back from disk.
+the derivation itself are remembered, in bounded maps, for the derivations added after it
+and for whoever builds it (`checked`): a recipe adding a chain of derivations reads none
+of its inputs back from disk, and the daemon parses none of them again.  A text added is
+checked from the bytes written, not read back.
 """
 
 import os
@@ -30,9 +32,10 @@ from store.lru import Lru
 from store.queries import Queries
 from store.records import NewPath
 
-# Hashes modulo (and output paths) remembered across adds: a few hundred bytes each, so
-# about 2 MB, and more than the derivations of a large recipe (examples/ has tens; a distribution
-# has ~10,000, of which an evaluation adds those that changed).
+# Hashes modulo and derivations remembered across adds: a derivation is a kilobyte or two,
+# so a few MB (the daemon's cache of derivations holds the same objects), and more than
+# the derivations of a large recipe (examples/ has tens; a distribution has ~10,000, of
+# which an evaluation adds those that changed).
 KNOWN_HASHES = 4096
 # The largest `.drv` read: each is read whole into the daemon's memory, and anyone may add
 # a file named `*.drv`.  A buildable derivation is small: its arguments and environment
@@ -48,7 +51,12 @@ class DerivationCheck:
         self.queries = queries
         self.store_dir = queries.store_dir
         self._hashes = Lru[str, str](KNOWN_HASHES)
-        self._outputs = Lru[str, Mapping[str, str]](KNOWN_HASHES)
+        self._checked = Lru[str, Derivation](KNOWN_HASHES)
+
+    def checked(self, path: str) -> Derivation | None:
+        """The derivation at `path` if one was checked here lately (valid or not: it is
+        what the path's text says)."""
+        return self._checked.get(path)
 
     def check(self, new: Sequence[NewPath]) -> None:
         """Refuse the batch if any path named `*.drv` in it is not a derivation that checks
@@ -81,7 +89,7 @@ class DerivationCheck:
                 )
             inputs = list(drv.input_srcs)
             for input_path, outputs in drv.input_drvs.items():
-                have = self._outputs.get(input_path) or _paths(resolve(input_path))
+                have = _paths(self._checked.get(input_path) or resolve(input_path))
                 missing = sorted(set(outputs) - set(have))
                 if missing:
                     raise DerivationError(f"{base}: {input_path} has no output {missing[0]!r}")
@@ -93,22 +101,26 @@ class DerivationCheck:
             check_output_paths(drv, self.store_dir, hashes)
         for n in drvs:
             hashes.of_path(n.path)
-            self._outputs.put(n.path, _paths(parsed[n.path]))
+            self._checked.put(n.path, parsed[n.path])
 
     def _read(self, path: str, batch: dict[str, NewPath]) -> Derivation:
         if not path.endswith(DRV_SUFFIX):
             raise DerivationError(f"input {path} is not a derivation")
         new = batch.get(path)
-        if new is not None:
-            where = new.entry
-        elif self.queries.is_valid(path):
-            where = Path(path)
-        else:
+        if new is None and not self.queries.is_valid(path):
             raise DerivationError(f"input derivation {path} is not valid")
         try:
-            return Derivation.from_json(read_drv_file(where))
+            if new is not None and new.contents is not None:
+                return Derivation.from_json(_bounded(new.contents))
+            return Derivation.from_json(read_drv_file(new.entry if new else Path(path)))
         except DerivationError as e:
             raise DerivationError(f"{path}: {e}") from None
+
+
+def _bounded(data: bytes) -> bytes:
+    if len(data) > MAX_DRV_SIZE:
+        raise DerivationError(f"not a derivation: over the {MAX_DRV_SIZE:,} bytes allowed")
+    return data
 
 
 def _paths(drv: Derivation) -> Mapping[str, str]:

@@ -31,6 +31,9 @@ class NewPath:
     references: tuple[str, ...]
     ca: str | None = None
     deriver: str | None = None
+    # The bytes of a one-file path this process wrote to `entry` itself (a text): what
+    # checks its contents reads from here, not from the disk again.
+    contents: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

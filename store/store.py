@@ -23,6 +23,7 @@ import apsw
 from store import nar
 from store.adds import Adder
 from store.db import Database
+from store.derivation import Derivation
 from store.errors import HashMismatch, InvalidReference, NotValid, StoreError
 from store.hashing import TextPaths
 from store.install import Installer
@@ -171,6 +172,13 @@ class Store:
         it; remembered for the texts seen before (`TextPaths`: an evaluation sends the
         same `.drv`s again and again)."""
         return self._text_paths.path(name, text, references)
+
+    def checked_derivation(self, path: str) -> Derivation | None:
+        """The derivation at `path` as parsed when it was checked before registration
+        (`store.drvcheck`), if that was lately: a `.drv` just added needs no parsing
+        again.  The path's text never changes, so this is its derivation; whether it is
+        valid is asked separately."""
+        return self._installer.derivations.checked(path)
 
     def add_outputs(
         self,

@@ -102,6 +102,37 @@ def test_tampered_output_paths_are_refused(store: Store) -> None:
         )
 
 
+def test_texts_are_checked_from_the_bytes_written_and_their_derivations_handed_on(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`add_texts` checks a `.drv` from the bytes it wrote, reading nothing back, and
+    keeps what it parsed for the builder (`Store.checked_derivation`); a text over the
+    size any `.drv` may be is refused as a file of that size is."""
+    g = build_graph(store, "fetch")
+    lib = g["lib"]
+
+    def no_reading(where: object) -> bytes:
+        raise AssertionError(f"read back {where}")
+
+    monkeypatch.setattr("store.drvcheck.read_drv_file", no_reading)
+    other = Derivation(**{**lib.drv.__dict__, "name": "lib2", "env": {**lib.drv.env, "x": "1"}})
+    other = with_output_paths(
+        other, store.store_dir, HashModulo(lambda p: Derivation.from_json(Path(p).read_text()))
+    )
+    (info,) = store.add_texts([("lib2.drv", other.to_json(), other.references())])
+    assert store.checked_derivation(info.path) == other
+    assert store.checked_derivation(lib.path.replace("-lib.drv", "-nope.drv")) is None
+
+    monkeypatch.setattr("store.drvcheck.MAX_DRV_SIZE", len(other.to_json()) - 1)
+    bigger = with_output_paths(
+        Derivation(**{**other.__dict__, "env": {**other.env, "y": "2"}}),
+        store.store_dir,
+        HashModulo(lambda p: Derivation.from_json(Path(p).read_text())),
+    )
+    with pytest.raises(DerivationError, match=r"over the .* bytes allowed"):
+        store.add_texts([("lib2.drv", bigger.to_json(), bigger.references())])
+
+
 def test_closure_order_of_a_diamond() -> None:
     graph = {"d": [], "b": ["d"], "c": ["d"], "a": ["b", "c"]}
     resolve = {

@@ -102,10 +102,15 @@ class Derivations:
 
     def learn(self, path: str, text: str) -> None:
         """A `.drv` just added (as `text`), checked in the adding worker thread as Nix
-        checks a derivation it registers: a build of it then finds it checked.  One that
-        does not check out is left for the build to refuse; one known already (a recipe
-        evaluated again adds the same `.drv`s) is not read again."""
+        checks a derivation it registers: a build of it then finds it checked.  One the
+        store checked as it registered it comes parsed from there; one that does not
+        check out is left for the build to refuse; one known already (a recipe evaluated
+        again adds the same `.drv`s) is not read again."""
         if self._checked.get(path) is not None:
+            return
+        drv = self.store.checked_derivation(path)
+        if drv is not None:
+            self._checked.put(path, drv)
             return
         try:
             drv = Derivation.from_json(text)
