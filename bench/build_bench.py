@@ -15,13 +15,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from bench.daemons import start_daemon, stop_daemon, tree_env
+from bench.daemons import start_daemon, stop_daemon, store_command, tree_env
 from bench.measure import SCRATCH, settle
 from bench.nixdaemon import NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
@@ -35,7 +34,6 @@ INDEPENDENT = 200
 CHAIN = 50
 JOBS = 2
 ROUNDS = 5
-STORE_BUILD = str(Path(sys.executable).parent / "store-build")
 
 
 def weft_graphs(
@@ -67,8 +65,7 @@ def weft_graphs(
 
 def _store_build(socket: str, drvs: list[str], outputs: int, tree: Path | None) -> float:
     """The time `store-build` takes to build `drvs`, once the machine settled."""
-    script = STORE_BUILD if tree is None else str(tree / "bin" / "store-build")
-    command = [sys.executable, script, "--socket", socket, "-j", str(JOBS), *drvs]
+    command = [*store_command("store-build", tree), "--socket", socket, "-j", str(JOBS), *drvs]
     settle()
     t = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=tree_env(tree))

@@ -16,6 +16,15 @@ from pathlib import Path
 _STORE_BUILD = str(Path(sys.executable).parent / "store-build")
 
 
+def store_command(name: str, tree: Path | None = None) -> list[str]:
+    """How to run the store command `name` of `tree`: this checkout's as install.sh
+    installs it (the command server's client, a program of its own, not a script for
+    Python), another tree's through its `bin/` script."""
+    if tree is None:
+        return [str(Path(sys.executable).parent / name)]
+    return [sys.executable, str(tree / "bin" / name)]
+
+
 def tree_env(tree: Path | None) -> dict[str, str] | None:
     """The environment that runs weft's modules from `tree` (None: this checkout's)."""
     if tree is None:

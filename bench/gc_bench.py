@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.daemons import DaemonProc, start_daemon, stop_daemon, tree_env
+from bench.daemons import DaemonProc, start_daemon, stop_daemon, store_command, tree_env
 from bench.measure import SCRATCH, percentile, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
@@ -42,7 +42,6 @@ LARGE_ROUNDS = 3
 TREES = "WEFT_BENCH_TREES"
 # How often the end of a collection's removal is looked for: small beside its seconds.
 POLL_SECONDS = 0.005
-STORE_GC = str(Path(sys.executable).parent / "store-gc")
 
 # Run by each contender's own Python path: `live` paths in groups of 100 (a rooted head
 # that refers to the other 99), then `dead` unrooted ones.
@@ -95,11 +94,10 @@ def _deleting(state: Path) -> bool:
 def _store_gc(d: DaemonProc, tree: Path | None) -> tuple[float, float, int]:
     """(whole command, space back, paths deleted), both times from the command's start."""
     env = {**(tree_env(tree) or os.environ), "WEFT_STATE_DIR": str(d.state)}
-    script = STORE_GC if tree is None else str(tree / "bin" / "store-gc")
     settle()
     t = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, script], env=env, check=True, capture_output=True, text=True
+        store_command("store-gc", tree), env=env, check=True, capture_output=True, text=True
     )
     took = time.perf_counter() - t
     while _deleting(d.state):
@@ -203,12 +201,11 @@ def _queries_during_gc(
     asker = threading.Thread(target=ask)
     asker.start()
     env = {**(tree_env(tree) or os.environ), "WEFT_STATE_DIR": str(d.state)}
-    script = STORE_GC if tree is None else str(tree / "bin" / "store-gc")
     try:
         settle()
         t = time.perf_counter()
         out = subprocess.run(
-            [sys.executable, script], env=env, check=True, capture_output=True, text=True
+            store_command("store-gc", tree), env=env, check=True, capture_output=True, text=True
         )
         took = time.perf_counter() - t
         answered.set()

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.daemons import DaemonProc, start_daemon, stop_daemon
+from bench.daemons import DaemonProc, start_daemon, stop_daemon, store_command
 from bench.measure import SCRATCH
 
 Row = tuple[str, str, str]
@@ -40,7 +40,6 @@ UPLOAD_MB = 100
 UPLOAD_FILES = 25  # 4 MB each: over the batch limit, so through ByteStream, as large inputs go
 REPO = Path(__file__).resolve().parent.parent
 FARM = [sys.executable, str(REPO / "contrib" / "remote" / "farm.py")]
-STORE_BUILD = str(Path(sys.executable).parent / "store-build")
 
 HEAVY_RECIPE = """\
 from store.recipe import busybox, derivation
@@ -93,7 +92,9 @@ def _daemon(state: Path, settings: str) -> DaemonProc:
 
 
 def _build(d: DaemonProc, recipe: Path) -> float:
-    return _timed([sys.executable, STORE_BUILD, "--socket", d.socket, "-j", str(JOBS), str(recipe)])
+    return _timed(
+        [*store_command("store-build"), "--socket", d.socket, "-j", str(JOBS), str(recipe)]
+    )
 
 
 def _recipe(work: Path, template: str, **values: object) -> Path:

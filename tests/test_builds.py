@@ -272,6 +272,27 @@ def test_keep_failed_hands_a_sanitized_build_dir_over(graph: Graph) -> None:
         shutil.rmtree(kept.parent)
 
 
+def test_keep_failed_with_retries_names_every_attempts_build_dir(graph: Graph) -> None:
+    # Each attempt writes a random token in its build dir: two dirs with two tokens are
+    # the two attempts' own, not one dir named twice.
+    failing = graph.sh(
+        "keepeach", "echo attempt > mark; head -c 16 /dev/urandom | od -x > when; exit 3"
+    )
+    (r,) = graph.build(failing, keep_failed=True, retries=1)
+    assert r["status"] == "failed" and r["attempts"] == 2, r
+    last = r["message"].split("the build dir is kept at ", 1)[1].split("\n", 1)[0].strip()
+    earlier = r["message"].rsplit("the earlier attempts' build dirs are kept at ", 1)[1]
+    dirs = [Path(last), *(Path(p.strip()) for p in earlier.split(","))]
+    try:
+        assert len(dirs) == 2 and dirs[0] != dirs[1]
+        for d in dirs:
+            assert (d / "mark").read_text() == "attempt\n"
+        assert (dirs[0] / "when").read_text() != (dirs[1] / "when").read_text()
+    finally:
+        for d in dirs:
+            shutil.rmtree(d.parent, ignore_errors=True)
+
+
 def test_log_lines_come_live_and_together(graph: Graph) -> None:
     # Lines that come close together reach the client in one batch, so that a client
     # following quick builds is not woken twice per build; none waits for the reply.

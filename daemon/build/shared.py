@@ -211,7 +211,7 @@ class _Attempts:
         try:
             await self.tails.start(self._run, limits)
         except BuildError as e:
-            return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0)
+            return Failure(e.cause, str(e), e.exit_code, (e.exit_code or 0) < 0, e.kept)
         except (LockError, StoreError) as e:
             # The sandbox could not be made, the locker died under the build, or the
             # store refused (an input gone, say): this build fails, the daemon goes on.

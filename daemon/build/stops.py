@@ -262,7 +262,7 @@ class Stops:
             )
         except OSError as err:
             return BuildError(f"{e}\nthe build dir could not be kept: {err}", e.cause, e.exit_code)
-        return BuildError(f"{e}\nthe build dir is kept at {kept}", e.cause, e.exit_code)
+        return BuildError(f"{e}\nthe build dir is kept at {kept}", e.cause, e.exit_code, kept)
 
     async def settled(self) -> None:
         """Once no capture reads the slot (a commit of the build just ended)."""

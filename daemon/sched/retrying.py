@@ -31,6 +31,7 @@ class Failure:
     exit_code: int | None = None
     # Killed by a signal weft did not send (an exit code of -N).
     signalled: bool = False
+    kept: str | None = None  # where the attempt's build dir was handed over (--keep-failed)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RetryRunner:
         allowed, explicit = self.allowed(requested, env)
         outcome = Outcome()
         failures: list[Failed] = []
+        kept: list[str] = []  # the earlier attempts' build dirs handed over
         cap: int | None = None
         factor = 1.0
         evicted = False
@@ -121,19 +123,33 @@ class RetryRunner:
             known = await trio.to_thread.run_sync(self.history.is_flaky, drv)
             decision = decide(failures, allowed, explicit, marked, known, self.settings)
             if not decision.retry:
-                outcome.failure = failure
+                outcome.failure = _naming_kept(failure, kept)
                 # Always told: a status line counts the build as running until it hears.
                 # The policy's reason only where retrying was in question.
                 await tell(
                     events.Failed(drv, decision.why if len(failures) > 1 or allowed > 0 else "")
                 )
                 return outcome
+            if failure.kept is not None:
+                kept.append(failure.kept)
             # Evictions are attempts too, beside the budget's.
             most = allowed + 1 + n - len(failures)
             retry = events.Retried(drv, n + 1, most, decision.delay, decision.cap, decision.why)
             await tell(retry)
             await trio.sleep(decision.delay)
             cap, factor = decision.cap, decision.timeout_factor
+
+
+def _naming_kept(failure: Failure, earlier: list[str]) -> Failure:
+    """The last attempt's failure, which names its own kept build dir, naming the
+    earlier attempts' too: each attempt's dir is handed over, and the user hears only
+    this message."""
+    if not earlier:
+        return failure
+    dirs = ", ".join(earlier)
+    return dataclasses.replace(
+        failure, message=f"{failure.message}\nthe earlier attempts' build dirs are kept at {dirs}"
+    )
 
 
 def _record(run: Running, failure: Failure | None) -> AttemptRecord:
