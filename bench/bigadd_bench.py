@@ -15,14 +15,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 
 from bench.daemons import start_daemon, stop_daemon
-from bench.measure import SCRATCH, Alternating
+from bench.measure import Alternating, scratch
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 
 Row = tuple[str, str, str]
@@ -149,7 +148,7 @@ def _rows(alt: Alternating, no_nix: str = "") -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-bench-") as tmp:
         work = Path(tmp)
         try:
             with scratch_nix(work) as nix:

@@ -15,13 +15,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from bench.daemons import start_daemon, stop_daemon, store_command, tree_env
-from bench.measure import SCRATCH, settle
+from bench.measure import scratch, settle
 from bench.nixdaemon import NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
 from daemon.cli.recipestore import DaemonRecipeStore
@@ -126,7 +125,7 @@ def run() -> list[Row]:
     weft: list[tuple[float, float]] = []
     nix: list[tuple[float, float]] = []
     skipped = ""
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-bench-") as tmp:
         for round_ in range(ROUNDS):
             # Fresh derivations each round (a new nonce), in turn: the disk's and the other
             # users' load change from minute to minute, so each ratio pairs runs taken

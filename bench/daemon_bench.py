@@ -8,14 +8,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from bench.clients_bench import bench_clients
 from bench.daemons import DaemonProc, command_server, start_daemon, stop_daemon
-from bench.measure import SCRATCH, Alternating, percentile
+from bench.measure import Alternating, percentile, scratch
 from daemon.cli.blocking import BlockingClient, chunk_reader
 from store import Store, nar
 from store.tmparea import remove_tree
@@ -191,7 +190,7 @@ def _process_cost(d: DaemonProc, path: str, work: Path, env: dict[str, str]) -> 
 def run() -> list[Row]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-bench-") as tmp:
         work = Path(tmp)
         d = start_daemon(work / "state")
         try:

@@ -23,14 +23,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.daemons import command_server, start_daemon, stop_daemon
-from bench.measure import SCRATCH, settle
+from bench.measure import scratch, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 
 Row = tuple[str, str, str]
@@ -169,7 +168,7 @@ def run() -> list[Row]:
     weft: list[tuple[float, ...]] = []
     nix: list[tuple[float, ...]] = []
     with (
-        tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp,
+        scratch("weft-bench-") as tmp,
         command_server(Path(tmp) / "run") as env,
     ):
         for round_ in range(ROUNDS):

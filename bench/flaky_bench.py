@@ -21,13 +21,12 @@ compare within a run.
 """
 
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from bench.daemons import start_daemon, stop_daemon
-from bench.measure import SCRATCH
+from bench.measure import scratch
 from daemon.cli.blocking import BlockingClient
 from daemon.cli.build import DaemonRecipeStore
 from store.recipe import busybox, derivation, using
@@ -157,7 +156,7 @@ def _run(work: Path, name: str, rate: int) -> tuple[int, int, int, float, int]:
 
 def run() -> list[Row]:
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="weft-flaky-", dir=SCRATCH) as tmp:
+    with scratch("weft-flaky-") as tmp:
         work = Path(tmp)
         rate, test = _calibrate(work)
         results = {name: _run(work, name, rate) for name in RUNS}

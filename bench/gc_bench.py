@@ -19,14 +19,13 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from bench.daemons import DaemonProc, start_daemon, stop_daemon, store_command, tree_env
-from bench.measure import SCRATCH, percentile, settle
+from bench.measure import percentile, scratch, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
 from store import gc
@@ -317,7 +316,7 @@ def _large_rows(
 
 def run() -> list[Row]:
     tag = uuid.uuid4().hex
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-bench-") as tmp:
         work = Path(tmp)
         rows = _side_by_side(work, tag)
         marking, live_path = _marking(work, tag)

@@ -1,13 +1,12 @@
 """The locker: uncontended round trips, handoff latency, the daemon's fds under 10,000 locks."""
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-from bench.measure import SCRATCH, percentile
+from bench.measure import percentile, scratch
 from daemon.proc.locks import running_locker
 from daemon.wire.locker import Mode
 
@@ -98,5 +97,5 @@ async def _bench(work: Path) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-bench-") as tmp:
         return trio.run(_bench, Path(tmp))

@@ -5,19 +5,35 @@ touches it is taken beside a reference measured in the same run, the two alterna
 the ratio of each pair is what the tables report.
 """
 
+import contextlib
 import os
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Where the benchmarks make their stores and scratch: beside weft's default state dir
-# (/var/lib/weft), as Nix's store is in its own place (/nix/store).  Not /var/tmp: on an
-# ext4 without a journal (this VM's), making an inode skips over every inode of its block
-# group deleted in the last minutes, and /var/tmp's group holds the deletions of every
-# test run and benchmark on the machine: a file made there cost 0.23-0.54 ms on
-# 2026-12-06, against 0.035 ms in /var/lib and 0.02 ms in /nix/store.
-SCRATCH = "/var/lib"
+# (/var/lib/weft), each run in a block group of its own, as Nix's store has one (/nix is a
+# top-level directory, which ext4 places apart).  On an ext4 without a journal (this
+# VM's), making an inode skips over every inode of its group deleted in the last minutes
+# (up to five), so in a group that a test run or the last benchmark's cleanup emptied,
+# each file made costs 0.2-0.5 ms instead of 0.02: measured on 2026-12-06, 0.23-0.54 ms in
+# /var/tmp, 0.33-0.37 ms in /var/lib a few minutes after a benchmark, 0.016-0.018 ms in
+# /nix and in a fresh group.  The benchmark would measure the machine's last minutes, not
+# weft.  ext4's top-directory flag (`chattr +T`) on SCRATCH has each run's directory
+# placed in a group of its own.
+SCRATCH = "/var/lib/weft-bench"
+
+
+def scratch(prefix: str) -> "tempfile.TemporaryDirectory[str]":
+    """A run's scratch directory, in SCRATCH (made, flagged as a top directory where the
+    file system has the flag: elsewhere the flag is refused, and nothing else changes)."""
+    os.makedirs(SCRATCH, mode=0o700, exist_ok=True)
+    with contextlib.suppress(OSError):
+        subprocess.run(["chattr", "+T", SCRATCH], capture_output=True, check=False)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=SCRATCH)
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.daemons import DaemonProc, start_daemon, stop_daemon, store_command
-from bench.measure import SCRATCH
+from bench.measure import scratch
 
 Row = tuple[str, str, str]
 ROUNDS = 3
@@ -173,7 +172,7 @@ def _upload(endpoint: str, work: Path) -> Row:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-remote-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-remote-bench-") as tmp:
         work = Path(tmp)
         local_state, remote_state = work / "local", work / "remote"
         with _farm(work, remote_state) as endpoint:

@@ -20,13 +20,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bench.daemons import start_daemon, stop_daemon
-from bench.measure import SCRATCH, settle
+from bench.measure import scratch, settle
 from bench.nixdaemon import Nix, NixUnavailable, scratch_nix
 from daemon.cli.blocking import BlockingClient
 
@@ -156,7 +155,7 @@ def _rows(times: dict[str, list[float]], skipped: str) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-run-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-run-bench-") as tmp:
         work = Path(tmp)
         tree = _tree(work)
         d = start_daemon(work / "weft-state")

@@ -13,13 +13,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-from bench.measure import SCRATCH, percentile
+from bench.measure import percentile, scratch
 from daemon.proc.processes import ProcessMonitor
 from daemon.proc.spawner import SpawnerService, start_spawner_process
 from daemon.wire.spawner import SpawnRequest
@@ -161,5 +160,5 @@ def run() -> list[Row]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as tmp:
+    with scratch("weft-bench-") as tmp:
         print(json.dumps(trio.run(_measure, Path(tmp))))

@@ -5,14 +5,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 
-from bench.measure import SCRATCH, Alternating
+from bench.measure import Alternating, scratch
 from store import Store
 from store.tmparea import remove_tree
 
@@ -178,7 +177,7 @@ def bench_queries(tmp: Path) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="weft-bench-", dir=SCRATCH) as d:
+    with scratch("weft-bench-") as d:
         tmp = Path(d)
         rows = bench_large_add(tmp) + bench_small_add(tmp) + bench_queries(tmp)
     return rows

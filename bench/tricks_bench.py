@@ -11,12 +11,11 @@ default).
 
 import os
 import statistics
-import tempfile
 import uuid
 from pathlib import Path
 
 from bench.build_bench import CHAIN, INDEPENDENT, weft_graphs
-from bench.measure import SCRATCH
+from bench.measure import scratch
 
 Row = tuple[str, str, str]
 ROUNDS = 5
@@ -40,7 +39,7 @@ def run() -> list[Row]:
     variants = _variants()
     names = list(variants)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory(prefix="weft-tricks-", dir=SCRATCH) as tmp:
+    with scratch("weft-tricks-") as tmp:
         for round_ in range(ROUNDS):
             nonce = uuid.uuid4().hex
             shift = round_ % len(names)
