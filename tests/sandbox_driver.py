@@ -34,6 +34,10 @@ from daemon.wire.spawner import SpawnRequest
 from spawner.spares import SPARE
 from store.store import Store
 
+# Parents looked through for the driver among a process's: a builder's descendants are a
+# few levels below it (spare, builder, a shell, its children).
+MAX_DEPTH = 64
+
 
 def busybox_tree(where: Path) -> Path:
     """Debian's static busybox as a directory: bin/busybox and a link per applet."""
@@ -56,7 +60,9 @@ def _is_spare(pid: int | str) -> bool:
 
 
 def sandboxed_processes(uid: int) -> list[int]:
-    """Processes of `uid` living in another pid namespace than ours: a builder's.  A spare
+    """Processes of `uid` living in another pid namespace than ours, below this process
+    (the subreaper that adopts what a builder leaves): a builder's.  Other test runs'
+    builders may run under the same uid at the same time; they are not below us.  A spare
     (still the spare program: it has not exec'd) waits for the next build, in namespaces
     of its own; it is nothing a builder left."""
     ours = os.readlink("/proc/self/ns/pid")
@@ -68,11 +74,24 @@ def sandboxed_processes(uid: int) -> list[int]:
                     os.stat(f"/proc/{pid}").st_uid == uid
                     and os.readlink(f"/proc/{pid}/ns/pid") != ours
                     and not _is_spare(pid)
+                    and _below(int(pid), os.getpid())
                 ):
                     found.append(int(pid))
             except OSError:
                 continue
     return found
+
+
+def _below(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is among `pid`'s parents (as this pid namespace sees them)."""
+    for _ in range(MAX_DEPTH):
+        if pid <= 1:
+            return False
+        with open(f"/proc/{pid}/status") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+        if pid == ancestor:
+            return True
+    return False
 
 
 def spares() -> list[int]:
