@@ -5,6 +5,7 @@ written in one worker-thread trip and one transaction, every empty log a link to
 file, and the output locks' files made in the trip that looks for the outputs.  Real
 daemons, sandboxes and lockers."""
 
+import functools
 import gzip
 import os
 import shutil
@@ -18,7 +19,7 @@ import trio
 from daemon.build.logs import EMPTY_LOG, BuildLogs
 from daemon.build.slots import mount_chain, prepare_workdir
 from daemon.proc.locks import Mode, make_lock_files, running_locker
-from daemon.proc.workers import Workers
+from daemon.proc.workers import LINGER, Workers
 from store.db import Database
 from store.history import AttemptRecord, History
 from tests.daemon_fixtures import Graph
@@ -150,6 +151,44 @@ async def test_background_calls_handed_in_together_run_in_one_trip_each_told_its
         await workers.batched(double, 7)
     assert await workers.batched(double, 8) == 16
     assert sum(sizes) == 7
+
+
+async def test_calls_that_linger_wait_for_company_until_one_that_does_not_or_the_time_is_up(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    workers = Workers()
+    trips: list[list[str]] = []
+
+    def note(args: list[str]) -> list[str]:
+        trips.append(args)
+        return args
+
+    async def calls(*names: str, linger: bool = True) -> None:
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(workers.batched, note, name, linger)
+                await trio.testing.wait_all_tasks_blocked()
+
+    # Lingering calls wait together, the clock standing still, until one that does not
+    # linger sends them all at once.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(calls, "a", "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert trips == []
+        nursery.start_soon(functools.partial(calls, "now", linger=False))
+    assert trips == [["a", "b", "now"]]
+    # A lingering call alone goes once its time is up, and not before.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(calls, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(LINGER * 0.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trips[1:] == []
+        mock_clock.jump(LINGER * 0.2)
+    assert trips[1:] == [["c"]]
+    # One that does not linger goes at once, with the clock standing still.
+    await workers.batched(note, "d")
+    assert trips[2:] == [["d"]]
 
 
 def _attempt(drv: str, n: int, outcome: str, code: int) -> AttemptRecord:

@@ -125,14 +125,19 @@ class Attempt:
             if log is not None:
                 # A successful build's log is stored once its dependents went on and its
                 # slot is free: making a file is sometimes slow on a busy disk.  With
-                # other builds' logs and history records, in one trip.
-                logs = self.room.logs
-                error = await self.room.workers.batched(logs.store_many, (self.job.drv_path, log))
+                # other builds' logs and history records, in one trip, which waits for
+                # theirs while others run.
+                logs, others = self.room.logs, self._others_running()
+                entry = (self.job.drv_path, log)
+                error = await self.room.workers.batched(logs.store_many, entry, others)
                 if error is not None:
                     logger.warning("%s: storing the log: %s", self.job.drv_path, error)
         finally:
             # Until here `store-log` reads it live; from here, stored.
             self.room.live.remove(self.job.drv_path, self.log)
+
+    def _others_running(self) -> bool:
+        return any(r is not self.job.run for r in self.room.scheduler.running)
 
     async def _in_slot(
         self, slot: Slot, needed: Callable[[], bool] | None, finished: Callable[[], None]

@@ -106,9 +106,10 @@ class RetryRunner:
                 )
             # An attempt that found its outputs already there ran nothing: not history.
             if run.spawned or failure is not None:
-                # With other builds' records and logs, in one trip and one transaction.
-                record = _record(run, failure)
-                outcome.flaky = await self.workers.batched(self.history.record_many, record)
+                # With other builds' records and logs, in one trip and one transaction;
+                # waiting for theirs while others run.
+                record, others = _record(run, failure), bool(self.scheduler.running)
+                outcome.flaky = await self.workers.batched(self.history.record_many, record, others)
             if failure is None:
                 outcome.flaky = outcome.flaky or bool(failures)
                 return outcome
