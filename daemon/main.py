@@ -39,6 +39,9 @@ log = logging.getLogger("weft.daemon")
 # clients (bench/daemon_bench.py starts 1,000 at once) must not see ECONNREFUSED; the
 # kernel caps it at net.core.somaxconn (4,096 on Debian 12).
 LISTEN_BACKLOG = 1024
+# The byte-lock file in `var/`: builds lock their outputs as bytes of it, one byte for
+# each output path (`daemon/wire/locker.byte_of`, docs/locking.md).
+OUTPUT_LOCKS = "output-locks"
 
 
 class AlreadyRunning(RuntimeError):
@@ -56,7 +59,8 @@ def take_daemon_lock(
     lock_path = str(state.root / "var" / "daemon.lock")
     pid_path = state.root / "var" / "daemon.pid"
     locker_cpus = cpus.for_helper(shares=True)
-    proc, sock = start_locker_process(monitor, locker_cpus)
+    bytes_file = str(state.root / "var" / OUTPUT_LOCKS)
+    proc, sock = start_locker_process(monitor, locker_cpus, bytes_file)
     try:
         granted = lock_file_blocking(sock, lock_path, DAEMON_OWNER)
     except BaseException:
@@ -71,7 +75,8 @@ def take_daemon_lock(
         raise AlreadyRunning(f"a daemon already serves {state.root} (pid {holder})")
     pid_path.write_text(f"{os.getpid()}\n")
     lost = trio.Event()
-    return LockService(monitor, proc, sock, lock_path, lost.set, locker_cpus), lost
+    locks = LockService(monitor, proc, sock, lock_path, lost.set, locker_cpus, bytes_file)
+    return locks, lost
 
 
 def bind_socket(path: str) -> socket.socket:

@@ -4,8 +4,11 @@ Each packet is one request of the locker's protocol (`daemon/wire/locker.py`, th
 thing it imports of the daemon); a `lock` request carries the lock file's descriptor in
 SCM_RIGHTS.  The locker keeps one descriptor per locked inode and holds an OFD lock on
 it (see docs/locking.md for why OFD and not classic POSIX locks); descriptors for an
-inode it already holds are closed at once, which OFD locks survive.  When the daemon's
-end closes, the locker exits, and the kernel drops every lock with its descriptors.
+inode it already holds are closed at once, which OFD locks survive.  A `lock-byte`
+request locks one byte of the byte-lock file it was started with, on the one
+descriptor it keeps of it: builds lock their outputs so, with no file made or deleted.
+When the daemon's end closes, the locker exits, and the kernel drops every lock with its
+descriptors.
 """
 
 import contextlib
@@ -25,6 +28,7 @@ from daemon.wire.locker import (
     Cancel,
     Key,
     Lock,
+    LockByte,
     Malformed,
     ReleaseOwner,
     Reply,
@@ -61,9 +65,16 @@ class OfdKernel:
     again at once.  Outside processes locking the whole file conflict with the OFD part.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, byte_fd: int | None = None) -> None:
         self.fds: dict[Key, int] = {}
         self._kinds: dict[Key, int] = {}
+        # The byte-lock file: its bytes' keys are (dev, ino, offset), all on this one
+        # descriptor, never closed.  Its OFD locks need no display part: no byte lock
+        # is a classic one, and `lslocks` shows them as the locker's (pid -1 before
+        # util-linux 2.39).
+        self.byte_fd = byte_fd
+        st = os.fstat(byte_fd) if byte_fd is not None else None
+        self.byte_file = (st.st_dev, st.st_ino) if st is not None else None
 
     def adopt(self, key: Key, fd: int) -> None:
         """Keep `fd` for `key`, or close it if one is already kept (the lock survives)."""
@@ -76,16 +87,17 @@ class OfdKernel:
 
     def acquire(self, key: Key, exclusive: bool) -> bool:
         kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        byte = len(key) == 3
+        fd, start, length = (self.byte_fd, key[2], 1) if byte else (self.fds[key], 0, _SPLIT)
         try:
-            fcntl.fcntl(
-                self.fds[key], fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, _SPLIT, 0)
-            )
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 return False
             raise
-        self._kinds[key] = kind
-        self._show(key)
+        if not byte:
+            self._kinds[key] = kind
+            self._show(key)
         return True
 
     def _show(self, key: Key) -> None:
@@ -94,6 +106,10 @@ class OfdKernel:
             fcntl.fcntl(self.fds[key], fcntl.F_SETLK, lock)
 
     def release(self, key: Key) -> None:
+        if len(key) == 3:
+            unlock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, key[2], 1, 0)
+            fcntl.fcntl(self.byte_fd, fcntl.F_OFD_SETLK, unlock)
+            return
         self._kinds.pop(key, None)
         fd = self.fds.pop(key, None)
         if fd is not None:
@@ -112,9 +128,9 @@ class OfdKernel:
 
 
 class LockerServer:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, byte_fd: int | None = None) -> None:
         self.sock = sock
-        self.kernel = OfdKernel()
+        self.kernel = OfdKernel(byte_fd)
         self.table = LockTable(self.kernel)
         self.keys: dict[int, Key] = {}  # request id -> inode, until answered
         self._retry = RETRY_MIN
@@ -172,6 +188,12 @@ class LockerServer:
         for fd in fds:
             os.close(fd)
         match request:
+            case LockByte(owner, mode, offset, wait):
+                if self.kernel.byte_file is None:
+                    return [Outcome(rid, Status.FAILED, "the locker has no byte-lock file")]
+                key = (*self.kernel.byte_file, offset)
+                self.keys[rid] = key
+                return self.table.lock(key, rid, owner, mode, wait)
             case Unlock(owner, key, delete):
                 if delete:
                     self.kernel.mark_deleted(key)
@@ -200,9 +222,9 @@ class LockerServer:
                 sys.exit(0)
 
 
-def main(fd: int) -> None:
+def main(fd: int, byte_fd: int | None = None) -> None:
     # If the daemon is killed, the socket's EOF tells us; the death signal is a backstop.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    LockerServer(sock).serve()
+    LockerServer(sock, byte_fd).serve()

@@ -18,11 +18,13 @@ import trio
 
 from daemon.build.logs import EMPTY_LOG, BuildLogs
 from daemon.build.slots import mount_chain, prepare_workdir
-from daemon.proc.locks import Mode, make_lock_files, running_locker
+from daemon.proc.locks import running_locker
 from daemon.proc.workers import LINGER, Workers
+from daemon.wire.locker import byte_of
 from store.db import Database
 from store.history import AttemptRecord, History
 from tests.daemon_fixtures import Graph
+from tests.test_locker import hold_byte_outside, outside_can_lock_byte
 
 SLOT_UID = 30007
 # What a builder prints of its /tmp: every entry but the store's contents, its mode and
@@ -211,31 +213,51 @@ def test_records_written_in_one_transaction_mark_a_flaky_derivation_as_one_by_on
     assert [a.outcome for a in history.attempts("/s/a.drv")] == ["exit", "built"]
 
 
-async def test_a_lock_granted_on_the_file_made_ahead_says_so_and_one_found_there_does_not(
+async def test_outputs_locked_as_bytes_wait_for_each_other_and_for_other_processes(
     tmp_path: Path,
 ) -> None:
-    fresh_path, old_path = str(tmp_path / "a.lock"), str(tmp_path / "b.lock")
-    Path(old_path).touch()
+    bytes_file = tmp_path / "var" / "output-locks"
+    bytes_file.parent.mkdir()
+    out, other = "/s/aaaa-out", "/s/bbbb-out"
     open_before = len(os.listdir("/proc/self/fd"))
-    fds, fresh = make_lock_files([fresh_path])
-    assert fresh
-    more, fresh = make_lock_files([old_path])
-    assert not fresh
-    async with running_locker() as locks:
-        async with locks.exclusive([fresh_path], "o", delete=True, fds=fds) as held:
-            assert [h.first for h in held] == [True]
-        assert not os.path.exists(fresh_path)
-        # Made ahead, then deleted and made anew by another owner before the grant: the
-        # lock is taken again on the new file, and is not the one made ahead.
-        fds, fresh = make_lock_files([fresh_path])
-        assert fresh
-        os.unlink(fresh_path)
-        Path(fresh_path).touch()
-        async with locks.hold([fresh_path], Mode.EXCLUSIVE, "o", fds=fds) as held:
-            assert [h.first for h in held] == [False]
-        async with locks.hold([old_path], Mode.EXCLUSIVE, "o", fds=more) as held:
-            assert [h.first for h in held] == [True]
-    # Every descriptor made ahead was closed, and the locker's with it.
+    async with running_locker(bytes_file=str(bytes_file)) as locks:
+        order: list[str] = []
+
+        async def build(owner: str, names: list[str], hold: float) -> None:
+            async with locks.exclusive_bytes(names, owner) as held:
+                order.append(f"{owner} in")
+                assert [h.key[2] for h in held] == sorted(byte_of(n) for n in names)
+                await trio.sleep(hold)
+                order.append(f"{owner} out")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(build, "first", [out, other], 0.2)
+            await trio.testing.wait_all_tasks_blocked()
+            # Another output is another byte: not held up.
+            with trio.fail_after(5):
+                async with locks.exclusive_bytes(["/s/cccc-out"], "third"):
+                    pass
+            nursery.start_soon(build, "second", [out], 0)
+        assert order == ["first in", "first out", "second in", "second out"]
+        # Held, the byte is locked for other processes too; let go, it is free, and no
+        # file was made for it.
+        async with locks.exclusive_bytes([out], "fourth"):
+            assert not await trio.to_thread.run_sync(outside_can_lock_byte, bytes_file, out)
+        assert await trio.to_thread.run_sync(outside_can_lock_byte, bytes_file, out)
+        # Another process holding it: the locker waits until it lets go.
+        holder = hold_byte_outside(bytes_file, out)
+        try:
+            with trio.move_on_after(0.3):
+                async with locks.exclusive_bytes([out], "fifth"):
+                    raise AssertionError("granted while another process held it")
+        finally:
+            holder.kill()
+            holder.communicate()
+        with trio.fail_after(5):
+            async with locks.exclusive_bytes([out], "fifth"):
+                pass
+    assert os.listdir(bytes_file.parent) == ["output-locks"]
+    assert bytes_file.stat().st_size == 0
     assert len(os.listdir("/proc/self/fd")) == open_before
 
 

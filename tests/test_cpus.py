@@ -106,7 +106,7 @@ def _helper(d: DaemonProc, module: str, not_pid: int = 0) -> int:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            ours = cmdline.endswith(f"-m\0{module}\x003\0") and int(fields[1]) == d.proc.pid
+            ours = f"-m\0{module}\x003\0" in cmdline and int(fields[1]) == d.proc.pid
             if ours and fields[0] != "Z":
                 return int(p)
         time.sleep(0.02)

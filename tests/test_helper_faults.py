@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from daemon.cli.blocking import BlockingClient, DaemonError
+from daemon.main import OUTPUT_LOCKS
 from daemon.proc.helper import HelperConnection
 from daemon.proc.locks import (
     DAEMON_OWNER,
@@ -35,7 +36,7 @@ from daemon.proc.processes import Process, ProcessMonitor
 from daemon.wire.locker import Mode
 from daemon.wire.packets import Fields
 from tests.daemon_fixtures import Graph, start_daemon, stop_daemon
-from tests.test_locker import outside_can_lock
+from tests.test_locker import outside_can_lock, outside_can_lock_byte
 
 BIN = Path(sys.executable).parent
 
@@ -431,17 +432,21 @@ def test_a_restarted_locker_still_dies_with_its_daemon(tmp_path: Path) -> None:
         stop_daemon(d)
 
 
-def test_lock_files_a_killed_daemon_left_do_not_block_the_next_one() -> None:
+def test_output_locks_of_a_killed_daemon_go_with_it_and_leave_no_file() -> None:
     # Under the repo's tests directory: state dirs are not all in one kind of place.
     work = Path(tempfile.mkdtemp(prefix="stale-locks-", dir=Path(__file__).parent))
     try:
         d = start_daemon(work / "state")
         graph = Graph(d)
+        bytes_file = d.state / "var" / OUTPUT_LOCKS
         try:
             # Long enough to be killed in, short enough to build again in the test.
             drvs = [graph.sh("slow", ": stale-; sleep 3; echo slow > $out")]
+            outs = [o for drv in drvs for o in drv.outputs.values()]
             builds = Builds(d.socket, [p.path for p in drvs])
             wait_for_builders(": stale-", len(drvs))
+            # Building, its output is locked for every other process too.
+            assert not any(outside_can_lock_byte(bytes_file, o) for o in outs)
             d.proc.kill()
             d.proc.wait()
             builds.join()
@@ -449,18 +454,17 @@ def test_lock_files_a_killed_daemon_left_do_not_block_the_next_one() -> None:
             graph.close()
             stop_daemon(d)
         # Builders outliving their daemon are another matter (the next daemon's to find);
-        # here only the lock files they leave are.
+        # here only the locks are.
         for pid in pids_of(b": stale-"):
             os.kill(pid, signal.SIGKILL)
-        lock_files = [f"{o}.lock" for drv in drvs for o in drv.outputs.values()]
-        assert all(os.path.exists(f) and os.path.getsize(f) == 0 for f in lock_files)
-        assert all(outside_can_lock(Path(f)) for f in lock_files)
+        assert all(outside_can_lock_byte(bytes_file, o) for o in outs)
+        assert not any(os.path.lexists(f"{o}.lock") for o in outs)
 
         d = start_daemon(work / "state")
         try:
             outcomes = Builds(d.socket, [drv.path for drv in drvs]).join(60)
             assert outcomes == [("built", "")], outcomes
-            assert not any(os.path.exists(f) for f in lock_files)
+            assert bytes_file.stat().st_size == 0
         finally:
             stop_daemon(d)
     finally:

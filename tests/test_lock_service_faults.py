@@ -26,7 +26,9 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def no_locker(monitor: ProcessMonitor, cpus: Collection[int] | None = None) -> object:
+def no_locker(
+    monitor: ProcessMonitor, cpus: Collection[int] | None = None, bytes_file: str | None = None
+) -> object:
     raise OSError(errno.EAGAIN, "no locker for now")
 
 

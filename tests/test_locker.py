@@ -22,15 +22,19 @@ from daemon.proc.locks import (
     running_locker,
 )
 from daemon.wire.locker import (
+    BYTES,
+    LOCK_BYTE_NEEDS,
     LOCK_NEEDS,
     MALFORMED,
     Cancel,
     Lock,
+    LockByte,
     Mode,
     ReleaseOwner,
     Reply,
     Status,
     Unlock,
+    byte_of,
     decode_reply,
     decode_request,
     encode_reply,
@@ -60,6 +64,35 @@ def outside_can_lock(path: Path, shared: bool = False) -> bool:
         sys.exit(0)
     """)
     return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def outside_can_lock_byte(path: Path, name: str) -> bool:
+    """Whether a separate process gets an fcntl lock on `name`'s byte of the byte-lock
+    file `path` right now."""
+    code = textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({str(path)!r}, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, {byte_of(name)})
+        except OSError:
+            sys.exit(1)
+        sys.exit(0)
+    """)
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def hold_byte_outside(path: Path, name: str) -> subprocess.Popen[bytes]:
+    """A separate process holding `name`'s byte of `path`, once this returns."""
+    code = textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(path)!r}, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, {byte_of(name)})
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
 
 
 def fd_count(pid: int) -> int:
@@ -119,7 +152,9 @@ def test_table_reentry_cancel_and_release_owner() -> None:
 def test_requests_and_replies_read_back_as_written_in_the_documented_maps() -> None:
     requests = [
         (Lock("build:x", Mode.SHARED, wait=False), 1),
+        (LockByte("build:x", Mode.EXCLUSIVE, BYTES - 1), 0),
         (Unlock("build:x", (5, 7), delete=True), 0),
+        (Unlock("build:x", (5, 7, 9)), 0),
         (ReleaseOwner("session:3"), 0),
         (Cancel(12), 0),
     ]
@@ -134,6 +169,14 @@ def test_requests_and_replies_read_back_as_written_in_the_documented_maps() -> N
         "wait": True,
         "owner": "o",
     }
+    assert encode_request(LockByte("o", Mode.SHARED, 5, wait=False)) == {
+        "op": "lock-byte",
+        "mode": "shared",
+        "wait": False,
+        "owner": "o",
+        "offset": 5,
+    }
+    assert byte_of("/s/abc-out") == byte_of("/s/abc-out") < BYTES != byte_of("/s/abd-out")
     assert encode_request(Unlock("o", (1, 2))) == {
         "op": "unlock",
         "owner": "o",
@@ -163,6 +206,7 @@ def test_a_malformed_request_is_answered_failed_and_the_locker_serves_on(tmp_pat
     proc, sock = _raw_locker()
     try:
         lock_fields = encode_request(Lock("a", Mode.EXCLUSIVE, wait=False))
+        byte_fields = encode_request(LockByte("a", Mode.EXCLUSIVE, 1, wait=False))
         for data, answer in (
             (b"\x91", (-1, MALFORMED)),  # an array cut short
             (pack(None, lock_fields), (-1, MALFORMED)),
@@ -171,6 +215,9 @@ def test_a_malformed_request_is_answered_failed_and_the_locker_serves_on(tmp_pat
             (pack(9, lock_fields), (9, LOCK_NEEDS)),
             (pack(9, {**lock_fields, "mode": ["exclusive"]}), (9, LOCK_NEEDS)),
             (pack(10, {"op": "frob"}), (10, "unknown op 'frob'")),
+            (pack(12, {**byte_fields, "offset": BYTES}), (12, LOCK_BYTE_NEEDS)),
+            (pack(12, {**byte_fields, "offset": -1}), (12, LOCK_BYTE_NEEDS)),
+            (pack(13, byte_fields), (13, "the locker has no byte-lock file")),
         ):
             sock.send(data)
             rid, fields = unpack(sock.recv(4096))
@@ -437,9 +484,7 @@ def test_daemon_killed_frees_its_locks_at_once(tmp_path: Path) -> None:
     locker_pids = [
         int(p)
         for p in os.listdir("/proc")
-        if p.isdigit()
-        and _cmdline(int(p)).endswith("-m\0locker\x003\0")
-        and _ppid(int(p)) == d.proc.pid
+        if p.isdigit() and "-m\0locker\x003\0" in _cmdline(int(p)) and _ppid(int(p)) == d.proc.pid
     ]
     assert len(locker_pids) == 1
     assert not outside_can_lock(lock)

@@ -1,14 +1,14 @@
 """A build's outputs: their locks, and what becomes of them once the builder is done.
 
-Every build holds `<output>.lock` for each output (through the locker), owned by the
-derivation whichever request builds it.  What it left is then, in one worker-thread trip
+Every build holds the lock of each output, a byte of the locker's byte-lock file
+(`LockService.exclusive_bytes`), owned by the derivation whichever request builds it;
+under them it looks whether the outputs are still missing (`Register.needed`).  What it
+left is then, in one worker-thread trip
 (`Finish`): registered (`Register`, a build), compared bit for bit with what is
 registered (`Compare`, `--check`), or put in place of the registered paths (`Replace`,
 a repair).
 """
 
-import contextlib
-import os
 from collections.abc import Callable
 
 from daemon.build.closures import Closures
@@ -24,8 +24,9 @@ from store.store import Store
 Finish = Callable[[dict[str, tuple[str, str]], list[str]], None]
 
 
-def lock_files(drv: Derivation) -> list[str]:
-    return [f"{o.path}.lock" for o in drv.outputs.values()]
+def output_paths(drv: Derivation) -> list[str]:
+    """What a build of `drv` locks: its outputs' paths."""
+    return [o.path for o in drv.outputs.values()]
 
 
 def build_owner(drv_path: str) -> str:
@@ -41,14 +42,6 @@ def movable(drv: Derivation) -> bool:
     the copy costs little against a download) could hand a descriptor of its output to a
     process outside, to write into the store later."""
     return not drv.is_fixed_output
-
-
-def _unlink_lock_files(drv: Derivation) -> None:
-    # As Nix does, once the outputs are valid and while still locked, in the worker
-    # thread already at work: the release then has no file to delete.
-    for lock_file in lock_files(drv):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_file)
 
 
 class Register:
@@ -70,19 +63,11 @@ class Register:
         # A fixed output's content found in the store under another name, if it was.
         self.present: str | None = None
 
-    def missing(self) -> bool:
-        """Whether an output is missing, looked at without the locks (in a worker
-        thread); a fixed-output build's content may be in the store by another name, which
-        only `needed` looks for."""
-        outs = [o.path for o in self.drv.outputs.values()]
-        return not self.drv.is_fixed_output and self.store.valid_paths(outs) != set(outs)
-
     def needed(self) -> bool:
         """Whether the outputs are still missing (in a worker thread, under the locks:
         another process may have made them meanwhile)."""
         outs = [o.path for o in self.drv.outputs.values()]
         if self.store.valid_paths(outs) == set(outs):
-            _unlink_lock_files(self.drv)
             return False
         if self.drv.is_fixed_output:
             found = self.store.path_with_hash(self.expected["out"])
@@ -110,7 +95,6 @@ class Register:
             message = f"outputs of '{drv_name(self.drv_path)}' refused: {e}"
             raise BuildError(message, Cause.REFUSED) from None
         self.closures.add_outputs(infos)
-        _unlink_lock_files(self.drv)
 
 
 class Compare:

@@ -11,7 +11,7 @@ from daemon.build.derivations import pinned
 from daemon.build.errors import BuildError
 from daemon.build.events import Activity, Listener, Started
 from daemon.build.job import Job
-from daemon.build.outputs import Compare, Replace, lock_files
+from daemon.build.outputs import Compare, Replace, output_paths
 from daemon.build.request import BuildOptions, Outcome, State
 from daemon.build.room import Room
 from daemon.proc.locks import LockError
@@ -30,7 +30,7 @@ async def check(
     try:
         async with (
             room.scheduler.slot(path) as job.run,
-            room.locks.exclusive(lock_files(drv), f"check:{path}", delete=True),
+            room.locks.exclusive_bytes(output_paths(drv), f"check:{path}"),
         ):
             await Attempt(room, job, drv, inputs, opts, compare).run()
     except BuildError as e:
@@ -63,7 +63,7 @@ async def repair(room: Room, drv_path: str, listener: Listener) -> str | None:
         replace = Replace(store, drv_path, drv)
         async with (
             room.scheduler.slot(drv_path) as job.run,
-            room.locks.exclusive(lock_files(drv), str(owner), delete=True),
+            room.locks.exclusive_bytes(output_paths(drv), str(owner)),
         ):
             await Attempt(room, job, drv, inputs, BuildOptions(max_jobs=1), replace).run()
     except (BuildError, LockError, StoreError, DerivationError) as e:

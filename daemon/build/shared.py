@@ -18,7 +18,6 @@ snapshot, which an eviction before a daemon restart left.
 import dataclasses
 import importlib
 import logging
-import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -28,11 +27,11 @@ from daemon.build.attempt import Attempt, Inputs
 from daemon.build.errors import BuildError
 from daemon.build.events import Failed, Listener, Note, Started
 from daemon.build.job import Hooks, Job
-from daemon.build.outputs import Register, build_owner, lock_files
+from daemon.build.outputs import Register, build_owner, output_paths
 from daemon.build.request import BuildOptions
 from daemon.build.room import Room
 from daemon.build.stops import Resume, scopes
-from daemon.proc.locks import LockError, make_lock_files
+from daemon.proc.locks import LockError
 from daemon.remote.policy import Fallback, StayLocal, Where, choose, on_unavailable
 from daemon.sched.retry import Cause
 from daemon.sched.retrying import Failure, Outcome, RetryRunner
@@ -242,20 +241,13 @@ class _Attempts:
             resume = self._resume()
             self.first = False
             attempt = Attempt(self.room, job, self.drv, self.inputs, limits, register, resume)
-        paths = lock_files(self.drv)
-        # One worker-thread trip before the locks: their files made, and the outputs
-        # looked for.  Granted on the files this made, the locks were nobody's since that
-        # look (`locks.make_lock_files`): no other look under them is needed.
-        fds, missing = await self.room.workers.long(_made, paths, register)
-        locked = self.room.locks.exclusive(paths, build_owner(path), delete=True, fds=fds)
+        locked = self.room.locks.exclusive_bytes(output_paths(self.drv), build_owner(path))
         try:
-            async with locked as held:
+            async with locked:
                 try:
-                    if isinstance(attempt, Attempt):
-                        looked = missing and all(h.first for h in held)
-                        await attempt.run(None if looked else register.needed, task_status.started)
-                    else:
-                        await attempt.run(register.needed, task_status.started)
+                    # Under the locks, the first thing in the attempt's first trip: a look
+                    # whether another build made the outputs meanwhile.
+                    await attempt.run(register.needed, task_status.started)
                 finally:
                     if isinstance(attempt, Attempt):
                         self._left(attempt.stops.spent, attempt.stops.made)
@@ -265,8 +257,7 @@ class _Attempts:
         except (LockError, OSError) as e:
             if not attempt.done:
                 raise
-            # The outputs are registered: a locker lost, or a lock file that would not go,
-            # costs the build nothing now.
+            # The outputs are registered: a locker lost costs the build nothing now.
             logger.warning("%s: after the build: %s", build_owner(path), e)
 
     def _left(self, spent: SnapshotRecord | None, made: SnapshotRecord | None) -> None:
@@ -275,15 +266,3 @@ class _Attempts:
             self.last = None  # forgotten: garbage from now on
         if made is not None:
             self.last = made
-
-
-def _made(paths: list[str], register: Register) -> tuple[dict[str, int], bool]:
-    """The lock files opened, and whether they were all made now and the outputs are
-    missing (in a worker thread)."""
-    fds, fresh = make_lock_files(paths)
-    try:
-        return fds, fresh and register.missing()
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise

@@ -19,8 +19,10 @@ the same way.  Nothing a helper does raises out of `run`.
 """
 
 import errno
+import fcntl
 import itertools
 import logging
+import os
 import socket
 import sys
 import time
@@ -68,20 +70,29 @@ Reply = TypeVar("Reply")
 
 
 def start_helper(
-    monitor: ProcessMonitor, module: str, cpus: Collection[int] | None = None
+    monitor: ProcessMonitor,
+    module: str,
+    cpus: Collection[int] | None = None,
+    inherited: Sequence[int] = (),
 ) -> tuple[Process, socket.socket]:
-    """`python -m <module> 3`, with fd 3 its end of a new socketpair, on `cpus` if given
-    (`daemon.proc.cpus`); ours is returned."""
+    """`python -m <module> 3 [4 ...]`, with fd 3 its end of a new socketpair and 4 on the
+    `inherited` descriptors, on `cpus` if given (`daemon.proc.cpus`); ours is returned."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    copies: list[int] = []
     try:
-        proc = monitor.spawn(
-            [sys.executable, "-m", module, str(_CHILD_FD)], {_CHILD_FD: theirs.fileno()}
-        )
+        # Copies above every number they go to: none is overwritten before it is put there.
+        above = _CHILD_FD + 1 + len(inherited)
+        copies += (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in inherited)
+        fds = {_CHILD_FD: theirs.fileno()}
+        fds.update((_CHILD_FD + 1 + i, fd) for i, fd in enumerate(copies))
+        proc = monitor.spawn([sys.executable, "-m", module, *map(str, fds)], fds)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
+        for fd in copies:
+            os.close(fd)
     place(proc.pid, cpus)
     return proc, ours
 

@@ -2,7 +2,9 @@
 
 To lock a path the daemon opens the lock file, sends the descriptor to the locker with
 the request, and closes its own copy at once, so the daemon's fd count does not grow
-with the locks it holds and no close in the daemon can drop a lock.
+with the locks it holds and no close in the daemon can drop a lock.  A build's outputs
+are locked as bytes of one file instead (`exclusive_bytes`), which the locker keeps open
+from its start: no file is made, sent or deleted per build.
 
     async with locks.exclusive([out1, out2], owner="build:...") as held:
         ...   # cancelled, then LockLost, if the locker dies meanwhile
@@ -37,12 +39,14 @@ from daemon.wire.locker import (
     Cancel,
     Key,
     Lock,
+    LockByte,
     Mode,
     ReleaseOwner,
     Reply,
     Request,
     Status,
     Unlock,
+    byte_of,
     decode_reply,
     encode_request,
 )
@@ -80,13 +84,9 @@ class WouldBlock(LockError):
 
 @dataclass
 class Held:
-    path: str
+    path: str  # the lock file, or the name whose byte is locked
     key: Key
     mode: Mode
-    # Granted on the descriptor the caller opened beforehand (`make_lock_files`), that
-    # file still at its path.  If the caller made the file, nobody held it before: they
-    # would have deleted it.
-    first: bool = False
 
 
 @dataclass
@@ -100,9 +100,16 @@ class _Owner:
 
 
 def start_locker_process(
-    monitor: ProcessMonitor, cpus: Collection[int] | None = None
+    monitor: ProcessMonitor, cpus: Collection[int] | None = None, bytes_file: str | None = None
 ) -> tuple[Process, socket.socket]:
-    return start_helper(monitor, "locker", cpus)
+    """The locker, with `bytes_file` (made if missing) as its byte-lock file, if given."""
+    if bytes_file is None:
+        return start_helper(monitor, "locker", cpus)
+    fd = _open_lock_file(bytes_file)
+    try:
+        return start_helper(monitor, "locker", cpus, [fd])
+    finally:
+        os.close(fd)
 
 
 def lock_file_blocking(sock: socket.socket, path: str, owner: str) -> bool:
@@ -127,28 +134,6 @@ def _open_lock_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
-def make_lock_files(paths: Collection[str]) -> tuple[dict[str, int], bool]:
-    """Lock files opened ahead of `hold` (in a worker thread, with other work), and
-    whether this call made every one of them (none was there).  A file made here and
-    still at its path when the lock is granted was held by nobody in between, as every
-    owner that deletes its lock files deletes them before it lets go (Nix's rule)."""
-    fds: dict[str, int] = {}
-    fresh = True
-    try:
-        for path in paths:
-            try:
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-                fds[path] = os.open(path, flags, 0o600)
-            except FileExistsError:
-                fresh = False
-                fds[path] = _open_lock_file(path)
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    return fds, fresh
-
-
 class LockService(HelperConnection[Request, Reply]):
     """Talks to the locker, restarts it when it dies, and tracks what each owner holds."""
 
@@ -162,8 +147,10 @@ class LockService(HelperConnection[Request, Reply]):
         daemon_lock: str | None = None,
         on_daemon_lock_lost: Callable[[], object] = lambda: None,
         cpus: Collection[int] | None = None,
+        bytes_file: str | None = None,
     ) -> None:
-        super().__init__(monitor, functools.partial(start_locker_process, cpus=cpus), proc, sock)
+        start = functools.partial(start_locker_process, cpus=cpus, bytes_file=bytes_file)
+        super().__init__(monitor, start, proc, sock)
         self._abandoned_locks: dict[int, str] = {}  # request -> owner, for unawaited grants
         self._owners: dict[str, _Owner] = {}
         self._daemon_lock = daemon_lock
@@ -228,17 +215,12 @@ class LockService(HelperConnection[Request, Reply]):
             raise LockerDied(DIED)
         return reply
 
-    async def lock(
-        self, path: str, mode: Mode, owner: str, wait: bool = True, fd: int | None = None
-    ) -> Held:
-        """Lock one file; stale lock files (deleted or replaced meanwhile) are retried.
-        `fd`, if given, is the file opened already (closed here)."""
-        first = fd is not None
+    async def lock(self, path: str, mode: Mode, owner: str, wait: bool = True) -> Held:
+        """Lock one file; stale lock files (deleted or replaced meanwhile) are retried."""
         while True:
-            if fd is None:
-                # Creating a file can take milliseconds on a slow disk: not on the loop.
-                # (The stale check below only looks at an inode just opened, in the cache.)
-                fd = await trio.to_thread.run_sync(_open_lock_file, path)
+            # Creating a file can take milliseconds on a slow disk: not on the loop.
+            # (The stale check below only looks at an inode just opened, in the cache.)
+            fd = await trio.to_thread.run_sync(_open_lock_file, path)
             try:
                 # Inside the `try`: this waits exactly when the locker has died, which is
                 # when holders' scopes are cancelled, and the fd must be closed then too.
@@ -246,21 +228,32 @@ class LockService(HelperConnection[Request, Reply]):
                 reply = await self._locker_call(Lock(owner, mode, wait), fd)
             finally:
                 os.close(fd)
-                fd = None
-            if not self._still_serving(serving):
-                # Granted by a locker that died before we got here: the lock went with it.
-                raise LockerDied(DIED)
-            if reply.status is Status.REFUSED:
-                raise WouldBlock(f"{path} is locked")
-            if reply.status is not Status.GRANTED or reply.key is None:
-                raise LockError(f"{path}: {reply.error or reply.status.value}")
-            key = reply.key
+            key = self._granted(path, reply, serving)
             if _still_current(path, key):
-                state = self._owners.setdefault(owner, _Owner())
-                state.keys[key] = state.keys.get(key, 0) + 1
-                return Held(path, key, mode, first)
-            first = False
+                return self._held(path, key, mode, owner)
             await self._send(Unlock(owner, key))
+
+    async def lock_byte(self, name: str, mode: Mode, owner: str, wait: bool = True) -> Held:
+        """Lock the byte of the byte-lock file that stands for `name` (`byte_of`)."""
+        serving = await self._serving()
+        reply = await self._locker_call(LockByte(owner, mode, byte_of(name), wait))
+        return self._held(name, self._granted(name, reply, serving), mode, owner)
+
+    def _granted(self, name: str, reply: Reply, serving: object) -> Key:
+        """The key a lock request was granted on; else why not, raised."""
+        if not self._still_serving(serving):
+            # Granted by a locker that died before we got here: the lock went with it.
+            raise LockerDied(DIED)
+        if reply.status is Status.REFUSED:
+            raise WouldBlock(f"{name} is locked")
+        if reply.status is not Status.GRANTED or reply.key is None:
+            raise LockError(f"{name}: {reply.error or reply.status.value}")
+        return reply.key
+
+    def _held(self, name: str, key: Key, mode: Mode, owner: str) -> Held:
+        state = self._owners.setdefault(owner, _Owner())
+        state.keys[key] = state.keys.get(key, 0) + 1
+        return Held(name, key, mode)
 
     async def unlock(self, held: Held, owner: str, delete: bool = False) -> None:
         """Release one lock; with `delete`, the lock file is removed as Nix does."""
@@ -275,7 +268,12 @@ class LockService(HelperConnection[Request, Reply]):
         # Not while the owner holds it again (it locked the file twice): the next locker
         # would make a new file and lock that.  Nor if it is gone already, or another file
         # now: its holder deleted it, or another's it is.
-        delete = delete and held.key not in state.keys and _still_current(held.path, held.key)
+        delete = (
+            delete
+            and len(held.key) == 2  # a byte is never deleted
+            and held.key not in state.keys
+            and _still_current(held.path, held.key)
+        )
         if delete:
             try:
                 await trio.to_thread.run_sync(_unlink_quietly, held.path)
@@ -298,18 +296,19 @@ class LockService(HelperConnection[Request, Reply]):
         owner: str,
         wait: bool = True,
         delete: bool = False,
-        fds: dict[str, int] | None = None,
+        by_byte: bool = False,
     ) -> AsyncIterator[list[Held]]:
-        """`fds`: lock files opened already (`make_lock_files`), each closed here."""
-        fds = fds if fds is not None else {}
+        """`paths` locked in order (bytes in the order of their offsets: names whose
+        bytes are one are then still taken in one order)."""
         state = self._owners.setdefault(owner, _Owner())
         scope = trio.CancelScope()
         state.scopes.add(scope)
         held: list[Held] = []
+        lock = self.lock_byte if by_byte else self.lock
         try:
             with scope:
-                for path in sorted(set(paths)):
-                    held.append(await self.lock(path, mode, owner, wait, fds.pop(path, None)))
+                for path in sorted(set(paths), key=byte_of if by_byte else None):
+                    held.append(await lock(path, mode, owner, wait))
                 yield held
         except Exception as e:
             # What the body raised as it was cancelled (an exception group of its tasks,
@@ -318,8 +317,6 @@ class LockService(HelperConnection[Request, Reply]):
                 raise LockLost(f"{owner}: {LOST}") from e
             raise
         finally:
-            for fd in fds.values():
-                os.close(fd)  # not reached: the lock before it failed
             state.scopes.discard(scope)
             if not state.lost:
                 with trio.CancelScope(shield=True):
@@ -333,15 +330,16 @@ class LockService(HelperConnection[Request, Reply]):
             raise LockLost(f"{owner}: {LOST}")
 
     def exclusive(
-        self,
-        paths: Sequence[str],
-        owner: str,
-        wait: bool = True,
-        delete: bool = False,
-        fds: dict[str, int] | None = None,
+        self, paths: Sequence[str], owner: str, wait: bool = True, delete: bool = False
     ) -> "AsyncIterator[list[Held]]":
         """Hold `paths` exclusively; with `delete`, the lock files go when released."""
-        return self.hold(paths, Mode.EXCLUSIVE, owner, wait, delete, fds)  # type: ignore[return-value]
+        return self.hold(paths, Mode.EXCLUSIVE, owner, wait, delete)  # type: ignore[return-value]
+
+    def exclusive_bytes(
+        self, names: Sequence[str], owner: str, wait: bool = True
+    ) -> "AsyncIterator[list[Held]]":
+        """Hold the bytes that stand for `names` exclusively (`lock_byte`)."""
+        return self.hold(names, Mode.EXCLUSIVE, owner, wait, by_byte=True)  # type: ignore[return-value]
 
     def shared(
         self, paths: Sequence[str], owner: str, wait: bool = True
@@ -364,16 +362,19 @@ def _unlink_quietly(path: str) -> None:
 
 
 @asynccontextmanager
-async def running_locker(monitor: ProcessMonitor | None = None) -> AsyncIterator[LockService]:
-    """A locker for the length of the block, for library users, tests and benchmarks.
+async def running_locker(
+    monitor: ProcessMonitor | None = None, bytes_file: str | None = None
+) -> AsyncIterator[LockService]:
+    """A locker for the length of the block, for library users, tests and benchmarks,
+    with `bytes_file` as its byte-lock file if given.
 
     Without a monitor one is made that reaps only its own children, so it can live in a
     process that also uses `subprocess`.
     """
     own = monitor is None
     monitor = monitor or ProcessMonitor(reap_all=False)
-    proc, sock = start_locker_process(monitor)
-    svc = LockService(monitor, proc, sock)
+    proc, sock = start_locker_process(monitor, bytes_file=bytes_file)
+    svc = LockService(monitor, proc, sock, bytes_file=bytes_file)
     async with trio.open_nursery() as nursery:
         if own:
             await nursery.start(monitor.run)

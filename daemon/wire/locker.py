@@ -5,7 +5,8 @@ Each message is one packet (`daemon.wire.packets`): a msgpack map with the reque
 and these fields (docs/locking.md):
 
     daemon -> locker  {op: lock, mode: shared|exclusive, wait, owner}  + the lock file's fd
-                      {op: unlock, owner, key: [dev, ino], delete}
+                      {op: lock-byte, mode, wait, owner, offset}
+                      {op: unlock, owner, key: [dev, ino] or [dev, ino, offset], delete}
                       {op: release-owner, owner}
                       {op: cancel, request}
     locker -> daemon  {status, key?, error?}
@@ -16,18 +17,25 @@ id is that of the request it answers: -1 if the request's id could not be read, 
 (nil) if the packet was cut off.
 """
 
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
 from daemon.wire.packets import Fields
 
-# An inode: (st_dev, st_ino) of the lock file.
-Key = tuple[int, int]
+# What a lock is on: a lock file's inode, (st_dev, st_ino); or one byte of the byte-lock
+# file, (st_dev, st_ino, offset).
+Key = tuple[int, ...]
+# The bytes of the byte-lock file a name may lock: below 2**62, where a classic POSIX
+# lock on a lock file's inode would begin its display-only part (`locker/server.py`),
+# and within any off_t.
+BYTES = 1 << 62
 # The locker's answer to a request it cannot read.
 MALFORMED = "malformed request"
 # Its answer to a lock request without its one descriptor or a mode.
 LOCK_NEEDS = "lock needs one descriptor and a mode"
+LOCK_BYTE_NEEDS = "lock-byte needs a mode, an offset below 2**62 and no descriptor"
 
 
 class Mode(Enum):
@@ -45,6 +53,25 @@ class Lock:
     owner: str
     mode: Mode
     wait: bool = True
+
+
+@dataclass(slots=True)
+class LockByte:
+    """Lock one byte of the byte-lock file the locker was started with (`byte_of` a
+    name says which); without `wait`, refused rather than queued."""
+
+    owner: str
+    mode: Mode
+    offset: int
+    wait: bool = True
+
+
+def byte_of(name: str) -> int:
+    """The byte of the byte-lock file that stands for `name` (an output's store path):
+    the first 62 bits of its BLAKE2b.  Another process that locks this byte, shared or
+    exclusive, with fcntl, takes part as a lock file's holder would."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % BYTES
 
 
 @dataclass(slots=True)
@@ -71,7 +98,7 @@ class Cancel:
     request: int
 
 
-Request = Lock | Unlock | ReleaseOwner | Cancel
+Request = Lock | LockByte | Unlock | ReleaseOwner | Cancel
 
 
 class Status(Enum):
@@ -101,6 +128,14 @@ def encode_request(request: Request) -> Fields:
             "wait": request.wait,
             "owner": request.owner,
         }
+    if isinstance(request, LockByte):
+        return {
+            "op": "lock-byte",
+            "mode": request.mode.value,
+            "wait": request.wait,
+            "owner": request.owner,
+            "offset": request.offset,
+        }
     if isinstance(request, Unlock):
         return {
             "op": "unlock",
@@ -123,6 +158,13 @@ def decode_request(fields: Fields, descriptors: int) -> Request:
         if descriptors != 1 or mode is None:
             raise Malformed(LOCK_NEEDS)
         return Lock(_typed(fields, "owner", str), mode, _typed(fields, "wait", bool))
+    if op == "lock-byte":
+        named = fields.get("mode")
+        mode = _MODES.get(named) if isinstance(named, str) else None
+        offset = _typed(fields, "offset", int)
+        if descriptors or mode is None or not 0 <= offset < BYTES:
+            raise Malformed(LOCK_BYTE_NEEDS)
+        return LockByte(_typed(fields, "owner", str), mode, offset, _typed(fields, "wait", bool))
     if op == "unlock":
         return Unlock(
             _typed(fields, "owner", str), _key(fields.get("key")), _typed(fields, "delete", bool)
@@ -169,9 +211,8 @@ def _typed(fields: Fields, name: str, kind: type[_T]) -> _T:
 
 
 def _key(value: object) -> Key:
-    if not isinstance(value, list) or len(value) != 2:
+    if not isinstance(value, list) or len(value) not in (2, 3):
         raise Malformed(MALFORMED)
-    dev, ino = value
-    if type(dev) is not int or type(ino) is not int:
+    if any(type(n) is not int for n in value):
         raise Malformed(MALFORMED)
-    return dev, ino
+    return tuple(value)
