@@ -49,11 +49,12 @@ CLIENT_CALLS = 16
 # (the attack that once took every thread of trio's pool) take none of the others'.
 FEED_CALLS = 16
 # How long a batched call may wait for company, when its caller says more is coming.
-# Evaluating and building 201 trivial derivations at -j2 (bench/eval_bench.py), one trip
-# per build's record and log took 6% of the time against a wait of 10 ms, which gathers
-# two or three builds' (25 ms: 3%, the last build's record waiting at the end).  Nothing
-# a build's dependents need waits for these calls.
-LINGER = 0.010
+# Evaluating and building 201 trivial derivations at -j2 (bench/eval_bench.py, whole
+# command, alternated rounds): a trip for each build's record and log took 6% more time
+# than waits of 10 ms, and those 2.5-3.7% more than waits of 30 ms, which gather some six
+# builds'; 100 ms gained nothing more.  Nothing a build's dependents need waits for these
+# calls, and the last build's call does not wait (no other build runs).
+LINGER = 0.030
 
 
 class Workers:
