@@ -2,11 +2,10 @@
 
 Every build holds the lock of each output, a byte of the locker's byte-lock file
 (`LockService.exclusive_bytes`), owned by the derivation whichever request builds it;
-under them it looks whether the outputs are still missing (`Register.needed`).  What it
-left is then, in one worker-thread trip
-(`Finish`): registered (`Register`, a build), compared bit for bit with what is
-registered (`Compare`, `--check`), or put in place of the registered paths (`Replace`,
-a repair).
+under them it looks whether the outputs are still missing (`Register.needed`).  What the
+builder left is then, in one worker-thread trip (`Finish`): registered (`Register`, a
+build), compared bit for bit with what is registered (`Compare`, `--check`), or put in
+place of the registered paths (`Replace`, a repair).
 """
 
 from collections.abc import Callable

@@ -27,9 +27,9 @@ from daemon.wire.packets import Fields
 # What a lock is on: a lock file's inode, (st_dev, st_ino); or one byte of the byte-lock
 # file, (st_dev, st_ino, offset).
 Key = tuple[int, ...]
-# The bytes of the byte-lock file a name may lock: below 2**62, where a classic POSIX
-# lock on a lock file's inode would begin its display-only part (`locker/server.py`),
-# and within any off_t.
+# The bytes of the byte-lock file a name may stand for: 62 bits of offset, within any
+# off_t, and few enough that two names share one byte once in 2**31 builds of 2**16
+# outputs each (the birthday bound).
 BYTES = 1 << 62
 # The locker's answer to a request it cannot read.
 MALFORMED = "malformed request"
