@@ -121,21 +121,16 @@ class Malformed(ValueError):
 
 
 def encode_request(request: Request) -> Fields:
-    if isinstance(request, Lock):
-        return {
-            "op": "lock",
+    if isinstance(request, Lock | LockByte):
+        fields: Fields = {
+            "op": "lock" if isinstance(request, Lock) else "lock-byte",
             "mode": request.mode.value,
             "wait": request.wait,
             "owner": request.owner,
         }
-    if isinstance(request, LockByte):
-        return {
-            "op": "lock-byte",
-            "mode": request.mode.value,
-            "wait": request.wait,
-            "owner": request.owner,
-            "offset": request.offset,
-        }
+        if isinstance(request, LockByte):
+            fields["offset"] = request.offset
+        return fields
     if isinstance(request, Unlock):
         return {
             "op": "unlock",
@@ -152,15 +147,13 @@ def decode_request(fields: Fields, descriptors: int) -> Request:
     """The request in a message that came with `descriptors` file descriptors; `Malformed`
     if it is none (a lock carries exactly one)."""
     op = fields.get("op")
+    named = fields.get("mode")
+    mode = _MODES.get(named) if isinstance(named, str) else None
     if op == "lock":
-        named = fields.get("mode")
-        mode = _MODES.get(named) if isinstance(named, str) else None
         if descriptors != 1 or mode is None:
             raise Malformed(LOCK_NEEDS)
         return Lock(_typed(fields, "owner", str), mode, _typed(fields, "wait", bool))
     if op == "lock-byte":
-        named = fields.get("mode")
-        mode = _MODES.get(named) if isinstance(named, str) else None
         offset = _typed(fields, "offset", int)
         if descriptors or mode is None or not 0 <= offset < BYTES:
             raise Malformed(LOCK_BYTE_NEEDS)
