@@ -127,7 +127,7 @@ class Attempt:
                 # slot is free: making a file is sometimes slow on a busy disk.  With
                 # other builds' logs and history records, in one trip, which waits for
                 # theirs while others run.
-                logs, others = self.room.logs, self._others_running()
+                logs, others = self.room.logs, self.room.scheduler.others_running(self.job.run)
                 entry = (self.job.drv_path, log)
                 error = await self.room.workers.batched(logs.store_many, entry, others)
                 if error is not None:
@@ -135,9 +135,6 @@ class Attempt:
         finally:
             # Until here `store-log` reads it live; from here, stored.
             self.room.live.remove(self.job.drv_path, self.log)
-
-    def _others_running(self) -> bool:
-        return any(r is not self.job.run for r in self.room.scheduler.running)
 
     async def _in_slot(
         self, slot: Slot, needed: Callable[[], bool] | None, finished: Callable[[], None]

@@ -108,7 +108,7 @@ class RetryRunner:
             if run.spawned or failure is not None:
                 # With other builds' records and logs, in one trip and one transaction;
                 # waiting for theirs while others run.
-                record, others = _record(run, failure), bool(self.scheduler.running)
+                record, others = _record(run, failure), self.scheduler.others_running(run)
                 outcome.flaky = await self.workers.batched(self.history.record_many, record, others)
             if failure is None:
                 outcome.flaky = outcome.flaky or bool(failures)

@@ -139,6 +139,10 @@ class Scheduler:
         the admission lets one more in (the `overflow` remote policy's question)."""
         return self.queued == 0 and self._may_start(None)
 
+    def others_running(self, run: Running | None) -> bool:
+        """Whether a build other than `run` holds a slot (so more builds will end soon)."""
+        return any(r is not run for r in self.running)
+
     @asynccontextmanager
     async def slot(
         self, drv: str, attempt: int = 1, cap: int | None = None, evicted: bool = False
